@@ -1,0 +1,58 @@
+"""Relay settings shared by the CLI, the admin commands and the relay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+
+class ConfigError(Exception):
+    """A misconfiguration: one line saying what is wrong and how to fix it."""
+
+    exit_code = EX_CONFIG
+
+
+def split_table_name(name: str) -> tuple[str, str]:
+    """``schema.table`` (or ``table``, meaning public) -> (schema, table)."""
+    schema, sep, table = name.partition(".")
+    if not sep:
+        schema, table = "public", name
+    if not schema or not table or "." in table:
+        raise ConfigError(f"invalid --table {name!r}: use schema.table, e.g. public.outbox")
+    return schema, table
+
+
+@dataclass(slots=True)
+class Settings:
+    dsn: str = "postgresql://postgres@localhost:5432/postgres"
+    amqp_urls: list[str] = field(default_factory=lambda: ["amqp://guest:guest@localhost:5672/"])
+    slot: str = "cdc_relay"
+    publication: str = "cdc_relay_outbox"
+    table: str = "public.outbox"
+    exchange: str = "outbox"
+    routing_key: str = "{aggregate_type}.{event_type}"
+    message_format: str = "event"
+    declare_exchange: bool = True
+    max_in_flight: int = 1000
+    status_interval: float = 1.0
+    confirm_timeout: float = 30.0
+    shutdown_timeout: float = 10.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    tcp_keepalive_idle: int = 10
+    tcp_keepalive_interval: int = 5
+    tcp_keepalive_count: int = 3
+    amqp_heartbeat: int = 10
+    on_unroutable: str = "deadletter"
+    max_message_size: int = 128 * 1024 * 1024
+    stats_interval: float = 10.0
+
+    @property
+    def table_parts(self) -> tuple[str, str]:
+        return split_table_name(self.table)
+
+    @property
+    def dead_letter_table(self) -> tuple[str, str]:
+        schema, table = self.table_parts
+        return schema, f"{table}_dead_letter"
