@@ -167,10 +167,11 @@ class _Session:
         self.rows: dict[int, OutboxRow] = {}
         self.txn_lsn = 0
         self.stop_at_commit = False
+        self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
 
     def fail(self, exc: BaseException) -> None:
-        if not self.failure.done():
+        if not self.failure.done() and not self.closing:
             self.failure.set_exception(exc)
 
     # -- lifecycle --------------------------------------------------------------
@@ -265,6 +266,7 @@ class _Session:
         self.fail(SessionFailed(f"AMQP connection closed: {exc!r}"))
 
     async def close(self) -> None:
+        self.closing = True  # what our own closing causes is not a failure
         for task in list(self.background):
             task.cancel()
         if self.stream is not None:

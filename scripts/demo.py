@@ -24,6 +24,10 @@ import psycopg
 from cdc_relay.devservers import PostgresServer, RabbitServer
 
 
+def json(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
 def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
@@ -101,24 +105,22 @@ async def main() -> int:
             with psycopg.connect(pg.dsn) as conn:
                 insert = (
                     "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
-                    " VALUES (%s, %s, %s, %s) RETURNING id::text"
+                    " VALUES (%s, %s, %s, %s::jsonb) RETURNING id::text"
                 )
                 for order_id, event in [(1, "OrderCreated"), (1, "OrderPaid")]:
                     row = conn.execute(
-                        insert, ("order", str(order_id), event, orjson.dumps({"order": order_id}))
+                        insert, ("order", str(order_id), event, json({"order": order_id}))
                     ).fetchone()
                     conn.commit()
                     assert row is not None
                     sent_at[row[0]] = time.monotonic()
                     print(f"    committed {event} for order {order_id}")
-                conn.execute(
-                    insert, ("order", "666", "OrderCreated", orjson.dumps({"order": 666}))
-                )
+                conn.execute(insert, ("order", "666", "OrderCreated", json({"order": 666})))
                 conn.rollback()
                 print("    rolled back OrderCreated for order 666 (must never arrive)")
                 ids = [
                     conn.execute(
-                        insert, ("order", "2", event, orjson.dumps({"order": 2, "step": n}))
+                        insert, ("order", "2", event, json({"order": 2, "step": n}))
                     ).fetchone()
                     for n, event in enumerate(["OrderCreated", "OrderShipped"])
                 ]

@@ -64,7 +64,7 @@ class PrimaryKeepalive:
 
 
 _XLOG_HEADER = struct.Struct("!QQq")
-_KEEPALIVE = struct.Struct("!QQ?")
+_KEEPALIVE = struct.Struct("!Qq?")
 _STANDBY_STATUS = struct.Struct("!cQQQqB")
 
 
