@@ -214,6 +214,31 @@ async def _declare_exchange(settings: Settings) -> str:
     help="Seconds of silence before probing the Postgres connection.",
 )
 @click.option(
+    "--tcp-keepalive-interval",
+    envvar="CDC_RELAY_TCP_KEEPALIVE_INTERVAL",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds between TCP keepalive probes.",
+)
+@click.option(
+    "--tcp-keepalive-count",
+    envvar="CDC_RELAY_TCP_KEEPALIVE_COUNT",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Unanswered probes before the connection is dead.",
+)
+@click.option(
+    "--pg-timeout",
+    envvar="CDC_RELAY_PG_TIMEOUT",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds without any data from Postgres (after asking for a reply) "
+    "before the session is ended.",
+)
+@click.option(
     "--metrics-port",
     envvar="CDC_RELAY_METRICS_PORT",
     type=int,
@@ -256,7 +281,6 @@ def run(
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     settings = _settings(**kwargs)
     settings.declare_exchange = not no_declare
-    settings.tcp_keepalive_idle = kwargs["tcp_keepalive_idle"]
     asyncio.run(_run(settings, metrics_host, metrics_port))
 
 

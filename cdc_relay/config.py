@@ -44,6 +44,7 @@ class Settings:
     tcp_keepalive_interval: int = 5
     tcp_keepalive_count: int = 3
     amqp_heartbeat: int = 10
+    pg_timeout: float = 30.0
     on_unroutable: str = "deadletter"
     max_message_size: int = 128 * 1024 * 1024
     stats_interval: float = 10.0

@@ -289,6 +289,7 @@ class RabbitServer:
         self.nodename = nodename or f"cdcrelay-{uuid.uuid4().hex[:8]}@localhost"
         self.log_path = self.base_dir / "startup.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._home_marker = b"\x00-home\x00" + str(self.base_dir).encode() + b"\x00"
         self._user = self.USER if os.geteuid() == 0 else None
         if self._owns_dir:
             _LIVE.add(self)
@@ -389,7 +390,8 @@ class RabbitServer:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if self.nodename.encode() in cmdline and b"beam" in cmdline:
+            # The node runs with `-home <base_dir>`: unique to this server.
+            if b"beam" in cmdline and self._home_marker in cmdline:
                 pids.append(int(entry.name))
         return pids
 

@@ -54,7 +54,8 @@ from cdc_relay.router import (
 log = logging.getLogger("cdc_relay")
 
 STATUS_MIN_GAP = 0.02  # seconds between two status updates: no storms, ever
-HEALTHY_SESSION_SECONDS = 30.0  # a session this long resets the backoff
+HEALTHY_SESSION_SECONDS = 30.0
+VALIDATE_TIMEOUT = 30.0  # a session this long resets the backoff
 
 
 class SessionFailed(Exception):
@@ -131,17 +132,25 @@ class Relay:
 
     # -- one session ----------------------------------------------------------
 
-    def _validate_sync(self) -> None:
+    def _validate_sync(self) -> str | None:
+        """Startup checks; returns the slot's confirmed position (where we resume)."""
         try:
             conn = psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise SessionFailed(f"cannot connect to Postgres: {str(exc).strip()}") from None
         with conn:
             admin.validate(conn, self.settings)
+            info = admin.slot_info(conn, self.settings.slot)
+        return info.confirmed_flush_lsn if info else None
 
     async def _session(self) -> None:
-        await asyncio.to_thread(self._validate_sync)
+        # A partitioned network can hang a plain query forever: bound it.
+        try:
+            start = await asyncio.wait_for(asyncio.to_thread(self._validate_sync), VALIDATE_TIMEOUT)
+        except TimeoutError:
+            raise SessionFailed(f"startup checks got no answer in {VALIDATE_TIMEOUT}s") from None
         session = _Session(self)
+        session.start_position = start
         try:
             await session.run()
         finally:
@@ -168,6 +177,7 @@ class _Session:
         self.txn_lsn = 0
         self.stop_at_commit = False
         self.closing = False
+        self.start_position: str | None = None
         self.background: set[asyncio.Task[Any]] = set()
 
     def fail(self, exc: BaseException) -> None:
@@ -207,9 +217,10 @@ class _Session:
                 ) from None
             raise
         log.info(
-            "streaming from slot %s (publication %s) to %s",
+            "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
             s.publication,
+            self.start_position,
             self.publisher.connected_url,
         )
         self.metrics.ready.set(1)
@@ -423,24 +434,37 @@ class _Session:
 
     # -- status updates -----------------------------------------------------------
 
-    async def send_status(self) -> None:
+    async def send_status(self, reply_requested: bool = False) -> None:
         stream = self.stream
         assert stream is not None
         flush = self.tracker.flush_lsn
         write = max(self.received_lsn, flush)
-        await stream.send_status(write, flush, flush)
+        await stream.send_status(write, flush, flush, reply_requested)
         self.sent_flush = flush
         self.metrics.flush_lsn.set(flush)
         self.metrics.received_lsn.set(self.received_lsn)
 
     async def status_loop(self) -> None:
         """Timer-driven status, woken early when flush moves or the server asks."""
-        interval = self.settings.status_interval
+        interval = min(self.settings.status_interval, self.settings.pg_timeout / 4)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.status_wakeup.wait(), interval)
             self.status_wakeup.clear()
-            await self.send_status()
+            reply_requested = False
+            stream = self.stream
+            if stream is not None and stream.waiting_for_data:
+                # A silent partition keeps TCP up (or TCP keepalives may be
+                # answered by a middlebox): ask the server for a reply, and give
+                # up on the connection if none comes in time.
+                silent = time.monotonic() - stream.last_receive
+                if silent > self.settings.pg_timeout:
+                    self.fail(
+                        SessionFailed(f"no data from Postgres for {silent:.1f}s (--pg-timeout)")
+                    )
+                    return
+                reply_requested = silent > self.settings.pg_timeout / 3
+            await self.send_status(reply_requested)
             await asyncio.sleep(STATUS_MIN_GAP)
 
     async def stats_loop(self) -> None:

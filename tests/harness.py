@@ -176,6 +176,10 @@ class RelayProcess:
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in relay log after {timeout}s:\n{self.log()[-4000:]}")
 
+    async def wait_for_log_async(self, text: str, timeout: float = 30) -> None:
+        """wait_for_log without blocking the event loop (proxies, consumers)."""
+        await asyncio.to_thread(self.wait_for_log, text, timeout)
+
     def terminate(self, timeout: float = 30) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -84,6 +85,10 @@ class ReplicationStream:
         self._loop = asyncio.get_running_loop()
         self.bytes_received = 0
         self._closed = False
+        # For liveness checks: when the stream last gave us data, and whether
+        # we are waiting for more (not stalled on our own back-pressure).
+        self.last_receive = time.monotonic()
+        self.waiting_for_data = False
 
     @classmethod
     async def connect(cls, dsn: str, **kwargs: Any) -> ReplicationStream:
@@ -131,8 +136,13 @@ class ReplicationStream:
                         return frames
                     self._raise_end()
             if frames:
+                self.last_receive = time.monotonic()
                 return frames
-            await self._wait(readable=True)
+            self.waiting_for_data = True
+            try:
+                await self._wait(readable=True)
+            finally:
+                self.waiting_for_data = False
             try:
                 pgconn.consume_input()
             except psycopg.OperationalError as exc:
