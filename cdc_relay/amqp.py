@@ -1,28 +1,46 @@
 """Publish envelopes with publisher confirms; report each one confirmed or failed.
 
-One confirm channel, ``mandatory`` on every publish, persistent messages, and a
-bounded window of unconfirmed publishes. Publishes are issued in call order on
-that one channel, so the broker sees them in commit order. The outcome of each
-publish goes to the callbacks; the publisher itself never retries, because a
-lost confirm means "unknown" and only the slot can replay safely.
+One connection, one confirm channel, ``mandatory`` on every publish, and a
+bounded window of unconfirmed publishes. Publishes go out in call order on that
+one channel, so the broker sees them in commit order. Each outcome goes to a
+callback; the publisher never retries, because a lost confirm means "unknown"
+and only the slot can replay safely.
+
+The publishing connection speaks AMQP itself (handshake and control frames via
+pamqp, publish frames from ``amqp_wire``): aio-pika's per-message futures and
+frame objects cost more CPU than everything else in the relay together (see
+docs/performance.md). aio-pika is still used for topology (declarations).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import time
+import urllib.parse
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
-import aiormq
-from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from pamqp import frame as pamqp_frame
+from pamqp.base import Frame
+from pamqp.exceptions import UnmarshalingException
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
 
+from cdc_relay import __version__
+from cdc_relay.amqp_wire import PublishEncoder
 from cdc_relay.router import Envelope
 
 log = logging.getLogger(__name__)
+
+CHANNEL = 1
+FRAME_MAX = 131072
+HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
 
 class PublishFailed(Exception):
@@ -39,18 +57,74 @@ OnConfirm = Callable[[int], None]
 OnFailure = Callable[[int, Envelope, PublishFailed], None]
 
 
-def amqp_properties(envelope: Envelope) -> spec.Basic.Properties:
-    return spec.Basic.Properties(
-        content_type=envelope.content_type,
-        content_encoding=envelope.content_encoding,
-        headers=envelope.headers,
-        delivery_mode=envelope.delivery_mode,
-        correlation_id=envelope.correlation_id,
-        message_id=envelope.message_id,
-        timestamp=envelope.timestamp,
-        message_type=envelope.type,
-        app_id=envelope.app_id,
-    )
+@dataclass(slots=True)
+class _InFlight:
+    tag: int
+    seq: int
+    envelope: Envelope
+    sent_at: float
+    done: bool = False
+    returned: PublishFailed | None = None
+
+
+@dataclass(slots=True)
+class AmqpAddress:
+    host: str
+    port: int
+    user: str
+    password: str
+    vhost: str
+
+    @classmethod
+    def parse(cls, url: str) -> AmqpAddress:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "amqp":
+            raise ValueError(f"unsupported AMQP URL scheme {parts.scheme!r} (use amqp://)")
+        vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or 5672,
+            user=urllib.parse.unquote(parts.username or "guest"),
+            password=urllib.parse.unquote(parts.password or "guest"),
+            vhost=vhost,
+        )
+
+
+class _Protocol(asyncio.Protocol):
+    """Frames in, frames out; hands every incoming frame to the publisher."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        publisher = self.publisher
+        publisher.last_received = time.monotonic()
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 8:
+            size = int.from_bytes(buffer[3:7], "big")
+            end = size + 8
+            if len(buffer) < end:
+                break
+            raw = bytes(buffer[:end])
+            del buffer[:end]
+            try:
+                _, channel, value = pamqp_frame.unmarshal(raw)
+            except UnmarshalingException as exc:
+                publisher.connection_failed(PublishFailed(f"bad frame from broker: {exc}"))
+                return
+            publisher.frame_received(channel, value)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.publisher.connection_failed(
+            PublishFailed(f"AMQP connection lost: {exc!r}" if exc else "AMQP connection closed")
+        )
 
 
 class Publisher:
@@ -74,15 +148,28 @@ class Publisher:
         self._heartbeat = heartbeat
         self._on_confirm = on_confirm
         self._on_failure = on_failure
-        self._connection: aio_pika.abc.AbstractConnection | None = None
-        self._channel: aiormq.abc.AbstractChannel | None = None
-        self._in_flight = 0
-        self._window_open: asyncio.Event = asyncio.Event()
+        self.on_connection_lost: Callable[[PublishFailed], None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._protocol: _Protocol | None = None
+        self._encoder = PublishEncoder(CHANNEL, FRAME_MAX)
+        self._order: deque[_InFlight] = deque()
+        self._by_tag: dict[int, _InFlight] = {}
+        self._next_tag = 1
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._window_open = asyncio.Event()
         self._window_open.set()
-        self._all_done: asyncio.Event = asyncio.Event()
+        self._all_done = asyncio.Event()
         self._all_done.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._expect: tuple[type, asyncio.Future[Any]] | None = None
+        self._returning: tuple[spec.Basic.Return, ContentHeader | None] | None = None
+        self._failed: PublishFailed | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.blocked = False
+        self.last_received = time.monotonic()
         self.connected_url: str | None = None
+
+    # -- connection ------------------------------------------------------------
 
     async def connect(self) -> None:
         """Connect to the first reachable node (in random order for clusters)."""
@@ -91,127 +178,291 @@ class Publisher:
         errors: list[str] = []
         for url in urls:
             try:
-                connection = await aio_pika.connect(
-                    url,
-                    timeout=10,
-                    client_properties={"connection_name": "cdc-relay"},
-                    heartbeat=self._heartbeat,
-                )
-            except Exception as exc:
-                errors.append(f"{_redact(url)}: {exc!r}")
+                await asyncio.wait_for(self._open(AmqpAddress.parse(url)), 15)
+            except (OSError, TimeoutError, PublishFailed, ValueError) as exc:
+                errors.append(f"{redact(url)}: {exc}")
+                self._abort()
+                self._failed = None
                 continue
-            self._connection = connection
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
-            self._channel = await channel.get_underlay_channel()
-            self.connected_url = _redact(url)
+            self.connected_url = redact(url)
             return
         raise ConnectionError("cannot connect to RabbitMQ: " + "; ".join(errors))
 
-    @property
-    def connection(self) -> aio_pika.abc.AbstractConnection:
-        if self._connection is None:
-            raise RuntimeError("publisher is not connected")
-        return self._connection
+    async def _open(self, address: AmqpAddress) -> None:
+        _, protocol = await self._loop.create_connection(
+            lambda: _Protocol(self), address.host, address.port
+        )
+        self._protocol = protocol
+        assert protocol.transport is not None
+        protocol.transport.write(b"AMQP\x00\x00\x09\x01")
+        await self._wait_for(spec.Connection.Start)
+        self._send_method(
+            0,
+            spec.Connection.StartOk(
+                client_properties={
+                    "product": "cdc-relay",
+                    "version": __version__,
+                    "connection_name": "cdc-relay",
+                    "capabilities": {
+                        "publisher_confirms": True,
+                        "basic.nack": True,
+                        "connection.blocked": True,
+                        "authentication_failure_close": True,
+                    },
+                },
+                mechanism="PLAIN",
+                response=f"\0{address.user}\0{address.password}",
+                locale="en_US",
+            ),
+        )
+        tune = await self._wait_for(spec.Connection.Tune)
+        frame_max = min(tune.frame_max or FRAME_MAX, FRAME_MAX)
+        heartbeat = self._heartbeat if not tune.heartbeat else min(tune.heartbeat, self._heartbeat)
+        if not self._heartbeat:
+            heartbeat = 0
+        self._heartbeat = heartbeat
+        self._encoder = PublishEncoder(CHANNEL, frame_max)
+        self._send_method(
+            0,
+            spec.Connection.TuneOk(
+                channel_max=tune.channel_max or 2047, frame_max=frame_max, heartbeat=heartbeat
+            ),
+        )
+        self._send_method(0, spec.Connection.Open(virtual_host=address.vhost))
+        await self._wait_for(spec.Connection.OpenOk)
+        self._send_method(CHANNEL, spec.Channel.Open())
+        await self._wait_for(spec.Channel.OpenOk)
+        self._send_method(CHANNEL, spec.Confirm.Select())
+        await self._wait_for(spec.Confirm.SelectOk)
+        self._watchdog = asyncio.create_task(self._watch(), name="cdc-relay-amqp-watchdog")
 
-    async def declare_exchange(self, name: str, kind: str = "topic") -> None:
-        channel = await self.connection.channel()
+    def _send_method(self, channel: int, method: Frame) -> None:
+        assert self._protocol is not None and self._protocol.transport is not None
+        self._protocol.transport.write(pamqp_frame.marshal(method, channel))
+
+    async def _wait_for(self, kind: type) -> Any:
+        if self._failed is not None:
+            raise self._failed
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._expect = (kind, future)
         try:
-            await channel.declare_exchange(name, kind, durable=True)
+            return await future
         finally:
-            await channel.close()
+            self._expect = None
+
+    async def _watch(self) -> None:
+        """Heartbeats both ways, and the confirm timeout, checked twice a second."""
+        last_sent = 0.0
+        while self._failed is None:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if self._heartbeat:
+                if now - last_sent >= self._heartbeat / 2:
+                    self._write_now(HEARTBEAT_FRAME)
+                    last_sent = now
+                if now - self.last_received > 2 * self._heartbeat:
+                    self.connection_failed(
+                        PublishFailed(f"no data from RabbitMQ for {now - self.last_received:.1f}s")
+                    )
+                    return
+            if self._order and now - self._order[0].sent_at > self._confirm_timeout:
+                self.connection_failed(
+                    PublishFailed(
+                        f"no confirm within {self._confirm_timeout}s"
+                        + (" (connection blocked by a broker alarm)" if self.blocked else "")
+                    )
+                )
+                return
+
+    # -- incoming frames -------------------------------------------------------------
+
+    def frame_received(self, channel: int, value: Any) -> None:
+        kind = type(value)
+        if kind is spec.Basic.Ack:
+            self._settle(value.delivery_tag, value.multiple, None)
+        elif kind is spec.Basic.Nack:
+            self._settle(value.delivery_tag, value.multiple, PublishFailed("nacked by broker"))
+        elif kind is spec.Basic.Return:
+            self._returning = (value, None)
+        elif kind is ContentHeader and self._returning is not None:
+            self._returning = (self._returning[0], value)
+            if value.body_size == 0:
+                self._returned()
+        elif self._returning is not None and kind.__name__ == "ContentBody":
+            self._returned()  # bodies of returned messages are not needed
+        elif kind is Heartbeat:
+            pass
+        elif kind is spec.Connection.Blocked:
+            self.blocked = True
+            log.warning("RabbitMQ blocked the connection: %s", value.reason)
+        elif kind is spec.Connection.Unblocked:
+            self.blocked = False
+            log.info("RabbitMQ unblocked the connection")
+        elif kind is spec.Channel.Close:
+            self._send_method(CHANNEL, spec.Channel.CloseOk())
+            self.connection_failed(
+                PublishFailed(f"channel closed by broker: {value.reply_code} {value.reply_text}")
+            )
+        elif kind is spec.Connection.Close:
+            with contextlib.suppress(Exception):
+                self._send_method(0, spec.Connection.CloseOk())
+            self.connection_failed(
+                PublishFailed(f"connection closed by broker: {value.reply_code} {value.reply_text}")
+            )
+        elif self._expect is not None and isinstance(value, self._expect[0]):
+            if not self._expect[1].done():
+                self._expect[1].set_result(value)
+        else:
+            log.debug("ignoring AMQP frame %r on channel %d", value, channel)
+
+    def _returned(self) -> None:
+        assert self._returning is not None
+        frame, header = self._returning
+        self._returning = None
+        message_id = header.properties.message_id if header is not None else None
+        error = PublishFailed(
+            f"returned by broker: {frame.reply_code} {frame.reply_text} "
+            f"(exchange {frame.exchange!r}, routing key {frame.routing_key!r})",
+            returned=True,
+            reply_code=frame.reply_code,
+        )
+        # The return precedes the ack of the same message: the oldest unsettled
+        # publish with that id is the one.
+        for entry in self._order:
+            if (
+                not entry.done
+                and entry.returned is None
+                and entry.envelope.message_id == message_id
+            ):
+                entry.returned = error
+                return
+        log.warning("unmatched basic.return for message %s", message_id)
+
+    def _settle(self, tag: int, multiple: bool, error: PublishFailed | None) -> None:
+        order = self._order
+        if multiple:
+            while order and order[0].tag <= tag:
+                entry = order.popleft()
+                if not entry.done:
+                    self._report(entry, error)
+        else:
+            entry = self._by_tag.get(tag)
+            if entry is None or entry.done:
+                return
+            self._report(entry, error)
+            while order and order[0].done:
+                order.popleft()
+        if len(self._by_tag) < self._max_in_flight:
+            self._window_open.set()
+        if not self._by_tag:
+            self._all_done.set()
+
+    def _report(self, entry: _InFlight, error: PublishFailed | None) -> None:
+        entry.done = True
+        del self._by_tag[entry.tag]
+        if error is None and entry.returned is None:
+            self._on_confirm(entry.seq)
+        else:
+            self._on_failure(entry.seq, entry.envelope, entry.returned or error)  # type: ignore[arg-type]
+
+    def connection_failed(self, error: PublishFailed) -> None:
+        if self._failed is not None:
+            return
+        self._failed = error
+        if self._expect is not None and not self._expect[1].done():
+            self._expect[1].set_exception(error)
+        pending = [e for e in self._order if not e.done]
+        self._order.clear()
+        self._by_tag.clear()
+        for entry in pending:
+            entry.done = True
+            self._on_failure(entry.seq, entry.envelope, error)
+        self._window_open.set()
+        self._all_done.set()
+        if self.on_connection_lost is not None:
+            self.on_connection_lost(error)
+        self._abort()
+
+    # -- publishing ----------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._by_tag)
 
     async def publish(self, seq: int, envelope: Envelope) -> None:
-        """Send one message; returns once it is on its way (the window had room)."""
-        while self._in_flight >= self._max_in_flight:
+        """Queue one message; returns once it is on its way (the window had room)."""
+        while len(self._by_tag) >= self._max_in_flight and self._failed is None:
             self._window_open.clear()
+            self._flush_out()
             await self._window_open.wait()
-        channel = self._channel
-        if channel is None or channel.is_closed:
-            raise PublishFailed("channel is closed")
-        self._in_flight += 1
+        if self._failed is not None:
+            raise self._failed
+        data = self._encoder.encode(envelope)
+        tag = self._next_tag
+        self._next_tag = tag + 1
+        entry = _InFlight(tag, seq, envelope, time.monotonic())
+        self._order.append(entry)
+        self._by_tag[tag] = entry
         self._all_done.clear()
-        task = asyncio.ensure_future(
-            channel.basic_publish(
-                envelope.body,
-                exchange=envelope.exchange,
-                routing_key=envelope.routing_key,
-                properties=amqp_properties(envelope),
-                mandatory=True,
-                timeout=self._confirm_timeout,
-            )
-        )
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, seq, envelope))
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_out)
 
-    def _done(self, task: asyncio.Task[Any], seq: int, envelope: Envelope) -> None:
-        self._tasks.discard(task)
-        self._in_flight -= 1
-        if self._in_flight < self._max_in_flight:
-            self._window_open.set()
-        if self._in_flight == 0:
-            self._all_done.set()
-        if task.cancelled():
-            self._on_failure(seq, envelope, PublishFailed("publish cancelled"))
+    def _flush_out(self) -> None:
+        """Write everything queued since the last flush in one go."""
+        self._flush_scheduled = False
+        if not self._out:
             return
-        exc = task.exception()
-        if exc is not None:
-            frame = getattr(exc, "frame", None)
-            if isinstance(frame, spec.Basic.Nack):
-                self._on_failure(seq, envelope, PublishFailed("nacked by broker"))
-                return
-            if isinstance(exc, TimeoutError):
-                reason = f"no confirm within {self._confirm_timeout}s"
-            else:
-                reason = f"{type(exc).__name__}: {exc}"
-            self._on_failure(seq, envelope, PublishFailed(reason))
+        data = b"".join(self._out)
+        self._out.clear()
+        self._write_now(data)
+
+    def _write_now(self, data: bytes) -> None:
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             return
-        result = task.result()
-        if isinstance(result, spec.Basic.Ack):
-            self._on_confirm(seq)
-        elif isinstance(result, DeliveredMessage):
-            frame = result.delivery
-            code = getattr(frame, "reply_code", None)
-            text = getattr(frame, "reply_text", "returned")
-            self._on_failure(
-                seq,
-                envelope,
-                PublishFailed(
-                    f"returned by broker: {code} {text} (exchange {envelope.exchange!r}, "
-                    f"routing key {envelope.routing_key!r})",
-                    returned=True,
-                    reply_code=code,
-                ),
-            )
-        elif isinstance(result, spec.Basic.Nack):
-            self._on_failure(seq, envelope, PublishFailed("nacked by broker"))
-        else:
-            self._on_failure(seq, envelope, PublishFailed(f"unexpected confirm {result!r}"))
+        protocol.transport.write(data)
 
     async def wait_confirmed(self, timeout: float) -> bool:
         """Wait until nothing is in flight; False if the timeout ran out first."""
+        self._flush_out()
         try:
             await asyncio.wait_for(self._all_done.wait(), timeout)
             return True
         except TimeoutError:
             return False
 
+    def _abort(self) -> None:
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.abort()
+
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._connection is not None:
-            try:
-                await asyncio.wait_for(self._connection.close(), 5)
-            except Exception as exc:
-                log.debug("closing AMQP connection: %r", exc)
-        self._connection = None
-        self._channel = None
+        """Close politely if we can; our own close is not reported as a failure."""
+        self.on_connection_lost = None
+        if self._failed is None and self._protocol is not None:
+            self._failed = PublishFailed("publisher closed")
+            with contextlib.suppress(Exception):
+                self._send_method(
+                    0, spec.Connection.Close(reply_code=200, reply_text="cdc-relay closing")
+                )
+            await asyncio.sleep(0)
+        self._abort()
 
 
-def _redact(url: str) -> str:
+async def declare_exchange(url: str, name: str, kind: str = "topic") -> None:
+    """Topology goes through aio-pika: it is not on the hot path."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(name, kind, durable=True)
+
+
+def redact(url: str) -> str:
     """Hide the password in a URL before it reaches a log line."""
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:

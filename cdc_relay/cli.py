@@ -284,6 +284,12 @@ def run(
     asyncio.run(_run(settings, metrics_host, metrics_port))
 
 
+def _dump_tasks() -> None:
+    """SIGUSR1: print every asyncio task's stack to stderr (for a stuck relay)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
 async def _run(settings: Settings, metrics_host: str, metrics_port: int | None) -> None:
     from cdc_relay.metrics import Metrics, MetricsServer
     from cdc_relay.relay import Relay
@@ -293,6 +299,7 @@ async def _run(settings: Settings, metrics_host: str, metrics_port: int | None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.request_stop)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     server = None
     if metrics_port is not None:
         server = MetricsServer(metrics, metrics_host, metrics_port)

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.acks import AckTracker
-from cdc_relay.amqp import Publisher, PublishFailed
+from cdc_relay.amqp import Publisher, PublishFailed, declare_exchange
 from cdc_relay.config import ConfigError, Settings
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
@@ -154,7 +154,7 @@ class Relay:
         try:
             await session.run()
         finally:
-            await session.close()
+            await _bounded(session.close(), "closing connections")
 
 
 class _Session:
@@ -197,9 +197,9 @@ class _Session:
             on_failure=self.on_failure,
         )
         await self.publisher.connect()
-        self.publisher.connection.close_callbacks.add(self._on_amqp_closed)
+        self.publisher.on_connection_lost = self._on_amqp_closed
         if s.declare_exchange and s.message_format == "event" and not self.relay._exchange_declared:
-            await self.publisher.declare_exchange(s.exchange)
+            await declare_exchange(s.amqp_urls[0], s.exchange)
             self.relay._exchange_declared = True
         self.stream = await ReplicationStream.connect(
             s.dsn,
@@ -264,7 +264,7 @@ class _Session:
             stop_wait.cancel()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, stop_wait, return_exceptions=True)
+            await _bounded(asyncio.gather(*tasks, stop_wait, return_exceptions=True), "tasks")
             # Report what was confirmed before whatever ended the session, so the
             # next one does not replay it (best effort: the link may be gone).
             if self.tracker.flush_lsn > self.sent_flush:
@@ -273,8 +273,8 @@ class _Session:
             if self.failure.done() and not self.failure.cancelled():
                 self.failure.exception()  # mark retrieved
 
-    def _on_amqp_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
-        self.fail(SessionFailed(f"AMQP connection closed: {exc!r}"))
+    def _on_amqp_closed(self, error: PublishFailed) -> None:
+        self.fail(SessionFailed(str(error)))
 
     async def close(self) -> None:
         self.closing = True  # what our own closing causes is not a failure
@@ -481,6 +481,14 @@ class _Session:
                 format_lsn(self.tracker.flush_lsn),
             )
             last, last_t = count, now
+
+
+async def _bounded(awaitable: Any, what: str, timeout: float = 10.0) -> None:
+    """Cleanup must never hang a relay that is trying to recover."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        log.error("%s took longer than %.0fs; abandoning it", what, timeout)
 
 
 def _jsonable(value: Any) -> Any:

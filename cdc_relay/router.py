@@ -6,6 +6,7 @@ payload (jsonb text) becomes the body as is, without parsing or re-encoding.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +16,9 @@ import orjson
 
 APP_ID = "cdc-relay"
 MAX_ROUTING_KEY_BYTES = 255
+# AMQP 0-9-1 exchange-name domain; anything else the broker refuses with a
+# channel error, which would stall the stream instead of dead-lettering the row.
+EXCHANGE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:]{0,127}$")
 OUTBOX_COLUMNS = (
     "id",
     "aggregate_type",
@@ -195,8 +199,11 @@ class Router:
         headers["aggregate_type"] = row.aggregate_type
         headers["aggregate_id"] = row.aggregate_id
         headers["event_type"] = row.event_type
+        exchange = self.exchange if row.exchange is None else row.exchange
+        if row.exchange is not None and not EXCHANGE_NAME.match(exchange):
+            raise UnmappableRow(f"invalid exchange name {exchange[:140]!r}")
         return Envelope(
-            exchange=self.exchange if row.exchange is None else row.exchange,
+            exchange=exchange,
             routing_key=routing_key,
             body=row.payload,
             message_id=row.id,
@@ -278,6 +285,8 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     body = orjson.dumps(
         [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
+    if row.exchange is not None and not EXCHANGE_NAME.match(row.exchange):
+        raise UnmappableRow(f"invalid exchange name {row.exchange[:140]!r}")
     routing_key = row.routing_key or "celery"
     _check_routing_key(routing_key)
     return Envelope(

@@ -7,6 +7,7 @@ Each prints one verdict line; run with ``-s`` to see the table.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import urllib.error
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 import pytest_asyncio
@@ -331,3 +333,93 @@ async def test_invalidated_slot_is_a_clear_error(
             conn.execute("SELECT pg_reload_conf()")
             conn.execute("DROP TABLE IF EXISTS wal_filler")
         setup.cleanup()
+
+
+BIG_ROWS = int(os.environ.get("CDC_RELAY_TEST_BIG_ROWS", "1000000"))
+
+
+class SeqCounter:
+    """A lean consumer for huge runs: which ``g`` values arrived, and how often."""
+
+    def __init__(self, amqp_url: str, queue: str, size: int) -> None:
+        self.amqp_url = amqp_url
+        self.queue = queue
+        self.seen = bytearray(size + 1)
+        self.total = 0
+        self._connection: Any = None
+
+    async def start(self) -> SeqCounter:
+        import aiormq
+
+        self._connection = await aiormq.connect(self.amqp_url)
+        channel = await self._connection.channel()
+        await channel.basic_qos(prefetch_count=5000)
+        await channel.basic_consume(self.queue, self._on_message, no_ack=True)
+        return self
+
+    async def _on_message(self, message: Any) -> None:
+        g = orjson.loads(message.body)["g"]
+        self.total += 1
+        if self.seen[g] < 255:
+            self.seen[g] += 1
+
+    def missing(self) -> int:
+        return self.seen.count(0) - 1  # index 0 is unused
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def vm_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+async def test_huge_transaction_bounded_memory_and_replay_after_crash(
+    outbox: Setup, relays: Any
+) -> None:
+    consumer = Consumer(outbox.amqp_url, outbox.names["exchange"])
+    await consumer.start()  # declares and binds the queue; deliveries go to SeqCounter
+    await consumer.close()
+    counter = await SeqCounter(outbox.amqp_url, consumer.queue_name, BIG_ROWS).start()
+    try:
+        relay = relays(outbox)
+        await relay.wait_for_log_async("streaming from slot")
+        started = time.monotonic()
+        with psycopg.connect(outbox.dsn) as conn:
+            conn.execute(
+                f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, event_type, payload)"
+                " SELECT 'big', g::text, 'Bulk', jsonb_build_object('g', g)"
+                " FROM generate_series(1, %s) g",
+                (BIG_ROWS,),
+            )
+            conn.commit()
+        inserted = time.monotonic() - started
+        # Crash the relay when about 40% of the transaction has been delivered.
+        assert await wait_until(lambda: counter.total >= BIG_ROWS * 0.4, 600, 0.2)
+        first_peak = vm_kb(relay.pid, "VmHWM")
+        relay.kill()
+        delivered_before_crash = counter.total
+        relay = relays(outbox)
+        assert await wait_until(lambda: counter.missing() == 0, 900, 0.5), (
+            f"{counter.missing()} rows of the transaction never arrived"
+        )
+        assert await wait_until(lambda: outbox.confirmed_lag() < 64 * 1024, 60)
+        second_peak = vm_kb(relay.pid, "VmHWM")
+        elapsed = time.monotonic() - started
+        # The whole transaction is replayed from its start after the crash.
+        assert counter.total >= BIG_ROWS + delivered_before_crash * 0.9
+        line = (
+            f"one {BIG_ROWS}-row transaction, kill -9 at {delivered_before_crash} delivered: "
+            f"lost=0 duplicates={counter.total - BIG_ROWS} insert={inserted:.0f}s "
+            f"total={elapsed:.0f}s relay peak RSS {first_peak // 1024} MB / "
+            f"{second_peak // 1024} MB"
+        )
+        VERDICTS.append(line)
+        print(line)
+        assert first_peak < 150 * 1024 and second_peak < 150 * 1024
+    finally:
+        await counter.close()

@@ -111,6 +111,16 @@ def test_headers_must_be_a_json_object(headers: bytes) -> None:
         Router().route(row(headers=headers))
 
 
+@pytest.mark.parametrize("exchange", ["has space", "x" * 128, "é"])
+def test_invalid_exchange_names_are_unmappable(exchange: str) -> None:
+    with pytest.raises(UnmappableRow, match="invalid exchange name"):
+        Router().route(row(exchange=exchange))
+    with pytest.raises(UnmappableRow, match="invalid exchange name"):
+        Router(message_format="celery").route(
+            row(exchange=exchange, payload=b'{"args": [], "kwargs": {}}')
+        )
+
+
 def test_routing_key_too_long() -> None:
     with pytest.raises(UnmappableRow, match="255"):
         Router().route(row(routing_key="k" * 256))

@@ -1,0 +1,250 @@
+"""The throwaway servers themselves: real processes, real crashes, no mocks.
+
+The fault and integration suites rely on these guarantees (data survives a
+crash, ports stay put across restarts, nothing outlives the test process), so
+they are checked here directly. Servers are module-owned: these tests crash
+them, which must not disturb the session-wide ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import psycopg
+import pytest
+from pamqp.commands import Basic
+
+from cdc_relay.devservers import PostgresServer, RabbitServer, _pid_alive, _port_open, free_port
+
+
+def listen_addresses(port: int) -> set[str]:
+    """Local addresses of listening TCP sockets on ``port`` (from /proc/net)."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A = LISTEN
+                continue
+            if len(address) == 8:
+                found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+            else:
+                found.add(f"ipv6:{address}")
+    return found
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_free_port_is_bindable_on_loopback() -> None:
+    port = free_port()
+    assert 0 < port < 65536
+    assert not _port_open(port)
+
+
+# --------------------------------------------------------------------------- Postgres
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def fetch_notes(dsn: str) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        return [row[0] for row in conn.execute("SELECT note FROM crash_test ORDER BY id")]
+
+
+def test_pg_is_logical_and_accepts_replication_connections(pg: PostgresServer) -> None:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
+        assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
+        (sockets,) = conn.execute("SHOW unix_socket_directories").fetchone() or ("",)
+        assert sockets.startswith(str(pg.base_dir))
+    with psycopg.connect(pg.dsn, replication="database", autocommit=True) as repl:
+        row = repl.execute("IDENTIFY_SYSTEM").fetchone()
+    assert row is not None
+    systemid, timeline, xlogpos, dbname = row
+    assert int(systemid) > 0 and int(timeline) >= 1 and "/" in xlogpos
+    assert dbname == "postgres"
+    assert listen_addresses(pg.port) == {"127.0.0.1"}
+    assert pg.dsn == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+
+
+def test_pg_data_survives_immediate_stop(pg: PostgresServer) -> None:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE crash_test (id int PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO crash_test VALUES (1, 'before immediate stop')")
+    pg.stop("immediate")
+    assert not pg.is_running()
+    assert not _port_open(pg.port)
+    pg.start()
+    assert fetch_notes(pg.dsn) == ["before immediate stop"]
+    assert "automatic recovery in progress" in pg.log_tail(200)
+
+
+def test_pg_data_survives_kill_of_every_process(pg: PostgresServer) -> None:
+    port = pg.port
+    held = psycopg.connect(pg.dsn, autocommit=True)  # a client caught by the crash
+    try:
+        held.execute("INSERT INTO crash_test VALUES (2, 'before kill')")
+        pids = [r[0] for r in held.execute("SELECT pid FROM pg_stat_get_activity(NULL)")]
+        assert len(pids) >= 3  # our backend and the auxiliary processes
+        pg.kill()
+        assert not pg.is_running()
+        assert not any(_pid_alive(pid) for pid in pids)
+    finally:
+        held.close()
+    pg.start()
+    assert pg.port == port
+    assert fetch_notes(pg.dsn) == ["before immediate stop", "before kill"]
+
+
+def test_pg_restart_keeps_port_and_applies_changed_settings(pg: PostgresServer) -> None:
+    port = pg.port
+    pg.settings["work_mem"] = "7MB"
+    pg.restart()
+    assert pg.port == port
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
+
+
+def test_pg_start_failure_raises_with_server_log() -> None:
+    server = PostgresServer(settings={"shared_buffers": "lots"})
+    try:
+        with pytest.raises(RuntimeError, match="shared_buffers"):
+            server.start(timeout=20)
+        assert not server.is_running()
+    finally:
+        server.cleanup()
+
+
+def test_pg_context_manager_leaves_nothing_behind() -> None:
+    with PostgresServer() as server:
+        base_dir = server.base_dir
+        pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        assert server.is_running()
+    assert not _pid_alive(pid)
+    assert not base_dir.exists()
+
+
+def test_servers_do_not_outlive_a_killed_python_process() -> None:
+    """SIGKILL skips atexit: the watchdog must still stop the server."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from cdc_relay.devservers import PostgresServer
+        server = PostgresServer()
+        server.start()
+        pid = (server.data_dir / "postmaster.pid").read_text().split()[0]
+        print(server.base_dir, pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == -9, result.stderr
+    base_dir, pid = result.stdout.split()
+    wait_for(lambda: not _pid_alive(int(pid)), 15, "the orphaned postmaster to die")
+    wait_for(lambda: not Path(base_dir).exists(), 15, "the temp dir to be removed")
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+
+@pytest.fixture(scope="module")
+def mq() -> Iterator[RabbitServer]:
+    server = RabbitServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def publish_persistent(url: str, queue_name: str, body: bytes) -> None:
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue_name, durable=True)
+        confirmation = await channel.default_exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=queue_name,
+            mandatory=True,
+        )
+        assert isinstance(confirmation, Basic.Ack)
+
+
+async def get_one(url: str, queue_name: str) -> tuple[bytes, int]:
+    """Take the single message from the queue; (body, messages left)."""
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, durable=True, passive=True)
+        message = await queue.get(timeout=5, fail=True)
+        assert message is not None
+        await message.ack()
+        left = await channel.declare_queue(queue_name, durable=True, passive=True)
+        assert left.declaration_result.message_count is not None
+        return message.body, left.declaration_result.message_count
+
+
+def test_rabbit_is_private_and_loopback_only(mq: RabbitServer) -> None:
+    assert mq.amqp_url == f"amqp://guest:guest@127.0.0.1:{mq.port}/"
+    assert mq.port not in (5672, 25672) and mq.dist_port not in (5672, 25672)
+    assert listen_addresses(mq.port) == {"127.0.0.1"}
+    assert listen_addresses(mq.dist_port) == {"127.0.0.1"}
+    status = mq.ctl("status")
+    assert mq.nodename in status
+    with pytest.raises(RuntimeError, match="no_such_command"):
+        mq.ctl("no_such_command", timeout=30)
+
+
+@pytest.mark.asyncio
+async def test_rabbit_confirmed_persistent_message_survives_kill(mq: RabbitServer) -> None:
+    queue_name = f"devservers-kill-{uuid.uuid4().hex[:8]}"
+    await publish_persistent(mq.amqp_url, queue_name, b"survives kill -9")
+    await asyncio.to_thread(mq.kill)
+    assert not mq.is_running()
+    assert not _port_open(mq.port)
+    await asyncio.to_thread(mq.start)
+    assert await get_one(mq.amqp_url, queue_name) == (b"survives kill -9", 0)
+
+
+@pytest.mark.asyncio
+async def test_rabbit_clean_stop_and_start_keep_durable_data(mq: RabbitServer) -> None:
+    queue_name = f"devservers-stop-{uuid.uuid4().hex[:8]}"
+    url = mq.amqp_url
+    await publish_persistent(url, queue_name, b"survives stop")
+    await asyncio.to_thread(mq.stop)
+    assert not mq.is_running()
+    await asyncio.to_thread(mq.start)
+    assert mq.amqp_url == url
+    assert queue_name in mq.ctl("list_queues", "name", "--quiet")
+    assert await get_one(url, queue_name) == (b"survives stop", 0)
