@@ -75,7 +75,7 @@ class AckTracker:
     def confirm(self, seq: int) -> None:
         """Mark one message as durably handled (broker ack, or dead-lettered)."""
         if seq <= self._confirmed_upto or seq > self._seq:
-            if seq > self._seq:
+            if seq > self._seq or seq < 1:  # numbers start at 1
                 raise AckTrackerError(f"confirm of unknown sequence number {seq}")
             return
         if seq == self._confirmed_upto + 1:
@@ -91,7 +91,7 @@ class AckTracker:
 
     def confirm_upto(self, seq: int) -> None:
         """Mark every message up to ``seq`` confirmed (an AMQP ``multiple`` ack)."""
-        if seq > self._seq:
+        if seq > self._seq or seq < 0:  # 0: "nothing", a no-op
             raise AckTrackerError(f"confirm of unknown sequence number {seq}")
         if seq <= self._confirmed_upto:
             return

@@ -7,7 +7,12 @@ while ``str()`` gives the ``X/Y`` form Postgres prints and parses.
 
 from __future__ import annotations
 
+import re
+
 MAX_LSN = (1 << 64) - 1
+# What Postgres' pg_lsn_in accepts: 1-8 ASCII hex digits, "/", 1-8 hex digits.
+# (int(x, 16) alone would also take signs, "0x", "_", inner spaces and non-ASCII digits.)
+_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 
 
 class Lsn(int):
@@ -23,13 +28,10 @@ class Lsn(int):
     @classmethod
     def parse(cls, text: str) -> Lsn:
         """Parse the ``X/Y`` hexadecimal form."""
-        high, sep, low = text.strip().partition("/")
-        if not sep or not high or not low or len(high) > 8 or len(low) > 8:
+        match = _LSN_TEXT.fullmatch(text.strip())
+        if match is None:
             raise ValueError(f"invalid LSN: {text!r}")
-        try:
-            return cls((int(high, 16) << 32) | int(low, 16))
-        except ValueError:
-            raise ValueError(f"invalid LSN: {text!r}") from None
+        return cls((int(match[1], 16) << 32) | int(match[2], 16))
 
     def __str__(self) -> str:
         return f"{self >> 32:X}/{self & 0xFFFFFFFF:X}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,7 +18,13 @@ APP_ID = "cdc-relay"
 MAX_ROUTING_KEY_BYTES = 255
 # AMQP 0-9-1 exchange-name domain; anything else the broker refuses with a
 # channel error, which would stall the stream instead of dead-lettering the row.
-EXCHANGE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:]{0,127}$")
+EXCHANGE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:]{0,127}\Z")  # \Z: "$" lets "x\n" through
+MAX_SHORT_STRING_BYTES = 255  # message_id, type, header names: AMQP short strings
+# Header values the publisher can encode: AMQP signed 64-bit integers and pamqp's
+# 32-bit float. A value outside these would fail every publish of the row, forever.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = 3.4028234663852886e38
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OUTBOX_COLUMNS = (
     "id",
     "aggregate_type",
@@ -139,13 +145,20 @@ class Envelope:
 
 
 def parse_timestamptz(text: str | None) -> datetime | None:
-    """Postgres timestamptz text (session TimeZone=UTC) -> aware datetime, or None."""
+    """Postgres timestamptz text (session TimeZone=UTC) -> aware datetime, or None.
+
+    None when AMQP cannot carry it ('infinity', BC, past 9999, before 1970: the
+    AMQP timestamp is unsigned): no timestamp rather than no message.
+    """
     if not text:
         return None
     try:
-        return datetime.fromisoformat(text)
+        value = datetime.fromisoformat(text)
     except ValueError:
-        return None  # 'infinity', BC dates: no AMQP timestamp rather than no message
+        return None
+    if value.tzinfo is None:  # a plain timestamp column: UTC, not the relay host's zone
+        value = value.replace(tzinfo=UTC)
+    return None if value < EPOCH else value
 
 
 class _TemplateValues(dict[str, Any]):
@@ -196,6 +209,8 @@ class Router:
         if routing_key is None:
             routing_key = self.render_routing_key(row)
         _check_routing_key(routing_key)
+        _check_short_string("id", row.id)
+        _check_short_string("event_type", row.event_type)
         headers["aggregate_type"] = row.aggregate_type
         headers["aggregate_id"] = row.aggregate_id
         headers["event_type"] = row.event_type
@@ -236,7 +251,34 @@ def _headers(row: OutboxRow) -> dict[str, Any]:
         raise UnmappableRow(f"headers are not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise UnmappableRow(f"headers must be a JSON object, got {type(value).__name__}")
+    for key, item in value.items():
+        if len(key) > MAX_SHORT_STRING_BYTES // 4:
+            _check_short_string("header name", key)
+        _check_header_value(key, item)
     return value
+
+
+def _check_short_string(what: str, value: str) -> None:
+    # Cheap on the hot path: a UTF-8 character is at most 4 bytes.
+    if len(value) > MAX_SHORT_STRING_BYTES // 4 and len(value.encode()) > MAX_SHORT_STRING_BYTES:
+        raise UnmappableRow(f"{what} longer than {MAX_SHORT_STRING_BYTES} bytes: {value[:40]!r}...")
+
+
+def _check_header_value(key: str, value: Any) -> None:
+    """Raise UnmappableRow for a JSON value that an AMQP field table cannot hold."""
+    kind = type(value)
+    if kind is int:
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise UnmappableRow(f"header {key!r}: integer {value} does not fit AMQP's int64")
+    elif kind is float:
+        if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+            raise UnmappableRow(f"header {key!r}: number {value} does not fit an AMQP float")
+    elif kind is dict:
+        for item in value.values():
+            _check_header_value(key, item)
+    elif kind is list:
+        for item in value:
+            _check_header_value(key, item)
 
 
 def _check_routing_key(routing_key: str) -> None:
@@ -263,6 +305,9 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise UnmappableRow("celery payload needs args (array) and kwargs (object)")
     task_id = row.id
+    _check_short_string("id", task_id)
+    _check_header_value("eta", payload.get("eta"))
+    _check_header_value("expires", payload.get("expires"))
     celery_headers: dict[str, Any] = {
         "lang": "py",
         "task": row.event_type,

@@ -1,15 +1,24 @@
-"""Router: outbox row -> envelope, exactly the mapping of DESIGN.md §4."""
+"""Router: outbox row -> envelope, exactly the mapping of DESIGN.md §4.
+
+Pure unit tests. "Unmappable" matters: such a row is dead-lettered and the
+stream goes on (§5.8); anything the router lets through must also be something
+the publisher can put on the wire, or the row would fail the session forever.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pamqp import encode as pamqp_encode
 
 from cdc_relay.router import (
+    Envelope,
     OutboxRow,
     OutboxSchemaError,
     Router,
@@ -29,11 +38,14 @@ COLUMNS = [
     "routing_key",
     "created_at",
 ]
+REQUIRED = ["id", "aggregate_type", "aggregate_id", "event_type", "payload"]
+ROW_ID = "0b9c6f3e-0000-4000-8000-000000000001"
+CELERY_PAYLOAD = b'{"args": [1, "x"], "kwargs": {"k": true}}'
 
 
 def row(**overrides: object) -> OutboxRow:
     values: dict[str, object] = {
-        "id": "0b9c6f3e-0000-4000-8000-000000000001",
+        "id": ROW_ID,
         "aggregate_type": "order",
         "aggregate_id": "42",
         "event_type": "OrderCreated",
@@ -47,34 +59,142 @@ def row(**overrides: object) -> OutboxRow:
     return OutboxRow(**values)  # type: ignore[arg-type]
 
 
-def test_default_event_mapping() -> None:
-    env = Router().route(row())
-    assert env.exchange == "outbox"
-    assert env.routing_key == "order.OrderCreated"
-    assert env.body == b'{"total": 12.5}'
-    assert env.message_id == "0b9c6f3e-0000-4000-8000-000000000001"
-    assert env.type == "OrderCreated"
-    assert env.content_type == "application/json"
-    assert env.delivery_mode == 2
-    assert env.app_id == "cdc-relay"
-    assert env.timestamp == datetime(2026, 11, 23, 10, 11, 12, 123456, tzinfo=UTC)
+def celery_route(**overrides: object) -> Envelope:
+    overrides.setdefault("payload", CELERY_PAYLOAD)
+    return Router(message_format="celery").route(row(**overrides))
+
+
+def assert_on_the_wire(env: Envelope) -> None:
+    """The envelope fits AMQP 0-9-1: short strings, field table, uint64 timestamp."""
+    for name in (
+        "exchange",
+        "routing_key",
+        "message_id",
+        "type",
+        "content_type",
+        "content_encoding",
+        "correlation_id",
+        "app_id",
+    ):
+        value = getattr(env, name)
+        if value is not None:
+            assert len(value.encode()) <= 255, name
+    for key, value in env.headers.items():
+        assert len(key.encode()) <= 255
+        pamqp_encode.encode_table_value(value)
+    if env.timestamp is not None:
+        assert env.timestamp.tzinfo is not None
+        pamqp_encode.timestamp(env.timestamp)
+    assert isinstance(env.body, bytes)
+
+
+# -- the default "event" mapping --------------------------------------------------------
+
+
+def test_default_event_mapping_is_exactly_design_section_4() -> None:
+    payload = b'{"total": 12.5}'
+    env = Router().route(row(payload=payload))
+    assert env == Envelope(
+        exchange="outbox",
+        routing_key="order.OrderCreated",
+        body=payload,
+        message_id=ROW_ID,
+        type="OrderCreated",
+        headers={
+            "tenant": "acme",
+            "aggregate_type": "order",
+            "aggregate_id": "42",
+            "event_type": "OrderCreated",
+        },
+        timestamp=datetime(2026, 11, 23, 10, 11, 12, 123456, tzinfo=UTC),
+        content_type="application/json",
+        content_encoding=None,
+        correlation_id=None,
+        app_id="cdc-relay",
+        delivery_mode=2,
+        extra={},
+    )
+    assert env.timestamp is not None and env.timestamp.utcoffset() == timedelta(0)
+    assert_on_the_wire(env)
+
+
+def test_body_is_the_payload_object_itself() -> None:
+    """No parsing, no re-encoding: whitespace, key order, escapes all kept."""
+    payload = b'{ "b" : 1,"a": [1, 2, {"c": "\xc3\xbc\\u00fc"}], "n": 1.50e2 }'
+    env = Router().route(row(payload=payload))
+    assert env.body is payload
+
+
+def test_body_is_not_validated_as_json_in_event_format() -> None:
+    """The payload is jsonb; the router does not spend time re-checking it."""
+    payload = b"not json at all"
+    assert Router().route(row(payload=payload)).body is payload
+
+
+def test_exchange_default_option_and_per_row_override() -> None:
+    assert Router().route(row()).exchange == "outbox"
+    assert Router(exchange="events").route(row()).exchange == "events"
+    assert Router(exchange="events").route(row(exchange="other")).exchange == "other"
+
+
+def test_per_row_empty_exchange_means_the_default_exchange_not_no_override() -> None:
+    assert Router(exchange="events").route(row(exchange="")).exchange == ""
+
+
+def test_per_row_routing_key_overrides_the_template() -> None:
+    env = Router(exchange="events").route(row(exchange="other", routing_key="x.y"))
+    assert (env.exchange, env.routing_key) == ("other", "x.y")
+    # An explicit empty routing key is a routing key too (fanout/headers exchanges).
+    assert Router().route(row(routing_key="")).routing_key == ""
+
+
+def test_per_row_routing_key_skips_template_rendering() -> None:
+    """The template would fail on this row, but the row brings its own key."""
+    router = Router(routing_key_template="{payload[region]}")
+    env = router.route(row(payload=b"[1]", routing_key="fixed"))
+    assert env.routing_key == "fixed"
+
+
+def test_headers_are_row_headers_plus_the_three_aggregate_fields() -> None:
+    headers = b'{"tenant": "acme", "n": 3, "ok": true, "none": null, "nested": {"a": [1, "b"]}}'
+    env = Router().route(row(headers=headers))
     assert env.headers == {
         "tenant": "acme",
+        "n": 3,
+        "ok": True,
+        "none": None,
+        "nested": {"a": [1, "b"]},
+        "aggregate_type": "order",
+        "aggregate_id": "42",
+        "event_type": "OrderCreated",
+    }
+    assert_on_the_wire(env)
+
+
+@pytest.mark.parametrize("headers", [b"{}", None])
+def test_no_row_headers(headers: bytes | None) -> None:
+    env = Router().route(row(headers=headers))
+    assert env.headers == {
         "aggregate_type": "order",
         "aggregate_id": "42",
         "event_type": "OrderCreated",
     }
 
 
-def test_body_is_the_payload_object_itself() -> None:
-    payload = b'{"a": [1, 2, {"b": "\xc3\xbc"}]}'
-    assert Router().route(row(payload=payload)).body is payload
+def test_row_values_win_over_row_headers_of_the_same_name() -> None:
+    env = Router().route(row(headers=b'{"event_type": "Forged", "aggregate_id": "0"}'))
+    assert env.headers["event_type"] == "OrderCreated"
+    assert env.headers["aggregate_id"] == "42"
 
 
-def test_per_row_overrides() -> None:
-    env = Router(exchange="events").route(row(exchange="other", routing_key="x.y"))
-    assert (env.exchange, env.routing_key) == ("other", "x.y")
-    assert Router(exchange="events").route(row()).exchange == "events"
+def test_each_envelope_gets_its_own_headers_dict() -> None:
+    router = Router()
+    first = router.route(row(headers=b"{}"))
+    first.headers["mutated"] = True
+    assert "mutated" not in router.route(row(headers=b"{}")).headers
+
+
+# -- routing-key templates ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -82,36 +202,85 @@ def test_per_row_overrides() -> None:
     [
         ("{aggregate_type}.{event_type}", "order.OrderCreated"),
         ("evt.{aggregate_type}.{aggregate_id}", "evt.order.42"),
-        ("{id}", "0b9c6f3e-0000-4000-8000-000000000001"),
+        ("{aggregate_id}", "42"),
+        ("{id}", ROW_ID),
         ("static", "static"),
+        ("", ""),
         ("r.{payload[region]}", "r.eu"),
+        ("r.{payload[region]}.{event_type}", "r.eu.OrderCreated"),
+        ("{payload[address][city]}", "Lyon"),
+        ("{payload[items][0]}", "7"),
+        ("{payload[count]}", "3"),
+        ("{{literal}}.{event_type}", "{literal}.OrderCreated"),
+        ("{event_type}.{aggregate_type}", "OrderCreated.order"),
     ],
 )
 def test_routing_key_templates(template: str, expected: str) -> None:
-    r = row(payload=b'{"region": "eu"}')
-    assert Router(routing_key_template=template).route(r).routing_key == expected
+    payload = b'{"region": "eu", "address": {"city": "Lyon"}, "items": [7, 8], "count": 3}'
+    router = Router(routing_key_template=template)
+    assert router.route(row(payload=payload)).routing_key == expected
+    assert router.render_routing_key(row(payload=payload)) == expected
+
+
+def test_template_values_are_not_reinterpreted_as_templates() -> None:
+    r = row(aggregate_type="{event_type}", aggregate_id="{payload[x]}")
+    assert Router().route(r).routing_key == "{event_type}.OrderCreated"
+    custom = Router(routing_key_template="{aggregate_type}/{aggregate_id}")
+    assert custom.route(r).routing_key == "{event_type}/{payload[x]}"
+
+
+def test_template_without_payload_does_not_parse_the_payload() -> None:
+    router = Router(routing_key_template="{aggregate_type}-{aggregate_id}")
+    assert router.route(row(payload=b"{broken")).routing_key == "order-42"
 
 
 @pytest.mark.parametrize(
     ("template", "overrides", "message"),
     [
         ("{nope}", {}, "unknown field"),
-        ("{payload[region]}", {}, "cannot be rendered"),
+        ("{exchange}", {}, "unknown field"),
+        ("{payload[region]}", {}, "cannot be rendered"),  # key missing in the payload
         ("{payload[region]}", {"payload": b"[1]"}, "cannot be rendered"),
+        ("{payload[region]}", {"payload": b'"text"'}, "cannot be rendered"),
+        ("{payload[region]}", {"payload": b"{broken"}, "cannot be rendered"),
+        ("{payload[items][5]}", {"payload": b'{"items": [1]}'}, "cannot be rendered"),
+        ("{payload.region}", {"payload": b'{"region": "eu"}'}, "cannot be rendered"),
+        ("{aggregate_id.real}", {}, "cannot be rendered"),
+        ("{0}", {}, "cannot be rendered"),
+        ("{}", {}, "cannot be rendered"),
+        ("{aggregate_id:d}", {}, "cannot be rendered"),
     ],
 )
-def test_unrenderable_templates(template: str, overrides: dict[str, object], message: str) -> None:
+def test_unrenderable_templates_are_unmappable(
+    template: str, overrides: dict[str, object], message: str
+) -> None:
     with pytest.raises(UnmappableRow, match=message):
         Router(routing_key_template=template).route(row(**overrides))
 
 
-@pytest.mark.parametrize("headers", [b"[1, 2]", b'"text"', b"42", b"{not json"])
+def test_malformed_template_is_rejected_at_construction() -> None:
+    with pytest.raises(ValueError):
+        Router(routing_key_template="{aggregate_type")
+
+
+def test_unknown_format() -> None:
+    with pytest.raises(ValueError, match="format"):
+        Router(message_format="xml")
+
+
+# -- unmappable rows ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [b"[1, 2]", b'"text"', b"42", b"null", b"true", b"{not json", b"", b'{"a": 1'],
+)
 def test_headers_must_be_a_json_object(headers: bytes) -> None:
     with pytest.raises(UnmappableRow, match="headers"):
         Router().route(row(headers=headers))
 
 
-@pytest.mark.parametrize("exchange", ["has space", "x" * 128, "é"])
+@pytest.mark.parametrize("exchange", ["has space", "x" * 128, "é", "orders\n", "a/b"])
 def test_invalid_exchange_names_are_unmappable(exchange: str) -> None:
     with pytest.raises(UnmappableRow, match="invalid exchange name"):
         Router().route(row(exchange=exchange))
@@ -121,87 +290,502 @@ def test_invalid_exchange_names_are_unmappable(exchange: str) -> None:
         )
 
 
-def test_routing_key_too_long() -> None:
+@pytest.mark.parametrize("exchange", ["amq.topic", "a-b_c.d:e", "x" * 127])
+def test_valid_exchange_names(exchange: str) -> None:
+    assert Router().route(row(exchange=exchange)).exchange == exchange
+
+
+def test_routing_key_length_limit_is_255_bytes() -> None:
+    assert Router().route(row(routing_key="k" * 255)).routing_key == "k" * 255
     with pytest.raises(UnmappableRow, match="255"):
         Router().route(row(routing_key="k" * 256))
+    # Bytes, not characters: 128 two-byte characters are 256 bytes.
+    with pytest.raises(UnmappableRow, match="255"):
+        Router().route(row(routing_key="é" * 128))
+
+
+def test_rendered_routing_key_length_limit() -> None:
+    with pytest.raises(UnmappableRow, match="255"):
+        Router().route(row(aggregate_type="a" * 200, event_type="e" * 55))
+    assert (
+        len(Router().route(row(aggregate_type="a" * 200, event_type="e" * 54)).routing_key) == 255
+    )
+    with pytest.raises(UnmappableRow, match="255"):
+        Router(routing_key_template="{payload[k]}").route(
+            row(payload=b'{"k": "%s"}' % (b"x" * 300))
+        )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b'{"n": 9223372036854775808}',  # above int64: valid jsonb, no AMQP integer type
+        b'{"n": 18446744073709551615}',
+        b'{"nested": {"n": [9223372036854775808]}}',
+        b'{"f": 1e39}',  # beyond what the AMQP float the encoder uses can hold
+        b'{"f": [-1e300]}',
+        b'{"%s": 1}' % (b"k" * 256),  # field name is a short string
+        b'{"%s": 1}' % ("é" * 128).encode(),  # 128 characters, 256 bytes
+    ],
+)
+def test_headers_the_wire_cannot_carry_are_unmappable(headers: bytes) -> None:
+    """Otherwise the publisher fails on encoding, the session restarts, forever."""
+    with pytest.raises(UnmappableRow, match="header"):
+        Router().route(row(headers=headers))
+    with pytest.raises(UnmappableRow, match="header"):
+        celery_route(headers=headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b'{"n": 9223372036854775807, "m": -9223372036854775808}',
+        b'{"f": 3.4e38, "g": -0.0, "h": 1e-300}',
+        b'{"%s": 1}' % (b"k" * 255),
+        b'{"deep": {"deeper": {"deepest": [1, [2, {"x": null}]]}}}',
+    ],
+)
+def test_headers_at_the_wire_limits_are_fine(headers: bytes) -> None:
+    env = Router().route(row(headers=headers))
+    assert_on_the_wire(env)
+
+
+def test_event_type_and_id_must_fit_a_short_string() -> None:
+    """``type`` and ``message_id`` are AMQP short strings (255 bytes)."""
+    with pytest.raises(UnmappableRow, match="event_type"):
+        Router().route(row(event_type="E" * 256, routing_key="rk"))
+    with pytest.raises(UnmappableRow, match="id"):
+        Router().route(row(id="i" * 256))
+    with pytest.raises(UnmappableRow, match="id"):
+        celery_route(id="i" * 256)
+    env = Router().route(row(event_type="é" * 127, id="i" * 255, routing_key="rk"))
+    assert_on_the_wire(env)
+
+
+# -- RowReader ------------------------------------------------------------------------
 
 
 def test_row_reader_maps_by_name_with_extra_columns_and_other_order() -> None:
-    names = ["extra", *reversed(COLUMNS)]
-    values = (b"?", *reversed([b"id-1", b"t", b"a", b"e", b"{}", b"{}", None, None, b"ts"]))
+    names = ["extra", *reversed(COLUMNS), "another"]
+    values = (
+        b"?",
+        *reversed([b"id-1", b"t", b"a", b"e", b'{"p": 1}', b'{"h": 2}', b"ex", b"rk", b"ts"]),
+        None,
+    )
     r = RowReader(names).read(values)
-    assert (r.id, r.aggregate_type, r.aggregate_id, r.event_type) == ("id-1", "t", "a", "e")
-    assert r.exchange is None and r.created_at == "ts"
+    assert r == OutboxRow(
+        id="id-1",
+        aggregate_type="t",
+        aggregate_id="a",
+        event_type="e",
+        payload=b'{"p": 1}',
+        headers=b'{"h": 2}',
+        exchange="ex",
+        routing_key="rk",
+        created_at="ts",
+    )
+
+
+def test_row_reader_keeps_the_payload_bytes_object() -> None:
+    payload = b'{"big": "' + b"x" * 10_000 + b'"}'
+    r = RowReader(COLUMNS).read((b"i", b"t", b"a", b"e", payload, b"{}", None, None, None))
+    assert r.payload is payload
+    assert Router().route(r).body is payload
+
+
+def test_row_reader_decodes_utf8_text() -> None:
+    values = ("ü".encode(), "ağ".encode(), "日本".encode(), "é".encode(), b"{}")
+    r = RowReader(REQUIRED).read(values)
+    assert (r.id, r.aggregate_type, r.aggregate_id, r.event_type) == ("ü", "ağ", "日本", "é")
 
 
 def test_row_reader_minimal_columns() -> None:
-    r = RowReader(["id", "aggregate_type", "aggregate_id", "event_type", "payload"]).read(
-        (b"i", b"t", b"a", b"e", b"{}")
-    )
-    assert r.headers is None and r.routing_key is None
-    assert Router().route(r).headers == {
-        "aggregate_type": "t",
-        "aggregate_id": "a",
-        "event_type": "e",
-    }
+    r = RowReader(REQUIRED).read((b"i", b"t", b"a", b"e", b"{}"))
+    assert r.headers is None and r.exchange is None
+    assert r.routing_key is None and r.created_at is None
+    env = Router().route(r)
+    assert env.headers == {"aggregate_type": "t", "aggregate_id": "a", "event_type": "e"}
+    assert env.timestamp is None
+    assert env.exchange == "outbox" and env.routing_key == "t.e"
 
 
-def test_row_reader_rejects_a_table_without_outbox_columns() -> None:
-    with pytest.raises(OutboxSchemaError, match="payload"):
-        RowReader(["id", "aggregate_type", "aggregate_id", "event_type"])
+def test_row_reader_nulls_in_optional_columns() -> None:
+    r = RowReader(COLUMNS).read((b"i", b"t", b"a", b"e", b"{}", None, None, None, None))
+    assert (r.headers, r.exchange, r.routing_key, r.created_at) == (None, None, None, None)
 
 
-def test_null_in_a_required_column_is_unmappable() -> None:
+@pytest.mark.parametrize("missing", REQUIRED)
+def test_row_reader_rejects_a_table_without_a_required_column(missing: str) -> None:
+    with pytest.raises(OutboxSchemaError, match=missing):
+        RowReader([c for c in COLUMNS if c != missing])
+
+
+def test_row_reader_names_every_missing_column() -> None:
+    with pytest.raises(OutboxSchemaError, match="aggregate_id, event_type"):
+        RowReader(["id", "aggregate_type", "payload"])
+    with pytest.raises(OutboxSchemaError):
+        RowReader([])
+
+
+def test_schema_error_is_not_an_unmappable_row() -> None:
+    assert not issubclass(OutboxSchemaError, UnmappableRow)
+    assert not issubclass(UnmappableRow, OutboxSchemaError)
+
+
+@pytest.mark.parametrize("column", REQUIRED)
+def test_null_in_a_required_column_is_unmappable(column: str) -> None:
+    values = [b"i", b"t", b"a", b"e", b"{}", b"{}", None, None, None]
+    values[COLUMNS.index(column)] = None
+    with pytest.raises(UnmappableRow, match="cannot read"):
+        RowReader(COLUMNS).read(tuple(values))
+
+
+class UnchangedToast:
+    """Stands in for the decoder's unchanged-TOAST sentinel and binary values."""
+
+
+@pytest.mark.parametrize("bad", [UnchangedToast(), bytearray(b"{}"), "already str", 42])
+def test_non_text_values_are_unmappable(bad: object) -> None:
+    """The decoder hands text as bytes; anything else cannot be an outbox value."""
+    values = [b"i", b"t", b"a", b"e", b"{}", b"{}", None, None, None]
+    values[COLUMNS.index("payload")] = bad
     with pytest.raises(UnmappableRow):
-        RowReader(COLUMNS).read((b"i", None, b"a", b"e", b"{}", b"{}", None, None, None))
+        RowReader(COLUMNS).read(tuple(values))
+    values = [b"i", b"t", b"a", b"e", b"{}", bad, None, None, None]
+    with pytest.raises(UnmappableRow):
+        RowReader(COLUMNS).read(tuple(values))
 
 
-@pytest.mark.parametrize("text", ["infinity", "-infinity", "", None, "4713-01-01 BC"])
+def test_invalid_utf8_is_unmappable() -> None:
+    with pytest.raises(UnmappableRow):
+        RowReader(REQUIRED).read((b"\xff\xfe", b"t", b"a", b"e", b"{}"))
+
+
+def test_short_value_tuple_is_unmappable() -> None:
+    with pytest.raises(UnmappableRow):
+        RowReader(COLUMNS).read((b"i", b"t", b"a"))
+
+
+def test_as_dict_is_json_friendly() -> None:
+    r = row(payload=b'{"a": "\xc3\xbc"}', headers=b"\xff")
+    d = r.as_dict()
+    assert d["payload"] == '{"a": "ü"}'
+    assert d["headers"] == "\ufffd"
+    assert d["id"] == ROW_ID
+    orjson.dumps(d)
+
+
+# -- timestamps ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "2026-11-23 10:11:12.123456+00",
+            datetime(2026, 11, 23, 10, 11, 12, 123456, tzinfo=UTC),
+        ),
+        ("2026-11-23 10:11:12+00", datetime(2026, 11, 23, 10, 11, 12, tzinfo=UTC)),
+        ("2026-11-23 10:11:12.5+00", datetime(2026, 11, 23, 10, 11, 12, 500000, tzinfo=UTC)),
+        ("2026-11-23 10:11:12+05:30", datetime(2026, 11, 23, 4, 41, 12, tzinfo=UTC)),
+        ("2026-11-23 10:11:12-08", datetime(2026, 11, 23, 18, 11, 12, tzinfo=UTC)),
+        ("1970-01-01 00:00:00+00", datetime(1970, 1, 1, tzinfo=UTC)),
+        ("9999-12-31 23:59:59+00", datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+    ],
+)
+def test_parse_timestamptz(text: str, expected: datetime) -> None:
+    value = parse_timestamptz(text)
+    assert value == expected
+    assert value is not None and value.tzinfo is not None
+
+
+def test_utc_timestamps_come_back_in_utc() -> None:
+    value = parse_timestamptz("2026-11-23 10:11:12.123456+00")
+    assert value is not None
+    assert value.utcoffset() == timedelta(0)
+    assert value.replace(tzinfo=None) == datetime(2026, 11, 23, 10, 11, 12, 123456)
+
+
+def test_timestamp_without_offset_is_taken_as_utc() -> None:
+    """Aware, so the AMQP timestamp does not depend on the relay host's time zone."""
+    value = parse_timestamptz("2026-11-23 10:11:12")
+    assert value == datetime(2026, 11, 23, 10, 11, 12, tzinfo=UTC)
+    assert value is not None and value.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "infinity",
+        "-infinity",
+        "",
+        None,
+        "4713-01-01 00:00:00+00 BC",
+        "4713-01-01 BC",
+        "294276-12-31 23:59:59+00",  # Postgres' range goes past year 9999
+        "garbage",
+    ],
+)
 def test_unparseable_timestamps_mean_no_timestamp(text: str | None) -> None:
     assert parse_timestamptz(text) is None
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["1969-12-31 23:59:59+00", "0001-01-01 00:00:00+00", "1970-01-01 00:30:00+01"],
+)
+def test_timestamps_before_the_epoch_mean_no_timestamp(text: str) -> None:
+    """AMQP timestamps are unsigned: a pre-1970 created_at cannot be encoded."""
+    assert parse_timestamptz(text) is None
+    env = Router().route(row(created_at=text))
+    assert env.timestamp is None
+    assert_on_the_wire(env)
+
+
+def test_infinity_created_at_still_routes() -> None:
+    env = Router().route(row(created_at="infinity"))
+    assert env.timestamp is None
+    assert env.body == b'{"total": 12.5}'
+
+
+# -- Celery format ------------------------------------------------------------------------
+
+
 def test_celery_task_message() -> None:
-    payload = b'{"args": [1, "x"], "kwargs": {"k": true}}'
-    env = Router(message_format="celery").route(row(event_type="app.tasks.add", payload=payload))
+    env = celery_route(event_type="app.tasks.add")
     args, kwargs, embed = orjson.loads(env.body)
     assert (args, kwargs) == ([1, "x"], {"k": True})
     assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     assert env.exchange == "" and env.routing_key == "celery"
-    assert env.headers["task"] == "app.tasks.add"
-    assert env.headers["id"] == env.headers["root_id"] == env.message_id == env.correlation_id
-    assert env.headers["lang"] == "py" and env.headers["retries"] == 0
+    assert env.headers == {
+        "lang": "py",
+        "task": "app.tasks.add",
+        "id": ROW_ID,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": ROW_ID,
+        "parent_id": None,
+        "argsrepr": "(1, 'x')",
+        "kwargsrepr": "{'k': True}",
+        "origin": "cdc-relay",
+        "ignore_result": False,
+        "tenant": "acme",  # the row's own headers ride along
+    }
+    assert env.message_id == env.correlation_id == ROW_ID
+    assert env.content_type == "application/json"
     assert env.content_encoding == "utf-8"
-    queued = Router(message_format="celery").route(row(payload=payload, routing_key="high"))
-    assert queued.routing_key == "high"
+    assert env.delivery_mode == 2
+    assert env.type is None
+    assert env.timestamp == datetime(2026, 11, 23, 10, 11, 12, 123456, tzinfo=UTC)
+    assert_on_the_wire(env)
 
 
-@pytest.mark.parametrize("payload", [b"[1]", b'{"args": {}}', b'{"kwargs": []}', b"nope"])
+def test_celery_message_matches_what_celery_itself_sends() -> None:
+    """Compare with Celery's own protocol-2 message for the same call."""
+    celery = pytest.importorskip("celery")
+    app = celery.Celery("t", broker="memory://", set_as_current=False)
+    theirs = app.amqp.as_task_v2(ROW_ID, "app.tasks.add", args=(1, "x"), kwargs={"k": True})
+    ours = celery_route(event_type="app.tasks.add", headers=b"{}")
+    # Newer Celery adds optional stamping/replacement fields the worker defaults.
+    optional = {"replaced_task_nesting", "stamped_headers", "stamps"}
+    assert set(theirs.headers) - set(ours.headers) <= optional
+    assert set(ours.headers) <= set(theirs.headers)
+    for key, value in ours.headers.items():
+        if key != "origin":
+            assert theirs.headers[key] == value, key
+    args, kwargs, embed = theirs.body
+    assert orjson.loads(ours.body) == [list(args), kwargs, embed]
+    assert theirs.properties["correlation_id"] == ours.correlation_id
+
+
+def test_celery_defaults_and_overrides() -> None:
+    # The event-format options do not apply: the default exchange and queue "celery".
+    router = Router(
+        exchange="events", routing_key_template="{aggregate_type}", message_format="celery"
+    )
+    env = router.route(row(payload=CELERY_PAYLOAD))
+    assert (env.exchange, env.routing_key) == ("", "celery")
+    env = celery_route(exchange="tasks", routing_key="high")
+    assert (env.exchange, env.routing_key) == ("tasks", "high")
+
+
+def test_celery_args_and_kwargs_default_to_empty() -> None:
+    env = celery_route(payload=b"{}")
+    assert orjson.loads(env.body)[:2] == [[], {}]
+    assert env.headers["argsrepr"] == "()"
+    assert env.headers["kwargsrepr"] == "{}"
+
+
+def test_celery_eta_and_expires_come_from_the_payload() -> None:
+    payload = b'{"args": [], "kwargs": {}, "eta": "2026-11-23T10:00:00+00:00", "expires": null}'
+    env = celery_route(payload=payload)
+    assert env.headers["eta"] == "2026-11-23T10:00:00+00:00"
+    assert env.headers["expires"] is None
+
+
+def test_celery_task_id_is_the_outbox_id_so_redelivery_keeps_it() -> None:
+    a = celery_route(id="11111111-2222-4333-8444-555555555555")
+    b = celery_route(id="11111111-2222-4333-8444-555555555555")
+    assert (
+        a.headers["id"] == b.headers["id"] == a.message_id == "11111111-2222-4333-8444-555555555555"
+    )
+    assert a.body == b.body
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[1]",
+        b'"text"',
+        b"null",
+        b'{"args": {}}',
+        b'{"args": "x"}',
+        b'{"kwargs": []}',
+        b'{"kwargs": 1}',
+        b"nope",
+        b"",
+    ],
+)
 def test_celery_payload_must_have_args_and_kwargs(payload: bytes) -> None:
     with pytest.raises(UnmappableRow, match="celery"):
         Router(message_format="celery").route(row(payload=payload))
 
 
-def test_unknown_format() -> None:
-    with pytest.raises(ValueError, match="format"):
-        Router(message_format="xml")
+def test_celery_bad_headers_and_routing_key_are_unmappable() -> None:
+    with pytest.raises(UnmappableRow, match="headers"):
+        celery_route(headers=b"[1]")
+    with pytest.raises(UnmappableRow, match="255"):
+        celery_route(routing_key="q" * 256)
 
 
-safe_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+# -- properties ---------------------------------------------------------------------------
 
-
-@settings(max_examples=200, deadline=None)
-@given(
-    safe_text,
-    safe_text,
-    safe_text,
-    st.dictionaries(safe_text, st.integers(-(2**63), 2**63 - 1), max_size=4),
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | text
 )
-def test_any_text_round_trips(agg: str, event: str, agg_id: str, body: dict[str, int]) -> None:
-    payload = orjson.dumps(body)
-    env = Router().route(
-        row(aggregate_type=agg, event_type=event, aggregate_id=agg_id, payload=payload)
-    )
-    assert env.body == payload
-    assert env.routing_key == f"{agg}.{event}" or len(f"{agg}.{event}".encode()) > 255
-    assert env.headers["aggregate_id"] == agg_id
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def to_json(value: Any) -> bytes:
+    """Like Postgres, any-size integers; json (not orjson) so > 64-bit ints serialize."""
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+def fits(value: str) -> bool:
+    return len(value.encode()) <= 255
+
+
+@settings(max_examples=150, deadline=None)
+@given(text, text, text, text, json_values)
+def test_any_text_and_payload_round_trip(
+    agg: str, event: str, agg_id: str, row_id: str, body: Any
+) -> None:
+    payload = to_json(body)
+    r = row(aggregate_type=agg, event_type=event, aggregate_id=agg_id, id=row_id, payload=payload)
+    routing_key = f"{agg}.{event}"
+    if not (fits(routing_key) and fits(event) and fits(row_id)):
+        with pytest.raises(UnmappableRow):
+            Router().route(r)
+        return
+    env = Router().route(r)
+    assert env.body is payload
+    assert env.routing_key == routing_key
+    assert env.message_id == row_id
+    assert env.type == event
+    assert env.headers == {
+        "tenant": "acme",
+        "aggregate_type": agg,
+        "aggregate_id": agg_id,
+        "event_type": event,
+    }
+    assert_on_the_wire(env)
+    # A custom template renders the same values, verbatim.
+    custom = Router(routing_key_template="{aggregate_id}:{aggregate_type}")
+    if fits(f"{agg_id}:{agg}"):
+        assert custom.route(r).routing_key == f"{agg_id}:{agg}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(text, json_values)
+def test_payload_field_templates_render_the_json_value(region: str, other: Any) -> None:
+    payload = to_json({"region": region, "other": other})
+    router = Router(routing_key_template="r.{payload[region]}")
+    if not fits(f"r.{region}"):
+        with pytest.raises(UnmappableRow):
+            router.route(row(payload=payload))
+        return
+    env = router.route(row(payload=payload))
+    assert env.routing_key == f"r.{region}"
+    assert env.body is payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(text, json_values, max_size=5))
+def test_any_json_object_headers_route_or_are_unmappable_never_unencodable(
+    headers: dict[str, Any],
+) -> None:
+    for router in (Router(), Router(message_format="celery")):
+        try:
+            env = router.route(row(headers=to_json(headers), payload=CELERY_PAYLOAD))
+        except UnmappableRow:
+            continue
+        assert_on_the_wire(env)
+        for key, value in headers.items():
+            if key not in ("aggregate_type", "aggregate_id", "event_type"):
+                assert env.headers[key] == orjson.loads(to_json(value))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(json_values, max_size=4),
+    st.dictionaries(text, json_values, max_size=4),
+    text,
+)
+def test_celery_args_and_kwargs_round_trip(
+    args: list[Any], kwargs: dict[str, Any], task: str
+) -> None:
+    payload = to_json({"args": args, "kwargs": kwargs})
+    env = Router(message_format="celery").route(row(payload=payload, event_type=task))
+    got_args, got_kwargs, _ = orjson.loads(env.body)
+    assert got_args == orjson.loads(to_json(args))
+    assert got_kwargs == orjson.loads(to_json(kwargs))
+    assert env.headers["task"] == task
+    assert env.headers["id"] == env.message_id == ROW_ID
+    assert_on_the_wire(env)
+
+
+def test_timestamps_in_any_offset_are_the_same_instant() -> None:
+    base = datetime(2026, 11, 23, 10, 11, 12, 123456, tzinfo=UTC)
+    for minutes in (-720, -90, 0, 330, 840):
+        tz = timezone(timedelta(minutes=minutes))
+        local = base.astimezone(tz)
+        sign = "+" if minutes >= 0 else "-"
+        hh, mm = divmod(abs(minutes), 60)
+        text_form = local.strftime("%Y-%m-%d %H:%M:%S.%f") + f"{sign}{hh:02d}:{mm:02d}"
+        assert parse_timestamptz(text_form) == base
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"args": [], "kwargs": {}, "eta": 1e39}',
+        b'{"args": [], "kwargs": {}, "expires": 9223372036854775808}',
+    ],
+)
+def test_celery_eta_or_expires_the_wire_cannot_carry_are_unmappable(payload: bytes) -> None:
+    with pytest.raises(UnmappableRow, match="header"):
+        celery_route(payload=payload)
