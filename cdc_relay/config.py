@@ -23,6 +23,12 @@ def split_table_name(name: str) -> tuple[str, str]:
     return schema, table
 
 
+class FatalError(ConfigError):
+    """Something retrying cannot fix that is not a setting (e.g. undecodable WAL data)."""
+
+    exit_code = 70  # sysexits.h: internal software error
+
+
 @dataclass(slots=True)
 class Settings:
     dsn: str = "postgresql://postgres@localhost:5432/postgres"

@@ -20,9 +20,9 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from cdc_relay.acks import AckTracker
+from cdc_relay.acks import AckTracker, AckTrackerError
 from cdc_relay.amqp import Publisher, PublishFailed, declare_exchange
-from cdc_relay.config import ConfigError, Settings
+from cdc_relay.config import ConfigError, FatalError, Settings
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg import admin
@@ -31,6 +31,7 @@ from cdc_relay.pg.pgoutput import (
     Commit,
     Insert,
     PrimaryKeepalive,
+    ProtocolError,
     Relation,
     decode_copy_data,
     decode_message,
@@ -97,6 +98,9 @@ class Relay:
                 return  # a session only returns normally when asked to stop
             except ConfigError:
                 raise
+            except (ProtocolError, AckTrackerError) as exc:
+                # The same bytes would come again: retrying cannot help.
+                raise FatalError(f"cannot process the replication stream: {exc}") from exc
             except SlotInUse as exc:
                 # Hot standby: poll the slot often so takeover is quick, log once.
                 (log.debug if standing_by else log.info)("standing by: %s", exc)

@@ -1,8 +1,12 @@
-"""An independent pgoutput v1 encoder, written from the protocol docs, for round trips."""
+"""An independent pgoutput v1 encoder for round-trip tests.
+
+Written from the protocol docs ("Logical Replication Message Formats"), not
+from the decoder: it builds bytes with ``int.to_bytes`` instead of sharing the
+decoder's ``struct`` formats, so a wrong format in one does not hide in both.
+It mirrors what ``logical/proto.c`` writes, one message per call.
+"""
 
 from __future__ import annotations
-
-import struct
 
 from cdc_relay.pg.pgoutput import (
     UNCHANGED_TOAST,
@@ -22,73 +26,102 @@ from cdc_relay.pg.pgoutput import (
 )
 
 
-def cstring(text: str) -> bytes:
-    return text.encode() + b"\x00"
+def int8(value: int) -> bytes:
+    return value.to_bytes(1, "big")
+
+
+def int16(value: int) -> bytes:
+    return value.to_bytes(2, "big", signed=True)
+
+
+def uint32(value: int) -> bytes:
+    """xids, OIDs, relids and lengths: PostgreSQL writes them as uint32."""
+    return value.to_bytes(4, "big")
+
+
+def int32(value: int) -> bytes:
+    """Type modifiers (-1 = none)."""
+    return value.to_bytes(4, "big", signed=True)
+
+
+def lsn(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+def timestamp(value: int) -> bytes:
+    """µs since 2000-01-01; negative before the epoch."""
+    return value.to_bytes(8, "big", signed=True)
+
+
+def string(text: str) -> bytes:
+    assert "\x00" not in text, "protocol strings are NUL-terminated"
+    return text.encode("utf-8") + b"\x00"
 
 
 def tuple_data(values: tuple[TupleValue, ...]) -> bytes:
-    out = [struct.pack("!h", len(values))]
+    """TupleData: Int16 ncols, then n / u / t+len+text / b+len+binary per column."""
+    parts = [int16(len(values))]
     for value in values:
         if value is None:
-            out.append(b"n")
+            parts.append(b"n")
         elif value is UNCHANGED_TOAST:
-            out.append(b"u")
+            parts.append(b"u")
         elif isinstance(value, Binary):
-            out.append(b"b" + struct.pack("!I", len(value.data)) + value.data)
+            parts += [b"b", uint32(len(value.data)), value.data]
+        elif isinstance(value, bytes):
+            parts += [b"t", uint32(len(value)), value]
         else:
-            assert isinstance(value, bytes)
-            out.append(b"t" + struct.pack("!I", len(value)) + value)
-    return b"".join(out)
+            raise TypeError(f"not a tuple value: {value!r}")
+    return b"".join(parts)
 
 
 def encode(message: PgOutputMessage) -> bytes:
+    """One pgoutput v1 message, as the payload of an XLogData frame."""
     m = message
-    if isinstance(m, Begin):
-        return b"B" + struct.pack("!QqI", m.final_lsn, m.commit_ts, m.xid)
-    if isinstance(m, Commit):
-        return b"C" + struct.pack("!BQQq", m.flags, m.commit_lsn, m.end_lsn, m.commit_ts)
-    if isinstance(m, Origin):
-        return b"O" + struct.pack("!Q", m.commit_lsn) + cstring(m.name)
-    if isinstance(m, Relation):
-        out = b"R" + struct.pack("!I", m.relid) + cstring(m.namespace) + cstring(m.name)
-        out += m.replica_identity.encode() + struct.pack("!h", len(m.columns))
-        for c in m.columns:
-            out += (
-                bytes([c.flags]) + cstring(c.name) + struct.pack("!Ii", c.type_oid, c.type_modifier)
+    match m:
+        case Begin():
+            return b"B" + lsn(m.final_lsn) + timestamp(m.commit_ts) + uint32(m.xid)
+        case Commit():
+            return (
+                b"C" + int8(m.flags) + lsn(m.commit_lsn) + lsn(m.end_lsn) + timestamp(m.commit_ts)
             )
-        return out
-    if isinstance(m, TypeMessage):
-        return b"Y" + struct.pack("!I", m.type_oid) + cstring(m.namespace) + cstring(m.name)
-    if isinstance(m, Insert):
-        return b"I" + struct.pack("!I", m.relid) + b"N" + tuple_data(m.new)
-    if isinstance(m, Update):
-        out = b"U" + struct.pack("!I", m.relid)
-        if m.old is not None:
-            assert m.old_kind is not None
-            out += m.old_kind.encode() + tuple_data(m.old)
-        return out + b"N" + tuple_data(m.new)
-    if isinstance(m, Delete):
-        return b"D" + struct.pack("!I", m.relid) + m.old_kind.encode() + tuple_data(m.old)
-    if isinstance(m, Truncate):
-        return (
-            b"T"
-            + struct.pack("!IB", len(m.relids), m.options)
-            + b"".join(struct.pack("!I", r) for r in m.relids)
-        )
-    if isinstance(m, LogicalMessage):
-        return (
-            b"M"
-            + struct.pack("!BQ", 1 if m.transactional else 0, m.lsn)
-            + cstring(m.prefix)
-            + struct.pack("!I", len(m.content))
-            + m.content
-        )
+        case Origin():
+            return b"O" + lsn(m.commit_lsn) + string(m.name)
+        case Relation():
+            parts = [
+                b"R",
+                uint32(m.relid),
+                string(m.namespace),
+                string(m.name),
+                m.replica_identity.encode("ascii"),
+                int16(len(m.columns)),
+            ]
+            for c in m.columns:
+                parts += [int8(c.flags), string(c.name), uint32(c.type_oid), int32(c.type_modifier)]
+            return b"".join(parts)
+        case TypeMessage():
+            return b"Y" + uint32(m.type_oid) + string(m.namespace) + string(m.name)
+        case Insert():
+            return b"I" + uint32(m.relid) + b"N" + tuple_data(m.new)
+        case Update():
+            old = b""
+            if m.old is not None:
+                assert m.old_kind in ("K", "O")
+                old = m.old_kind.encode("ascii") + tuple_data(m.old)
+            return b"U" + uint32(m.relid) + old + b"N" + tuple_data(m.new)
+        case Delete():
+            assert m.old_kind in ("K", "O")
+            return b"D" + uint32(m.relid) + m.old_kind.encode("ascii") + tuple_data(m.old)
+        case Truncate():
+            relids = b"".join(uint32(relid) for relid in m.relids)
+            return b"T" + uint32(len(m.relids)) + int8(m.options) + relids
+        case LogicalMessage():
+            return (
+                b"M"
+                + int8(1 if m.transactional else 0)
+                + lsn(m.lsn)
+                + string(m.prefix)
+                + uint32(len(m.content))
+                + m.content
+            )
     raise TypeError(f"cannot encode {m!r}")
-
-
-def xlogdata(data_start: int, wal_end: int, send_time: int, payload: bytes) -> bytes:
-    return b"w" + struct.pack("!QQq", data_start, wal_end, send_time) + payload
-
-
-def keepalive(wal_end: int, send_time: int, reply: bool) -> bytes:
-    return b"k" + struct.pack("!Qq?", wal_end, send_time, reply)

@@ -1,14 +1,25 @@
-"""The pgoutput decoder: real captured bytes, round trips, and malformed input."""
+"""The pgoutput decoder: real captured bytes, wrappers, round trips, malformed input.
+
+No servers needed: tests/captured_pgoutput.py holds bytes captured from
+PostgreSQL 15 by tests/capture_pgoutput.py, and tests/pgoutput_encoder.py is an
+encoder written independently of the decoder for the round trips.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import struct
-from datetime import UTC, datetime
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from cdc_relay.lsn import Lsn
 from cdc_relay.pg.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
@@ -19,11 +30,14 @@ from cdc_relay.pg.pgoutput import (
     Insert,
     LogicalMessage,
     Origin,
+    PgOutputMessage,
     PrimaryKeepalive,
     ProtocolError,
     Relation,
     Truncate,
+    TupleValue,
     TypeMessage,
+    UnchangedToast,
     Update,
     XLogData,
     decode_copy_data,
@@ -32,114 +46,306 @@ from cdc_relay.pg.pgoutput import (
     pg_now_us,
     pg_time_to_datetime,
 )
-from tests.captured_pgoutput import CAPTURED
-from tests.pgoutput_encoder import encode, keepalive, xlogdata
+from tests import captured_pgoutput as cap
+from tests.pgoutput_encoder import encode
 
-DECODED = [decode_message(bytes.fromhex(h)) for _, h in CAPTURED]
-
-
-def test_captured_stream_has_the_expected_shape() -> None:
-    kinds = [type(m).__name__ for m in DECODED]
-    assert kinds == [
-        "Begin", "Relation", "Insert", "Commit",
-        "Begin", "TypeMessage", "Relation", "Insert", "Insert", "Commit",
-        "Begin", "Update", "Commit",
-        "Begin", "Delete", "Commit",
-        "Begin", "TypeMessage", "Relation", "Truncate", "Commit",
-        "Begin", "LogicalMessage", "Commit",
-    ]  # fmt: skip
+ALL_CAPTURED = cap.CAPTURED + cap.CAPTURED_BINARY
+DECODED: list[PgOutputMessage] = [decode_message(bytes.fromhex(c.hex)) for c in cap.CAPTURED]
+OUTBOX, TABLE, DOC = cap.RELIDS["outbox"], cap.RELIDS["tâble"], cap.RELIDS["doc"]
+OID_INT4, OID_TEXT, OID_VARCHAR, OID_NUMERIC = 23, 25, 1043, 1700
+OID_UUID, OID_JSONB, OID_TIMESTAMPTZ = 2950, 3802, 1184
 
 
-def test_captured_begin_and_commit_agree() -> None:
-    begins = [m for m in DECODED if isinstance(m, Begin)]
-    commits = [m for m in DECODED if isinstance(m, Commit)]
-    for begin, commit in zip(begins, commits, strict=True):
-        assert begin.final_lsn == commit.commit_lsn
-        assert commit.end_lsn > commit.commit_lsn
-        assert begin.commit_ts == commit.commit_ts
+def xlogdata_frame(data_start: int, wal_end: int, send_time: int, payload: bytes) -> bytes:
+    return struct.pack("!cQQq", b"w", data_start, wal_end, send_time) + payload
+
+
+def keepalive_frame(wal_end: int, send_time: int, reply: int) -> bytes:
+    return struct.pack("!cQqB", b"k", wal_end, send_time, reply)
+
+
+def transactions() -> Iterator[tuple[Begin, list[PgOutputMessage], Commit, str]]:
+    """Begin, body, Commit, and the Commit row's peek lsn, per captured transaction."""
+    begin: Begin | None = None
+    body: list[PgOutputMessage] = []
+    for row, message in zip(cap.CAPTURED, DECODED, strict=True):
+        if isinstance(message, Begin):
+            assert begin is None, "nested Begin"
+            begin, body = message, []
+        elif isinstance(message, Commit):
+            assert begin is not None, "Commit without Begin"
+            yield begin, body, message, row.lsn
+            begin = None
+        elif begin is not None:
+            body.append(message)
+    assert begin is None, "unterminated transaction"
+
+
+# -- 1. captured real bytes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row", ALL_CAPTURED, ids=lambda c: f"{c.lsn}-{c.hex[:2]}")
+def test_captured_message_decodes_exactly(row: cap.Captured) -> None:
+    decoded = decode_message(bytes.fromhex(row.hex))
+    assert type(decoded) is type(row.expected)
+    assert decoded == row.expected
+    # The encoder, written from the docs, reproduces the server's bytes exactly.
+    assert encode(decoded).hex() == row.hex
+
+
+def test_captured_stream_shape() -> None:
+    kinds = "".join(bytes.fromhex(c.hex)[:1].decode() for c in cap.CAPTURED)
+    assert kinds == (
+        "BRIC"  # outbox insert
+        "BIYRIIC"  # outbox + tâble inserts: Type before the Relation using it
+        "BUC"  # update, replica identity full
+        "BUUC"  # outbox updates: no old tuple, then key change
+        "BRUC"  # unchanged TOAST
+        "BDDC"  # deletes 'K' and 'O'
+        "BYRRTC"  # truncate two tables (relcache reset re-sends Type/Relation)
+        "BRTC"  # truncate outbox
+        "BORIC"  # replayed transaction with an origin
+        "BMC"  # transactional message
+        "M"  # non-transactional message from an aborted transaction: no B/C
+        "BYRIC"  # the last, flushing transaction
+    )
+    assert all(type(m) is type(c.expected) for m, c in zip(DECODED, cap.CAPTURED, strict=True))
+
+
+def test_captured_transactions_match_server_facts() -> None:
+    txns = list(transactions())
+    assert len(txns) == len(cap.TRANSACTIONS)
+    previous_end = 0
+    for (begin, _, commit, row_lsn), (label, xid, commit_ts) in zip(
+        txns, cap.TRANSACTIONS, strict=True
+    ):
+        assert begin.xid == xid, label
+        assert begin.final_lsn == commit.commit_lsn, label
+        assert begin.commit_ts == commit.commit_ts == commit_ts, label
         assert commit.flags == 0
+        assert commit.end_lsn == Lsn.parse(row_lsn), label  # the peek reports end_lsn
+        assert commit.commit_lsn < commit.end_lsn, label
+        assert commit.end_lsn > previous_end, label  # acked positions only move forward
+        previous_end = commit.end_lsn
         ts = pg_time_to_datetime(commit.commit_ts)
-        assert ts.year >= 2024 and ts.tzinfo is UTC
-    assert [b.xid for b in begins] == sorted(b.xid for b in begins)
+        assert ts.tzinfo is UTC
+        if label != "origin":
+            assert ts.year >= 2024, label
 
 
-def test_captured_outbox_insert_values() -> None:
-    relation = DECODED[1]
-    insert = DECODED[2]
+def test_captured_origin_and_negative_commit_ts() -> None:
+    [(begin, body, commit, _)] = [t for t in transactions() if any(type(m) is Origin for m in t[1])]
+    origin = body[0]
+    assert origin == Origin(Lsn.parse(cap.ORIGIN_LSN), cap.ORIGIN_NAME)
+    # The origin's commit timestamp predates 2000-01-01: the int64 is negative.
+    expected = datetime.fromisoformat(cap.ORIGIN_TS)
+    assert begin.commit_ts == commit.commit_ts == -1_500_000
+    assert pg_time_to_datetime(begin.commit_ts) == expected
+
+
+def test_captured_outbox_relation_and_insert() -> None:
+    relation, insert = DECODED[1], DECODED[2]
     assert isinstance(relation, Relation) and isinstance(insert, Insert)
-    assert relation.namespace == "public" and relation.name == "outbox"
+    assert (relation.relid, relation.namespace, relation.name) == (OUTBOX, "public", "outbox")
     assert relation.replica_identity == "d"
-    assert [c.name for c in relation.columns][:5] == [
-        "id",
-        "aggregate_type",
-        "aggregate_id",
-        "event_type",
-        "payload",
+    assert [(c.name, c.type_oid, c.is_key) for c in relation.columns] == [
+        ("id", OID_UUID, True),
+        ("aggregate_type", OID_TEXT, False),
+        ("aggregate_id", OID_TEXT, False),
+        ("event_type", OID_TEXT, False),
+        ("payload", OID_JSONB, False),
+        ("headers", OID_JSONB, False),
+        ("exchange", OID_TEXT, False),
+        ("routing_key", OID_TEXT, False),
+        ("created_at", OID_TIMESTAMPTZ, False),
     ]
-    assert relation.columns[0] == Column(1, "id", 2950, -1)  # uuid, part of the key
-    assert relation.columns[4].type_oid == 3802  # jsonb
-    assert insert.relid == relation.relid
+    assert all(c.type_modifier == -1 for c in relation.columns)
+    assert insert.relid == OUTBOX
+    assert all(type(v) is bytes for v in insert.new if v is not None)
     assert insert.new[0] == b"11111111-2222-3333-4444-555555555555"
-    assert insert.new[4] == '{"name": "Zoë €", "total": 12.5}'.encode()
-    assert insert.new[6] is None and insert.new[7] is None
+    assert json.loads(insert.new[4]) == {"total": 12.5, "name": "Zoë €"}  # type: ignore[arg-type]
+    assert insert.new[5] == b'{"tenant": "acme"}'
+    assert insert.new[6] is None and insert.new[7] is None  # NULL exchange / routing_key
     assert insert.new[8] == b"2026-11-23 10:11:12.123456+00"
 
 
-def test_captured_non_ascii_names_types_nulls() -> None:
-    type_message, relation, first, second = DECODED[5:9]
-    assert isinstance(type_message, TypeMessage) and type_message.name == "mood"
+def test_captured_non_ascii_names_type_message_and_typmods() -> None:
+    type_message, relation = DECODED[6], DECODED[7]
+    assert type_message == TypeMessage(cap.EMOTION_TYPE_OID, "sché", "émotion")
     assert isinstance(relation, Relation)
-    assert relation.name == "tâble" and relation.columns[1].name == "ñame"
-    assert relation.columns[2].type_oid == type_message.type_oid
-    assert relation.replica_identity == "f"
-    assert first == Insert(relation.relid, (b"1", "héllo".encode(), b"happy"))
-    assert second == Insert(relation.relid, (b"2", None, None))
+    assert (relation.relid, relation.name, relation.replica_identity) == (TABLE, "tâble", "f")
+    assert relation.columns == (
+        Column(1, "k", OID_INT4, -1),
+        Column(1, "ñame", OID_VARCHAR, 20 + 4),  # varchar(20): typmod = length + VARHDRSZ
+        Column(1, "humeur", cap.EMOTION_TYPE_OID, -1),
+        Column(1, "amount", OID_NUMERIC, ((10 << 16) | 2) + 4),  # numeric(10,2)
+    )  # REPLICA IDENTITY FULL: every column is part of the identity
+    assert DECODED[8] == Insert(TABLE, (b"1", "héllo".encode(), b"heureux", b"12.50"))
+    assert DECODED[9] == Insert(TABLE, (b"2", None, None, None))
 
 
-def test_captured_update_delete_truncate_message() -> None:
-    update, delete, truncate, message = DECODED[11], DECODED[14], DECODED[19], DECODED[22]
-    assert isinstance(update, Update) and update.old_kind == "O"
-    assert update.new[1] == "wörld".encode() and update.old is not None
-    assert isinstance(delete, Delete) and delete.old == (b"2", None, None)
-    assert isinstance(truncate, Truncate) and truncate.relids == (update.relid,)
-    assert not truncate.cascade and not truncate.restart_identity
-    assert message == LogicalMessage(True, message.lsn, "cdc", "transactional ✓".encode())
+def test_captured_updates() -> None:
+    full = DECODED[12]
+    assert full == Update(
+        TABLE,
+        (b"1", "héllo".encode(), b"heureux", b"12.50"),
+        "O",
+        (b"1", "wörld".encode(), b"heureux", b"12.50"),
+    )
+    plain, key_change = DECODED[15], DECODED[16]
+    assert isinstance(plain, Update) and isinstance(key_change, Update)
+    assert (plain.relid, plain.old, plain.old_kind) == (OUTBOX, None, None)
+    assert plain.new[3] == b"OrderPaid"
+    assert key_change.old_kind == "K"
+    assert key_change.old == (b"22222222-3333-4444-5555-666666666666",) + (None,) * 8
+    assert key_change.new[0] == b"99999999-3333-4444-5555-666666666666"
+    toast = DECODED[20]
+    assert toast == Update(DOC, None, None, (b"1", UNCHANGED_TOAST, b"1"))
 
 
-def test_wrappers_and_status() -> None:
-    frame = xlogdata(10, 20, 30, b"B" + b"\x00" * 20)
-    decoded = decode_copy_data(frame)
-    assert isinstance(decoded, XLogData)
-    assert (decoded.data_start, decoded.wal_end, decoded.send_time) == (10, 20, 30)
-    assert decoded.payload == b"B" + b"\x00" * 20
-    ka = decode_copy_data(keepalive(2**64 - 1, -5, True))
-    assert ka == PrimaryKeepalive(2**64 - 1, -5, True)
-    status = encode_standby_status(1, 2, 3, 4, True)
-    assert len(status) == 34
-    assert struct.unpack("!cQQQqB", status) == (b"r", 1, 2, 3, 4, 1)
-    now = pg_time_to_datetime(pg_now_us())
-    assert abs((now - datetime.now(UTC)).total_seconds()) < 5
+def test_captured_deletes_and_truncates() -> None:
+    assert DECODED[23] == Delete(
+        OUTBOX, (b"11111111-2222-3333-4444-555555555555",) + (None,) * 8, "K"
+    )
+    assert DECODED[24] == Delete(TABLE, (b"2", None, None, None), "O")
+    both, outbox_only = DECODED[30], DECODED[34]
+    assert isinstance(both, Truncate) and isinstance(outbox_only, Truncate)
+    assert both.relids == (TABLE, DOC) and both.cascade and both.restart_identity
+    assert outbox_only == Truncate(0, (OUTBOX,))
+    assert not outbox_only.cascade and not outbox_only.restart_identity
 
 
-@pytest.mark.parametrize("frame", [b"", b"x123", b"w" + b"\x00" * 10, b"k" + b"\x00" * 16])
-def test_bad_copy_data(frame: bytes) -> None:
+def test_captured_logical_messages() -> None:
+    messages = [(i, m) for i, m in enumerate(DECODED) if isinstance(m, LogicalMessage)]
+    assert len(messages) == 2
+    (i_tx, tx), (i_nontx, nontx) = messages
+    assert isinstance(DECODED[i_tx - 1], Begin) and isinstance(DECODED[i_tx + 1], Commit)
+    assert tx.transactional and tx.prefix == "cdc"
+    assert tx.content.decode() == "transactional ✓"
+    assert tx.lsn == Lsn.parse(cap.CAPTURED[i_tx].lsn)
+    # Non-transactional: outside any Begin/Commit, even though its transaction aborted.
+    assert isinstance(DECODED[i_nontx - 1], Commit) and isinstance(DECODED[i_nontx + 1], Begin)
+    assert nontx == LogicalMessage(False, Lsn.parse(cap.CAPTURED[i_nontx].lsn), "", b"\0\xff\0")
+
+
+def test_captured_binary_mode_values() -> None:
+    decoded = [decode_message(bytes.fromhex(c.hex)) for c in cap.CAPTURED_BINARY]
+    table_inserts = [m for m in decoded if isinstance(m, Insert) and m.relid == TABLE]
+    first = table_inserts[0]
+    assert first.new[0] == Binary(struct.pack("!i", 1))  # int4send
+    assert first.new[1] == Binary("héllo".encode())  # varchar send format is the text
+    assert not isinstance(first.new[0], bytes)  # never confused with a text value
+    assert table_inserts[1].new == (Binary(struct.pack("!i", 2)), None, None, None)
+    toast = [m for m in decoded if isinstance(m, Update) and m.relid == DOC]
+    assert toast[0].new[1] is UNCHANGED_TOAST
+
+
+@pytest.mark.parametrize("convert", [bytes, bytearray, memoryview], ids=lambda f: f.__name__)
+def test_decode_accepts_bytes_like(convert: type) -> None:
+    for row in cap.CAPTURED[:4]:
+        decoded = decode_message(convert(bytes.fromhex(row.hex)))
+        assert decoded == row.expected
+        if isinstance(decoded, Insert):
+            assert all(type(v) is bytes for v in decoded.new if v is not None)
+
+
+def test_captured_payload_through_xlogdata_frame() -> None:
+    row = cap.CAPTURED[2]
+    change_lsn = Lsn.parse(row.lsn)
+    frame = xlogdata_frame(change_lsn, change_lsn, pg_now_us(), bytes.fromhex(row.hex))
+    for data in (frame, memoryview(frame), bytearray(frame)):
+        wrapper = decode_copy_data(data)
+        assert isinstance(wrapper, XLogData)
+        assert wrapper.data_start == wrapper.wal_end == change_lsn
+        assert type(wrapper.payload) is bytes
+        assert decode_message(wrapper.payload) == row.expected
+
+
+# -- 2. CopyData wrappers and standby status --------------------------------------------
+
+u64 = st.one_of(st.integers(0, 2**64 - 1), st.integers(2**64 - 1000, 2**64 - 1))
+i64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([-(2**63), -1, 0, 2**63 - 1]))
+
+
+@given(u64, u64, i64, st.binary(max_size=64))
+@example(2**64 - 1, 2**64 - 1, -(2**63), b"")
+def test_xlogdata_frame(data_start: int, wal_end: int, send_time: int, payload: bytes) -> None:
+    decoded = decode_copy_data(xlogdata_frame(data_start, wal_end, send_time, payload))
+    assert decoded == XLogData(data_start, wal_end, send_time, payload)
+
+
+@given(u64, i64, st.sampled_from([0, 1]))
+@example(2**64 - 1, -1, 1)
+def test_keepalive_frame(wal_end: int, send_time: int, reply: int) -> None:
+    decoded = decode_copy_data(keepalive_frame(wal_end, send_time, reply))
+    assert decoded == PrimaryKeepalive(wal_end, send_time, bool(reply))
+    assert type(decoded.reply_requested) is bool
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"x" + b"\x00" * 24,
+        b"r" + b"\x00" * 33,  # our own status update is not a server message
+        *(xlogdata_frame(1, 2, 3, b"")[:n] for n in range(1, 25)),
+        *(keepalive_frame(1, 2, 0)[:n] for n in range(1, 18)),
+        keepalive_frame(1, 2, 0) + b"\x00",
+    ],
+)
+def test_bad_copy_data_frames(frame: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_copy_data(frame)
 
 
-u32 = st.integers(0, 2**32 - 1)
-u64 = st.integers(0, 2**64 - 1)
-i64 = st.integers(-(2**63), 2**63 - 1)
-names = st.text(st.characters(blacklist_characters="\x00", codec="utf-8"), max_size=20)
-text_values = st.binary(max_size=50)
-values = st.one_of(
-    text_values, st.none(), st.just(UNCHANGED_TOAST), st.builds(Binary, st.binary(max_size=20))
+@given(u64, u64, u64, i64, st.booleans())
+def test_standby_status_layout(
+    write: int, flush: int, apply: int, client_time: int, reply: bool
+) -> None:
+    message = encode_standby_status(write, flush, apply, client_time, reply)
+    assert len(message) == 34
+    assert struct.unpack("!cQQQqB", message) == (b"r", write, flush, apply, client_time, reply)
+
+
+def test_standby_status_defaults_and_range() -> None:
+    assert encode_standby_status(1, 2, 3, 4)[-1] == 0
+    with pytest.raises(ValueError):
+        encode_standby_status(2**64, 0, 0, 0)
+    with pytest.raises(ValueError):
+        encode_standby_status(-1, 0, 0, 0)
+
+
+def test_pg_clock() -> None:
+    before = time.time_ns() // 1000
+    now = pg_now_us()
+    after = time.time_ns() // 1000
+    assert before - 946_684_800_000_000 <= now <= after - 946_684_800_000_000
+    assert pg_time_to_datetime(0) == datetime(2000, 1, 1, tzinfo=UTC)
+    assert pg_time_to_datetime(-1) == datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert pg_time_to_datetime(86_400_000_001) == datetime(2000, 1, 2, tzinfo=UTC) + timedelta(
+        microseconds=1
+    )
+    assert abs(pg_time_to_datetime(now) - datetime.now(UTC)) < timedelta(seconds=5)
+
+
+# -- 3. round trips through the independent encoder -------------------------------------
+
+u32 = st.one_of(st.integers(0, 2**32 - 1), st.integers(2**31, 2**32 - 1))
+i32 = st.integers(-(2**31), 2**31 - 1)
+u8 = st.integers(0, 255)
+names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+values: st.SearchStrategy[TupleValue] = st.one_of(
+    st.binary(max_size=40),
+    st.none(),
+    st.just(UNCHANGED_TOAST),
+    st.builds(Binary, st.binary(max_size=16)),
+    names.map(str.encode),
 )
-tuples = st.lists(values, max_size=8).map(tuple)
-columns = st.builds(Column, st.integers(0, 1), names, u32, st.integers(-(2**31), 2**31 - 1))
-messages = st.one_of(
+tuples = st.lists(values, max_size=10).map(tuple)
+columns = st.builds(Column, u8, names, u32, i32)
+messages: st.SearchStrategy[PgOutputMessage] = st.one_of(
     st.builds(Begin, u64, i64, u32),
-    st.builds(Commit, st.just(0), u64, u64, i64),
+    st.builds(Commit, u8, u64, u64, i64),
     st.builds(Origin, u64, names),
     st.builds(
         Relation,
@@ -154,53 +360,208 @@ messages = st.one_of(
     st.builds(Update, u32, st.none(), st.none(), tuples),
     st.builds(Update, u32, tuples, st.sampled_from("KO"), tuples),
     st.builds(Delete, u32, tuples, st.sampled_from("KO")),
-    st.builds(Truncate, st.integers(0, 3), st.lists(u32, max_size=5).map(tuple)),
+    st.builds(Truncate, u8, st.lists(u32, max_size=6).map(tuple)),
     st.builds(LogicalMessage, st.booleans(), u64, names, st.binary(max_size=40)),
 )
+EDGE_CASES: list[PgOutputMessage] = [
+    Begin(2**64 - 1, -(2**63), 2**32 - 1),
+    Commit(0, 2**64 - 2, 2**64 - 1, 2**63 - 1),
+    Origin(0, ""),
+    Relation(2**31, "", "", "n", ()),
+    Relation(2**32 - 1, "名前空間", "🙂", "i", (Column(1, "ключ", 2**32 - 1, -(2**31)),)),
+    TypeMessage(2**31, "", ""),
+    Insert(0, ()),
+    Insert(2**32 - 1, (b"", None, UNCHANGED_TOAST, Binary(b""), Binary(b"\0"), b"\0")),
+    Update(1, None, None, ()),
+    Update(1, (), "K", (UNCHANGED_TOAST,)),
+    Delete(2**31, (), "O"),
+    Truncate(0, ()),
+    Truncate(255, (0, 2**32 - 1)),
+    LogicalMessage(False, 2**64 - 1, "", b""),
+]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(messages)
-def test_round_trip(message: object) -> None:
-    assert decode_message(encode(message)) == message  # type: ignore[arg-type]
+def test_round_trip(message: PgOutputMessage) -> None:
+    decoded = decode_message(encode(message))
+    assert decoded == message
+    assert type(decoded) is type(message)
 
 
-@settings(max_examples=150, deadline=None)
-@given(messages)
-def test_every_strict_prefix_is_rejected(message: object) -> None:
-    raw = encode(message)  # type: ignore[arg-type]
+@pytest.mark.parametrize("message", EDGE_CASES, ids=repr)
+def test_round_trip_edge_cases(message: PgOutputMessage) -> None:
+    assert decode_message(encode(message)) == message
+
+
+def test_value_kinds_stay_distinct() -> None:
+    decoded = decode_message(encode(Insert(1, (b"ab", Binary(b"ab"), None, UNCHANGED_TOAST))))
+    assert isinstance(decoded, Insert)
+    text, binary, null, toast = decoded.new
+    assert type(text) is bytes and type(binary) is Binary and null is None
+    assert toast is UNCHANGED_TOAST and isinstance(toast, UnchangedToast)
+    assert repr(UNCHANGED_TOAST) == "UNCHANGED_TOAST"
+    assert not isinstance(binary, bytes) and binary.data == text
+
+
+def test_unsigned_and_signed_fields() -> None:
+    raw = b"R" + b"\xff" * 4 + b"s\0t\0d\0\x01" + b"\x01c\0" + b"\xff" * 8
+    relation = decode_message(raw)
+    assert isinstance(relation, Relation)
+    assert relation.relid == 2**32 - 1  # OIDs are uint32
+    assert relation.columns[0].type_oid == 2**32 - 1
+    assert relation.columns[0].type_modifier == -1  # typmod is int32
+    begin = decode_message(b"B" + b"\xff" * 20)
+    assert begin == Begin(2**64 - 1, -1, 2**32 - 1)  # lsn uint64, ts int64, xid uint32
+
+
+@pytest.mark.parametrize(
+    ("options", "cascade", "restart"), [(0, False, False), (1, True, False), (2, False, True)]
+)
+def test_truncate_options(options: int, cascade: bool, restart: bool) -> None:
+    truncate = decode_message(encode(Truncate(options, (1,))))
+    assert isinstance(truncate, Truncate)
+    assert (truncate.cascade, truncate.restart_identity) == (cascade, restart)
+
+
+def test_fast_constructed_objects_match_dataclass_init() -> None:
+    """Insert and XLogData are built by slot setters on the hot path: same objects."""
+    insert = decode_message(encode(Insert(7, (b"a", None, Binary(b"b")))))
+    assert isinstance(insert, Insert)
+    reference = Insert(7, (b"a", None, Binary(b"b")))
+    assert (insert, hash(insert), repr(insert)) == (reference, hash(reference), repr(reference))
+    frame = decode_copy_data(xlogdata_frame(1, 2, -3, b"I"))
+    expected = XLogData(1, 2, -3, b"I")
+    assert (frame, hash(frame), repr(frame)) == (expected, hash(expected), repr(expected))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        insert.relid = 8  # type: ignore[misc]
+
+
+def test_column_is_key() -> None:
+    assert Column(1, "id", 23, -1).is_key and not Column(0, "x", 23, -1).is_key
+
+
+def test_messages_are_frozen_and_slotted() -> None:
+    for message in EDGE_CASES:
+        assert not hasattr(message, "__dict__")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(message, dataclasses.fields(message)[0].name, 5)
+
+
+# -- 4. robustness -----------------------------------------------------------------------
+
+
+def assert_rejects_every_strict_prefix(raw: bytes) -> None:
     for cut in range(len(raw)):
         with pytest.raises(ProtocolError):
             decode_message(raw[:cut])
 
 
-@settings(max_examples=150, deadline=None)
-@given(messages, st.binary(min_size=1, max_size=4))
-def test_trailing_garbage_is_rejected(message: object, garbage: bytes) -> None:
+@pytest.mark.parametrize("row", ALL_CAPTURED, ids=lambda c: f"{c.lsn}-{c.hex[:2]}")
+def test_captured_every_strict_prefix_rejected(row: cap.Captured) -> None:
+    assert_rejects_every_strict_prefix(bytes.fromhex(row.hex))
+
+
+@pytest.mark.parametrize("message", EDGE_CASES, ids=repr)
+def test_edge_case_every_strict_prefix_rejected(message: PgOutputMessage) -> None:
+    assert_rejects_every_strict_prefix(encode(message))
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_every_strict_prefix_rejected(message: PgOutputMessage) -> None:
+    assert_rejects_every_strict_prefix(encode(message))
+
+
+@pytest.mark.parametrize("row", ALL_CAPTURED, ids=lambda c: f"{c.lsn}-{c.hex[:2]}")
+@pytest.mark.parametrize("garbage", [b"\x00", b"N", b"\xff" * 9])
+def test_captured_trailing_garbage_rejected(row: cap.Captured, garbage: bytes) -> None:
+    with pytest.raises(ProtocolError, match=r"trailing|truncated"):
+        decode_message(bytes.fromhex(row.hex) + garbage)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages, st.binary(min_size=1, max_size=12))
+def test_trailing_garbage_rejected(message: PgOutputMessage, garbage: bytes) -> None:
     with pytest.raises(ProtocolError):
-        decode_message(encode(message) + garbage)  # type: ignore[arg-type]
+        decode_message(encode(message) + garbage)
 
 
-@pytest.mark.parametrize("tag", list(b"SEcAbPKrp"))
-def test_streaming_and_two_phase_messages_are_refused(tag: int) -> None:
-    with pytest.raises(ProtocolError, match="not supported with proto_version 1"):
-        decode_message(bytes([tag]) + b"\x00" * 30)
+KNOWN = set(b"BCORYIUDTM")
+UNSUPPORTED = set(b"SEcAbPKrp")
 
 
-@pytest.mark.parametrize("tag", [ord("Z"), ord("x"), 0])
-def test_unknown_message_type_is_an_error(tag: int) -> None:
-    with pytest.raises(ProtocolError, match="unknown pgoutput message type"):
-        decode_message(bytes([tag]) + b"\x00" * 30)
+@pytest.mark.parametrize("tag", sorted(UNSUPPORTED), ids=chr)
+def test_stream_and_two_phase_messages_refused(tag: int) -> None:
+    with pytest.raises(ProtocolError, match="not supported with proto_version 1") as info:
+        decode_message(bytes([tag]) + b"\x00" * 40)
+    assert repr(chr(tag)) in str(info.value)
 
 
-def test_unknown_tuple_kind_is_an_error() -> None:
-    raw = b"I" + struct.pack("!I", 1) + b"N" + struct.pack("!h", 1) + b"z"
-    with pytest.raises(ProtocolError, match="tuple value kind"):
+@pytest.mark.parametrize("tag", sorted(set(range(256)) - KNOWN - UNSUPPORTED))
+def test_unknown_message_types_refused(tag: int) -> None:
+    with pytest.raises(ProtocolError, match="unknown pgoutput message type") as info:
+        decode_message(bytes([tag]) + b"\x00" * 40)
+    assert repr(bytes([tag])) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"", "empty"),
+        (b"I\0\0\0\1X\0\0", "new tuple marker"),
+        (b"I\0\0\0\1N\0\1z", "tuple value kind"),
+        (b"U\0\0\0\1X\0\0", "new tuple marker"),
+        (b"U\0\0\0\1K\0\0X\0\0", "new tuple marker"),
+        (b"D\0\0\0\1N\0\0", "old tuple marker"),
+        (b"R\0\0\0\1s\0t\0x\0\0", "replica identity"),
+        (b"R\0\0\0\1\xff\0t\0d\0\0", "UTF-8"),
+        (b"Y\0\0\0\1s\0\xc3\0", "UTF-8"),
+        (b"O" + b"\0" * 8 + b"no terminator", "unterminated"),
+        (b"M\1" + b"\0" * 8 + b"p\0\0\0\0\5abc", "truncated"),
+        (b"T\0\0\0\2\0\0\0\0\1", "truncated"),
+        (b"T\xff\xff\xff\xff\0", "truncated"),
+        (b"I\0\0\0\1N\0\1t\xff\xff\xff\xffab", "truncated"),
+    ],
+)
+def test_malformed_messages(raw: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
         decode_message(raw)
 
 
-def test_xids_and_oids_are_unsigned() -> None:
-    begin = decode_message(encode(Begin(1, 2, 2**32 - 1)))
-    assert isinstance(begin, Begin) and begin.xid == 2**32 - 1
-    insert = decode_message(encode(Insert(2**31 + 5, (b"x",))))
-    assert isinstance(insert, Insert) and insert.relid == 2**31 + 5
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        st.tuples(st.sampled_from(sorted(KNOWN)), st.binary(max_size=64)).map(
+            lambda t: bytes([t[0]]) + t[1]
+        ),
+    )
+)
+def test_random_bytes_never_escape_as_other_errors(raw: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_message(raw)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(ALL_CAPTURED), st.data())
+def test_mutated_captured_bytes_decode_or_raise_protocol_error(
+    row: cap.Captured, data: st.DataObject
+) -> None:
+    raw = bytearray.fromhex(row.hex)
+    for _ in range(data.draw(st.integers(1, 3))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(u8)
+    try:
+        decoded = decode_message(bytes(raw))
+    except ProtocolError:
+        return
+    if isinstance(decoded, LogicalMessage):
+        raw[1] &= 1  # only the transactional bit of the flags is kept
+    assert encode(decoded) == bytes(raw)  # whatever decodes, decoded every byte faithfully
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40))
+def test_random_copy_data_never_escapes_as_other_errors(raw: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_copy_data(raw)
