@@ -750,8 +750,8 @@ class RabbitServer(_Tracked):
 
         At boot RabbitMQ loads every module of every application in its plugins
         dir to find boot steps; keeping only rabbit's dependencies (20 of 64
-        applications in 3.10) halves the boot time here (about 9 s to 4.5 s). Set CDC_RELAY_RABBITMQ_ALL_PLUGINS=1 to
-        use the stock layout.
+        applications in 3.10) halves the boot time here (about 9 s to 4.5 s).
+        Set CDC_RELAY_RABBITMQ_ALL_PLUGINS=1 to use the stock layout.
         """
         if os.environ.get("CDC_RELAY_RABBITMQ_ALL_PLUGINS"):
             return None

@@ -1,0 +1,435 @@
+"""cdc-relay as a real subprocess: backlog drain, live latency and peak memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.env import Phase, percentiles, proc_cpu_seconds, proc_status_kb
+from bench.loadproc import read_times
+from bench.pgside import LSN_SLACK, Backlog, SlotWatch, fill
+from bench.rawamqp import RawAmqp
+from cdc_relay.config import Settings
+from cdc_relay.devservers import free_port
+from cdc_relay.lsn import format_lsn
+
+
+class RelayProcess:
+    """``python -m cdc_relay.cli run`` with default tuning, WARNING logs and a metrics port."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.log_path = workdir / f"relay-{settings.slot}.log"
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spawned = 0.0
+        self.ready_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> RelayProcess:
+        s = self.settings
+        args = [
+            sys.executable,
+            "-m",
+            "cdc_relay.cli",
+            "run",
+            "--dsn",
+            s.dsn,
+            "--amqp-url",
+            s.amqp_urls[0],
+            "--slot",
+            s.slot,
+            "--publication",
+            s.publication,
+            "--table",
+            s.table,
+            "--exchange",
+            s.exchange,
+            "--log-level",
+            "WARNING",
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        with self.log_path.open("ab") as log:
+            self.spawned = time.monotonic()
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"relay exited with {self.proc.returncode}: {self.log_tail()}")
+
+    def log_tail(self, n: int = 2000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-n:].strip() or "(empty log)"
+
+    async def wait_ready(self, timeout: float = 60) -> float:
+        """Poll /readyz until the relay streams; returns the startup time in seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if await self._readyz():
+                self.ready_at = time.monotonic()
+                return self.ready_at - self.spawned
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"relay not ready after {timeout}s: {self.log_tail()}")
+
+    async def _readyz(self) -> bool:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
+        except OSError:
+            return False
+        try:
+            writer.write(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            status = await asyncio.wait_for(reader.readline(), 5)
+            return b" 200 " in status
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (a clean drain), then wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+    def cleanup_log(self) -> None:
+        """Keep the log only when it says something (WARNING and above)."""
+        if self.log_path.exists() and self.log_path.stat().st_size == 0:
+            self.log_path.unlink()
+
+
+async def topology(amqp_url: str, exchange: str, queue: str, **arguments: Any) -> None:
+    """The exchange (as the relay declares it) and a durable classic queue bound with '#'."""
+    client = await RawAmqp.connect(amqp_url)
+    try:
+        await client.declare_exchange(exchange)
+        await client.declare_queue(queue, arguments or None)
+        await client.bind(queue, exchange)
+    finally:
+        await client.close()
+
+
+async def remove_topology(amqp_url: str, exchange: str, queue: str) -> None:
+    client = await RawAmqp.connect(amqp_url)
+    try:
+        await client.delete_queue(queue)
+        await client.delete_exchange(exchange)
+    finally:
+        await client.close()
+
+
+async def relay_drain(
+    backlog: Backlog, workdir: Path, phase: Phase, timeout: float
+) -> dict[str, float]:
+    """Start the relay on a backlog; time until the slot is confirmed past the last commit.
+
+    The clock starts when /readyz answers 200 (the relay streams); startup is
+    reported separately. CPU per message is the relay's utime+stime over the
+    same interval, divided by the rows.
+    """
+    settings = backlog.settings
+    queue = f"q_{settings.exchange}"
+    await topology(settings.amqp_urls[0], settings.exchange, queue)
+    result = await _run_until_flushed(
+        settings, queue, backlog.rows, backlog.end_lsn, workdir, phase, timeout
+    )
+    await remove_topology(settings.amqp_urls[0], settings.exchange, queue)
+    return result
+
+
+async def _run_until_flushed(
+    settings: Settings,
+    queue: str,
+    rows: int,
+    end_lsn: int,
+    workdir: Path,
+    phase: Phase,
+    timeout: float,
+    sample_rss: bool = False,
+    expect_in_queue: int | None = None,
+) -> dict[str, float]:
+    relay = RelayProcess(settings, workdir).start()
+    watch = SlotWatch(settings.dsn, settings.slot)
+    counter = await RawAmqp.connect(settings.amqp_urls[0])
+    peak_rss_sampled = 0
+    try:
+        startup = await relay.wait_ready()
+        cpu_before = proc_cpu_seconds(relay.pid)
+        deadline = relay.ready_at + timeout
+        start_lsn = watch.confirmed()
+        last_count = time.monotonic()
+        while True:
+            confirmed = watch.confirmed()
+            if confirmed >= end_lsn - LSN_SLACK:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(
+                    f"relay did not drain in {timeout:.0f}s (slot at {format_lsn(confirmed)},"
+                    f" target {format_lsn(end_lsn)}): {relay.log_tail()}"
+                )
+            relay.check_alive()
+            if sample_rss:
+                peak_rss_sampled = max(peak_rss_sampled, proc_status_kb(relay.pid, "VmRSS"))
+            if now - last_count > 3:
+                last_count = now
+                done = (confirmed - start_lsn) / max(end_lsn - start_lsn, 1)
+                in_queue = await counter.declare_queue(queue, passive=True)
+                phase.note(f"{done:.0%} of the WAL confirmed, {in_queue:,} in the queue", 0)
+            await asyncio.sleep(0.01)
+        seconds = time.monotonic() - relay.ready_at
+        cpu = proc_cpu_seconds(relay.pid) - cpu_before
+        peak_kb = proc_status_kb(relay.pid, "VmHWM")
+        phase.measure_cpu()
+        in_queue = await counter.declare_queue(queue, passive=True)
+    finally:
+        await counter.close()
+        watch.close()
+        code = relay.stop()
+    if code != 0:
+        raise RuntimeError(f"relay exited with {code}: {relay.log_tail()}")
+    relay.cleanup_log()
+    expected = rows if expect_in_queue is None else expect_in_queue
+    if in_queue < expected:
+        raise RuntimeError(f"slot confirmed but only {in_queue} of {expected} messages queued")
+    result = {
+        "rows": rows,
+        "seconds": seconds,
+        "startup_seconds": startup,
+        "rows_per_s": rows / seconds,
+        "cpu_us_per_msg": cpu / rows * 1e6,
+        "relay_cores": cpu / seconds,
+        "peak_rss_mb": peak_kb / 1024,
+        "in_queue": in_queue,
+    }
+    if sample_rss:
+        result["peak_rss_sampled_mb"] = peak_rss_sampled / 1024
+    return result
+
+
+async def relay_peak_rss(
+    settings: Settings, rows: int, workdir: Path, phase: Phase, timeout: float
+) -> dict[str, float]:
+    """VmHWM of a relay that relays one ``rows``-row transaction (queue capped, see below).
+
+    The queue keeps only the newest 100,000 messages (``x-max-length``, drop-head:
+    still confirmed) so that a million persistent messages do not fill the
+    broker's disk; the relay's work per message is unchanged.
+    """
+    queue = f"q_{settings.exchange}"
+    await topology(settings.amqp_urls[0], settings.exchange, queue, **{"x-max-length": 100_000})
+    end_lsn, fill_seconds = fill(settings.dsn, settings.table, rows, rows)
+    phase.note(f"{rows:,}-row transaction committed in {fill_seconds:.1f}s", 0)
+    result = await _run_until_flushed(
+        settings,
+        queue,
+        rows,
+        end_lsn,
+        workdir,
+        phase,
+        timeout,
+        sample_rss=True,
+        expect_in_queue=min(rows, 100_000),
+    )
+    result["fill_seconds"] = fill_seconds
+    await remove_topology(settings.amqp_urls[0], settings.exchange, queue)
+    return result
+
+
+# -- live latency -------------------------------------------------------------------------
+
+
+class Consumer:
+    """``bench.loadproc consumer`` as a child process, driven over its stdin/stdout."""
+
+    def __init__(self, amqp_url: str, queue: str, out: Path, max_seconds: float) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.loadproc",
+                "consumer",
+                "--url",
+                amqp_url,
+                "--queue",
+                queue,
+                "--max-seconds",
+                str(max_seconds),
+                "--out",
+                str(out),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def _line(self, timeout: float = 30) -> str:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        if not line:
+            raise RuntimeError(f"consumer exited ({self.proc.poll()})")
+        return line.strip()
+
+    async def ready(self) -> None:
+        if await self._line() != "ready":
+            raise RuntimeError("consumer did not start")
+
+    async def count(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("count\n")
+        self.proc.stdin.flush()
+        return int(await self._line())
+
+    async def wait_for(self, n: int, timeout: float, phase: Phase | None = None) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = await self.count()
+            if got >= n or time.monotonic() > deadline:
+                return got
+            if phase is not None:
+                phase.note(f"{got:,} of {n:,} delivered")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        if self.proc.poll() is None:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+            await self._line(60)
+            await asyncio.to_thread(self.proc.wait, 30)
+        return read_times(self.out)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+async def run_writer(
+    dsn: str, table: str, rate: int, seconds: float, out: Path, phase: Phase
+) -> dict[str, float]:
+    """The paced writer process; returns its summary (rows written, lateness)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.loadproc",
+        "writer",
+        "--dsn",
+        dsn,
+        "--table",
+        table,
+        "--rate",
+        str(rate),
+        "--seconds",
+        str(seconds),
+        "--connections",
+        str(4 if rate > 1000 else 2),
+        "--out",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    started = time.monotonic()
+    while True:
+        try:
+            stdout, _ = await asyncio.wait_for(proc.communicate(), 1.0)
+            break
+        except TimeoutError:
+            phase.note(f"writing at {rate}/s", 5)
+            if time.monotonic() - started > seconds + 60:
+                proc.kill()
+                raise RuntimeError("writer did not finish") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"writer failed with {proc.returncode}")
+    return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
+
+
+def latency_result(
+    committed: dict[str, float], received: dict[str, float], writer: dict[str, float], rate: int
+) -> dict[str, float]:
+    """Percentiles of receive - commit over the writer's rows, plus what was missing."""
+    latencies = [received[k] - t for k, t in committed.items() if k in received]
+    result = percentiles(latencies)
+    result["target_rate"] = rate
+    result["achieved_rate"] = writer["n"] / writer["seconds"]
+    result["missing"] = len(committed) - len(latencies)
+    result["writer_late_count"] = writer["late_count"]
+    result["writer_late_p99_ms"] = writer["late_p99_ms"]
+    return result
+
+
+async def relay_latency(
+    settings: Settings, rate: int, seconds: float, workdir: Path, phase: Phase
+) -> dict[str, float]:
+    """Commit -> consumer receipt while the relay streams single-row transactions at ``rate``."""
+    queue = f"q_{settings.exchange}"
+    await topology(settings.amqp_urls[0], settings.exchange, queue)
+    relay = RelayProcess(settings, workdir).start()
+    consumer = Consumer(
+        settings.amqp_urls[0], queue, workdir / f"{settings.slot}.recv", seconds + 180
+    )
+    try:
+        await relay.wait_ready()
+        await consumer.ready()
+        # Warm the whole path (and the relay's caches) before the clock runs.
+        with psycopg.connect(settings.dsn, autocommit=True) as conn:
+            for _ in range(20):
+                conn.execute(
+                    f"INSERT INTO {settings.table} (aggregate_type, aggregate_id, event_type,"
+                    " payload) VALUES ('order', 'warmup', 'Warmup', '{}')"
+                )
+        if await consumer.wait_for(20, 30) < 20:
+            raise RuntimeError(f"warm-up messages did not arrive: {relay.log_tail()}")
+        cpu_before = proc_cpu_seconds(relay.pid)
+        started = time.monotonic()
+        out = workdir / f"{settings.slot}.sent"
+        writer = await run_writer(settings.dsn, settings.table, rate, seconds, out, phase)
+        await consumer.wait_for(20 + int(writer["n"]), 60, phase)
+        relay_cores = (proc_cpu_seconds(relay.pid) - cpu_before) / (time.monotonic() - started)
+        phase.measure_cpu()
+        received = await consumer.stop()
+        relay.check_alive()
+    finally:
+        consumer.kill()
+        code = relay.stop()
+    if code != 0:
+        raise RuntimeError(f"relay exited with {code}: {relay.log_tail()}")
+    relay.cleanup_log()
+    result = latency_result(read_times(out), received, writer, rate)
+    result["relay_cores"] = relay_cores
+    for path in (out, consumer.out):
+        path.unlink(missing_ok=True)
+    await remove_topology(settings.amqp_urls[0], settings.exchange, queue)
+    return result
+
+
+def pid_of_postmaster(data_dir: Path) -> int | None:
+    """The postmaster's pid from postmaster.pid, if the server runs."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    return pid if os.path.exists(f"/proc/{pid}") else None
