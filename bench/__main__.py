@@ -1,8 +1,9 @@
 """`make bench`: ceilings, a polling peer and cdc-relay, measured in one run.
 
-Everything runs on throwaway local servers (loopback only) started here; every
-load loop is bounded in count and time. Prints one table (markdown) and writes
-it as JSON to bench-results/. `--quick` is a one-to-two-minute version.
+Starts its own throwaway Postgres and RabbitMQ (loopback only, removed at the
+end), runs every step with bounded counts and times, prints one markdown table
+on stdout and writes everything to bench-results/bench-<timestamp>.json.
+Progress goes to stderr. ``--quick`` is a one-to-two-minute version.
 """
 
 from __future__ import annotations
@@ -11,190 +12,318 @@ import argparse
 import asyncio
 import json
 import os
-import platform
+import shutil
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from bench.measure import (
-    Phase,
-    broker_ceiling,
-    insert_backlog,
-    live_latency,
-    pg_ceiling,
-    polling_drain,
-    polling_latency,
-    relay_drain,
-    relay_peak_rss,
-)
+from bench import env, pgside, polling, relayrun, report
+from bench.broker import broker_ceiling
+from bench.env import CpuMeter, Phase, log
 from cdc_relay.devservers import PostgresServer, RabbitServer
 
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gb": round(mem_kb / 1024 / 1024, 1),
-        "python": platform.python_version(),
-    }
-
-
-def server_versions(pg: PostgresServer, mq: RabbitServer) -> dict[str, str]:
-    with psycopg.connect(pg.dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    rabbit = mq.ctl("version").strip().splitlines()[-1]
-    return {"postgres": row[0] if row else "?", "rabbitmq": rabbit}
+FULL = {
+    "backlog": 100_000,
+    "big": 1_000_000,
+    "seconds": 15.0,
+    "rates": [500, 2000, 5000],
+    "window": 2000,
+}
+QUICK = {**FULL, "backlog": 20_000, "big": 100_000, "seconds": 5.0}
+RELAY_MAX_IN_FLIGHT = 1000  # cdc-relay's default --max-in-flight
+POLL_INTERVAL = 0.1
+QUIET_CORES = 0.3  # before each step, wait for other tenants to use less than this...
+QUIET_WAIT = 30  # ...for at most this many seconds (full run)
+QUIET_WAIT_QUICK = 3
+POLL_BATCH_FOR_LATENCY = 1000
 
 
-async def run(quick: bool) -> dict[str, Any]:
-    n_backlog = 20_000 if quick else 100_000
-    n_ceiling = 20_000 if quick else 100_000
-    big = 100_000 if quick else 1_000_000
-    seconds = 4.0 if quick else 12.0
-    rates = [500, 2000, 5000]
-    results: dict[str, Any] = {"quick": quick, "machine": machine()}
-    pg = PostgresServer()
-    mq = RabbitServer()
-    try:
-        with Phase("starting throwaway Postgres and RabbitMQ"):
-            pg.start()
-            mq.start()
-        results["servers"] = server_versions(pg, mq)
-        results["servers"]["postgres_settings"] = "fsync=off, synchronous_commit=on (throwaway)"
+def rabbit_pid(mq: RabbitServer) -> int | None:
+    """The broker's Erlang VM (its cmdline names the node's base dir)."""
+    needle = str(mq.base_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"beam" in cmdline and needle in cmdline:
+            return int(entry.name)
+    return None
 
-        with Phase(f"broker ceiling: {n_ceiling} persistent 300-byte messages, classic+quorum"):
-            results["broker_classic"] = await broker_ceiling(mq.amqp_url, "classic", n_ceiling)
-            results["broker_quorum"] = await broker_ceiling(mq.amqp_url, "quorum", n_ceiling)
 
-        for txn in (1, 100):
-            key = f"txn{txn}"
-            with Phase(f"backlog of {n_backlog} rows in {txn}-row transactions"):
-                backlog = insert_backlog(pg.dsn, n_backlog, txn)
-            with Phase("Postgres ceiling: pg_recvlogical drains the backlog"):
-                results[f"pg_ceiling_{key}"] = pg_ceiling(pg, backlog)
-            with Phase("cdc-relay drains the backlog"):
-                results[f"relay_drain_{key}"] = await relay_drain(pg, mq, backlog)
-            for batch in (100, 1000):
-                with Phase(f"polling peer (batch {batch}) drains the backlog"):
-                    results[f"polling_{key}_b{batch}"] = await polling_drain(
-                        pg.dsn, mq.amqp_url, backlog, batch
-                    )
-            backlog.drop(pg.dsn)
+class Bench:
+    """Runs the steps in order; a failed step is recorded and the others still run."""
 
-        for rate in rates:
-            with Phase(f"cdc-relay live latency at {rate} rows/s for {seconds:.0f}s"):
-                results[f"latency_{rate}"] = await live_latency(pg, mq, rate, seconds)
-        with Phase(f"polling peer latency at 500 rows/s, 100 ms poll, {seconds:.0f}s"):
-            results["polling_latency_500"] = await polling_latency(
-                pg.dsn, mq.amqp_url, 500, seconds, 0.1
+    def __init__(self, quick: bool, workdir: Path) -> None:
+        self.quick = quick
+        self.sizes: dict[str, Any] = dict(QUICK if quick else FULL)
+        self.workdir = workdir
+        self.results: dict[str, Any] = {
+            "quick": quick,
+            "started": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": env.machine(),
+            "code": env.git_revision(),
+            "sizes": self.sizes,
+        }
+        self.pg = PostgresServer()
+        self.mq = RabbitServer()
+        self.roots: dict[str, int | None] = {}
+        Phase.meter = CpuMeter(self._roots)
+
+    def _roots(self) -> dict[str, int | None]:
+        return {
+            "bench": os.getpid(),
+            "postgres": relayrun.pid_of_postmaster(self.pg.data_dir),
+            "rabbitmq": self.roots.get("rabbitmq"),
+            "relay": relayrun.RelayProcess.current,
+        }
+
+    async def settle(self) -> dict[str, float]:
+        """Wait (bounded) until processes outside the bench use < QUIET_CORES for a second.
+
+        On a shared machine this keeps one tenant's test run from landing in
+        the middle of one step and not the other. Each step records what it saw.
+        """
+        limit = QUIET_WAIT_QUICK if self.quick else QUIET_WAIT
+        meter = Phase.meter
+        assert meter is not None
+        started = time.monotonic()
+        logged = False
+        while True:
+            before = meter.snapshot()
+            await asyncio.sleep(1.0)
+            other = CpuMeter.cores(before, meter.snapshot())["other"]
+            waited = time.monotonic() - started
+            if other < QUIET_CORES or waited >= limit:
+                if logged:
+                    log(f"  waited {waited:.0f}s; other load now {other:.2f} cores")
+                return {"waited_s": round(waited, 1), "other_cores": other}
+            if not logged:
+                log(f"  waiting for other load ({other:.2f} cores) to drop (at most {limit}s)")
+                logged = True
+
+    async def step(
+        self, key: str, title: str, body: Callable[[Phase], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        quiet = await self.settle()
+        with Phase(title) as phase:
+            try:
+                result = await body(phase)
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            result["cpu"] = phase.measure_cpu() if not phase.cpu else phase.cpu
+            result["settle"] = quiet
+            phase.summary = _summary(result)
+        self.results[key] = result
+        return result
+
+    async def run(self) -> dict[str, Any]:
+        z = self.sizes
+        pg, mq = self.pg, self.mq
+        try:
+            with Phase("starting throwaway Postgres and RabbitMQ", measure=False):
+                await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(mq.start))
+                self.roots["rabbitmq"] = rabbit_pid(mq)
+            self.results["servers"] = {
+                "postgres": pgside.server_version(pg.dsn),
+                "postgres_settings": ", ".join(
+                    f"{k}={pg.settings[k]}"
+                    for k in ("fsync", "full_page_writes", "synchronous_commit", "shared_buffers")
+                ),
+                "rabbitmq": mq.ctl("version").strip().splitlines()[-1],
+                "erlang": env.erlang_otp(),
+            }
+
+            for txn in (1, 100):
+                await self._backlog_steps(txn)
+
+            for rate in z["rates"]:
+                await self.step(
+                    f"latency_{rate}",
+                    f"cdc-relay live latency at {rate:,} rows/s for {z['seconds']:.0f}s",
+                    lambda p, rate=rate: relayrun.relay_latency(
+                        pgside.new_settings(pg.dsn, mq.amqp_url, f"lat{rate}"),
+                        rate,
+                        z["seconds"],
+                        self.workdir,
+                        p,
+                    ),
+                )
+            await self.step(
+                "polling_latency_500",
+                f"polling peer latency at 500 rows/s, 100 ms poll, for {z['seconds']:.0f}s",
+                lambda p: polling.polling_latency(
+                    pg.dsn,
+                    mq.amqp_url,
+                    500,
+                    z["seconds"],
+                    POLL_INTERVAL,
+                    POLL_BATCH_FOR_LATENCY,
+                    self.workdir,
+                    p,
+                ),
             )
-        with Phase(f"cdc-relay peak RSS for one {big}-row transaction"):
-            results["peak_rss"] = await relay_peak_rss(pg, mq, big)
-    finally:
-        mq.cleanup()
-        pg.cleanup()
-    return results
+            await self.step(
+                "peak_rss",
+                f"cdc-relay peak RSS relaying one {z['big']:,}-row transaction",
+                self._peak_rss,
+            )
+        finally:
+            with Phase("stopping the servers", measure=False):
+                mq.cleanup()
+                pg.cleanup()
+        return self.results
+
+    async def _backlog_steps(self, txn: int) -> None:
+        z, pg, mq = self.sizes, self.pg, self.mq
+        n = z["backlog"]
+        settings = pgside.new_settings(pg.dsn, mq.amqp_url, f"txn{txn}")
+        holder: dict[str, pgside.Backlog] = {}
+
+        async def fill(_p: Phase) -> dict[str, Any]:
+            backlog = await asyncio.to_thread(pgside.make_backlog, settings, n, txn)
+            holder["backlog"] = backlog
+            return {
+                "rows": n,
+                "txn_size": txn,
+                "seconds": backlog.fill_seconds,
+                "rows_per_s": n / backlog.fill_seconds,
+            }
+
+        await self.step(
+            f"fill_txn{txn}", f"backlog: {n:,} rows in {txn}-row transactions (relay stopped)", fill
+        )
+        backlog = holder.get("backlog")
+        if backlog is None:
+            return
+        try:
+            await self.step(
+                f"pg_ceiling_txn{txn}",
+                "Postgres ceiling: pg_recvlogical decodes the backlog",
+                lambda _p: asyncio.to_thread(pgside.pg_ceiling, pg, backlog),
+            )
+            if txn == 1:
+                # The ceiling the drain is compared with is measured right before and
+                # right after it (best of the two): on a shared machine the load moves.
+                await self._broker("broker_classic_before", "classic", z["window"])
+            await self.step(
+                f"relay_drain_txn{txn}",
+                "cdc-relay drains the backlog",
+                lambda p: relayrun.relay_drain(backlog, self.workdir, p, _drain_timeout(n)),
+            )
+            if txn == 1:
+                await self._broker("broker_classic_after", "classic", z["window"])
+                self.results["broker_classic"] = best_of(
+                    self.results["broker_classic_before"], self.results["broker_classic_after"]
+                )
+                await self._broker("broker_quorum", "quorum", z["window"])
+                await self._broker("broker_classic_relay_window", "classic", RELAY_MAX_IN_FLIGHT)
+                # No slot may hold back WAL (or decode) while the peer runs.
+                await asyncio.to_thread(
+                    pgside.drop_slots, pg.dsn, settings.slot, backlog.ceiling_slot
+                )
+                for batch in (100, 1000):
+                    await self.step(
+                        f"polling_b{batch}",
+                        f"polling peer (batch {batch}) drains a copy of the backlog",
+                        lambda p, batch=batch: polling.polling_drain(
+                            pg.dsn, mq.amqp_url, settings.table, batch, p, 900
+                        ),
+                    )
+        finally:
+            await asyncio.to_thread(backlog.drop)
+
+    async def _broker(self, key: str, kind: str, window: int) -> None:
+        n = self.sizes["backlog"]
+        await self.step(
+            key,
+            f"broker ceiling: {n:,} persistent messages, {kind} queue, window {window:,}",
+            lambda _p: broker_ceiling(self.mq.amqp_url, kind, n, window),
+        )
+
+    async def _peak_rss(self, phase: Phase) -> dict[str, Any]:
+        z, pg, mq = self.sizes, self.pg, self.mq
+        settings = pgside.new_settings(pg.dsn, mq.amqp_url, "big")
+        pgside.init_outbox(settings)
+        try:
+            return await relayrun.relay_peak_rss(
+                settings, z["big"], self.workdir, phase, _drain_timeout(z["big"])
+            )
+        finally:
+            await asyncio.to_thread(pgside.drop_outbox, settings)
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else 0.0
+def best_of(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The faster of two ceiling runs (an error only if both failed), noting both rates."""
+    runs = [r for r in (a, b) if "error" not in r]
+    if not runs:
+        return a
+    best = dict(max(runs, key=lambda r: r["msgs_per_s"]))
+    best["runs_msgs_per_s"] = [r.get("msgs_per_s") for r in (a, b)]
+    return best
 
 
-def table(r: dict[str, Any]) -> str:
-    m, s = r["machine"], r["servers"]
-    polls = [r[f"polling_txn1_b{b}"]["rows_per_s"] for b in (100, 1000)]
-    best_poll = max(polls)
-    drain1 = r["relay_drain_txn1"]["rows_per_s"]
-    drain100 = r["relay_drain_txn100"]["rows_per_s"]
-    classic = r["broker_classic"]["msgs_per_s"]
-    pg1 = r["pg_ceiling_txn1"]["rows_per_s"]
-    pg100 = r["pg_ceiling_txn100"]["rows_per_s"]
-    cpu1 = r["relay_drain_txn1"]["cpu_us_per_msg"]
-    cpu100 = r["relay_drain_txn100"]["cpu_us_per_msg"]
-    lat2k = r["latency_2000"]
-    rss = r["peak_rss"]
-    lat_ok = lat2k["p50_ms"] < 5 and lat2k["p99_ms"] < 25
-    rss_ok = rss["peak_rss_mb"] < 150
-    rows = [
-        ("Postgres ceiling: pg_recvlogical, 1-row txns", f"{pg1:,.0f} rows/s", ""),
-        ("Postgres ceiling: pg_recvlogical, 100-row txns", f"{pg100:,.0f} rows/s", ""),
-        ("Broker ceiling: classic durable queue", f"{classic:,.0f} msg/s", ""),
-        ("Broker ceiling: quorum queue", f"{r['broker_quorum']['msgs_per_s']:,.0f} msg/s", ""),
-        ("Polling peer drain, batch 100 (1-row txns)", f"{polls[0]:,.0f} rows/s", ""),
-        ("Polling peer drain, batch 1000 (1-row txns)", f"{polls[1]:,.0f} rows/s", ""),
-        ("Polling peer latency @500/s, 100 ms poll", _lat(r["polling_latency_500"]), ""),
-        ("cdc-relay drain, 1-row txns", f"{drain1:,.0f} rows/s", ""),
-        ("cdc-relay drain, 100-row txns", f"{drain100:,.0f} rows/s", ""),
-        ("cdc-relay CPU per message (1-row / 100-row txns)", f"{cpu1:.0f} / {cpu100:.0f} us", ""),
-        ("cdc-relay latency @500/s", _lat(r["latency_500"]), ""),
-        ("cdc-relay latency @2000/s", _lat(lat2k), _target(lat_ok, "p50<5, p99<25 ms")),
-        ("cdc-relay latency @5000/s", _lat(r["latency_5000"]), ""),
-        (
-            f"cdc-relay peak RSS, one {rss['rows']:,}-row txn",
-            f"{rss['peak_rss_mb']:.0f} MB",
-            _target(rss_ok, "<150 MB"),
-        ),
-        (
-            "ratio: cdc-relay drain / polling peer (best)",
-            f"{ratio(drain1, best_poll):.2f}x",
-            _target(ratio(drain1, best_poll) >= 2, ">= 2x"),
-        ),
-        (
-            "ratio: cdc-relay drain / broker ceiling (classic)",
-            f"{ratio(drain1, classic):.0%}",
-            _target(ratio(drain1, classic) >= 0.6, ">= 60%"),
-        ),
-        ("ratio: cdc-relay drain / Postgres ceiling", f"{ratio(drain1, pg1):.0%}", ""),
-    ]
-    head = (
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}; "
-        f"PostgreSQL {s['postgres']} ({s['postgres_settings']}), RabbitMQ {s['rabbitmq']}; "
-        f"all on one machine{' (QUICK run)' if r['quick'] else ''}"
-    )
-    lines = [head, "", "| measurement | result | target |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines.append("")
-    lines.append(
-        "latency = commit returned in the writer -> delivered to a consumer "
-        "(p50 / p95 / p99; an upper bound of commit -> broker confirm)"
-    )
-    return "\n".join(lines)
+def _drain_timeout(rows: int) -> float:
+    """Generous but bounded: 300 rows/s would already be a failure."""
+    return min(max(120.0, rows / 300), 3600.0)
 
 
-def _lat(d: dict[str, Any]) -> str:
-    rate = f", {d['achieved_rate']:,.0f}/s achieved" if "achieved_rate" in d else ""
-    return f"{d['p50_ms']:.1f} / {d['p95_ms']:.1f} / {d['p99_ms']:.1f} ms (n={d['n']}{rate})"
-
-
-def _target(ok: bool, text: str) -> str:
-    return f"{'PASS' if ok else 'MISS'} ({text})"
+def _summary(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"FAILED {result['error'][:200]}"
+    for key, unit in (("msgs_per_s", "msg/s"), ("rows_per_s", "rows/s")):
+        if key in result and "p50_ms" not in result:
+            extra = (
+                f", {result['cpu_us_per_msg']:.0f} µs CPU/msg" if "cpu_us_per_msg" in result else ""
+            )
+            return f"{result[key]:,.0f} {unit}{extra}"
+    if "p50_ms" in result:
+        return (
+            f"p50 {result['p50_ms']:.1f} p95 {result['p95_ms']:.1f} p99 {result['p99_ms']:.1f} ms,"
+            f" {result['achieved_rate']:,.0f}/s achieved, n={result['n']:,}"
+        )
+    return ""
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a one-to-two-minute version")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the one-to-two-minute version")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("bench-results"), help="where the JSON goes"
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    results = asyncio.run(run(args.quick))
+    workdir = Path(tempfile.mkdtemp(prefix="cdc-relay-bench-"))
+    bench = Bench(args.quick, workdir)
+    try:
+        results = asyncio.run(bench.run())
+    finally:
+        kept = [p.name for p in workdir.iterdir()]
+        if kept:
+            log(f"relay logs with warnings kept in {workdir}: {', '.join(kept)}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - started, 1)
-    out_dir = Path("bench-results")
-    out_dir.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    text = table(results)
+    results["ratios"] = report.ratios(results)
+    results["verdicts"] = report.verdicts(results)
+    text = report.table(results)
     results["table"] = text
-    path = out_dir / f"bench-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(text)
-    print(f"\n(written to {path}; {results['seconds']:.0f}s)", file=sys.stderr)
+    log(f"results written to {path}")
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    if failed:
+        log(f"failed steps: {', '.join(failed)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

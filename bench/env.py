@@ -6,6 +6,7 @@ import glob
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,23 @@ def erlang_otp() -> str:
     for path in sorted(glob.glob("/usr/lib/erlang/releases/*/OTP_VERSION")):
         return Path(path).read_text().strip()
     return "?"
+
+
+def git_revision() -> str:
+    """The commit the bench ran from, with "+changes" if the work tree differed from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (commit or "?") + ("+changes" if dirty else "")
 
 
 # -- CPU accounting ------------------------------------------------------------------
@@ -120,7 +138,7 @@ class CpuMeter:
         for name, value in after.items():
             if name in ("wall", "machine"):
                 continue
-            used = max(value - before.get(name, value), 0.0)
+            used = max(value - before.get(name, 0.0), 0.0)
             ours += used
             out[name] = round(used / wall, 2)
         out["other"] = round(max(after["machine"] - before["machine"] - ours, 0.0) / wall, 2)
@@ -143,15 +161,16 @@ class Phase:
 
     meter: CpuMeter | None = None
 
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, measure: bool = True) -> None:
         self.title = title
+        self.measure = measure
         self.cpu: dict[str, float] = {}
         self.summary = ""
         self._last_note = 0.0
 
     def __enter__(self) -> Phase:
         self.started = time.monotonic()
-        self._before = self.meter.snapshot() if self.meter else None
+        self._before = self.meter.snapshot() if self.meter and self.measure else None
         log(f"{self.title} ...")
         return self
 
@@ -175,7 +194,8 @@ class Phase:
         load = ", ".join(f"{k} {v:.2f}" for k, v in self.cpu.items())
         status = "failed" if exc_type else "done"
         extra = f"; {self.summary}" if self.summary else ""
-        log(f"  {status} in {took:.1f}s{extra}; cores used: {load}")
+        extra += f"; cores used: {load}" if load else ""
+        log(f"  {status} in {took:.1f}s{extra}")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -74,10 +74,10 @@ def init_outbox(settings: Settings, autovacuum: bool = False) -> None:
             conn.execute(f"ALTER TABLE {settings.table} SET (autovacuum_enabled = false)")
 
 
-def drop_outbox(settings: Settings, extra_slots: tuple[str, ...] = ()) -> None:
-    """Drop the slots (waiting for them to be released), publication and tables."""
-    with psycopg.connect(settings.dsn, autocommit=True) as conn:
-        for slot in (settings.slot, *extra_slots):
+def drop_slots(dsn: str, *slots: str) -> None:
+    """Drop replication slots, waiting (up to 10 s each) for their walsender to let go."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for slot in slots:
             for _ in range(100):
                 row = conn.execute(
                     "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
@@ -88,6 +88,12 @@ def drop_outbox(settings: Settings, extra_slots: tuple[str, ...] = ()) -> None:
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                     break
                 time.sleep(0.1)
+
+
+def drop_outbox(settings: Settings, extra_slots: tuple[str, ...] = ()) -> None:
+    """Drop the slots (waiting for them to be released), publication and tables."""
+    drop_slots(settings.dsn, settings.slot, *extra_slots)
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
         conn.execute(f"DROP PUBLICATION IF EXISTS {settings.publication}")
         conn.execute(f"DROP TABLE IF EXISTS {settings.table}")
         conn.execute(f"DROP TABLE IF EXISTS {settings.table}_dead_letter")

@@ -10,6 +10,7 @@ flow control beyond TCP: a failure raises and ends the measurement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 import urllib.parse
@@ -150,17 +151,17 @@ class RawAmqp:
         if self.transport is None or self.transport.is_closing():
             return
         if self.error is None:
-            try:
+            with contextlib.suppress(AmqpError, TimeoutError):
                 await asyncio.wait_for(
                     self.rpc(
-                        spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0),
+                        spec.Connection.Close(
+                            reply_code=200, reply_text="bye", class_id=0, method_id=0
+                        ),
                         spec.Connection.CloseOk,
                         0,
                     ),
                     5,
                 )
-            except (AmqpError, TimeoutError):
-                pass
         self.transport.close()
 
     def send(self, method: Any, channel: int = CHANNEL) -> None:
@@ -200,7 +201,7 @@ class RawAmqp:
         end = len(buffer)
         try:
             while end - pos >= 8:
-                kind, channel, size = _HEAD.unpack_from(view, pos)
+                kind, _channel, size = _HEAD.unpack_from(view, pos)
                 stop = pos + 8 + size
                 if stop > end:
                     break
@@ -237,9 +238,12 @@ class RawAmqp:
             if reply is not None:
                 self.send(reply)
             self.lost(AmqpError(f"closed by broker: {value.reply_code} {value.reply_text}"))
-        elif self._expect is not None and isinstance(value, self._expect[0]):
-            if not self._expect[1].done():
-                self._expect[1].set_result(value)
+        elif (
+            self._expect is not None
+            and isinstance(value, self._expect[0])
+            and not self._expect[1].done()
+        ):
+            self._expect[1].set_result(value)
 
     def _settle(self, tag: int, multiple: bool) -> None:
         if multiple:

@@ -1,0 +1,235 @@
+"""The one table `make bench` prints (markdown), built from the results dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGETS = {
+    "drain_vs_polling": 2.0,  # cdc-relay drain >= 2x the best polling batch size
+    "drain_vs_broker": 0.60,  # >= 60% of the classic-queue broker ceiling
+    "latency_2000_p50_ms": 5.0,
+    "latency_2000_p99_ms": 25.0,
+    "peak_rss_mb": 150.0,
+}
+
+
+def _ok(r: dict[str, Any], key: str) -> bool:
+    return bool(r.get(key)) and "error" not in r[key]
+
+
+def _rate(d: dict[str, Any], unit: str = "rows/s") -> str:
+    key = "msgs_per_s" if "msgs_per_s" in d else "rows_per_s"
+    return f"{d[key]:,.0f} {unit} ({d['seconds']:.1f} s)"
+
+
+def _latency(d: dict[str, Any]) -> str:
+    text = (
+        f"p50 {d['p50_ms']:.1f} / p95 {d['p95_ms']:.1f} / p99 {d['p99_ms']:.1f} ms"
+        f" (n={d['n']:,}, {d['achieved_rate']:,.0f}/s achieved"
+    )
+    if d.get("missing"):
+        text += f", {d['missing']:,} not delivered"
+    if d.get("relay_cores") is not None:
+        text += f", relay {d['relay_cores']:.0%} of a core"
+    return text + ")"
+
+
+def _verdict(ok: bool, text: str) -> str:
+    return f"{'PASS' if ok else 'MISS'} ({text})"
+
+
+def _other(d: dict[str, Any]) -> str:
+    cpu = d.get("cpu") or {}
+    return f"{cpu['other']:.2f}" if "other" in cpu else ""
+
+
+def ratios(r: dict[str, Any]) -> dict[str, float]:
+    """cdc-relay's drain against the peer and the ceilings (1-row transactions)."""
+    out: dict[str, float] = {}
+    if not _ok(r, "relay_drain_txn1"):
+        return out
+    drain = r["relay_drain_txn1"]["rows_per_s"]
+    polls = [r[k]["rows_per_s"] for k in ("polling_b100", "polling_b1000") if _ok(r, k)]
+    if polls:
+        out["drain_vs_polling"] = drain / max(polls)
+    if _ok(r, "broker_classic"):
+        out["drain_vs_broker"] = drain / r["broker_classic"]["msgs_per_s"]
+    if _ok(r, "broker_quorum"):
+        out["drain_vs_broker_quorum"] = drain / r["broker_quorum"]["msgs_per_s"]
+    if _ok(r, "pg_ceiling_txn1"):
+        out["drain_vs_postgres"] = drain / r["pg_ceiling_txn1"]["rows_per_s"]
+    if _ok(r, "relay_drain_txn100") and _ok(r, "pg_ceiling_txn100"):
+        out["drain_vs_postgres_txn100"] = (
+            r["relay_drain_txn100"]["rows_per_s"] / r["pg_ceiling_txn100"]["rows_per_s"]
+        )
+    return out
+
+
+NOISE_CORES = 0.3  # a ratio whose two sides saw this much different other load is flagged
+
+
+def _noise(r: dict[str, Any], a: str, b: str) -> str:
+    """A warning when the two measurements of a ratio ran under different outside load."""
+    other_a = (r.get(a) or {}).get("cpu", {}).get("other")
+    other_b = (r.get(b) or {}).get("cpu", {}).get("other")
+    if other_a is None or other_b is None or abs(other_a - other_b) < NOISE_CORES:
+        return ""
+    return f"; unreliable: other load {other_a:.2f} vs {other_b:.2f} cores"
+
+
+def _best_polling(r: dict[str, Any]) -> str:
+    keys = [k for k in ("polling_b100", "polling_b1000") if _ok(r, k)]
+    return max(keys, key=lambda k: r[k]["rows_per_s"]) if keys else ""
+
+
+def verdicts(r: dict[str, Any]) -> dict[str, bool]:
+    """PASS/MISS per target (only for what was measured)."""
+    out: dict[str, bool] = {}
+    ra = ratios(r)
+    if "drain_vs_polling" in ra:
+        out["drain_vs_polling"] = ra["drain_vs_polling"] >= TARGETS["drain_vs_polling"]
+    if "drain_vs_broker" in ra:
+        out["drain_vs_broker"] = ra["drain_vs_broker"] >= TARGETS["drain_vs_broker"]
+    if _ok(r, "latency_2000"):
+        d = r["latency_2000"]
+        out["latency_2000"] = (
+            d["p50_ms"] < TARGETS["latency_2000_p50_ms"]
+            and d["p99_ms"] < TARGETS["latency_2000_p99_ms"]
+            and not d.get("missing")
+        )
+    if _ok(r, "peak_rss"):
+        out["peak_rss"] = r["peak_rss"]["peak_rss_mb"] < TARGETS["peak_rss_mb"]
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    m, s, z = r["machine"], r.get("servers", {}), r["sizes"]
+    v = verdicts(r)
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(key: str, label: str, fmt: Any, target: str = "") -> None:
+        d = r.get(key)
+        if not d:
+            return
+        if "error" in d:
+            rows.append((label, f"FAILED: {d['error'][:120]}", target and "MISS", ""))
+            return
+        rows.append((label, fmt(d), target, _other(d)))
+
+    n = f"{z['backlog']:,}"
+    add("pg_ceiling_txn1", f"Postgres ceiling: pg_recvlogical, {n} rows, 1-row txns", _rate)
+    add("pg_ceiling_txn100", f"Postgres ceiling: pg_recvlogical, {n} rows, 100-row txns", _rate)
+    add("broker_classic", f"Broker ceiling: {n} msgs, durable classic queue", _msgs)
+    add("broker_quorum", f"Broker ceiling: {n} msgs, quorum queue", _msgs)
+    add(
+        "broker_classic_relay_window",
+        f"Broker ceiling: {n} msgs, classic queue, the relay's window",
+        _msgs,
+    )
+    for b in (100, 1000):
+        add(f"polling_b{b}", f"Polling peer drain, batch {b} ({n} rows)", _polling)
+    add(
+        "polling_latency_500",
+        "Polling peer latency @ 500 rows/s, 100 ms poll, batch 1000",
+        _latency,
+    )
+    add("relay_drain_txn1", f"cdc-relay drain, {n} 1-row txns", _drain)
+    add("relay_drain_txn100", f"cdc-relay drain, {n} rows in 100-row txns", _drain)
+    for rate in z["rates"]:
+        target = ""
+        if rate == 2000 and "latency_2000" in v:
+            target = _verdict(v["latency_2000"], "p50 < 5 ms, p99 < 25 ms")
+        add(
+            f"latency_{rate}",
+            f"cdc-relay latency @ {rate:,} rows/s, {z['seconds']:.0f} s",
+            _latency,
+            target,
+        )
+    if "peak_rss" in r:
+        target = _verdict(v["peak_rss"], "< 150 MB") if "peak_rss" in v else ""
+        add("peak_rss", f"cdc-relay peak RSS, one {z['big']:,}-row txn", _rss, target)
+
+    ra = ratios(r)
+    if "drain_vs_polling" in ra:
+        rows.append(
+            (
+                "ratio: cdc-relay drain / polling peer (best batch)",
+                f"{ra['drain_vs_polling']:.2f}x" + _noise(r, "relay_drain_txn1", _best_polling(r)),
+                _verdict(v["drain_vs_polling"], ">= 2x"),
+                "",
+            )
+        )
+    if "drain_vs_broker" in ra:
+        quorum = ra.get("drain_vs_broker_quorum")
+        rows.append(
+            (
+                "ratio: cdc-relay drain / broker ceiling (classic)",
+                f"{ra['drain_vs_broker']:.0%}"
+                + (f" (quorum ceiling: {quorum:.0%})" if quorum else "")
+                + _noise(r, "relay_drain_txn1", "broker_classic"),
+                _verdict(v["drain_vs_broker"], ">= 60%"),
+                "",
+            )
+        )
+    if "drain_vs_postgres" in ra:
+        txn100 = ra.get("drain_vs_postgres_txn100")
+        rows.append(
+            (
+                "ratio: cdc-relay drain / Postgres ceiling",
+                f"{ra['drain_vs_postgres']:.0%} (1-row txns)"
+                + (f", {txn100:.0%} (100-row txns)" if txn100 else ""),
+                "",
+                "",
+            )
+        )
+
+    load = " / ".join(m["loadavg_at_start"])
+    head = [
+        f"cdc-relay bench, {r['started']} ({'QUICK run' if r['quick'] else 'full run'},"
+        f" {r.get('seconds', 0) / 60:.1f} min, code {r.get('code', '?')})",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, Linux {m['kernel']},"
+        f" Python {m['python']}; load average at start {load}",
+        f"servers: throwaway and co-located on this machine, loopback only: PostgreSQL"
+        f" {s.get('postgres', '?')} ({s.get('postgres_settings', '?')}), RabbitMQ"
+        f" {s.get('rabbitmq', '?')} on Erlang/OTP {s.get('erlang', '?')}",
+        "messages: 300-byte JSON payloads, persistent, publisher confirms; cdc-relay with"
+        " default settings (--max-in-flight 1000)",
+        "",
+        "| measurement | result | target | other load |",
+        "|---|---|---|---|",
+    ]
+    body = [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    notes = [
+        "",
+        "drain: from the relay answering /readyz (streaming) to the slot's confirmed_flush_lsn"
+        " reaching the last commit; startup is listed in the JSON. latency: COMMIT returned in"
+        " the writer -> message received by a consumer (commit-to-delivery, which is >="
+        " commit-to-confirm). other load: average cores used by processes outside this bench"
+        " and its servers while the step ran (the machine is shared).",
+    ]
+    return "\n".join(head + body + notes)
+
+
+def _msgs(d: dict[str, Any]) -> str:
+    text = f"{_rate(d, 'msg/s')}, window {d['window']:,}"
+    runs = [f"{x:,.0f}" for x in d.get("runs_msgs_per_s", []) if x]
+    if len(runs) > 1:
+        text += f"; best of the runs before / after the drain: {' / '.join(runs)}"
+    return text
+
+
+def _polling(d: dict[str, Any]) -> str:
+    return f"{_rate(d)}, {d['cpu_us_per_msg']:.0f} µs CPU/msg"
+
+
+def _drain(d: dict[str, Any]) -> str:
+    return (
+        f"{_rate(d)}, {d['cpu_us_per_msg']:.0f} µs CPU/msg, relay {d['relay_cores']:.0%} of a core"
+    )
+
+
+def _rss(d: dict[str, Any]) -> str:
+    return (
+        f"{d['peak_rss_mb']:.0f} MB VmHWM ({d['rows']:,} rows relayed at"
+        f" {d['rows_per_s']:,.0f} rows/s)"
+    )
