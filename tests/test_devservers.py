@@ -201,18 +201,17 @@ async def publish_persistent(url: str, queue_name: str, body: bytes) -> None:
         assert isinstance(confirmation, Basic.Ack)
 
 
-async def get_one(url: str, queue_name: str) -> tuple[bytes, int]:
-    """Take the single message from the queue; (body, messages left)."""
+async def get_all(url: str, queue_name: str) -> list[bytes]:
+    """Take every message from the queue (it must exist: passive declare)."""
     connection = await aio_pika.connect(url, timeout=10)
+    bodies: list[bytes] = []
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, durable=True, passive=True)
-        message = await queue.get(timeout=5, fail=True)
-        assert message is not None
-        await message.ack()
-        left = await channel.declare_queue(queue_name, durable=True, passive=True)
-        assert left.declaration_result.message_count is not None
-        return message.body, left.declaration_result.message_count
+        while (message := await queue.get(timeout=5, fail=False)) is not None:
+            bodies.append(message.body)
+            await message.ack()
+    return bodies
 
 
 def test_rabbit_is_private_and_loopback_only(mq: RabbitServer) -> None:
@@ -227,24 +226,27 @@ def test_rabbit_is_private_and_loopback_only(mq: RabbitServer) -> None:
 
 
 @pytest.mark.asyncio
-async def test_rabbit_confirmed_persistent_message_survives_kill(mq: RabbitServer) -> None:
-    queue_name = f"devservers-kill-{uuid.uuid4().hex[:8]}"
-    await publish_persistent(mq.amqp_url, queue_name, b"survives kill -9")
-    await asyncio.to_thread(mq.kill)
-    assert not mq.is_running()
-    assert not _port_open(mq.port)
-    await asyncio.to_thread(mq.start)
-    assert await get_one(mq.amqp_url, queue_name) == (b"survives kill -9", 0)
+async def test_rabbit_durable_data_survives_clean_stop_and_kill(mq: RabbitServer) -> None:
+    """Clean stop/start, then kill -9/start: confirmed persistent messages stay.
 
-
-@pytest.mark.asyncio
-async def test_rabbit_clean_stop_and_start_keep_durable_data(mq: RabbitServer) -> None:
-    queue_name = f"devservers-stop-{uuid.uuid4().hex[:8]}"
+    The queue is declared before the clean stop on purpose: RabbitMQ 3.10 can
+    lose a queue *declaration* made a moment before a kill -9 (seen ~1 in 10
+    under load, 0.1 s after declaring), taking its confirmed messages with it.
+    """
+    queue_name = f"devservers-{uuid.uuid4().hex[:8]}"
     url = mq.amqp_url
-    await publish_persistent(url, queue_name, b"survives stop")
+    await publish_persistent(url, queue_name, b"before clean stop")
     await asyncio.to_thread(mq.stop)
     assert not mq.is_running()
     await asyncio.to_thread(mq.start)
     assert mq.amqp_url == url
-    assert queue_name in mq.ctl("list_queues", "name", "--quiet")
-    assert await get_one(url, queue_name) == (b"survives stop", 0)
+    assert f"{queue_name}\t1" in mq.ctl("list_queues", "name", "messages", "--quiet")
+
+    await publish_persistent(url, queue_name, b"before kill -9")
+    await asyncio.to_thread(mq.kill)
+    assert not mq.is_running()
+    assert not _port_open(mq.port)
+    await asyncio.to_thread(mq.start)
+    assert await get_all(url, queue_name) == [b"before clean stop", b"before kill -9"], (
+        mq.log_tail()
+    )
