@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -292,6 +293,10 @@ def _summary(result: dict[str, Any]) -> str:
     return ""
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the one-to-two-minute version")
@@ -299,12 +304,25 @@ def main() -> None:
         "--out-dir", type=Path, default=Path("bench-results"), help="where the JSON goes"
     )
     args = parser.parse_args()
+    # Stop cleanly (servers removed, partial results written) on SIGTERM, and on SIGINT
+    # even when started in the background, where the shell makes SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="cdc-relay-bench-"))
     bench = Bench(args.quick, workdir)
+    code = 0
     try:
         results = asyncio.run(bench.run())
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc or 'SIGINT'}); writing what was measured")
+        results = bench.results
+        results["interrupted"] = True
+        code = 130
     finally:
+        for path in workdir.iterdir():
+            if path.stat().st_size == 0:
+                path.unlink()
         kept = [p.name for p in workdir.iterdir()]
         if kept:
             log(f"relay logs with warnings kept in {workdir}: {', '.join(kept)}")
@@ -323,7 +341,8 @@ def main() -> None:
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     if failed:
         log(f"failed steps: {', '.join(failed)}")
-        sys.exit(1)
+        code = code or 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

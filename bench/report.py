@@ -185,7 +185,8 @@ def table(r: dict[str, Any]) -> str:
 
     load = " / ".join(m["loadavg_at_start"])
     head = [
-        f"cdc-relay bench, {r['started']} ({'QUICK run' if r['quick'] else 'full run'},"
+        f"cdc-relay bench, {r['started']} ({'QUICK run' if r['quick'] else 'full run'}"
+        f"{', INTERRUPTED' if r.get('interrupted') else ''},"
         f" {r.get('seconds', 0) / 60:.1f} min, code {r.get('code', '?')})",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, Linux {m['kernel']},"
         f" Python {m['python']}; load average at start {load}",
