@@ -116,6 +116,11 @@ class AckTracker:
         return self._seq
 
     @property
+    def confirmed_upto(self) -> int:
+        """Every sequence number up to this one is confirmed."""
+        return self._confirmed_upto
+
+    @property
     def unconfirmed(self) -> int:
         """How many messages are published but not yet confirmed."""
         return self._seq - self._confirmed_upto - len(self._out_of_order)

@@ -13,7 +13,7 @@ from typing import Any
 import click
 import orjson
 
-from cdc_relay.config import ConfigError, Settings, split_table_name
+from cdc_relay.config import DEFAULT_MAX_IN_FLIGHT, ConfigError, Settings, split_table_name
 from cdc_relay.router import FORMATS
 
 
@@ -148,10 +148,10 @@ async def _declare_exchange(settings: Settings) -> str:
 @click.option(
     "--max-in-flight",
     envvar="CDC_RELAY_MAX_IN_FLIGHT",
-    default=1000,
+    default=DEFAULT_MAX_IN_FLIGHT,
     show_default=True,
     type=click.IntRange(1, 100_000),
-    help="Unconfirmed publishes allowed at once.",
+    help="Unconfirmed publishes allowed at once (also the most a crash can replay).",
 )
 @click.option(
     "--status-interval",
@@ -263,12 +263,21 @@ async def _declare_exchange(settings: Settings) -> str:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
+@click.option(
+    "--event-loop",
+    envvar="CDC_RELAY_EVENT_LOOP",
+    default="asyncio",
+    show_default=True,
+    type=click.Choice(["asyncio", "uvloop"]),
+    help="uvloop needs the `uvloop` extra (pip install 'cdc-relay[uvloop]').",
+)
 @handle_errors
 def run(
     no_declare: bool,
     metrics_port: int | None,
     metrics_host: str,
     log_level: str,
+    event_loop: str,
     **kwargs: Any,
 ) -> None:
     """Stream outbox inserts to RabbitMQ until stopped (SIGTERM/SIGINT drain and exit 0)."""
@@ -281,7 +290,16 @@ def run(
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     settings = _settings(**kwargs)
     settings.declare_exchange = not no_declare
-    asyncio.run(_run(settings, metrics_host, metrics_port))
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError(
+                "--event-loop uvloop: uvloop is not installed (pip install 'cdc-relay[uvloop]')"
+            ) from None
+        uvloop.run(_run(settings, metrics_host, metrics_port))
+    else:
+        asyncio.run(_run(settings, metrics_host, metrics_port))
 
 
 def _dump_tasks() -> None:

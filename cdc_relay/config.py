@@ -29,6 +29,11 @@ class FatalError(ConfigError):
     exit_code = 70  # sysexits.h: internal software error
 
 
+# A classic queue confirms persistent messages per fsync batch: the window must
+# cover a batch or two at full speed (measured in docs/performance.md).
+DEFAULT_MAX_IN_FLIGHT = 4000
+
+
 @dataclass(slots=True)
 class Settings:
     dsn: str = "postgresql://postgres@localhost:5432/postgres"
@@ -40,7 +45,7 @@ class Settings:
     routing_key: str = "{aggregate_type}.{event_type}"
     message_format: str = "event"
     declare_exchange: bool = True
-    max_in_flight: int = 1000
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     status_interval: float = 1.0
     confirm_timeout: float = 30.0
     shutdown_timeout: float = 10.0

@@ -23,6 +23,7 @@ from psycopg import sql
 from cdc_relay.acks import AckTracker, AckTrackerError
 from cdc_relay.amqp import Publisher, PublishFailed, declare_exchange
 from cdc_relay.config import ConfigError, FatalError, Settings
+from cdc_relay.latency import CommitClock
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg import admin
@@ -170,6 +171,8 @@ class _Session:
         self.metrics = relay.metrics
         self.router = relay.router
         self.tracker = AckTracker()
+        self.commit_clock = CommitClock()
+        self.txn_first_seq = 0
         self.stream: ReplicationStream | None = None
         self.publisher: Publisher | None = None
         self.dl_conn: psycopg.AsyncConnection[Any] | None = None
@@ -349,9 +352,13 @@ class _Session:
                 elif kind is Begin:
                     tracker.begin()
                     self.txn_lsn = event.final_lsn
+                    self.txn_first_seq = tracker.last_seq + 1
                 elif kind is Commit:
                     tracker.commit(event.end_lsn)
                     metrics.transactions.inc()
+                    if tracker.last_seq >= self.txn_first_seq:
+                        self.commit_clock.committed(tracker.last_seq, event.commit_ts)
+                        self._transactions_confirmed()
                     if tracker.flush_lsn > self.sent_flush:
                         self.status_wakeup.set()
                     if self.stop_at_commit:
@@ -377,6 +384,14 @@ class _Session:
         if self.tracker.flush_lsn != before:
             self.status_wakeup.set()
             self.relay._made_progress = True
+            self._transactions_confirmed()
+
+    def _transactions_confirmed(self) -> None:
+        """Observe commit-to-confirm for every transaction that just became confirmed."""
+        if self.commit_clock:
+            observe = self.metrics.commit_to_confirm.observe
+            for seconds in self.commit_clock.confirmed(self.tracker.confirmed_upto, time.time()):
+                observe(seconds)
 
     def on_failure(self, seq: int, envelope: Envelope, error: PublishFailed) -> None:
         row = self.rows.pop(seq, None)
@@ -435,6 +450,7 @@ class _Session:
         self.tracker.confirm(item.seq)
         if self.tracker.flush_lsn != before:
             self.status_wakeup.set()
+            self._transactions_confirmed()
 
     # -- status updates -----------------------------------------------------------
 

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from cdc_relay.devservers import free_port
 from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -273,3 +274,58 @@ async def test_second_relay_is_hot_standby(outbox: Setup, consumer: Consumer, re
     assert "streaming from slot" in second.log()
     assert set(before) | set(after) <= set(consumer.ids())
     assert second.terminate() == 0
+
+
+def _histogram(metrics_text: str, name: str) -> dict[str, float]:
+    """The buckets (by ``le``), ``count`` and ``sum`` of one Prometheus histogram."""
+    found: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            found[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith((name + "_count ", name + "_sum ")):
+            key, value = line.split(" ", 1)
+            found[key.rsplit("_", 1)[1]] = float(value)
+    return found
+
+
+async def _get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    body = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return body.decode().split("\r\n\r\n", 1)[1]
+
+
+async def test_commit_to_confirm_latency_per_transaction(
+    outbox: Setup, consumer: Consumer, relays: Any
+) -> None:
+    """Under uvloop too: one observation per transaction with outbox rows, from its commit."""
+    port = free_port()
+    with psycopg.connect(outbox.dsn) as conn:  # a backlog, committed before the relay runs
+        early = outbox.insert(conn, [{"aggregate_id": 1}])
+        conn.commit()
+        early += outbox.insert(conn, [{"aggregate_id": 2}, {"aggregate_id": 3}])
+        conn.commit()
+    await asyncio.sleep(1.2)
+    relay = relays(outbox, "--event-loop", "uvloop", "--metrics-port", str(port))
+    relay.wait_for_log("streaming from slot")
+    await consumer.wait_for(set(early))
+    with psycopg.connect(outbox.dsn) as conn:
+        late = []
+        for n in (1, 5, 1):
+            late += outbox.insert(conn, [{"aggregate_id": 10 + i} for i in range(n)])
+            conn.commit()
+    await consumer.wait_for(set(late))
+    histogram: dict[str, float] = {}
+    for _ in range(50):  # the confirm may land just after the consumer saw the message
+        histogram = _histogram(await _get(port, "/metrics"), "cdc_relay_commit_to_confirm_seconds")
+        if histogram.get("count") == 5:
+            break
+        await asyncio.sleep(0.1)
+    assert histogram["count"] == 5, histogram  # 5 transactions, not 9 messages
+    # The two backlog transactions waited at least 1.2 s before the relay ran.
+    assert histogram["1.0"] <= 3, histogram
+    assert histogram["+Inf"] == 5
+    assert histogram["sum"] >= 2 * 1.2
+    relay.terminate()
