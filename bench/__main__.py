@@ -25,6 +25,7 @@ from typing import Any
 from bench import env, pgside, polling, relayrun, report
 from bench.broker import broker_ceiling
 from bench.env import CpuMeter, Phase, log
+from cdc_relay.config import DEFAULT_MAX_IN_FLIGHT
 from cdc_relay.devservers import PostgresServer, RabbitServer
 
 FULL = {
@@ -35,7 +36,7 @@ FULL = {
     "window": 2000,
 }
 QUICK = {**FULL, "backlog": 20_000, "big": 100_000, "seconds": 5.0}
-RELAY_MAX_IN_FLIGHT = 1000  # cdc-relay's default --max-in-flight
+RELAY_MAX_IN_FLIGHT = DEFAULT_MAX_IN_FLIGHT  # cdc-relay's default --max-in-flight
 POLL_INTERVAL = 0.1
 QUIET_CORES = 0.3  # before each step, wait for other tenants to use less than this...
 QUIET_WAIT = 30  # ...for at most this many seconds (full run)
@@ -71,6 +72,7 @@ class Bench:
             "machine": env.machine(),
             "code": env.git_revision(),
             "sizes": self.sizes,
+            "relay_max_in_flight": RELAY_MAX_IN_FLIGHT,
         }
         self.pg = PostgresServer()
         self.mq = RabbitServer()
@@ -212,8 +214,12 @@ class Bench:
             )
             if txn == 1:
                 # The ceiling the drain is compared with is measured right before and
-                # right after it (best of the two): on a shared machine the load moves.
+                # right after it, at the reference window and at the relay's: the best
+                # of the four (on a shared machine the load moves).
                 await self._broker("broker_classic_before", "classic", z["window"])
+                await self._broker(
+                    "broker_classic_relay_window_before", "classic", RELAY_MAX_IN_FLIGHT
+                )
             await self.step(
                 f"relay_drain_txn{txn}",
                 "cdc-relay drains the backlog",
@@ -221,11 +227,14 @@ class Bench:
             )
             if txn == 1:
                 await self._broker("broker_classic_after", "classic", z["window"])
+                await self._broker("broker_classic_relay_window", "classic", RELAY_MAX_IN_FLIGHT)
                 self.results["broker_classic"] = best_of(
-                    self.results["broker_classic_before"], self.results["broker_classic_after"]
+                    self.results["broker_classic_before"],
+                    self.results["broker_classic_relay_window_before"],
+                    self.results["broker_classic_after"],
+                    self.results["broker_classic_relay_window"],
                 )
                 await self._broker("broker_quorum", "quorum", z["window"])
-                await self._broker("broker_classic_relay_window", "classic", RELAY_MAX_IN_FLIGHT)
                 # No slot may hold back WAL (or decode) while the peer runs.
                 await asyncio.to_thread(
                     pgside.drop_slots, pg.dsn, settings.slot, backlog.ceiling_slot
@@ -261,13 +270,14 @@ class Bench:
             await asyncio.to_thread(pgside.drop_outbox, settings)
 
 
-def best_of(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """The faster of two ceiling runs (an error only if both failed), noting both rates."""
-    runs = [r for r in (a, b) if "error" not in r]
+def best_of(*candidates: dict[str, Any]) -> dict[str, Any]:
+    """The fastest ceiling run (an error only if all failed), noting every rate and window."""
+    runs = [r for r in candidates if "error" not in r]
     if not runs:
-        return a
+        return candidates[0]
     best = dict(max(runs, key=lambda r: r["msgs_per_s"]))
-    best["runs_msgs_per_s"] = [r.get("msgs_per_s") for r in (a, b)]
+    best["runs_msgs_per_s"] = [r.get("msgs_per_s") for r in candidates]
+    best["runs_windows"] = [r.get("window") for r in candidates]
     return best
 
 

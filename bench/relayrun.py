@@ -64,6 +64,7 @@ class RelayProcess:
             "WARNING",
             "--metrics-port",
             str(self.metrics_port),
+            *os.environ.get("BENCH_RELAY_ARGS", "").split(),
         ]
         with self.log_path.open("ab") as log:
             self.spawned = time.monotonic()
@@ -104,6 +105,21 @@ class RelayProcess:
             return False
         finally:
             writer.close()
+
+    async def histogram(self, name: str) -> dict[float, float]:
+        """Cumulative bucket counts (upper bound in seconds -> count) of one histogram."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            text = (await asyncio.wait_for(reader.read(), 10)).decode()
+        finally:
+            writer.close()
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+        return buckets
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM (a clean drain), then wait; returns the exit code."""
@@ -374,6 +390,40 @@ async def run_writer(
     return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
 
 
+COMMIT_TO_CONFIRM = "cdc_relay_commit_to_confirm_seconds"
+
+
+def histogram_result(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """Quantiles of the observations between two scrapes of a cumulative histogram.
+
+    Linear interpolation inside a bucket (as Prometheus' histogram_quantile);
+    the shares at or under 5 ms and 25 ms are exact, as both are bucket edges.
+    """
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    result: dict[str, float] = {"n": total}
+    if not total:
+        return result
+    for q in (50, 95, 99):
+        rank = total * q / 100
+        lower, below = 0.0, 0.0
+        for bound, cumulative in zip(bounds, counts, strict=True):
+            if cumulative >= rank:
+                if bound == float("inf"):
+                    value = lower  # beyond the last finite edge: report that edge
+                else:
+                    inside = cumulative - below
+                    value = lower + (bound - lower) * ((rank - below) / inside if inside else 1)
+                result[f"p{q}_ms"] = value * 1e3
+                break
+            lower, below = bound, cumulative
+    for edge in (0.005, 0.025):
+        if edge in after:
+            result[f"share_le_{edge * 1e3:g}ms"] = (after[edge] - before.get(edge, 0.0)) / total
+    return result
+
+
 def latency_result(
     committed: dict[str, float], received: dict[str, float], writer: dict[str, float], rate: int
 ) -> dict[str, float]:
@@ -412,11 +462,18 @@ async def relay_latency(
         if await consumer.wait_for(20, 30) < 20:
             raise RuntimeError(f"warm-up messages did not arrive: {relay.log_tail()}")
         cpu_before = proc_cpu_seconds(relay.pid)
+        histogram_before = await relay.histogram(COMMIT_TO_CONFIRM)
         started = time.monotonic()
         out = workdir / f"{settings.slot}.sent"
         writer = await run_writer(settings.dsn, settings.table, rate, seconds, out, phase)
         await consumer.wait_for(20 + int(writer["n"]), 60, phase)
         relay_cores = (proc_cpu_seconds(relay.pid) - cpu_before) / (time.monotonic() - started)
+        confirmed: dict[str, float] = {}
+        for _ in range(100):  # the last confirms may trail the deliveries a little
+            confirmed = histogram_result(histogram_before, await relay.histogram(COMMIT_TO_CONFIRM))
+            if confirmed["n"] >= writer["n"]:
+                break
+            await asyncio.sleep(0.05)
         phase.measure_cpu()
         received = await consumer.stop()
         relay.check_alive()
@@ -428,6 +485,7 @@ async def relay_latency(
     relay.cleanup_log()
     result = latency_result(read_times(out), received, writer, rate)
     result["relay_cores"] = relay_cores
+    result["commit_to_confirm"] = confirmed
     for path in (out, consumer.out):
         path.unlink(missing_ok=True)
     await remove_topology(settings.amqp_urls[0], settings.exchange, queue)

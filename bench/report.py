@@ -23,7 +23,15 @@ def _rate(d: dict[str, Any], unit: str = "rows/s") -> str:
 
 
 def _latency(d: dict[str, Any]) -> str:
-    text = (
+    text = ""
+    c = d.get("commit_to_confirm") or {}
+    if c.get("p99_ms") is not None:
+        text = (
+            f"commit->confirm p50 {c['p50_ms']:.1f} / p95 {c['p95_ms']:.1f} /"
+            f" p99 {c['p99_ms']:.1f} ms ({c.get('share_le_5ms', 0):.1%} <= 5 ms,"
+            f" {c.get('share_le_25ms', 0):.1%} <= 25 ms); commit->delivery "
+        )
+    text += (
         f"p50 {d['p50_ms']:.1f} / p95 {d['p95_ms']:.1f} / p99 {d['p99_ms']:.1f} ms"
         f" (n={d['n']:,}, {d['achieved_rate']:,.0f}/s achieved"
     )
@@ -92,11 +100,21 @@ def verdicts(r: dict[str, Any]) -> dict[str, bool]:
         out["drain_vs_broker"] = ra["drain_vs_broker"] >= TARGETS["drain_vs_broker"]
     if _ok(r, "latency_2000"):
         d = r["latency_2000"]
-        out["latency_2000"] = (
-            d["p50_ms"] < TARGETS["latency_2000_p50_ms"]
-            and d["p99_ms"] < TARGETS["latency_2000_p99_ms"]
-            and not d.get("missing")
-        )
+        # The target is commit -> confirm: the relay's own histogram, read off at the
+        # 5 ms and 25 ms bucket edges; commit -> delivery when it is missing (older runs).
+        c = d.get("commit_to_confirm") or {}
+        if c.get("n"):
+            ok = (
+                c.get("share_le_5ms", 0) > 0.5
+                and c.get("share_le_25ms", 0) >= 0.99
+                and c["n"] >= d["n"]
+            )
+        else:
+            ok = (
+                d["p50_ms"] < TARGETS["latency_2000_p50_ms"]
+                and d["p99_ms"] < TARGETS["latency_2000_p99_ms"]
+            )
+        out["latency_2000"] = ok and not d.get("missing")
     if _ok(r, "peak_rss"):
         out["peak_rss"] = r["peak_rss"]["peak_rss_mb"] < TARGETS["peak_rss_mb"]
     return out
@@ -121,11 +139,6 @@ def table(r: dict[str, Any]) -> str:
     add("pg_ceiling_txn100", f"Postgres ceiling: pg_recvlogical, {n} rows, 100-row txns", _rate)
     add("broker_classic", f"Broker ceiling: {n} msgs, durable classic queue", _msgs)
     add("broker_quorum", f"Broker ceiling: {n} msgs, quorum queue", _msgs)
-    add(
-        "broker_classic_relay_window",
-        f"Broker ceiling: {n} msgs, classic queue, the relay's window",
-        _msgs,
-    )
     for b in (100, 1000):
         add(f"polling_b{b}", f"Polling peer drain, batch {b} ({n} rows)", _polling)
     add(
@@ -194,7 +207,7 @@ def table(r: dict[str, Any]) -> str:
         f" {s.get('postgres', '?')} ({s.get('postgres_settings', '?')}), RabbitMQ"
         f" {s.get('rabbitmq', '?')} on Erlang/OTP {s.get('erlang', '?')}",
         "messages: 300-byte JSON payloads, persistent, publisher confirms; cdc-relay with"
-        " default settings (--max-in-flight 1000)",
+        f" default settings (--max-in-flight {r.get('relay_max_in_flight', '?')})",
         "",
         "| measurement | result | target | other load |",
         "|---|---|---|---|",
@@ -203,19 +216,26 @@ def table(r: dict[str, Any]) -> str:
     notes = [
         "",
         "drain: from the relay answering /readyz (streaming) to the slot's confirmed_flush_lsn"
-        " reaching the last commit; startup is listed in the JSON. latency: COMMIT returned in"
-        " the writer -> message received by a consumer (commit-to-delivery, which is >="
-        " commit-to-confirm). other load: average cores used by processes outside this bench"
-        " and its servers while the step ran (the machine is shared).",
+        " reaching the last commit; startup is listed in the JSON. latency: commit->confirm is"
+        " the relay's cdc_relay_commit_to_confirm_seconds histogram (per transaction, the"
+        " commit timestamp from Postgres to the broker's confirm of its last message;"
+        " quantiles interpolated inside buckets, the shares at 5 and 25 ms exact; the target"
+        " is judged on it); commit->delivery is COMMIT returned in the writer -> message"
+        " received by a consumer process. other load: average cores used by processes"
+        " outside this bench and its servers while the step ran (the machine is shared).",
     ]
     return "\n".join(head + body + notes)
 
 
 def _msgs(d: dict[str, Any]) -> str:
     text = f"{_rate(d, 'msg/s')}, window {d['window']:,}"
-    runs = [f"{x:,.0f}" for x in d.get("runs_msgs_per_s", []) if x]
+    runs = [
+        f"{x:,.0f} (window {w:,})"
+        for x, w in zip(d.get("runs_msgs_per_s", []), d.get("runs_windows", []), strict=False)
+        if x
+    ]
     if len(runs) > 1:
-        text += f"; best of the runs before / after the drain: {' / '.join(runs)}"
+        text += f"; best of the runs before and after the drain: {', '.join(runs)}"
     return text
 
 
