@@ -139,6 +139,7 @@ class Publisher:
         heartbeat: int = 10,
         on_confirm: OnConfirm,
         on_failure: OnFailure,
+        on_settled: Callable[[], None] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -148,6 +149,7 @@ class Publisher:
         self._heartbeat = heartbeat
         self._on_confirm = on_confirm
         self._on_failure = on_failure
+        self._on_settled = on_settled
         self.on_connection_lost: Callable[[PublishFailed], None] | None = None
         self._loop = asyncio.get_running_loop()
         self._protocol: _Protocol | None = None
@@ -356,6 +358,8 @@ class Publisher:
             self._window_open.set()
         if not self._by_tag:
             self._all_done.set()
+        if self._on_settled is not None:
+            self._on_settled()  # once per ack frame, however many messages it settled
 
     def _report(self, entry: _InFlight, error: PublishFailed | None) -> None:
         entry.done = True

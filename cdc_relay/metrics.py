@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -25,26 +28,92 @@ COMMIT_TO_CONFIRM_BUCKETS = (
 )  # fmt: skip
 
 
+class LoopCounter:
+    """A counter bumped per message on the event loop and read by the same loop.
+
+    prometheus_client's Counter takes a lock on every ``inc`` (3-4% of the
+    relay's CPU when it was used per message); the relay is single-threaded and
+    serves /metrics from its own loop, so a plain int is enough.
+    """
+
+    __slots__ = ("documentation", "name", "value")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class LoopHistogram:
+    """A histogram observed on the event loop: plain ints, a bisect, no lock (see LoopCounter)."""
+
+    __slots__ = ("bounds", "counts", "documentation", "name", "sum")
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+
+class _LoopCollector:
+    def __init__(self, counters: list[LoopCounter], histograms: list[LoopHistogram]) -> None:
+        self.counters = counters
+        self.histograms = histograms
+
+    def collect(self) -> Iterator[Metric]:
+        for counter in self.counters:
+            yield CounterMetricFamily(counter.name, counter.documentation, value=counter.value)
+        for h in self.histograms:
+            yield HistogramMetricFamily(
+                h.name, h.documentation, buckets=h.cumulative(), sum_value=h.sum
+            )
+
+
 class Metrics:
     """The relay's counters; one registry per relay so tests can run several."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.published = Counter(
-            "cdc_relay_messages_published", "Messages handed to the broker", registry=r
+        self.published = LoopCounter(
+            "cdc_relay_messages_published", "Messages handed to the broker"
         )
-        self.confirmed = Counter(
-            "cdc_relay_messages_confirmed", "Messages confirmed by the broker", registry=r
+        self.confirmed = LoopCounter(
+            "cdc_relay_messages_confirmed", "Messages confirmed by the broker"
+        )
+        self.transactions = LoopCounter("cdc_relay_transactions", "Committed transactions received")
+        self.commit_to_confirm = LoopHistogram(
+            "cdc_relay_commit_to_confirm_seconds",
+            "Per transaction: from its commit in Postgres (the commit timestamp) to the"
+            " broker's confirm of its last message",
+            COMMIT_TO_CONFIRM_BUCKETS,
+        )
+        r.register(
+            _LoopCollector(
+                [self.published, self.confirmed, self.transactions], [self.commit_to_confirm]
+            )
         )
         self.publish_failures = Counter(
             "cdc_relay_publish_failures", "Publishes nacked, returned or lost", registry=r
         )
         self.dead_lettered = Counter(
             "cdc_relay_messages_dead_lettered", "Rows moved to the dead-letter table", registry=r
-        )
-        self.transactions = Counter(
-            "cdc_relay_transactions", "Committed transactions received", registry=r
         )
         self.reconnects = Counter(
             "cdc_relay_reconnects", "Sessions ended and restarted", registry=r
@@ -55,19 +124,12 @@ class Metrics:
         self.received_lsn = Gauge(
             "cdc_relay_received_lsn", "Highest WAL position received (bytes)", registry=r
         )
-        self.commit_to_confirm = Histogram(
-            "cdc_relay_commit_to_confirm_seconds",
-            "Per transaction: from its commit in Postgres (the commit timestamp) to the"
-            " broker's confirm of its last message",
-            buckets=COMMIT_TO_CONFIRM_BUCKETS,
-            registry=r,
-        )
         self.ready = Gauge(
             "cdc_relay_ready", "1 while streaming with both connections up", registry=r
         )
 
     def confirmed_count(self) -> float:
-        return self.confirmed._value.get()
+        return self.confirmed.value
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

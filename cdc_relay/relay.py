@@ -202,6 +202,7 @@ class _Session:
             heartbeat=s.amqp_heartbeat,
             on_confirm=self.on_confirm,
             on_failure=self.on_failure,
+            on_settled=self._transactions_confirmed,
         )
         await self.publisher.connect()
         self.publisher.on_connection_lost = self._on_amqp_closed
@@ -384,13 +385,18 @@ class _Session:
         if self.tracker.flush_lsn != before:
             self.status_wakeup.set()
             self.relay._made_progress = True
-            self._transactions_confirmed()
 
     def _transactions_confirmed(self) -> None:
-        """Observe commit-to-confirm for every transaction that just became confirmed."""
-        if self.commit_clock:
+        """Observe commit-to-confirm for every transaction that just became confirmed.
+
+        Called once per ack frame (not per message) and after a Commit or a
+        dead-letter write: one clock read for all the transactions one
+        ``multiple`` ack finished.
+        """
+        clock = self.commit_clock
+        if clock.has_confirmed(self.tracker.confirmed_upto):
             observe = self.metrics.commit_to_confirm.observe
-            for seconds in self.commit_clock.confirmed(self.tracker.confirmed_upto, time.time()):
+            for seconds in clock.confirmed(self.tracker.confirmed_upto, time.time()):
                 observe(seconds)
 
     def on_failure(self, seq: int, envelope: Envelope, error: PublishFailed) -> None:

@@ -38,3 +38,13 @@ def test_clock_skew_never_gives_negative_latency() -> None:
     clock = CommitClock()
     clock.committed(1, pg_ts(100.0))
     assert clock.confirmed(1, 99.0) == [0.0]
+
+
+def test_has_confirmed_matches_confirmed() -> None:
+    clock = CommitClock()
+    assert not clock.has_confirmed(10)
+    clock.committed(3, pg_ts(1.0))
+    assert not clock.has_confirmed(2)
+    assert clock.has_confirmed(3)
+    clock.confirmed(3, 2.0)
+    assert not clock.has_confirmed(3)
