@@ -146,6 +146,7 @@ class Bench:
 
             for txn in (1, 100):
                 await self._backlog_steps(txn)
+            await self._quorum_drain()
 
             for rate in z["rates"]:
                 await self.step(
@@ -247,6 +248,24 @@ class Bench:
                             pg.dsn, mq.amqp_url, settings.table, batch, p, 900
                         ),
                     )
+        finally:
+            await asyncio.to_thread(backlog.drop)
+
+    async def _quorum_drain(self) -> None:
+        """The same 1-row-transaction drain into a quorum queue (a faster broker path)."""
+        n = self.sizes["backlog"]
+        settings = pgside.new_settings(self.pg.dsn, self.mq.amqp_url, "quorum")
+        log(f"backlog for the quorum-queue drain: {n:,} rows in 1-row transactions ...")
+        backlog = await asyncio.to_thread(pgside.make_backlog, settings, n, 1)
+        try:
+            await asyncio.to_thread(pgside.drop_slots, self.pg.dsn, backlog.ceiling_slot)
+            await self.step(
+                "relay_drain_quorum",
+                "cdc-relay drains a 1-row-transaction backlog into a quorum queue",
+                lambda p: relayrun.relay_drain(
+                    backlog, self.workdir, p, _drain_timeout(n), {"x-queue-type": "quorum"}
+                ),
+            )
         finally:
             await asyncio.to_thread(backlog.drop)
 

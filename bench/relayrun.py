@@ -162,7 +162,11 @@ async def remove_topology(amqp_url: str, exchange: str, queue: str) -> None:
 
 
 async def relay_drain(
-    backlog: Backlog, workdir: Path, phase: Phase, timeout: float
+    backlog: Backlog,
+    workdir: Path,
+    phase: Phase,
+    timeout: float,
+    queue_arguments: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Start the relay on a backlog; time until the slot is confirmed past the last commit.
 
@@ -172,7 +176,7 @@ async def relay_drain(
     """
     settings = backlog.settings
     queue = f"q_{settings.exchange}"
-    await topology(settings.amqp_urls[0], settings.exchange, queue)
+    await topology(settings.amqp_urls[0], settings.exchange, queue, **(queue_arguments or {}))
     result = await _run_until_flushed(
         settings, queue, backlog.rows, backlog.end_lsn, workdir, phase, timeout
     )
