@@ -53,7 +53,7 @@ class PublishFailed(Exception):
         self.reply_code = reply_code
 
 
-OnConfirm = Callable[[int], None]
+OnConfirm = Callable[[list[int]], None]  # the sequence numbers one ack frame confirmed
 OnFailure = Callable[[int, Envelope, PublishFailed], None]
 
 
@@ -139,7 +139,6 @@ class Publisher:
         heartbeat: int = 10,
         on_confirm: OnConfirm,
         on_failure: OnFailure,
-        on_settled: Callable[[], None] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -149,7 +148,6 @@ class Publisher:
         self._heartbeat = heartbeat
         self._on_confirm = on_confirm
         self._on_failure = on_failure
-        self._on_settled = on_settled
         self.on_connection_lost: Callable[[PublishFailed], None] | None = None
         self._loop = asyncio.get_running_loop()
         self._protocol: _Protocol | None = None
@@ -341,31 +339,34 @@ class Publisher:
         log.warning("unmatched basic.return for message %s", message_id)
 
     def _settle(self, tag: int, multiple: bool, error: PublishFailed | None) -> None:
+        """One ack/nack frame: confirmed messages are reported together, in order."""
         order = self._order
+        by_tag = self._by_tag
+        confirmed: list[int] = []
         if multiple:
             while order and order[0].tag <= tag:
                 entry = order.popleft()
                 if not entry.done:
-                    self._report(entry, error)
+                    self._report(entry, error, confirmed)
         else:
-            entry = self._by_tag.get(tag)
+            entry = by_tag.get(tag)
             if entry is None or entry.done:
                 return
-            self._report(entry, error)
+            self._report(entry, error, confirmed)
             while order and order[0].done:
                 order.popleft()
-        if len(self._by_tag) < self._max_in_flight:
+        if len(by_tag) < self._max_in_flight:
             self._window_open.set()
-        if not self._by_tag:
+        if not by_tag:
             self._all_done.set()
-        if self._on_settled is not None:
-            self._on_settled()  # once per ack frame, however many messages it settled
+        if confirmed:
+            self._on_confirm(confirmed)
 
-    def _report(self, entry: _InFlight, error: PublishFailed | None) -> None:
+    def _report(self, entry: _InFlight, error: PublishFailed | None, confirmed: list[int]) -> None:
         entry.done = True
         del self._by_tag[entry.tag]
         if error is None and entry.returned is None:
-            self._on_confirm(entry.seq)
+            confirmed.append(entry.seq)
         else:
             self._on_failure(entry.seq, entry.envelope, entry.returned or error)  # type: ignore[arg-type]
 

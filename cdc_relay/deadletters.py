@@ -71,8 +71,9 @@ async def replay(
         router = Router(settings.exchange, settings.routing_key, settings.message_format)
         outcomes: dict[int, str | None] = {}
 
-        def on_confirm(seq: int) -> None:
-            outcomes[seq] = None
+        def on_confirm(seqs: list[int]) -> None:
+            for seq in seqs:
+                outcomes[seq] = None
 
         def on_failure(seq: int, _envelope: Any, error: PublishFailed) -> None:
             outcomes[seq] = error.reason

@@ -202,7 +202,6 @@ class _Session:
             heartbeat=s.amqp_heartbeat,
             on_confirm=self.on_confirm,
             on_failure=self.on_failure,
-            on_settled=self._transactions_confirmed,
         )
         await self.publisher.connect()
         self.publisher.on_connection_lost = self._on_amqp_closed
@@ -377,21 +376,31 @@ class _Session:
 
     # -- broker outcomes ----------------------------------------------------------
 
-    def on_confirm(self, seq: int) -> None:
-        self.rows.pop(seq, None)
-        before = self.tracker.flush_lsn
-        self.tracker.confirm(seq)
-        self.metrics.confirmed.inc()
-        if self.tracker.flush_lsn != before:
+    def on_confirm(self, seqs: list[int]) -> None:
+        """The messages one ack frame confirmed (increasing sequence numbers)."""
+        rows = self.rows
+        for seq in seqs:
+            rows.pop(seq, None)
+        tracker = self.tracker
+        before = tracker.flush_lsn
+        first, last = seqs[0], seqs[-1]
+        if first == tracker.confirmed_upto + 1 and last - first + 1 == len(seqs):
+            tracker.confirm_upto(last)  # the common case: one contiguous run
+        else:
+            for seq in seqs:  # gaps: returned or dead-lettered messages in between
+                tracker.confirm(seq)
+        self.metrics.confirmed.inc(len(seqs))
+        if tracker.flush_lsn != before:
             self.status_wakeup.set()
             self.relay._made_progress = True
+            self._transactions_confirmed()
 
     def _transactions_confirmed(self) -> None:
         """Observe commit-to-confirm for every transaction that just became confirmed.
 
-        Called once per ack frame (not per message) and after a Commit or a
-        dead-letter write: one clock read for all the transactions one
-        ``multiple`` ack finished.
+        Called once per ack frame (not per message) that moved the flush
+        position, and after a Commit or a dead-letter write: one clock read for
+        all the transactions one ``multiple`` ack finished.
         """
         clock = self.commit_clock
         if clock.has_confirmed(self.tracker.confirmed_upto):
