@@ -26,6 +26,8 @@ BASIC_CLASS = 60
 
 _FRAME_HEAD = struct.Struct("!BHI")
 _HEADER_PREFIX = struct.Struct("!HHQH")  # class, weight, body size, property flags
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
 
 # Property flag bits, in wire order (AMQP 0-9-1 basic class).
 _CONTENT_TYPE = 1 << 15
@@ -68,16 +70,18 @@ def _timestamp(value: datetime) -> int:
 def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     """Property flags and the property list of an envelope's content header.
 
-    Empty strings are left out, as pamqp (and so aio-pika) does.
+    Empty strings are left out, as pamqp (and so aio-pika) does. Strings that
+    repeat from message to message (content type, event type, app id) come
+    from a small cache; the message id never repeats and is encoded each time.
     """
     flags = 0
     parts: list[bytes] = []
     if envelope.content_type:
         flags |= _CONTENT_TYPE
-        parts.append(short_string(envelope.content_type))
+        parts.append(_repeated_short_string(envelope.content_type))
     if envelope.content_encoding:
         flags |= _CONTENT_ENCODING
-        parts.append(short_string(envelope.content_encoding))
+        parts.append(_repeated_short_string(envelope.content_encoding))
     if envelope.headers:
         flags |= _HEADERS
         parts.append(encode_table(envelope.headers))
@@ -92,32 +96,57 @@ def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
         parts.append(short_string(envelope.message_id))
     if envelope.timestamp is not None:
         flags |= _TIMESTAMP
-        parts.append(struct.pack("!Q", _timestamp(envelope.timestamp)))
+        parts.append(_U64.pack(_timestamp(envelope.timestamp)))
     if envelope.type:
         flags |= _TYPE
-        parts.append(short_string(envelope.type))
+        parts.append(_repeated_short_string(envelope.type))
     if envelope.app_id:
         flags |= _APP_ID
-        parts.append(short_string(envelope.app_id))
+        parts.append(_repeated_short_string(envelope.app_id))
     return flags, b"".join(parts)
+
+
+_CACHE_LIMIT = 4096  # entries; a cache that fills up is simply emptied
+_short_strings: dict[str, bytes] = {}
+_table_keys: dict[str, bytes] = {}
+
+
+def _repeated_short_string(value: str) -> bytes:
+    encoded = _short_strings.get(value)
+    if encoded is None:
+        encoded = short_string(value)
+        if len(_short_strings) >= _CACHE_LIMIT:
+            _short_strings.clear()
+        _short_strings[value] = encoded
+    return encoded
+
+
+def _table_key(key: str) -> bytes:
+    """A field-table key as encoded on the wire (length byte + UTF-8)."""
+    encoded = _table_keys.get(key)
+    if encoded is None:
+        raw_key = key.encode()
+        if len(raw_key) > 255:
+            raise ValueError(f"header name longer than 255 bytes: {key[:40]!r}...")
+        encoded = bytes((len(raw_key),)) + raw_key
+        if len(_table_keys) >= _CACHE_LIMIT:
+            _table_keys.clear()
+        _table_keys[key] = encoded
+    return encoded
 
 
 def encode_table(table: dict[str, Any]) -> bytes:
     """A field table; plain string values (the common case) skip pamqp's dispatch."""
     parts: list[bytes] = []
+    append = parts.append
     for key, value in table.items():
-        raw_key = key.encode()
-        if len(raw_key) > 255:
-            raise ValueError(f"header name longer than 255 bytes: {key[:40]!r}...")
         if type(value) is str:
             raw = value.encode()
-            parts.append(
-                bytes((len(raw_key),)) + raw_key + b"S" + struct.pack("!I", len(raw)) + raw
-            )
+            append(_table_key(key) + b"S" + _U32.pack(len(raw)) + raw)
         else:
-            parts.append(bytes((len(raw_key),)) + raw_key + pamqp_encode.encode_table_value(value))
+            append(_table_key(key) + pamqp_encode.encode_table_value(value))
     body = b"".join(parts)
-    return struct.pack("!I", len(body)) + body
+    return _U32.pack(len(body)) + body
 
 
 def encode_content(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
@@ -128,3 +129,26 @@ def test_amqp_url_parsing() -> None:
     )
     d = AmqpAddress.parse("amqp://localhost")
     assert (d.port, d.user, d.password, d.vhost) == (5672, "guest", "guest", "/")
+
+
+def test_over_long_names_are_refused_even_after_caching() -> None:
+    encoder = PublishEncoder(1, 131072)
+    long_key = "k" * 256
+    for _ in range(2):  # the second time would come from a cache if one kept it
+        with pytest.raises(ValueError, match="255"):
+            encoder.encode(Envelope("ex", "rk", b"{}", "id", "T", {long_key: "v"}))
+        with pytest.raises(ValueError, match="255"):
+            encoder.encode(Envelope("ex", "rk", b"{}", "id", "T" * 256, {}))
+
+
+def test_encoding_caches_stay_bounded() -> None:
+    from cdc_relay import amqp_wire
+
+    encoder = PublishEncoder(1, 131072)
+    for n in range(amqp_wire._CACHE_LIMIT + 10):
+        data = encoder.encode(Envelope("ex", "rk", b"{}", "id", f"T{n}", {f"h{n}": "v"}))
+        assert data == reference(
+            Envelope("ex", "rk", b"{}", "id", f"T{n}", {f"h{n}": "v"}), 1, 131072
+        )
+    assert len(amqp_wire._short_strings) <= amqp_wire._CACHE_LIMIT
+    assert len(amqp_wire._table_keys) <= amqp_wire._CACHE_LIMIT
