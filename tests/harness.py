@@ -283,3 +283,25 @@ async def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> b
             return True
         await asyncio.sleep(interval)
     return bool(predicate())
+
+
+def parse_histogram(text: str, name: str) -> dict[str, float]:
+    """The buckets (by ``le``), ``count`` and ``sum`` of one Prometheus histogram."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            found[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith((name + "_count ", name + "_sum ")):
+            key, value = line.split(" ", 1)
+            found[key.rsplit("_", 1)[1]] = float(value)
+    return found
+
+
+async def metrics_text(port: int) -> str:
+    """The relay's /metrics page."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return body.decode().split("\r\n\r\n", 1)[1]

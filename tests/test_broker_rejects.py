@@ -14,7 +14,16 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from cdc_relay.devservers import free_port
+from tests.harness import (
+    Consumer,
+    RelayProcess,
+    Setup,
+    metrics_text,
+    parse_histogram,
+    unique_names,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -140,7 +149,10 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(
 ) -> None:
     await declare_exchange(outbox.amqp_url, outbox.names["exchange"])
     consumer = await Consumer(outbox.amqp_url, outbox.names["exchange"], "routed.#").start()
-    relay = RelayProcess(outbox, relay_log, "--routing-key", "routed.{event_type}").start()
+    port = free_port()
+    relay = RelayProcess(
+        outbox, relay_log, "--routing-key", "routed.{event_type}", "--metrics-port", str(port)
+    ).start()
     try:
         relay.wait_for_log("streaming from slot")
         with psycopg.connect(outbox.dsn) as conn:
@@ -156,6 +168,11 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(
         assert bad_headers[0] in listed.stdout and "headers must be a JSON object" in listed.stdout
         # The slot moved past all four rows.
         assert await wait_until(lambda: outbox.confirmed_lag() < 16 * 1024, 10)
+        # One transaction, finished once its two dead letters were stored.
+        text = await metrics_text(port)
+        assert parse_histogram(text, "cdc_relay_commit_to_confirm_seconds")["count"] == 1
+        assert "cdc_relay_messages_dead_lettered_total 2.0" in text
+        assert "cdc_relay_messages_confirmed_total 2.0" in text
         # Bind a queue for the unroutable one and replay it.
         other = await Consumer(
             outbox.amqp_url, outbox.names["exchange"], "nowhere.#", queue="q_nowhere"

@@ -16,7 +16,15 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay.devservers import free_port
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.harness import (
+    Consumer,
+    RelayProcess,
+    Setup,
+    metrics_text,
+    parse_histogram,
+    unique_names,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -276,27 +284,6 @@ async def test_second_relay_is_hot_standby(outbox: Setup, consumer: Consumer, re
     assert second.terminate() == 0
 
 
-def _histogram(metrics_text: str, name: str) -> dict[str, float]:
-    """The buckets (by ``le``), ``count`` and ``sum`` of one Prometheus histogram."""
-    found: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        if line.startswith(name + "_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            found[le] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith((name + "_count ", name + "_sum ")):
-            key, value = line.split(" ", 1)
-            found[key.rsplit("_", 1)[1]] = float(value)
-    return found
-
-
-async def _get(port: int, path: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    body = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return body.decode().split("\r\n\r\n", 1)[1]
-
-
 async def test_commit_to_confirm_latency_per_transaction(
     outbox: Setup, consumer: Consumer, relays: Any
 ) -> None:
@@ -319,7 +306,7 @@ async def test_commit_to_confirm_latency_per_transaction(
     await consumer.wait_for(set(late))
     histogram: dict[str, float] = {}
     for _ in range(50):  # the confirm may land just after the consumer saw the message
-        histogram = _histogram(await _get(port, "/metrics"), "cdc_relay_commit_to_confirm_seconds")
+        histogram = parse_histogram(await metrics_text(port), "cdc_relay_commit_to_confirm_seconds")
         if histogram.get("count") == 5:
             break
         await asyncio.sleep(0.1)
