@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.env import Phase, percentiles, proc_cpu_seconds, proc_status_kb
 from bench.loadproc import read_times
@@ -114,12 +115,13 @@ class RelayProcess:
             text = (await asyncio.wait_for(reader.read(), 10)).decode()
         finally:
             writer.close()
-        buckets: dict[float, float] = {}
-        for line in text.splitlines():
-            if line.startswith(name + "_bucket{"):
-                le = line.split('le="', 1)[1].split('"', 1)[0]
-                buckets[float(le)] = float(line.rsplit(" ", 1)[1])
-        return buckets
+        return {
+            float(sample.labels["le"]): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == name
+            for sample in family.samples
+            if sample.name == name + "_bucket"
+        }
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM (a clean drain), then wait; returns the exit code."""

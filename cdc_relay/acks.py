@@ -104,6 +104,17 @@ class AckTracker:
         self._confirmed_upto = seq
         self._advance()
 
+    def confirm_many(self, seqs: list[int]) -> None:
+        """Mark several messages confirmed (one ack frame's worth, increasing)."""
+        if not seqs:
+            return
+        first, last = seqs[0], seqs[-1]
+        if first == self._confirmed_upto + 1 and last - first + 1 == len(seqs):
+            self.confirm_upto(last)  # the common case: one contiguous run
+        else:
+            for seq in seqs:  # gaps: returned or dead-lettered messages in between
+                self.confirm(seq)
+
     # -- results ------------------------------------------------------------
 
     @property

@@ -45,6 +45,3 @@ class CommitClock:
         while pending and pending[0][0] <= confirmed_upto:
             done.append(max(0.0, now - pending.popleft()[1]))
         return done
-
-    def __len__(self) -> int:
-        return len(self._pending)

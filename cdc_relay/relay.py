@@ -383,12 +383,7 @@ class _Session:
             rows.pop(seq, None)
         tracker = self.tracker
         before = tracker.flush_lsn
-        first, last = seqs[0], seqs[-1]
-        if first == tracker.confirmed_upto + 1 and last - first + 1 == len(seqs):
-            tracker.confirm_upto(last)  # the common case: one contiguous run
-        else:
-            for seq in seqs:  # gaps: returned or dead-lettered messages in between
-                tracker.confirm(seq)
+        tracker.confirm_many(seqs)
         self.metrics.confirmed.inc(len(seqs))
         if tracker.flush_lsn != before:
             self.status_wakeup.set()

@@ -21,6 +21,7 @@ from typing import Any
 import aio_pika
 import orjson
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_relay.config import Settings
 from cdc_relay.pg import admin
@@ -288,13 +289,11 @@ async def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> b
 def parse_histogram(text: str, name: str) -> dict[str, float]:
     """The buckets (by ``le``), ``count`` and ``sum`` of one Prometheus histogram."""
     found: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(name + "_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            found[le] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith((name + "_count ", name + "_sum ")):
-            key, value = line.split(" ", 1)
-            found[key.rsplit("_", 1)[1]] = float(value)
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            for sample in family.samples:
+                key = sample.labels.get("le") or sample.name.rsplit("_", 1)[1]
+                found[key] = sample.value
     return found
 
 

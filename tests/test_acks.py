@@ -710,3 +710,32 @@ def test_confirm_upto_equals_confirming_each(sizes: list[int], data: st.DataObje
         many.confirm(seq)
     assert one.flush_lsn == many.flush_lsn
     assert one.unconfirmed == many.unconfirmed
+
+
+@given(
+    st.integers(min_value=1, max_value=30),
+    st.lists(st.integers(min_value=1, max_value=30), unique=True),
+    st.lists(st.integers(min_value=1, max_value=30), unique=True),
+)
+def test_confirm_many_equals_confirming_one_by_one(
+    messages: int, earlier: list[int], batch: list[int]
+) -> None:
+    """An ack frame's batch (contiguous or with gaps) acts like its confirms in order."""
+    batched, single = AckTracker(), AckTracker()
+    for tracker in (batched, single):
+        tracker.begin()
+        for _ in range(messages):
+            tracker.add_message()
+        tracker.commit(100)
+        for seq in earlier:
+            if seq <= messages:
+                tracker.confirm(seq)
+    seqs = sorted(seq for seq in batch if seq <= messages)
+    batched.confirm_many(seqs)
+    for seq in seqs:
+        single.confirm(seq)
+    assert (batched.flush_lsn, batched.confirmed_upto, batched.unconfirmed) == (
+        single.flush_lsn,
+        single.confirmed_upto,
+        single.unconfirmed,
+    )
