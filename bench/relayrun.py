@@ -112,7 +112,8 @@ class RelayProcess:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
         try:
             writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            text = (await asyncio.wait_for(reader.read(), 10)).decode()
+            response = (await asyncio.wait_for(reader.read(), 10)).decode()
+            text = response.split("\r\n\r\n", 1)[1]  # the body, after the HTTP headers
         finally:
             writer.close()
         return {
