@@ -1,9 +1,14 @@
-"""Wire the stream, the decoder, the router, the publisher and the ack tracker.
+"""Run sessions: perform what the session core decides, and start again after any failure.
 
-A session is one replication connection plus one AMQP connection. Any failure
-ends the session: both connections close, and the next session starts again
-from the slot's confirmed position after a backoff with jitter. Nothing is
-retried inside a session, so there is exactly one recovery path to test.
+A session is one replication connection, one AMQP connection and one
+dead-letter connection, alive together. Any failure ends the session: all
+connections close, and the next session starts again from the slot's
+confirmed position after a backoff with jitter. Nothing is retried inside a
+session, so there is exactly one recovery path to test.
+
+The decisions (what a frame means, which rows are dead letters, which LSN is
+safe, when a status update is due) live in ``core.SessionCore`` and
+``pg.schedule.StatusSchedule``; this module only moves bytes and waits.
 """
 
 from __future__ import annotations
@@ -12,31 +17,25 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
+from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-import orjson
 import psycopg
-from psycopg import sql
 
-from cdc_relay.acks import AckTracker, AckTrackerError
-from cdc_relay.amqp import Publisher, PublishFailed, declare_exchange
-from cdc_relay.config import ConfigError, FatalError, Settings
-from cdc_relay.latency import CommitClock
+from cdc_relay.acks import AckTrackerError
+from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
+from cdc_relay.config import Settings
+from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
+from cdc_relay.deadletters import DeadLetterWriter
+from cdc_relay.errors import ConfigError, FatalError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg import admin
-from cdc_relay.pg.pgoutput import (
-    Begin,
-    Commit,
-    Insert,
-    PrimaryKeepalive,
-    ProtocolError,
-    Relation,
-    decode_copy_data,
-    decode_message,
-)
+from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import (
     SQLSTATE_PREREQUISITE_STATE,
     SQLSTATE_UNDEFINED_OBJECT,
@@ -44,33 +43,28 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
-from cdc_relay.router import (
-    Envelope,
-    OutboxRow,
-    OutboxSchemaError,
-    Router,
-    RowReader,
-    UnmappableRow,
-)
+from cdc_relay.pg.schedule import Dead, Send, StatusSchedule, effective_pg_timeout
+from cdc_relay.router import Envelope, Router
 
 log = logging.getLogger("cdc_relay")
 
-STATUS_MIN_GAP = 0.02  # seconds between two status updates: no storms, ever
-HEALTHY_SESSION_SECONDS = 30.0
-VALIDATE_TIMEOUT = 30.0  # a session this long resets the backoff
+HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
+VALIDATE_TIMEOUT: Final = 30.0  # startup checks must answer within this
+STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slot
+DEAD_LETTER_QUEUE: Final = 1000  # rows waiting to be stored before the pump waits
+DEAD_LETTER_BATCH: Final = 500  # rows stored in one transaction
+FINAL_STATUS_TIMEOUT: Final = 2.0
 
-
-class SessionFailed(Exception):
-    """Something ended the session; the next one replays from the slot."""
-
-
-@dataclass(slots=True)
-class _DeadLetter:
-    seq: int
-    row: dict[str, Any]
-    outbox_id: str | None
-    reason: str
-    lsn: int
+# Exceptions that end a session and are retried; anything else is a bug or a
+# configuration error and ends the process.
+SESSION_ERRORS: Final = (
+    SessionFailed,
+    ReplicationError,
+    PublishFailed,
+    OSError,  # ConnectionError, the publisher's ConnectError
+    psycopg.Error,
+    TimeoutError,
+)
 
 
 class Relay:
@@ -80,47 +74,38 @@ class Relay:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.router = Router(settings.exchange, settings.routing_key, settings.message_format)
+        self.limits = BrokerLimits.empty()
         self._stop = asyncio.Event()
-        self._schema, self._table = settings.table_parts
-        self._exchange_declared = False
-        self._made_progress = False
+        self._abort = asyncio.Event()
 
     def request_stop(self) -> None:
+        """First call: stop cleanly. Second call: stop now, without waiting for confirms."""
+        if self._stop.is_set():
+            if not self._abort.is_set():
+                log.warning("second stop request: exiting now; unconfirmed rows will be resent")
+            self._abort.set()
         self._stop.set()
 
     async def run(self) -> None:
         attempt = 0
-        standing_by = False
         while not self._stop.is_set():
             started = time.monotonic()
-            self._made_progress = False
+            session = Session(
+                self.settings, self.metrics, self.router, self.limits, self._stop, self._abort
+            )
             try:
-                await self._session()
+                await session.run()
                 return  # a session only returns normally when asked to stop
-            except ConfigError:
+            except (ConfigError, FatalError):
                 raise
             except (ProtocolError, AckTrackerError) as exc:
                 # The same bytes would come again: retrying cannot help.
                 raise FatalError(f"cannot process the replication stream: {exc}") from exc
-            except SlotInUse as exc:
-                # Hot standby: poll the slot often so takeover is quick, log once.
-                (log.debug if standing_by else log.info)("standing by: %s", exc)
-                standing_by = True
-                attempt = 0
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), random.uniform(0.5, 1.5))
-                continue
-            except (SessionFailed, ReplicationError, PublishFailed) as exc:
-                log.warning("session ended: %s", exc)
-            except (OSError, psycopg.Error, ConnectionError, TimeoutError) as exc:
-                log.warning("session ended: %s: %s", type(exc).__name__, exc)
-            except Exception as exc:  # aiormq/aio-pika raise their own hierarchy
-                if type(exc).__module__.split(".")[0] not in ("aiormq", "aio_pika", "pamqp"):
-                    raise
-                log.warning("session ended: %s: %s", type(exc).__name__, exc)
+            except SESSION_ERRORS as exc:
+                log.warning("session ended: %s", _describe(exc))
             finally:
                 self.metrics.ready.set(0)
-            if time.monotonic() - started > HEALTHY_SESSION_SECONDS or self._made_progress:
+            if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
                 attempt = 0
             delay = self._backoff(attempt)
             attempt += 1
@@ -132,60 +117,56 @@ class Relay:
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, never below the minimum."""
         s = self.settings
-        ceiling = min(s.reconnect_max, s.reconnect_min * (2**attempt))
+        ceiling = min(s.reconnect_max, s.reconnect_min * (2 ** min(attempt, 30)))
         return max(s.reconnect_min, random.uniform(0, ceiling))
 
-    # -- one session ----------------------------------------------------------
 
-    def _validate_sync(self) -> str | None:
-        """Startup checks; returns the slot's confirmed position (where we resume)."""
-        try:
-            conn = psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise SessionFailed(f"cannot connect to Postgres: {str(exc).strip()}") from None
-        with conn:
-            admin.validate(conn, self.settings)
-            info = admin.slot_info(conn, self.settings.slot)
-        return info.confirmed_flush_lsn if info else None
-
-    async def _session(self) -> None:
-        # A partitioned network can hang a plain query forever: bound it.
-        try:
-            start = await asyncio.wait_for(asyncio.to_thread(self._validate_sync), VALIDATE_TIMEOUT)
-        except TimeoutError:
-            raise SessionFailed(f"startup checks got no answer in {VALIDATE_TIMEOUT}s") from None
-        session = _Session(self)
-        session.start_position = start
-        try:
-            await session.run()
-        finally:
-            await _bounded(session.close(), "closing connections")
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SessionFailed | ReplicationError | PublishFailed):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).strip()}"
 
 
-class _Session:
-    """One replication connection and one AMQP connection, alive together."""
+@dataclass(slots=True)
+class _Connections:
+    stream: ReplicationStream | None = None
+    publisher: Publisher | None = None
+    dead_letters: DeadLetterWriter | None = None
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.settings = relay.settings
-        self.metrics = relay.metrics
-        self.router = relay.router
-        self.tracker = AckTracker()
-        self.commit_clock = CommitClock()
-        self.txn_first_seq = 0
-        self.stream: ReplicationStream | None = None
-        self.publisher: Publisher | None = None
-        self.dl_conn: psycopg.AsyncConnection[Any] | None = None
+
+class Session:
+    """One replication stream, one publisher, one dead-letter writer, and the core between them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        router: Router,
+        limits: BrokerLimits,
+        stop: asyncio.Event,
+        abort: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.router = router
+        self.limits = limits
+        self.stop = stop
+        self.abort = abort
+        self.conns = _Connections()
+        self.core: SessionCore | None = None
         self.failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status_wakeup = asyncio.Event()
-        self.received_lsn = 0
-        self.sent_flush = 0
-        self.rows: dict[int, OutboxRow] = {}
-        self.txn_lsn = 0
-        self.stop_at_commit = False
+        self.letters: deque[PendingDeadLetter] = deque()
+        self.letters_waiting = asyncio.Event()
+        self.letters_room = asyncio.Event()
+        self.letters_room.set()
+        self.letters_idle = asyncio.Event()
+        self.letters_idle.set()
         self.closing = False
-        self.start_position: str | None = None
-        self.background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def made_progress(self) -> bool:
+        return self.core is not None and self.core.made_progress
 
     def fail(self, exc: BaseException) -> None:
         if not self.failure.done() and not self.closing:
@@ -194,336 +175,357 @@ class _Session:
     # -- lifecycle --------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.closing = True  # what our own closing causes is not a failure
+            await _bounded(self._close(), "closing connections")
+            if self.failure.done() and not self.failure.cancelled():
+                self.failure.exception()  # retrieved: it was raised or superseded
+
+    async def _run(self) -> None:
         s = self.settings
-        self.publisher = Publisher(
-            s.amqp_urls,
-            max_in_flight=s.max_in_flight,
-            confirm_timeout=s.confirm_timeout,
-            heartbeat=s.amqp_heartbeat,
-            on_confirm=self.on_confirm,
-            on_failure=self.on_failure,
-        )
-        await self.publisher.connect()
-        self.publisher.on_connection_lost = self._on_amqp_closed
-        if s.declare_exchange and s.message_format == "event" and not self.relay._exchange_declared:
-            await declare_exchange(s.amqp_urls[0], s.exchange)
-            self.relay._exchange_declared = True
-        self.stream = await ReplicationStream.connect(
+        stream = await ReplicationStream.connect(
             s.dsn,
             keepalive_idle=s.tcp_keepalive_idle,
             keepalive_interval=s.tcp_keepalive_interval,
             keepalive_count=s.tcp_keepalive_count,
         )
-        try:
-            await self.stream.start(s.slot, s.publication)
-        except ReplicationError as exc:
-            if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
-                raise ConfigError(
-                    f"replication slot {s.slot} cannot be used: {exc}; "
-                    "recreate it with `cdc-relay init` and reconcile the outbox"
-                ) from None
-            raise
+        self.conns.stream = stream
+        wal_sender_timeout = parse_pg_duration(await stream.show("wal_sender_timeout"))
+        if not await self._take_slot(stream):
+            return  # asked to stop while standing by
+        # The slot is ours now: its confirmed position cannot move under us.
+        facts = await self._validate()
+        self.core = core = SessionCore(
+            outbox_relid=facts.outbox_relid,
+            table=s.table,
+            router=self.router,
+            start_flush=facts.confirmed_flush_lsn,
+            max_message_size=s.max_message_size,
+            dead_letter_unroutable=s.on_unroutable == "deadletter",
+            limits=self.limits,
+            counters=self.metrics,
+            observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
+        )
+        publisher = Publisher(
+            s.amqp_urls,
+            max_in_flight=s.max_in_flight,
+            max_in_flight_bytes=s.max_in_flight_bytes,
+            confirm_timeout=s.confirm_timeout,
+            heartbeat=s.amqp_heartbeat,
+            on_outcome=self._on_outcome,
+        )
+        self.conns.publisher = publisher
+        await publisher.connect()
+        if s.declare_exchange and s.message_format == "event":
+            await publisher.declare_exchange(s.exchange)
+        self.conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
+        timeout = effective_pg_timeout(s.pg_timeout, wal_sender_timeout)
         log.info(
             "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
             s.publication,
-            self.start_position,
-            self.publisher.connected_url,
+            format_lsn(facts.confirmed_flush_lsn),
+            publisher.connected_url,
         )
-        self.metrics.ready.set(1)
-        tasks = [
-            asyncio.create_task(self.pump(), name="cdc-relay-pump"),
-            asyncio.create_task(self.status_loop(), name="cdc-relay-status"),
-            asyncio.create_task(self.stats_loop(), name="cdc-relay-stats"),
-        ]
-        stop_wait = asyncio.create_task(self.relay._stop.wait())
-        try:
-            done, _ = await asyncio.wait(
-                [*tasks, stop_wait, self.failure], return_when=asyncio.FIRST_COMPLETED
+        if timeout > s.pg_timeout:
+            log.info(
+                "Postgres liveness timeout %.0fs (raised from --pg-timeout to outlast "
+                "wal_sender_timeout %.0fs)",
+                timeout,
+                wal_sender_timeout,
             )
-            if self.failure.done():
-                self.failure.result()  # raises the failure
-            for task in tasks:
-                if task in done:
-                    task.result()  # raises what ended the pump
-            # Asked to stop: finish the transaction being read (so that nothing
-            # is replayed after a clean stop), stop reading, drain confirms
-            # (bounded), send the final flush.
-            pump = tasks[0]
-            if self.tracker.in_transaction:
-                self.stop_at_commit = True
-                await asyncio.wait([pump, self.failure], timeout=s.shutdown_timeout)
-                if self.failure.done():
-                    self.failure.result()
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-            drained = await self.publisher.wait_confirmed(s.shutdown_timeout)
-            if self.failure.done():
-                self.failure.exception()
-            if not drained:
-                log.warning(
-                    "stopping with %d unconfirmed message(s); they will be sent again",
-                    self.publisher.in_flight,
-                )
-            await self.send_status()
-            log.info("stopped; confirmed position %s", format_lsn(self.tracker.flush_lsn))
+        self.metrics.ready.set(1)
+        pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
+        status = asyncio.create_task(
+            self._status_loop(stream, core, timeout), name="cdc-relay-status"
+        )
+        helpers = [
+            asyncio.create_task(self._store_dead_letters(), name="cdc-relay-dead-letters"),
+            asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
+        ]
+        for task in (pump, status, *helpers):
+            task.add_done_callback(self._task_done)
+        stop_wait = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait(
+                [pump, status, *helpers, stop_wait, self.failure],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            self._raise_failure()
+            await self._stop_cleanly(pump, publisher, core)
+            status.cancel()
+            await asyncio.gather(status, return_exceptions=True)
+            await asyncio.wait_for(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
+            log.info("stopped; confirmed position %s", format_lsn(core.tracker.flush_lsn))
         finally:
             stop_wait.cancel()
+            tasks = [pump, status, *helpers]
             for task in tasks:
                 task.cancel()
             await _bounded(asyncio.gather(*tasks, stop_wait, return_exceptions=True), "tasks")
             # Report what was confirmed before whatever ended the session, so the
             # next one does not replay it (best effort: the link may be gone).
-            if self.tracker.flush_lsn > self.sent_flush:
+            if not self.stop.is_set() and core.status_due:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.send_status(), 2)
-            if self.failure.done() and not self.failure.cancelled():
-                self.failure.exception()  # mark retrieved
+                    await asyncio.wait_for(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
 
-    def _on_amqp_closed(self, error: PublishFailed) -> None:
-        self.fail(SessionFailed(str(error)))
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """Whatever ends a session task ends the session (the pump returns only at STOP)."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.fail(exc)
+        elif not (task.get_name() == "cdc-relay-pump" and self.core and self.core.stop_requested):
+            self.fail(SessionFailed(f"{task.get_name()} ended unexpectedly"))
 
-    async def close(self) -> None:
-        self.closing = True  # what our own closing causes is not a failure
-        for task in list(self.background):
-            task.cancel()
-        if self.stream is not None:
+    def _raise_failure(self) -> None:
+        if self.failure.done():
+            self.failure.result()
+
+    async def _take_slot(self, stream: ReplicationStream) -> bool:
+        """START_REPLICATION; while another relay holds the slot, stand by on this connection."""
+        s = self.settings
+        standing_by = False
+        while True:
             try:
-                await self.stream.close()
+                await stream.start(s.slot, s.publication)
+                if standing_by:
+                    log.info("slot %s is free: taking over", s.slot)
+                return True
+            except SlotInUse as exc:
+                if not standing_by:
+                    log.info("standing by: %s", exc)
+                standing_by = True
+            except ReplicationError as exc:
+                if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
+                    raise ConfigError(
+                        f"replication slot {s.slot} cannot be used: {exc}; "
+                        "recreate it with `cdc-relay init` and reconcile the outbox"
+                    ) from None
+                raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), random.uniform(*STANDBY_RETRY))
+            if self.stop.is_set():
+                return False
+
+    async def _validate(self) -> admin.StartupFacts:
+        """Startup checks on a normal connection, bounded: a partition must not hang them."""
+        dsn = self.settings.dsn
+
+        def validate() -> admin.StartupFacts:
+            with admin.connect(dsn) as conn:
+                return admin.validate(conn, self.settings)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(validate), VALIDATE_TIMEOUT)
+        except TimeoutError:
+            raise SessionFailed(
+                f"startup checks got no answer in {VALIDATE_TIMEOUT:.0f}s"
+            ) from None
+
+    async def _stop_cleanly(
+        self, pump: asyncio.Task[None], publisher: Publisher, core: SessionCore
+    ) -> None:
+        """Finish the transaction being read, stop reading, wait for confirms and dead letters.
+
+        All of it within one --shutdown-timeout; a second SIGTERM/SIGINT skips the waiting.
+        What is not confirmed by then is sent again by the next run (at least once).
+        """
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        abort = asyncio.ensure_future(self.abort.wait())
+
+        async def until(awaitable: Awaitable[Any]) -> bool:
+            """Wait for one step, the deadline, a failure or an abort; True if the step finished."""
+            step = asyncio.ensure_future(awaitable)
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.wait(
+                [step, self.failure, abort], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            self._raise_failure()
+            if not step.done():
+                step.cancel()
+                return False
+            return step.result() is not False
+
+        try:
+            if core.in_transaction and not pump.done():
+                core.stop_requested = True  # the pump returns at the next Commit
+                await until(asyncio.shield(pump))
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            if self.abort.is_set():
+                return
+            drained = await until(publisher.wait_confirmed(self.settings.shutdown_timeout))
+            stored = drained and await until(self.letters_idle.wait())
+            if not (drained and stored):
+                log.warning(
+                    "stopping with %d unconfirmed message(s); they will be sent again",
+                    core.tracker.unconfirmed,
+                )
+        finally:
+            abort.cancel()
+
+    async def _close(self) -> None:
+        conns = self.conns
+        if conns.stream is not None:
+            try:
+                await conns.stream.close()
             except Exception as exc:
                 log.debug("closing replication connection: %r", exc)
-        if self.publisher is not None:
-            await self.publisher.close()
-        if self.dl_conn is not None:
+        if conns.publisher is not None:
+            await conns.publisher.close()
+        if conns.dead_letters is not None:
             try:
-                await self.dl_conn.close()
+                await conns.dead_letters.close()
             except Exception as exc:
                 log.debug("closing dead-letter connection: %r", exc)
 
     # -- the hot loop ------------------------------------------------------------
 
-    async def pump(self) -> None:
-        stream = self.stream
-        publisher = self.publisher
-        assert stream is not None and publisher is not None
-        tracker = self.tracker
-        router = self.router
-        metrics = self.metrics
-        readers: dict[int, RowReader | None] = {}
-        rows = self.rows
-        schema, table = self.relay._schema, self.relay._table
-        max_size = self.settings.max_message_size
+    async def _pump(
+        self, stream: ReplicationStream, publisher: Publisher, core: SessionCore
+    ) -> None:
+        receive = core.receive
+        publish = publisher.publish
+        letters = self.letters
         while True:
-            frames = await stream.read_frames()
-            for raw in frames:
-                message = decode_copy_data(raw)
-                if type(message) is PrimaryKeepalive:
-                    if message.wal_end > self.received_lsn:
-                        self.received_lsn = message.wal_end
-                    tracker.keepalive(message.wal_end)
-                    if message.reply_requested or tracker.flush_lsn > self.sent_flush:
-                        self.status_wakeup.set()
+            for frame in await stream.read_frames():
+                action = receive(frame)
+                if action is None:
                     continue
-                if message.wal_end > self.received_lsn:
-                    self.received_lsn = message.wal_end
-                event = decode_message(message.payload)
-                kind = type(event)
-                if kind is Insert:
-                    reader = readers.get(event.relid)
-                    if reader is None:
-                        if event.relid not in readers:
-                            raise SessionFailed(f"Insert for unknown relation {event.relid}")
-                        continue  # a table other than the outbox: not ours
-                    seq = tracker.add_message()
+                if type(action) is Envelope:
                     try:
-                        row = reader.read(event.new)
-                        envelope = router.route(row)
-                        if len(envelope.body) > max_size:
-                            raise UnmappableRow(
-                                f"message body of {len(envelope.body)} bytes exceeds "
-                                f"--max-message-size {max_size}"
-                            )
-                    except UnmappableRow as exc:
-                        await self.dead_letter_now(seq, event.new, reader, str(exc))
-                        continue
-                    rows[seq] = row
-                    await publisher.publish(seq, envelope)
-                    metrics.published.inc()
-                elif kind is Begin:
-                    tracker.begin()
-                    self.txn_lsn = event.final_lsn
-                    self.txn_first_seq = tracker.last_seq + 1
-                elif kind is Commit:
-                    tracker.commit(event.end_lsn)
-                    metrics.transactions.inc()
-                    if tracker.last_seq >= self.txn_first_seq:
-                        self.commit_clock.committed(tracker.last_seq, event.commit_ts)
-                        self._transactions_confirmed()
-                    if tracker.flush_lsn > self.sent_flush:
-                        self.status_wakeup.set()
-                    if self.stop_at_commit:
-                        return
-                elif kind is Relation:
-                    if event.namespace == schema and event.name == table:
-                        try:
-                            readers[event.relid] = RowReader([c.name for c in event.columns])
-                        except OutboxSchemaError as exc:
-                            raise ConfigError(f"{schema}.{table}: {exc}") from None
+                        await publish(core.last_seq, action)
+                    except UnpublishableMessage as exc:
+                        action = core.unpublishable(core.last_seq, str(exc))
                     else:
-                        readers[event.relid] = None
-                # Origin, Type, Message and (misconfigured) Update/Delete/Truncate
-                # carry nothing to publish; validation keeps them out.
+                        continue
+                if action is STOP:
+                    return
+                assert type(action) is PendingDeadLetter
+                letters.append(action)
+                self.letters_idle.clear()
+                self.letters_waiting.set()
+                if len(letters) >= DEAD_LETTER_QUEUE:
+                    self.letters_room.clear()
+                    await self.letters_room.wait()
+            if core.status_due:
+                self.status_wakeup.set()
 
     # -- broker outcomes ----------------------------------------------------------
 
-    def on_confirm(self, seqs: list[int]) -> None:
-        """The messages one ack frame confirmed (increasing sequence numbers)."""
-        rows = self.rows
-        for seq in seqs:
-            rows.pop(seq, None)
-        tracker = self.tracker
-        before = tracker.flush_lsn
-        tracker.confirm_many(seqs)
-        self.metrics.confirmed.inc(len(seqs))
-        if tracker.flush_lsn != before:
-            self.status_wakeup.set()
-            self.relay._made_progress = True
-            self._transactions_confirmed()
-
-    def _transactions_confirmed(self) -> None:
-        """Observe commit-to-confirm for every transaction that just became confirmed.
-
-        Called once per ack frame (not per message) that moved the flush
-        position, and after a Commit or a dead-letter write: one clock read for
-        all the transactions one ``multiple`` ack finished.
-        """
-        clock = self.commit_clock
-        if clock.has_confirmed(self.tracker.confirmed_upto):
-            observe = self.metrics.commit_to_confirm.observe
-            for seconds in clock.confirmed(self.tracker.confirmed_upto, time.time()):
-                observe(seconds)
-
-    def on_failure(self, seq: int, envelope: Envelope, error: PublishFailed) -> None:
-        row = self.rows.pop(seq, None)
-        self.metrics.publish_failures.inc()
-        if error.returned and self.settings.on_unroutable == "deadletter" and row is not None:
-            task = asyncio.create_task(
-                self.dead_letter(
-                    _DeadLetter(seq, row.as_dict(), row.id, error.reason, self.txn_lsn)
-                )
-            )
-            self.background.add(task)
-            task.add_done_callback(self._background_done)
+    def _on_outcome(self, outcome: Outcome) -> None:
+        """One report from the publisher (called from its protocol: must not block)."""
+        core = self.core
+        assert core is not None
+        try:
+            letters = core.settle(outcome, time.time())
+        except SessionFailed as exc:
+            self.fail(exc)
             return
-        self.fail(SessionFailed(f"publish of message {envelope.message_id} failed: {error}"))
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.fail(SessionFailed(f"dead-letter write failed: {task.exception()!r}"))
+        if letters:
+            self.letters.extend(letters)
+            self.letters_idle.clear()
+            self.letters_waiting.set()
+        if core.status_due:
+            self.status_wakeup.set()
 
     # -- dead letters -------------------------------------------------------------
 
-    async def dead_letter_now(
-        self, seq: int, values: tuple[Any, ...], reader: RowReader, reason: str
-    ) -> None:
-        try:
-            row = reader.read(values)
-            data, outbox_id = row.as_dict(), row.id
-        except UnmappableRow:
-            data = {"values": [_jsonable(v) for v in values]}
-            outbox_id = None
-        await self.dead_letter(_DeadLetter(seq, data, outbox_id, reason, self.txn_lsn))
-
-    async def dead_letter(self, item: _DeadLetter) -> None:
-        """Store a row that can never be published; only then may the slot pass it."""
-        if self.dl_conn is None or self.dl_conn.closed:
-            self.dl_conn = await psycopg.AsyncConnection.connect(
-                self.settings.dsn, autocommit=True, connect_timeout=10
-            )
-        schema, table = self.settings.dead_letter_table
-        await self.dl_conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (outbox_id, reason, row_data, lsn)"
-                " VALUES (%s, %s, %s::jsonb, %s::pg_lsn)"
-            ).format(admin.qualified(schema, table)),
-            (
-                item.outbox_id or "00000000-0000-0000-0000-000000000000",
-                item.reason,
-                orjson.dumps(item.row).decode(),
-                format_lsn(item.lsn),
-            ),
-        )
-        log.warning("dead-lettered outbox row %s: %s", item.outbox_id, item.reason)
-        self.metrics.dead_lettered.inc()
-        before = self.tracker.flush_lsn
-        self.tracker.confirm(item.seq)
-        if self.tracker.flush_lsn != before:
-            self.status_wakeup.set()
-            self._transactions_confirmed()
+    async def _store_dead_letters(self) -> None:
+        """One writer, one connection, batches: a burst of bad rows is one round trip per 500."""
+        writer = self.conns.dead_letters
+        core = self.core
+        assert writer is not None and core is not None
+        letters = self.letters
+        while True:
+            await self.letters_waiting.wait()
+            self.letters_waiting.clear()
+            while letters:
+                batch = [letters.popleft() for _ in range(min(len(letters), DEAD_LETTER_BATCH))]
+                try:
+                    await writer.write([p.letter for p in batch])
+                except (psycopg.Error, OSError) as exc:
+                    raise SessionFailed(f"dead-letter write failed: {_describe(exc)}") from None
+                for pending in batch:
+                    letter = pending.letter
+                    log.warning(
+                        "dead-lettered outbox row %s (LSN %s): %s",
+                        letter.outbox_id,
+                        format_lsn(letter.lsn),
+                        letter.reason,
+                    )
+                core.stored([p.seq for p in batch], time.time())
+                if len(letters) < DEAD_LETTER_QUEUE:
+                    self.letters_room.set()
+                if core.status_due:
+                    self.status_wakeup.set()
+            self.letters_idle.set()
 
     # -- status updates -----------------------------------------------------------
 
-    async def send_status(self, reply_requested: bool = False) -> None:
-        stream = self.stream
-        assert stream is not None
-        flush = self.tracker.flush_lsn
-        write = max(self.received_lsn, flush)
-        await stream.send_status(write, flush, flush, reply_requested)
-        self.sent_flush = flush
+    async def _send_status(
+        self, stream: ReplicationStream, core: SessionCore, reply: bool = False
+    ) -> None:
+        write, flush = core.status_positions()
+        await stream.send_status(write, flush, flush, reply)
+        core.status_sent(flush)
         self.metrics.flush_lsn.set(flush)
-        self.metrics.received_lsn.set(self.received_lsn)
+        self.metrics.received_lsn.set(core.received_lsn)
 
-    async def status_loop(self) -> None:
-        """Timer-driven status, woken early when flush moves or the server asks."""
-        interval = min(self.settings.status_interval, self.settings.pg_timeout / 4)
+    async def _status_loop(
+        self, stream: ReplicationStream, core: SessionCore, timeout: float
+    ) -> None:
+        """Perform what the schedule decides; the decisions are in pg/schedule.py."""
+        schedule = StatusSchedule(self.settings.status_interval, timeout, time.monotonic())
+        wakeup = self.status_wakeup
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.status_wakeup.wait(), interval)
-            self.status_wakeup.clear()
-            reply_requested = False
-            stream = self.stream
-            if stream is not None and stream.waiting_for_data:
-                # A silent partition keeps TCP up (or TCP keepalives may be
-                # answered by a middlebox): ask the server for a reply, and give
-                # up on the connection if none comes in time.
-                silent = time.monotonic() - stream.last_receive
-                if silent > self.settings.pg_timeout:
-                    self.fail(
-                        SessionFailed(f"no data from Postgres for {silent:.1f}s (--pg-timeout)")
-                    )
-                    return
-                reply_requested = silent > self.settings.pg_timeout / 3
-            await self.send_status(reply_requested)
-            await asyncio.sleep(STATUS_MIN_GAP)
+            wait = schedule.wait_time(time.monotonic(), due=core.status_due)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), wait)
+            wakeup.clear()
+            now = time.monotonic()
+            silent = now - stream.last_receive if stream.waiting_for_data else None
+            decision = schedule.decide(now, due=core.status_due, silent=silent)
+            if type(decision) is Dead:
+                raise SessionFailed(
+                    f"no data from Postgres for {decision.silent:.1f}s "
+                    f"(liveness timeout {schedule.timeout:.0f}s)"
+                )
+            if type(decision) is Send:
+                await self._send_status(stream, core, decision.reply_requested)
+                schedule.sent(now)
 
-    async def stats_loop(self) -> None:
+    async def _stats_loop(self, core: SessionCore) -> None:
         interval = self.settings.stats_interval
         last = self.metrics.confirmed_count()
         last_t = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now, count = time.monotonic(), self.metrics.confirmed_count()
-            log.info(
-                "%.0f msg/s confirmed, %d in flight, confirmed LSN %s",
-                (count - last) / (now - last_t),
-                self.tracker.unconfirmed,
-                format_lsn(self.tracker.flush_lsn),
-            )
+            log.info("%.0f msg/s confirmed, %s", (count - last) / (now - last_t), core.describe())
             last, last_t = count, now
 
 
-async def _bounded(awaitable: Any, what: str, timeout: float = 10.0) -> None:
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*")
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_pg_duration(text: str, default_unit: str = "ms") -> float:
+    """A time setting as SHOW prints it (``60s``, ``1min``, ``500ms``, ``0``) in seconds."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"cannot read the time setting {text!r}")
+    return float(match[1]) * _UNIT_SECONDS[match[2] or default_unit]
+
+
+async def _bounded(awaitable: Awaitable[Any], what: str, timeout: float = 10.0) -> None:
     """Cleanup must never hang a relay that is trying to recover."""
     try:
         await asyncio.wait_for(awaitable, timeout)
     except TimeoutError:
         log.error("%s took longer than %.0fs; abandoning it", what, timeout)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if value is None:
-        return None
-    return repr(value)

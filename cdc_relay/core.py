@@ -1,0 +1,378 @@
+"""The session core: replication frames and broker outcomes in, actions out.
+
+The rule of this module (as h11's ``_state.py`` says of its own): everything
+that decides what happens to an outbox row, a transaction and the flush
+position lives here, and nothing here awaits, sleeps, reads a clock or touches
+a socket. The session loop in ``relay.py`` feeds it frames and outcomes and
+performs what it answers:
+
+- ``receive(frame)`` answers ``None`` (nothing to do), an ``Envelope`` to
+  publish under sequence number ``last_seq``, a ``PendingDeadLetter`` to store,
+  or ``STOP`` (a clean stop reached a transaction boundary);
+- ``settle(outcome, now)`` takes one ack/nack/return report from the publisher
+  and answers the dead letters it makes necessary (or raises ``SessionFailed``);
+- ``stored(seqs, now)`` marks dead letters durable, so the flush may pass them;
+- ``status_due`` is the one place that says "a standby status update should
+  go out now"; ``status_sent()`` records that it went.
+
+The flush position has one owner, the ``AckTracker`` held here, seeded with
+the slot's confirmed position so that a session never reports less.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cdc_relay.acks import AckTracker
+from cdc_relay.amqp import Outcome, PublishFailed
+from cdc_relay.deadletters import DeadLetter
+from cdc_relay.errors import ConfigError
+from cdc_relay.lsn import format_lsn
+from cdc_relay.pg.pgoutput import Begin, Commit, Insert, Relation, decode_message
+from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
+from cdc_relay.router import Envelope, OutboxSchemaError, Router, RowReader, UnmappableRow
+
+# Postgres timestamps count microseconds from 2000-01-01 00:00:00 UTC.
+POSTGRES_EPOCH_UNIX: Final = 946_684_800
+
+
+class SessionFailed(Exception):
+    """Something ended the session; the next one replays from the slot."""
+
+
+class _Stop:
+    """Sentinel answer: a stop was requested and the stream is at a transaction boundary."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "STOP"
+
+
+STOP: Final = _Stop()
+
+
+@dataclass(slots=True)
+class PendingDeadLetter:
+    """A row to store in the dead-letter table; its sequence number is confirmed once stored."""
+
+    seq: int
+    letter: DeadLetter
+
+
+@dataclass(slots=True)
+class BrokerLimits:
+    """What earlier sessions learned the broker refuses; lives as long as the process.
+
+    A publish to a missing (404) or forbidden (403) exchange, or a body over the
+    broker's ``max_message_size`` (406), closes the channel: the session ends
+    and the same rows come again. Remembering the refusal turns the replayed
+    row into a dead letter instead of an endless retry.
+    """
+
+    refused_exchanges: dict[str, str]
+    max_message_size: int | None = None
+
+    @classmethod
+    def empty(cls) -> BrokerLimits:
+        return cls({})
+
+    def learn(self, error: PublishFailed) -> bool:
+        """Record what a channel-closing refusal says; True if it named something."""
+        learned = False
+        if error.refused_exchange is not None:
+            self.refused_exchanges[error.refused_exchange] = error.reason
+            learned = True
+        if error.broker_max_message_size is not None:
+            self.max_message_size = error.broker_max_message_size
+            learned = True
+        return learned
+
+
+Action = Envelope | PendingDeadLetter | _Stop | None
+
+
+class SessionCore:
+    """One session's protocol state: transactions, in-flight rows, the flush position."""
+
+    def __init__(
+        self,
+        *,
+        outbox_relid: int,
+        table: str,
+        router: Router,
+        start_flush: int,
+        max_message_size: int,
+        dead_letter_unroutable: bool = True,
+        limits: BrokerLimits | None = None,
+        counters: Any = None,
+        observe_commit_to_confirm: Callable[[float], None] | None = None,
+    ) -> None:
+        self.outbox_relid = outbox_relid
+        self.table = table
+        self.router = router
+        self.tracker = AckTracker(start_flush)
+        self.limits = limits or BrokerLimits.empty()
+        self.max_message_size = max_message_size
+        if self.limits.max_message_size is not None:
+            self.max_message_size = min(max_message_size, self.limits.max_message_size)
+        self.dead_letter_unroutable = dead_letter_unroutable
+        self._counters = counters
+        self._observe = observe_commit_to_confirm
+        # relid -> reader for the outbox; None for any other relation the stream describes.
+        self._readers: dict[int, RowReader | None] = {}
+        self._relation_names: dict[int, str] = {}
+        # The row of every message published and not yet settled: a returned
+        # message is dead-lettered from it.
+        self._rows: dict[int, Any] = {}
+        # The open transaction: its first sequence number and commit LSN (Begin.final_lsn).
+        self._txn_first_seq = 1
+        self._txn_lsn = 0
+        # Committed transactions with messages not all confirmed yet, oldest first:
+        # (last seq, first seq, commit LSN, commit time as Unix seconds).
+        self._txns: deque[tuple[int, int, int, float]] = deque()
+        self.received_lsn = start_flush
+        self.sent_flush = start_flush
+        self._reply_requested = False
+        self.stop_requested = False
+        self.made_progress = False
+
+    # -- the stream ---------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the envelope ``receive`` answered last."""
+        return self.tracker.last_seq
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tracker.in_transaction
+
+    def receive(self, frame: bytes) -> Action:
+        """One CopyData frame of the replication stream."""
+        message = decode_copy_data(frame)
+        if type(message) is PrimaryKeepalive:
+            if message.wal_end > self.received_lsn:
+                self.received_lsn = message.wal_end
+            self.tracker.keepalive(message.wal_end)
+            if message.reply_requested:
+                self._reply_requested = True
+            return None
+        if message.wal_end > self.received_lsn:
+            self.received_lsn = message.wal_end
+        event = decode_message(message.payload)
+        kind = type(event)
+        if kind is Insert:
+            return self._insert(event)  # type: ignore[arg-type]
+        if kind is Begin:
+            tracker = self.tracker
+            tracker.begin()
+            self._txn_first_seq = tracker.last_seq + 1
+            self._txn_lsn = event.final_lsn  # type: ignore[union-attr]
+            return None
+        if kind is Commit:
+            return self._commit(event)  # type: ignore[arg-type]
+        if kind is Relation:
+            self._relation(event)  # type: ignore[arg-type]
+        # Origin, Type, Message and (misconfigured) Update/Delete/Truncate carry
+        # nothing to publish; startup validation keeps the publication to inserts.
+        return None
+
+    def _relation(self, event: Relation) -> None:
+        """The outbox is known by OID: a renamed or moved outbox is still the outbox."""
+        self._relation_names[event.relid] = f"{event.namespace or 'pg_catalog'}.{event.name}"
+        if event.relid != self.outbox_relid:
+            self._readers[event.relid] = None
+            return
+        try:
+            self._readers[event.relid] = RowReader([c.name for c in event.columns])
+        except OutboxSchemaError as exc:
+            raise ConfigError(f"{self.table}: {exc}") from None
+
+    def _insert(self, event: Insert) -> Envelope | PendingDeadLetter:
+        seq = self.tracker.add_message()
+        reader = self._readers.get(event.relid)
+        if reader is None:
+            if event.relid not in self._readers:
+                raise SessionFailed(
+                    f"Insert for relation {event.relid} before its Relation message"
+                )
+            name = self._relation_names.get(event.relid, str(event.relid))
+            return self._dead(
+                seq,
+                event.new,
+                None,
+                f"insert into {name} (OID {event.relid}), which is not the outbox {self.table} "
+                f"(OID {self.outbox_relid}): the publication must cover only the outbox",
+            )
+        try:
+            row = reader.read(event.new)
+        except Exception as exc:
+            return self._dead(seq, event.new, None, _reason(exc))
+        try:
+            envelope = self.router.route(row)
+            reason = self._refusal(envelope)
+        except Exception as exc:
+            reason = _reason(exc)
+        if reason is not None:
+            return self._dead(seq, event.new, row, reason)
+        self._rows[seq] = row
+        if self._counters is not None:
+            self._counters.published.inc()
+        return envelope
+
+    def _refusal(self, envelope: Envelope) -> str | None:
+        """Why the broker would refuse this envelope for good, if an earlier answer tells."""
+        size = len(envelope.body)
+        if size > self.max_message_size:
+            return (
+                f"message body of {size} bytes exceeds the maximum message size "
+                f"{self.max_message_size} (--max-message-size or the broker's max_message_size)"
+            )
+        refused = self.limits.refused_exchanges
+        if refused and envelope.exchange in refused:
+            why = refused[envelope.exchange]
+            return f"exchange {envelope.exchange!r} refused by the broker: {why}"
+        return None
+
+    def _commit(self, event: Commit) -> _Stop | None:
+        tracker = self.tracker
+        tracker.commit(event.end_lsn)
+        if self._counters is not None:
+            self._counters.transactions.inc()
+        last = tracker.last_seq
+        if last >= self._txn_first_seq:
+            commit_unix = event.commit_ts / 1_000_000 + POSTGRES_EPOCH_UNIX
+            self._txns.append((last, self._txn_first_seq, self._txn_lsn, commit_unix))
+        return STOP if self.stop_requested else None
+
+    # -- broker outcomes ------------------------------------------------------------
+
+    def settle(self, outcome: Outcome, now: float) -> list[PendingDeadLetter]:
+        """One report from the publisher; returned rows become dead letters.
+
+        Raises ``SessionFailed`` for everything else the broker refused (a nack,
+        a lost channel or connection): only a replay from the slot is safe then.
+        """
+        rows = self._rows
+        confirmed = outcome.confirmed
+        if confirmed:
+            for seq in confirmed:
+                del rows[seq]
+            if self._counters is not None:
+                self._counters.confirmed.inc(len(confirmed))
+            self._confirm(confirmed, now)
+        letters: list[PendingDeadLetter] = []
+        for seq, error in outcome.failed:
+            row = rows.pop(seq, None)
+            if self._counters is not None:
+                self._counters.publish_failures.inc()
+            if error.returned and self.dead_letter_unroutable and row is not None:
+                letters.append(self._dead(seq, None, row, error.reason))
+                continue
+            raise SessionFailed(f"publish of message {seq} failed: {error}")
+        if outcome.lost is not None:
+            if self.limits.learn(outcome.lost):
+                raise SessionFailed(f"{outcome.lost}; rows it refuses will be dead-lettered")
+            raise SessionFailed(str(outcome.lost))
+        return letters
+
+    def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:
+        """The publisher could not encode the envelope ``receive`` answered for ``seq``."""
+        row = self._rows.pop(seq)
+        if self._counters is not None:
+            self._counters.published.inc(-1)
+        return self._dead(seq, None, row, reason)
+
+    def stored(self, seqs: list[int], now: float) -> None:
+        """These dead letters are durable: the flush may pass them."""
+        if self._counters is not None:
+            self._counters.dead_lettered.inc(len(seqs))
+        self._confirm(sorted(seqs), now)
+
+    def _confirm(self, seqs: list[int], now: float) -> None:
+        tracker = self.tracker
+        before = tracker.flush_lsn
+        tracker.confirm_many(seqs)
+        if tracker.flush_lsn != before:
+            self.made_progress = True
+        txns = self._txns
+        upto = tracker.confirmed_upto
+        if txns and txns[0][0] <= upto:
+            observe = self._observe
+            while txns and txns[0][0] <= upto:
+                commit_unix = txns.popleft()[3]
+                if observe is not None:
+                    observe(max(0.0, now - commit_unix))
+
+    # -- dead letters -----------------------------------------------------------------
+
+    def _dead(
+        self, seq: int, values: tuple[Any, ...] | None, row: Any, reason: str
+    ) -> PendingDeadLetter:
+        if row is not None:
+            data, outbox_id = row.as_dict(), row.id
+        else:
+            data, outbox_id = {"values": [_jsonable(v) for v in values or ()]}, None
+        letter = DeadLetter(outbox_id=outbox_id, reason=reason, row=data, lsn=self._lsn_of(seq))
+        return PendingDeadLetter(seq, letter)
+
+    def _lsn_of(self, seq: int) -> int:
+        """The commit LSN of the transaction that holds ``seq`` (its own, not the current one)."""
+        if seq >= self._txn_first_seq:
+            return self._txn_lsn
+        for last, first, lsn, _ in self._txns:
+            if first <= seq <= last:
+                return lsn
+        return 0
+
+    # -- status updates -----------------------------------------------------------------
+
+    @property
+    def status_due(self) -> bool:
+        """The one rule for "send a status update now": the flush moved, or the server asked."""
+        return self._reply_requested or self.tracker.flush_lsn > self.sent_flush
+
+    def status_positions(self) -> tuple[int, int]:
+        """(write, flush) for the next status update; write is the highest LSN received."""
+        flush = self.tracker.flush_lsn
+        return max(self.received_lsn, flush), flush
+
+    def status_sent(self, flush: int) -> None:
+        self._reply_requested = False
+        if flush > self.sent_flush:
+            self.sent_flush = flush
+
+    def describe(self) -> str:
+        tracker = self.tracker
+        return f"{tracker.unconfirmed} in flight, confirmed LSN {format_lsn(tracker.flush_lsn)}"
+
+
+def _reason(exc: BaseException) -> str:
+    """A dead letter's reason: the router's own words, else the exception's type and text."""
+    if isinstance(exc, UnmappableRow):
+        return str(exc)
+    text = str(exc)
+    if len(text) > 500:
+        text = text[:500] + "..."
+    return f"cannot map the row: {type(exc).__name__}: {text}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if value is None:
+        return None
+    return repr(value)
+
+
+__all__ = [
+    "STOP",
+    "BrokerLimits",
+    "PendingDeadLetter",
+    "SessionCore",
+    "SessionFailed",
+]

@@ -1,0 +1,292 @@
+"""The session core without a server: frames and broker outcomes in, actions out.
+
+Frames are built with the independent pgoutput encoder (tests/pgoutput_encoder.py)
+wrapped in walsender CopyData framing written here from the protocol docs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cdc_relay.amqp import Outcome, PublishFailed
+from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
+from cdc_relay.errors import ConfigError
+from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, Relation
+from cdc_relay.router import Envelope, Router
+from tests.pgoutput_encoder import encode
+
+OUTBOX = 16391
+OTHER = 16401
+COLUMNS = (
+    "id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "headers",
+    "exchange",
+    "routing_key",
+    "created_at",
+)
+COMMIT_TS = 848717704572437  # µs since 2000-01-01
+COMMIT_UNIX = COMMIT_TS / 1e6 + 946_684_800
+
+
+def xlog(message: Any, lsn: int = 0x1000) -> bytes:
+    payload = encode(message)
+    return b"w" + lsn.to_bytes(8, "big") + lsn.to_bytes(8, "big") + (0).to_bytes(8, "big") + payload
+
+
+def keepalive(wal_end: int, reply: bool = False) -> bytes:
+    return b"k" + wal_end.to_bytes(8, "big") + (0).to_bytes(8, "big") + bytes([reply])
+
+
+def relation(relid: int = OUTBOX, name: str = "outbox", namespace: str = "public") -> bytes:
+    columns = tuple(Column(1 if c == "id" else 0, c, 25, -1) for c in COLUMNS)
+    return xlog(Relation(relid, namespace, name, "d", columns))
+
+
+def insert(n: int, relid: int = OUTBOX, **overrides: bytes | None) -> bytes:
+    values: dict[str, bytes | None] = {
+        "id": f"00000000-0000-0000-0000-{n:012d}".encode(),
+        "aggregate_type": b"order",
+        "aggregate_id": str(n).encode(),
+        "event_type": b"OrderCreated",
+        "payload": b'{"n": %d}' % n,
+        "headers": b"{}",
+        "exchange": None,
+        "routing_key": None,
+        "created_at": b"2026-11-23 10:11:12+00",
+    }
+    values.update(overrides)
+    return xlog(Insert(relid, tuple(values[c] for c in COLUMNS)))
+
+
+def begin(final_lsn: int) -> bytes:
+    return xlog(Begin(final_lsn, COMMIT_TS, 700))
+
+
+def commit(commit_lsn: int, end_lsn: int) -> bytes:
+    return xlog(Commit(0, commit_lsn, end_lsn, COMMIT_TS), end_lsn)
+
+
+class Latencies(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def make_core(start_flush: int = 0, **kwargs: Any) -> tuple[SessionCore, Latencies]:
+    latencies = Latencies()
+    core = SessionCore(
+        outbox_relid=OUTBOX,
+        table="public.outbox",
+        router=kwargs.pop("router", Router("outbox", "{aggregate_type}.{event_type}", "event")),
+        start_flush=start_flush,
+        max_message_size=kwargs.pop("max_message_size", 1 << 20),
+        observe_commit_to_confirm=latencies,
+        **kwargs,
+    )
+    return core, latencies
+
+
+def feed(core: SessionCore, *frames: bytes) -> list[Any]:
+    return [core.receive(f) for f in frames]
+
+
+def transaction(core: SessionCore, lsn: int, *rows: bytes) -> list[Any]:
+    """Begin, the rows, Commit (end_lsn = lsn + 0x30); returns the actions of the rows."""
+    actions = feed(core, begin(lsn), *rows, commit(lsn, lsn + 0x30))
+    assert actions[0] is None and actions[-1] is None
+    return actions[1:-1]
+
+
+def test_one_row_is_published_and_flushed_after_its_confirm() -> None:
+    core, latencies = make_core()
+    assert feed(core, relation()) == [None]
+    [envelope] = transaction(core, 0x2000, insert(1))
+    assert isinstance(envelope, Envelope)
+    assert envelope.message_id == "00000000-0000-0000-0000-000000000001"
+    assert envelope.routing_key == "order.OrderCreated"
+    assert core.last_seq == 1
+    assert core.tracker.flush_lsn == 0 and not core.status_due
+    assert core.settle(Outcome([1], [], None), COMMIT_UNIX + 0.25) == []
+    assert core.tracker.flush_lsn == 0x2030
+    assert core.status_due and core.made_progress
+    assert core.status_positions() == (0x2030, 0x2030)
+    core.status_sent(0x2030)
+    assert not core.status_due
+    assert latencies == [pytest.approx(0.25)]
+
+
+def test_the_flush_starts_at_the_slots_confirmed_position_and_never_goes_below() -> None:
+    core, _ = make_core(start_flush=0x9000)
+    assert core.status_positions() == (0x9000, 0x9000)
+    feed(core, keepalive(0x100))  # an old keepalive position moves nothing
+    assert core.tracker.flush_lsn == 0x9000 and not core.status_due
+
+
+def test_insert_before_any_relation_ends_the_session() -> None:
+    core, _ = make_core()
+    feed(core, begin(0x2000))
+    with pytest.raises(SessionFailed, match="before its Relation"):
+        core.receive(insert(1))
+
+
+def test_a_renamed_or_moved_outbox_is_still_the_outbox() -> None:
+    """pgoutput names the relation as it is at decode time: the OID is what counts."""
+    core, _ = make_core()
+    feed(core, relation(name="outbox_tmp"))
+    [envelope] = transaction(core, 0x2000, insert(1))
+    assert isinstance(envelope, Envelope)
+    feed(core, relation(name="outbox", namespace="archive"))
+    [envelope] = transaction(core, 0x3000, insert(2))
+    assert isinstance(envelope, Envelope)
+
+
+def test_an_insert_into_another_published_table_is_a_dead_letter_not_a_skip() -> None:
+    core, _ = make_core()
+    feed(core, relation(), relation(OTHER, name="orders"))
+    first, other, last = transaction(core, 0x2000, insert(1), insert(2, relid=OTHER), insert(3))
+    assert isinstance(first, Envelope) and isinstance(last, Envelope)
+    assert isinstance(other, PendingDeadLetter) and other.seq == 2
+    assert "public.orders" in other.letter.reason and "not the outbox" in other.letter.reason
+    assert other.letter.lsn == 0x2000
+    core.settle(Outcome([1, 3], [], None), COMMIT_UNIX)
+    assert core.tracker.flush_lsn == 0  # the dead letter is not stored yet
+    core.stored([2], COMMIT_UNIX)
+    assert core.tracker.flush_lsn == 0x2030
+
+
+def test_an_all_dead_letter_transaction_flushes_once_stored() -> None:
+    core, latencies = make_core()
+    feed(core, relation())
+    actions = transaction(core, 0x2000, insert(1, payload=None), insert(2, payload=None))
+    assert all(isinstance(a, PendingDeadLetter) for a in actions)
+    assert [a.letter.outbox_id for a in actions] == [None, None]  # unreadable rows keep values
+    assert actions[0].letter.row["values"][0] == "00000000-0000-0000-0000-000000000001"
+    core.stored([2, 1], COMMIT_UNIX + 1)
+    assert core.tracker.flush_lsn == 0x2030
+    assert latencies == [pytest.approx(1.0)]
+
+
+def test_any_exception_while_routing_is_that_rows_dead_letter() -> None:
+    class Exploding(Router):
+        def route(self, row: Any) -> Envelope:
+            if row.aggregate_id == "2":
+                raise RecursionError("maximum recursion depth exceeded")
+            return super().route(row)
+
+    core, _ = make_core(router=Exploding("outbox", "{aggregate_type}.{event_type}", "event"))
+    feed(core, relation())
+    first, bad, last = transaction(core, 0x2000, insert(1), insert(2), insert(3))
+    assert isinstance(bad, PendingDeadLetter)
+    assert "RecursionError" in bad.letter.reason
+    assert bad.letter.outbox_id == "00000000-0000-0000-0000-000000000002"
+    assert isinstance(first, Envelope) and isinstance(last, Envelope)
+
+
+def test_keepalive_outside_a_transaction_may_be_flushed_inside_it_may_not() -> None:
+    core, _ = make_core()
+    feed(core, relation())
+    feed(core, keepalive(0x1500))
+    assert core.tracker.flush_lsn == 0x1500 and core.status_due
+    core.status_sent(0x1500)
+    feed(core, begin(0x2000), insert(1), keepalive(0x5000, reply=True))
+    assert core.tracker.flush_lsn == 0x1500
+    assert core.status_due  # the server asked for a reply
+    assert core.status_positions() == (0x5000, 0x1500)
+    core.status_sent(0x1500)
+    assert not core.status_due
+
+
+def test_stop_in_the_middle_of_a_transaction_answers_stop_at_its_commit() -> None:
+    core, _ = make_core()
+    feed(core, relation(), begin(0x2000), insert(1))
+    assert core.in_transaction
+    core.stop_requested = True
+    assert core.receive(insert(2)) is not STOP
+    assert core.receive(commit(0x2000, 0x2030)) is STOP
+    assert not core.in_transaction
+
+
+def test_a_returned_message_is_dead_lettered_with_its_own_transactions_lsn() -> None:
+    core, _ = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1))
+    transaction(core, 0x3000, insert(2))
+    feed(core, begin(0x4000), insert(3))  # the pump is inside a later transaction
+    returned = PublishFailed("returned by broker: 312 NO_ROUTE", returned=True, reply_code=312)
+    letters = core.settle(Outcome([1], [(2, returned)], None), COMMIT_UNIX)
+    assert [(p.seq, p.letter.lsn) for p in letters] == [(2, 0x3000)]
+    assert letters[0].letter.outbox_id == "00000000-0000-0000-0000-000000000002"
+    assert "NO_ROUTE" in letters[0].letter.reason
+    # returned in the open transaction: that transaction's LSN
+    [open_letter] = core.settle(Outcome([], [(3, returned)], None), COMMIT_UNIX)
+    assert open_letter.letter.lsn == 0x4000
+
+
+def test_a_return_with_on_unroutable_fail_ends_the_session() -> None:
+    core, _ = make_core(dead_letter_unroutable=False)
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1))
+    returned = PublishFailed("returned by broker: 312 NO_ROUTE", returned=True, reply_code=312)
+    with pytest.raises(SessionFailed, match="NO_ROUTE"):
+        core.settle(Outcome([], [(1, returned)], None), COMMIT_UNIX)
+
+
+def test_a_nack_or_a_lost_connection_ends_the_session() -> None:
+    core, _ = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1), insert(2))
+    with pytest.raises(SessionFailed, match="nacked"):
+        core.settle(Outcome([], [(1, PublishFailed("nacked by broker"))], None), COMMIT_UNIX)
+    with pytest.raises(SessionFailed, match="connection lost"):
+        core.settle(Outcome([], [], PublishFailed("AMQP connection lost")), COMMIT_UNIX)
+
+
+def test_a_refused_exchange_is_remembered_and_its_rows_are_dead_lettered_next_session() -> None:
+    limits = BrokerLimits.empty()
+    core, _ = make_core(limits=limits)
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1, exchange=b"nope"))
+    lost = PublishFailed("channel closed: 404 NOT_FOUND - no exchange 'nope'", reply_code=404)
+    lost.refused_exchange = "nope"
+    with pytest.raises(SessionFailed, match="dead-lettered"):
+        core.settle(Outcome([], [], lost), COMMIT_UNIX)
+    replay, _ = make_core(limits=limits)
+    feed(replay, relation())
+    bad, good = transaction(replay, 0x2000, insert(1, exchange=b"nope"), insert(2))
+    assert isinstance(bad, PendingDeadLetter) and "nope" in bad.letter.reason
+    assert isinstance(good, Envelope)
+
+
+def test_a_body_over_the_brokers_limit_is_dead_lettered_after_the_broker_said_so() -> None:
+    limits = BrokerLimits.empty()
+    lost = PublishFailed("406 PRECONDITION_FAILED - message size 20 is larger than max size 10")
+    lost.broker_max_message_size = 10
+    assert limits.learn(lost)
+    core, _ = make_core(limits=limits)
+    feed(core, relation())
+    [dead] = transaction(core, 0x2000, insert(1, payload=b'{"much": "too long"}'))
+    assert isinstance(dead, PendingDeadLetter) and "exceeds" in dead.letter.reason
+
+
+def test_unpublishable_envelope_becomes_a_dead_letter() -> None:
+    core, _ = make_core()
+    feed(core, relation(), begin(0x2000))
+    envelope = core.receive(insert(1))
+    assert isinstance(envelope, Envelope)
+    pending = core.unpublishable(core.last_seq, "header block of 200000 bytes exceeds frame_max")
+    assert pending.seq == 1 and "frame_max" in pending.letter.reason
+    feed(core, commit(0x2000, 0x2030))
+    core.stored([1], COMMIT_UNIX)
+    assert core.tracker.flush_lsn == 0x2030
+
+
+def test_a_non_outbox_schema_is_a_configuration_error() -> None:
+    core, _ = make_core()
+    columns = (Column(1, "id", 25, -1), Column(0, "payload", 25, -1))
+    with pytest.raises(ConfigError, match="lacks column"):
+        core.receive(xlog(Relation(OUTBOX, "public", "outbox", "d", columns)))
