@@ -290,3 +290,44 @@ def test_a_non_outbox_schema_is_a_configuration_error() -> None:
     columns = (Column(1, "id", 25, -1), Column(0, "payload", 25, -1))
     with pytest.raises(ConfigError, match="lacks column"):
         core.receive(xlog(Relation(OUTBOX, "public", "outbox", "d", columns)))
+
+
+# -- commit-to-confirm latency (was CommitClock; now the core's per-transaction records) --
+
+
+def test_latency_a_transaction_finishes_when_its_last_message_is_confirmed() -> None:
+    core, latencies = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1), insert(2), insert(3))
+    transaction(core, 0x3000, insert(4))
+    core.settle(Outcome([1, 2], [], None), COMMIT_UNIX + 1.0)
+    assert latencies == []
+    core.settle(Outcome([3], [], None), COMMIT_UNIX + 1.0)
+    assert latencies == [pytest.approx(1.0)]
+    core.settle(Outcome([4], [], None), COMMIT_UNIX + 1.5)
+    assert latencies == [pytest.approx(1.0), pytest.approx(1.5)]
+
+
+def test_latency_one_multiple_ack_finishes_several_in_commit_order() -> None:
+    core, latencies = make_core()
+    feed(core, relation())
+    for n, lsn in ((1, 0x2000), (2, 0x3000), (3, 0x4000)):
+        transaction(core, lsn, insert(n))
+    core.settle(Outcome([1, 2, 3], [], None), COMMIT_UNIX + 2.0)
+    assert latencies == [pytest.approx(2.0)] * 3
+
+
+def test_latency_clock_skew_never_gives_negative_latency() -> None:
+    core, latencies = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1))
+    core.settle(Outcome([1], [], None), COMMIT_UNIX - 5.0)
+    assert latencies == [0.0]
+
+
+def test_latency_transactions_without_outbox_rows_are_not_observed() -> None:
+    core, latencies = make_core()
+    feed(core, relation(), begin(0x2000), commit(0x2000, 0x2030))
+    transaction(core, 0x3000, insert(1))
+    core.settle(Outcome([1], [], None), COMMIT_UNIX + 1.0)
+    assert latencies == [pytest.approx(1.0)]
