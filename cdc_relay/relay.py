@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.acks import AckTracker, AckTrackerError
-from cdc_relay.amqp import Publisher, PublishFailed, declare_exchange
+from cdc_relay.amqp import Outcome, Publisher, PublishFailed
 from cdc_relay.config import ConfigError, FatalError, Settings
 from cdc_relay.latency import CommitClock
 from cdc_relay.lsn import format_lsn
@@ -45,7 +45,6 @@ from cdc_relay.pg.replication import (
     SlotInUse,
 )
 from cdc_relay.router import (
-    Envelope,
     OutboxRow,
     OutboxSchemaError,
     Router,
@@ -82,7 +81,6 @@ class Relay:
         self.router = Router(settings.exchange, settings.routing_key, settings.message_format)
         self._stop = asyncio.Event()
         self._schema, self._table = settings.table_parts
-        self._exchange_declared = False
         self._made_progress = False
 
     def request_stop(self) -> None:
@@ -200,14 +198,11 @@ class _Session:
             max_in_flight=s.max_in_flight,
             confirm_timeout=s.confirm_timeout,
             heartbeat=s.amqp_heartbeat,
-            on_confirm=self.on_confirm,
-            on_failure=self.on_failure,
+            on_outcome=self.on_outcome,
         )
         await self.publisher.connect()
-        self.publisher.on_connection_lost = self._on_amqp_closed
-        if s.declare_exchange and s.message_format == "event" and not self.relay._exchange_declared:
-            await declare_exchange(s.amqp_urls[0], s.exchange)
-            self.relay._exchange_declared = True
+        if s.declare_exchange and s.message_format == "event":
+            await self.publisher.declare_exchange(s.exchange)
         self.stream = await ReplicationStream.connect(
             s.dsn,
             keepalive_idle=s.tcp_keepalive_idle,
@@ -376,6 +371,15 @@ class _Session:
 
     # -- broker outcomes ----------------------------------------------------------
 
+    def on_outcome(self, outcome: Outcome) -> None:
+        """What one broker event settled (the publisher's one callback)."""
+        if outcome.confirmed:
+            self.on_confirm(outcome.confirmed)
+        for seq, error in outcome.failed:
+            self.on_failure(seq, error)
+        if outcome.lost is not None:
+            self._on_amqp_closed(outcome.lost)
+
     def on_confirm(self, seqs: list[int]) -> None:
         """The messages one ack frame confirmed (increasing sequence numbers)."""
         rows = self.rows
@@ -403,7 +407,7 @@ class _Session:
             for seconds in clock.confirmed(self.tracker.confirmed_upto, time.time()):
                 observe(seconds)
 
-    def on_failure(self, seq: int, envelope: Envelope, error: PublishFailed) -> None:
+    def on_failure(self, seq: int, error: PublishFailed) -> None:
         row = self.rows.pop(seq, None)
         self.metrics.publish_failures.inc()
         if error.returned and self.settings.on_unroutable == "deadletter" and row is not None:
@@ -415,7 +419,8 @@ class _Session:
             self.background.add(task)
             task.add_done_callback(self._background_done)
             return
-        self.fail(SessionFailed(f"publish of message {envelope.message_id} failed: {error}"))
+        message = row.id if row is not None else f"#{seq}"
+        self.fail(SessionFailed(f"publish of message {message} failed: {error}"))
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self.background.discard(task)
