@@ -27,6 +27,7 @@ BASIC_CLASS = 60
 _FRAME_HEAD = struct.Struct("!BHI")
 _HEADER_PREFIX = struct.Struct("!HHQH")  # class, weight, body size, property flags
 _U32 = struct.Struct("!I")
+_HEADER_OVERHEAD = 8 + _HEADER_PREFIX.size  # frame head and end, class to property flags
 _U64 = struct.Struct("!Q")
 
 # Property flag bits, in wire order (AMQP 0-9-1 basic class).
@@ -152,7 +153,15 @@ def encode_table(table: dict[str, Any]) -> bytes:
 def encode_content(
     channel: int, flags: int, properties: bytes, body: bytes, frame_max: int
 ) -> bytes:
-    """Content header frame plus as many body frames as frame_max requires."""
+    """Content header frame plus as many body frames as frame_max requires.
+
+    The header cannot be split: a property block larger than a frame is
+    refused here (ValueError) rather than by the broker closing the connection.
+    """
+    if len(properties) + _HEADER_OVERHEAD > frame_max:
+        raise ValueError(
+            f"message properties ({len(properties)} bytes) do not fit in one {frame_max}-byte frame"
+        )
     header = frame(
         FRAME_HEADER,
         channel,

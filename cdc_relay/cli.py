@@ -126,21 +126,17 @@ def init(no_table: bool, no_exchange: bool, **kwargs: Any) -> None:
 
 
 async def _declare_exchange(settings: Settings) -> str:
-    import aio_pika
+    from cdc_relay.amqp import ConnectError, ExchangeError, declare_exchange
 
     try:
-        connection = await aio_pika.connect(settings.amqp_urls[0], timeout=10)
-    except Exception as exc:
-        raise ConfigError(f"cannot connect to RabbitMQ ({exc!r}); check --amqp-url") from None
-    async with connection:
-        channel = await connection.channel()
-        try:
-            await channel.declare_exchange(settings.exchange, "topic", durable=True, passive=True)
-            return f"exchange {settings.exchange}: already exists"
-        except Exception:
-            channel = await connection.channel()
-            await channel.declare_exchange(settings.exchange, "topic", durable=True)
-            return f"exchange {settings.exchange}: created (durable topic)"
+        result = await declare_exchange(settings.amqp_urls, settings.exchange)
+    except ConnectError as exc:
+        raise ConfigError(f"{exc}; check --amqp-url") from None
+    except ExchangeError as exc:
+        raise ConfigError(str(exc)) from None
+    if result == "created":
+        return f"exchange {settings.exchange}: created (durable topic)"
+    return f"exchange {settings.exchange}: already exists"
 
 
 @main.command()

@@ -14,7 +14,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from cdc_relay.amqp import Publisher, PublishFailed
+from cdc_relay.amqp import Outcome, Publisher
 from cdc_relay.config import Settings
 from cdc_relay.pg.admin import qualified
 from cdc_relay.router import OutboxRow, Router, UnmappableRow
@@ -71,19 +71,21 @@ async def replay(
         router = Router(settings.exchange, settings.routing_key, settings.message_format)
         outcomes: dict[int, str | None] = {}
 
-        def on_confirm(seqs: list[int]) -> None:
-            for seq in seqs:
+        def on_outcome(outcome: Outcome) -> None:
+            for seq in outcome.confirmed:
                 outcomes[seq] = None
+            for seq, error in outcome.failed:
+                outcomes[seq] = error.reason
+            if outcome.lost is not None:
+                for seq in pending:
+                    outcomes.setdefault(seq, outcome.lost.reason)
 
-        def on_failure(seq: int, _envelope: Any, error: PublishFailed) -> None:
-            outcomes[seq] = error.reason
-
+        pending: list[int] = []
         publisher = Publisher(
             settings.amqp_urls,
             max_in_flight=100,
             confirm_timeout=settings.confirm_timeout,
-            on_confirm=on_confirm,
-            on_failure=on_failure,
+            on_outcome=on_outcome,
         )
         await publisher.connect()
         try:
@@ -93,6 +95,7 @@ async def replay(
                 except (UnmappableRow, KeyError, AttributeError) as exc:
                     outcomes[record.id] = f"still not mappable: {exc}"
                     continue
+                pending.append(record.id)
                 await publisher.publish(record.id, envelope)
             await publisher.wait_confirmed(settings.confirm_timeout)
         finally:
