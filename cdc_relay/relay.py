@@ -31,10 +31,8 @@ from cdc_relay.pg.pgoutput import (
     Begin,
     Commit,
     Insert,
-    PrimaryKeepalive,
     ProtocolError,
     Relation,
-    decode_copy_data,
     decode_message,
 )
 from cdc_relay.pg.replication import (
@@ -44,6 +42,7 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
+from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
 from cdc_relay.router import (
     Envelope,
     OutboxRow,
