@@ -247,3 +247,30 @@ async def test_terminated_walsender_is_replication_error(outbox: Outbox) -> None
         assert caught.value.sqlstate == "57P01"
     finally:
         await stream.close()
+
+
+async def test_end_after_buffered_frames_keeps_its_sqlstate(outbox: Outbox) -> None:
+    """Frames and the end in one read: frames first, then the server's error, not 'lost'.
+
+    libpq leaves COPY mode when it meets the end; asking it for copy data again
+    fails with 'no COPY in progress' and the SQLSTATE would be lost.
+    """
+    stream = await ReplicationStream.connect(outbox.dsn)
+    try:
+        await stream.start(outbox.slot, outbox.publication)
+        await wait_slot(outbox.dsn, outbox.slot, active=True)
+        async with await psycopg.AsyncConnection.connect(outbox.dsn, autocommit=True) as conn:
+            await conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (outbox.slot,),
+            )
+        await asyncio.sleep(0.5)  # the startup keepalives and the FATAL are all on the socket
+        frames: list[bytes] = []
+        with pytest.raises(ReplicationError) as caught:
+            while True:
+                frames += await stream.read_frames()
+        assert caught.value.sqlstate == "57P01", caught.value
+        assert all(isinstance(decode_copy_data(f), PrimaryKeepalive) for f in frames)
+    finally:
+        await stream.close()
