@@ -1,4 +1,4 @@
-"""The pgoutput decoder: real captured bytes, wrappers, round trips, malformed input.
+"""The pgoutput decoder: real captured bytes, round trips, malformed input.
 
 No servers needed: tests/captured_pgoutput.py holds bytes captured from
 PostgreSQL 15 by tests/capture_pgoutput.py, and tests/pgoutput_encoder.py is an
@@ -11,12 +11,11 @@ import contextlib
 import dataclasses
 import json
 import struct
-import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdc_relay.lsn import Lsn
@@ -31,7 +30,6 @@ from cdc_relay.pg.pgoutput import (
     LogicalMessage,
     Origin,
     PgOutputMessage,
-    PrimaryKeepalive,
     ProtocolError,
     Relation,
     Truncate,
@@ -39,13 +37,9 @@ from cdc_relay.pg.pgoutput import (
     TypeMessage,
     UnchangedToast,
     Update,
-    XLogData,
-    decode_copy_data,
     decode_message,
-    encode_standby_status,
-    pg_now_us,
-    pg_time_to_datetime,
 )
+from cdc_relay.pg.walproto import pg_time_to_datetime
 from tests import captured_pgoutput as cap
 from tests.pgoutput_encoder import encode
 
@@ -54,14 +48,6 @@ DECODED: list[PgOutputMessage] = [decode_message(bytes.fromhex(c.hex)) for c in 
 OUTBOX, TABLE, DOC = cap.RELIDS["outbox"], cap.RELIDS["tâble"], cap.RELIDS["doc"]
 OID_INT4, OID_TEXT, OID_VARCHAR, OID_NUMERIC = 23, 25, 1043, 1700
 OID_UUID, OID_JSONB, OID_TIMESTAMPTZ = 2950, 3802, 1184
-
-
-def xlogdata_frame(data_start: int, wal_end: int, send_time: int, payload: bytes) -> bytes:
-    return struct.pack("!cQQq", b"w", data_start, wal_end, send_time) + payload
-
-
-def keepalive_frame(wal_end: int, send_time: int, reply: int) -> bytes:
-    return struct.pack("!cQqB", b"k", wal_end, send_time, reply)
 
 
 def transactions() -> Iterator[tuple[Begin, list[PgOutputMessage], Commit, str]]:
@@ -249,83 +235,10 @@ def test_decode_accepts_bytes_like(convert: type) -> None:
             assert all(type(v) is bytes for v in decoded.new if v is not None)
 
 
-def test_captured_payload_through_xlogdata_frame() -> None:
-    row = cap.CAPTURED[2]
-    change_lsn = Lsn.parse(row.lsn)
-    frame = xlogdata_frame(change_lsn, change_lsn, pg_now_us(), bytes.fromhex(row.hex))
-    for data in (frame, memoryview(frame), bytearray(frame)):
-        wrapper = decode_copy_data(data)
-        assert isinstance(wrapper, XLogData)
-        assert wrapper.data_start == wrapper.wal_end == change_lsn
-        assert type(wrapper.payload) is bytes
-        assert decode_message(wrapper.payload) == row.expected
-
-
-# -- 2. CopyData wrappers and standby status --------------------------------------------
+# (2. the CopyData wrappers moved with walproto: tests/test_walproto.py)
 
 u64 = st.one_of(st.integers(0, 2**64 - 1), st.integers(2**64 - 1000, 2**64 - 1))
 i64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([-(2**63), -1, 0, 2**63 - 1]))
-
-
-@given(u64, u64, i64, st.binary(max_size=64))
-@example(2**64 - 1, 2**64 - 1, -(2**63), b"")
-def test_xlogdata_frame(data_start: int, wal_end: int, send_time: int, payload: bytes) -> None:
-    decoded = decode_copy_data(xlogdata_frame(data_start, wal_end, send_time, payload))
-    assert decoded == XLogData(data_start, wal_end, send_time, payload)
-
-
-@given(u64, i64, st.sampled_from([0, 1]))
-@example(2**64 - 1, -1, 1)
-def test_keepalive_frame(wal_end: int, send_time: int, reply: int) -> None:
-    decoded = decode_copy_data(keepalive_frame(wal_end, send_time, reply))
-    assert decoded == PrimaryKeepalive(wal_end, send_time, bool(reply))
-    assert type(decoded.reply_requested) is bool
-
-
-@pytest.mark.parametrize(
-    "frame",
-    [
-        b"",
-        b"x" + b"\x00" * 24,
-        b"r" + b"\x00" * 33,  # our own status update is not a server message
-        *(xlogdata_frame(1, 2, 3, b"")[:n] for n in range(1, 25)),
-        *(keepalive_frame(1, 2, 0)[:n] for n in range(1, 18)),
-        keepalive_frame(1, 2, 0) + b"\x00",
-    ],
-)
-def test_bad_copy_data_frames(frame: bytes) -> None:
-    with pytest.raises(ProtocolError):
-        decode_copy_data(frame)
-
-
-@given(u64, u64, u64, i64, st.booleans())
-def test_standby_status_layout(
-    write: int, flush: int, apply: int, client_time: int, reply: bool
-) -> None:
-    message = encode_standby_status(write, flush, apply, client_time, reply)
-    assert len(message) == 34
-    assert struct.unpack("!cQQQqB", message) == (b"r", write, flush, apply, client_time, reply)
-
-
-def test_standby_status_defaults_and_range() -> None:
-    assert encode_standby_status(1, 2, 3, 4)[-1] == 0
-    with pytest.raises(ValueError):
-        encode_standby_status(2**64, 0, 0, 0)
-    with pytest.raises(ValueError):
-        encode_standby_status(-1, 0, 0, 0)
-
-
-def test_pg_clock() -> None:
-    before = time.time_ns() // 1000
-    now = pg_now_us()
-    after = time.time_ns() // 1000
-    assert before - 946_684_800_000_000 <= now <= after - 946_684_800_000_000
-    assert pg_time_to_datetime(0) == datetime(2000, 1, 1, tzinfo=UTC)
-    assert pg_time_to_datetime(-1) == datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-    assert pg_time_to_datetime(86_400_000_001) == datetime(2000, 1, 2, tzinfo=UTC) + timedelta(
-        microseconds=1
-    )
-    assert abs(pg_time_to_datetime(now) - datetime.now(UTC)) < timedelta(seconds=5)
 
 
 # -- 3. round trips through the independent encoder -------------------------------------
@@ -425,14 +338,11 @@ def test_truncate_options(options: int, cascade: bool, restart: bool) -> None:
 
 
 def test_fast_constructed_objects_match_dataclass_init() -> None:
-    """Insert and XLogData are built by slot setters on the hot path: same objects."""
+    """Insert is built by slot setters on the hot path: same objects."""
     insert = decode_message(encode(Insert(7, (b"a", None, Binary(b"b")))))
     assert isinstance(insert, Insert)
     reference = Insert(7, (b"a", None, Binary(b"b")))
     assert (insert, hash(insert), repr(insert)) == (reference, hash(reference), repr(reference))
-    frame = decode_copy_data(xlogdata_frame(1, 2, -3, b"I"))
-    expected = XLogData(1, 2, -3, b"I")
-    assert (frame, hash(frame), repr(frame)) == (expected, hash(expected), repr(expected))
     with pytest.raises(dataclasses.FrozenInstanceError):
         insert.relid = 8  # type: ignore[misc]
 
@@ -558,10 +468,3 @@ def test_mutated_captured_bytes_decode_or_raise_protocol_error(
     if isinstance(decoded, LogicalMessage):
         raw[1] &= 1  # only the transactional bit of the flags is kept
     assert encode(decoded) == bytes(raw)  # whatever decodes, decoded every byte faithfully
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=40))
-def test_random_copy_data_never_escapes_as_other_errors(raw: bytes) -> None:
-    with contextlib.suppress(ProtocolError):
-        decode_copy_data(raw)

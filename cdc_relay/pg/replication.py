@@ -2,37 +2,46 @@
 
 psycopg 3 has no replication API, but a ``replication="database"`` connection
 can enter COPY_BOTH, and its libpq wrapper (``conn.pgconn``) gives the socket
-and nonblocking copy calls. The event loop watches the socket (``add_reader``);
-nothing here polls or uses threads. No business logic: the caller decides what
-frames mean and which positions to report.
+and the nonblocking calls. The protocol steps are generators in psycopg's
+style (``psycopg/generators.py``): they make only libpq's nonblocking calls and
+yield ``Wait`` when libpq would block; ``waiting.wait_async`` drives them on
+the event loop. So every step is unit-tested with a scripted fake connection,
+and ``ReplicationStream`` is a thin wrapper that owns the connection.
+
+No business logic: the caller decides what frames mean and which positions to
+report. Nothing polls and nothing runs in a thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import pq, sql
 
-from cdc_relay.pg.pgoutput import encode_standby_status, pg_now_us
-
-log = logging.getLogger(__name__)
+from cdc_relay.lsn import format_lsn
+from cdc_relay.pg.waiting import RV, PQGen, Ready, Wait, wait_async
+from cdc_relay.pg.walproto import encode_standby_status, pg_now_us
 
 SQLSTATE_OBJECT_IN_USE = "55006"
 SQLSTATE_UNDEFINED_OBJECT = "42704"
 SQLSTATE_PREREQUISITE_STATE = "55000"
 MAX_FRAMES_PER_BATCH = 512
 
+COMMAND_OK = pq.ExecStatus.COMMAND_OK
+TUPLES_OK = pq.ExecStatus.TUPLES_OK
+COPY_BOTH = pq.ExecStatus.COPY_BOTH
+_COPY_STATES = (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, COPY_BOTH)
+
 
 class ReplicationError(Exception):
-    """The server refused or ended the replication stream."""
+    """The server refused or ended the replication stream, or the connection was lost."""
 
     def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.frames: list[bytes] = []  # received before the stream ended (read_copy_frames)
 
 
 class SlotInUse(ReplicationError):
@@ -43,7 +52,20 @@ class StreamEnded(ReplicationError):
     """The server closed the COPY stream (shutdown, timeline end)."""
 
 
+class LibpqConn(Protocol):
+    """The nonblocking libpq calls the generators make (``psycopg.pq.PGconn`` has them)."""
+
+    def send_query(self, command: bytes) -> None: ...
+    def flush(self) -> int: ...
+    def consume_input(self) -> None: ...
+    def is_busy(self) -> int: ...
+    def get_result(self) -> pq.abc.PGresult | None: ...
+    def get_copy_data(self, async_: int) -> tuple[int, memoryview]: ...
+    def put_copy_data(self, buffer: bytes) -> int: ...
+
+
 def _result_error(result: pq.abc.PGresult | None, what: str) -> ReplicationError:
+    """The error a failed result stands for; 55006 (slot active elsewhere) is SlotInUse."""
     if result is None:
         return ReplicationError(f"{what}: no result from server")
     raw_state = result.error_field(pq.DiagnosticField.SQLSTATE)
@@ -54,6 +76,110 @@ def _result_error(result: pq.abc.PGresult | None, what: str) -> ReplicationError
     if sqlstate == SQLSTATE_OBJECT_IN_USE:
         return SlotInUse(text, sqlstate)
     return ReplicationError(text, sqlstate)
+
+
+def _lost(exc: psycopg.OperationalError) -> ReplicationError:
+    """libpq failed on the socket (closed, reset, wal_sender_timeout): one error type."""
+    return ReplicationError(f"replication connection lost: {exc}")
+
+
+# -- protocol steps as generators ----------------------------------------------------
+
+
+def _flush(pgconn: LibpqConn) -> PQGen[None]:
+    """Send what libpq has queued; wait for write, and read meanwhile, as libpq asks.
+
+    PQflush's docs: when it returns 1, wait for read *or* write readiness and
+    consume input on read, or a server blocked on sending to us never reads.
+    """
+    while pgconn.flush() == 1:
+        ready = yield Wait.RW
+        if ready & Ready.R:
+            pgconn.consume_input()
+
+
+def _fetch(pgconn: LibpqConn) -> PQGen[pq.abc.PGresult | None]:
+    """The next result of the running command (None: the command is complete)."""
+    while pgconn.is_busy():
+        yield Wait.R
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
+def execute(pgconn: LibpqConn, query: bytes) -> PQGen[list[pq.abc.PGresult]]:
+    """Run one simple-protocol command (what a walsender accepts) and return its results."""
+    try:
+        pgconn.send_query(query)
+        yield from _flush(pgconn)
+        results: list[pq.abc.PGresult] = []
+        while (result := (yield from _fetch(pgconn))) is not None:
+            results.append(result)
+            if result.status in _COPY_STATES:
+                break  # get_result would return the COPY result forever
+        return results
+    except psycopg.OperationalError as exc:
+        raise _lost(exc) from exc
+
+
+def start_replication(pgconn: LibpqConn, query: bytes) -> PQGen[None]:
+    """Send START_REPLICATION and wait until the server is in COPY_BOTH."""
+    results = yield from execute(pgconn, query)
+    if results and results[0].status == COPY_BOTH:
+        return
+    raise _result_error(results[0] if results else None, "START_REPLICATION failed")
+
+
+def read_copy_frames(pgconn: LibpqConn, max_frames: int) -> PQGen[list[bytes]]:
+    """The CopyData frames libpq has (at most ``max_frames``), waiting for at least one.
+
+    At the end of the stream it raises StreamEnded for a clean end (shutdown,
+    timeline end), else ReplicationError with the server's SQLSTATE; the frames
+    that arrived before the end ride on the error (``frames``), because libpq
+    has left COPY mode by then and a later call could not return them.
+    """
+    try:
+        frames: list[bytes] = []
+        while True:
+            while len(frames) < max_frames:
+                size, data = pgconn.get_copy_data(1)
+                if size > 0:
+                    frames.append(bytes(data))
+                elif size == 0:
+                    break
+                else:  # -1: the server ended COPY; its final result follows
+                    error = _end_error((yield from _fetch(pgconn)))
+                    error.frames = frames
+                    raise error
+            if frames:
+                return frames
+            yield Wait.R
+            pgconn.consume_input()
+    except psycopg.OperationalError as exc:
+        raise _lost(exc) from exc
+
+
+def _end_error(result: pq.abc.PGresult | None) -> ReplicationError:
+    """Why the COPY stream ended: CommandComplete or CopyDone is a clean end."""
+    if result is not None and result.status in (COMMAND_OK, pq.ExecStatus.COPY_IN):
+        return StreamEnded("server ended the replication stream (shutdown or timeline end)")
+    return _result_error(result, "replication stream ended")
+
+
+def send_copy_data(pgconn: LibpqConn, data: bytes) -> PQGen[None]:
+    """Queue one CopyData message and flush it to the server."""
+    try:
+        # 0: nonblocking and libpq's output buffer is full: make room first.
+        while pgconn.put_copy_data(data) == 0:
+            ready = yield Wait.RW
+            if ready & Ready.R:
+                pgconn.consume_input()
+            pgconn.flush()
+        yield from _flush(pgconn)
+    except psycopg.OperationalError as exc:
+        raise _lost(exc) from exc
+
+
+# -- the connection --------------------------------------------------------------------
 
 
 def connection_kwargs(
@@ -76,119 +202,95 @@ def connection_kwargs(
 
 
 class ReplicationStream:
-    """A started replication stream on a nonblocking libpq connection."""
+    """One replication connection: ``show`` before ``start``, then frames and status."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self._conn = conn
         self._pgconn = conn.pgconn
+        self._pgconn.nonblocking = 1
         self._fd = self._pgconn.socket
-        self._loop = asyncio.get_running_loop()
-        self.bytes_received = 0
         self._closed = False
+        self._end: ReplicationError | None = None  # raised by the next read_frames
         # For liveness checks: when the stream last gave us data, and whether
         # we are waiting for more (not stalled on our own back-pressure).
         self.last_receive = time.monotonic()
         self.waiting_for_data = False
 
     @classmethod
-    async def connect(cls, dsn: str, **kwargs: Any) -> ReplicationStream:
-        conn = await psycopg.AsyncConnection.connect(dsn, **connection_kwargs(**kwargs))
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        keepalive_idle: int = 10,
+        keepalive_interval: int = 5,
+        keepalive_count: int = 3,
+    ) -> ReplicationStream:
+        kwargs = connection_kwargs(keepalive_idle, keepalive_interval, keepalive_count)
+        conn = await psycopg.AsyncConnection.connect(dsn, **kwargs)
         return cls(conn)
 
-    async def start(self, slot: str, publication: str, start_lsn: str = "0/0") -> None:
-        """START_REPLICATION; the server resumes at max(start_lsn, confirmed_flush)."""
-        query = sql.SQL(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})"
-        ).format(
-            sql.Identifier(slot),
-            sql.SQL(start_lsn),
-            sql.Literal(sql.Identifier(publication).as_string(self._conn)),
+    async def _run(self, gen: PQGen[RV]) -> RV:
+        try:
+            return await wait_async(gen, self._fd)
+        except OSError as exc:  # the fd went away under the event loop
+            raise ReplicationError(f"replication connection lost: {exc}") from exc
+
+    async def show(self, name: str) -> str:
+        """A server setting (e.g. ``wal_sender_timeout``), read before ``start``."""
+        query = sql.SQL("SHOW {}").format(sql.Identifier(name)).as_bytes(self._conn)
+        results = await self._run(execute(self._pgconn, query))
+        if len(results) != 1 or results[0].status != TUPLES_OK or results[0].ntuples != 1:
+            raise _result_error(results[0] if results else None, f"SHOW {name} failed")
+        value = results[0].get_value(0, 0)
+        return value.decode() if value is not None else ""
+
+    async def start(
+        self, slot: str, publication: str, start_lsn: int = 0, *, messages: bool = False
+    ) -> None:
+        """START_REPLICATION; the server resumes at max(start_lsn, confirmed_flush).
+
+        ``messages`` asks pgoutput for ``pg_logical_emit_message`` output too.
+        """
+        options = sql.SQL("proto_version '1', publication_names {}").format(
+            sql.Literal(sql.Identifier(publication).as_string(self._conn))
         )
-        text = query.as_bytes(self._conn)
-        pgconn = self._pgconn
-        pgconn.nonblocking = 1
-        pgconn.send_query(text)
-        await self._flush()
-        while True:
-            pgconn.consume_input()
-            if pgconn.is_busy():
-                await self._wait(readable=True)
-                continue
-            result = pgconn.get_result()
-            if result is not None and result.status == pq.ExecStatus.COPY_BOTH:
-                return
-            raise _result_error(result, "START_REPLICATION failed")
+        if messages:
+            options = sql.SQL("{}, messages 'true'").format(options)
+        query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
+            sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), options
+        )
+        await self._run(start_replication(self._pgconn, query.as_bytes(self._conn)))
 
     async def read_frames(self) -> list[bytes]:
-        """The next CopyData frames (at least one); raise when the stream ends."""
-        pgconn = self._pgconn
-        while True:
-            frames: list[bytes] = []
-            while len(frames) < MAX_FRAMES_PER_BATCH:
-                size, data = pgconn.get_copy_data(1)
-                if size > 0:
-                    frames.append(bytes(data))
-                    self.bytes_received += size
-                elif size == 0:
-                    break
-                else:
-                    if frames:
-                        return frames
-                    self._raise_end()
-            if frames:
-                self.last_receive = time.monotonic()
-                return frames
-            self.waiting_for_data = True
-            try:
-                await self._wait(readable=True)
-            finally:
-                self.waiting_for_data = False
-            try:
-                pgconn.consume_input()
-            except psycopg.OperationalError as exc:
-                raise ReplicationError(f"replication connection lost: {exc}") from exc
+        """The next CopyData frames (at least one); raise when the stream ends.
 
-    def _raise_end(self) -> None:
-        result = self._pgconn.get_result()
-        if result is not None and result.status == pq.ExecStatus.COMMAND_OK:
-            raise StreamEnded("server ended the replication stream (shutdown or timeline end)")
-        raise _result_error(result, "replication stream ended")
+        Frames that arrived just before the end are returned first; the end is
+        raised by the next call.
+        """
+        if self._end is not None:
+            raise self._end
+        gen = read_copy_frames(self._pgconn, MAX_FRAMES_PER_BATCH)
+        # Only a wait for data suspends this call, so while other tasks can
+        # see the flag set, we are idle on the server, not on our consumer.
+        self.waiting_for_data = True
+        try:
+            frames = await self._run(gen)
+        except ReplicationError as end:
+            if not end.frames:
+                raise
+            frames, end.frames = end.frames, []
+            self._end = end
+        finally:
+            self.waiting_for_data = False
+        self.last_receive = time.monotonic()
+        return frames
 
     async def send_status(
         self, write: int, flush: int, apply: int, reply_requested: bool = False
     ) -> None:
         """Standby status update; positions are 'last byte + 1' as the protocol asks."""
         message = encode_standby_status(write, flush, apply, pg_now_us(), reply_requested)
-        if self._pgconn.put_copy_data(message) != 1:
-            # Nonblocking and libpq's buffer is full: make room, then queue again.
-            await self._flush()
-            if self._pgconn.put_copy_data(message) != 1:
-                raise ReplicationError("could not queue standby status update")
-        await self._flush()
-
-    async def _flush(self) -> None:
-        while self._pgconn.flush() == 1:
-            await self._wait(readable=False)
-
-    async def _wait(self, *, readable: bool) -> None:
-        loop = self._loop
-        future: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        if readable:
-            loop.add_reader(self._fd, wake)
-        else:
-            loop.add_writer(self._fd, wake)
-        try:
-            await future
-        finally:
-            if readable:
-                loop.remove_reader(self._fd)
-            else:
-                loop.remove_writer(self._fd)
+        await self._run(send_copy_data(self._pgconn, message))
 
     async def close(self) -> None:
         if self._closed:
