@@ -1,0 +1,238 @@
+"""Issue 9 against real servers: DDL while streaming, poison rows, bursts, locks, stops.
+
+Each test here failed on the relay before the session core and the publisher
+were rebuilt (the rename lost a row silently; poison rows crash-looped or
+retried forever; a burst of returns opened one connection per row; a second
+SIGTERM was ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.proxy import TcpProxy
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
+
+
+@pytest_asyncio.fixture
+async def outbox(pg_dsn: str, amqp_url: str) -> AsyncIterator[Setup]:
+    setup = Setup(pg_dsn, amqp_url, unique_names("adv"))
+    setup.init()
+    yield setup
+    setup.cleanup()
+
+
+@pytest_asyncio.fixture
+async def consumer(outbox: Setup) -> AsyncIterator[Consumer]:
+    c = await Consumer(outbox.amqp_url, outbox.names["exchange"]).start()
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Any:
+    started: list[RelayProcess] = []
+
+    def start(setup: Setup, *extra: str, name: str = "relay") -> RelayProcess:
+        relay = RelayProcess(setup, tmp_path / f"{name}-{len(started)}.log", *extra).start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop_quietly()
+
+
+def dead_letters(setup: Setup) -> list[tuple[str | None, str]]:
+    with psycopg.connect(setup.dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT outbox_id::text, reason FROM {setup.table}_dead_letter ORDER BY id"
+        ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def relay_backends(setup: Setup) -> set[int]:
+    """Backend pids of every connection the relays of this test have open right now."""
+    with psycopg.connect(setup.dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'cdc-relay%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+async def test_a_renamed_or_moved_outbox_loses_no_row(
+    outbox: Setup, consumer: Consumer, relays: Any
+) -> None:
+    relay = relays(outbox)
+    await relay.wait_for_log_async("streaming from slot")
+    schema, table = outbox.table.split(".")
+    ids: list[str] = []
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        ids += outbox.insert(conn, [{"event_type": "Before"}])
+        conn.execute(f"ALTER TABLE {outbox.table} RENAME TO {table}_tmp")
+        renamed = Setup(outbox.dsn, outbox.amqp_url, {**outbox.names, "table": f"{table}_tmp"})
+        ids += renamed.insert(conn, [{"event_type": "WhileRenamed"}])
+        conn.execute(f"ALTER TABLE {schema}.{table}_tmp RENAME TO {table}")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS adv_elsewhere")
+        conn.execute(f"ALTER TABLE {outbox.table} SET SCHEMA adv_elsewhere")
+        moved = Setup(
+            outbox.dsn, outbox.amqp_url, {**outbox.names, "table": f"adv_elsewhere.{table}"}
+        )
+        ids += moved.insert(conn, [{"event_type": "WhileMoved"}])
+        conn.execute(f"ALTER TABLE adv_elsewhere.{table} SET SCHEMA {schema}")
+        ids += outbox.insert(conn, [{"event_type": "After"}])
+    await consumer.wait_for(set(ids), timeout=30)
+    assert [d.message_id for d in consumer.deliveries if d.message_id in ids] == ids
+    assert dead_letters(outbox) == []
+
+
+async def test_poison_rows_are_dead_lettered_and_the_stream_goes_on(
+    outbox: Setup, consumer: Consumer, relays: Any
+) -> None:
+    relay = relays(outbox, "--max-message-size", "100000")
+    await relay.wait_for_log_async("streaming from slot")
+    deep: Any = "bottom"
+    for _ in range(300):
+        deep = {"d": deep}
+    poison = [
+        {"event_type": "DeepHeaders", "headers": {"deep": deep}},
+        {"event_type": "HugeHeader", "headers": {"big": "x" * 200_000}},
+        {"event_type": "MissingExchange", "exchange": outbox.names["exchange"] + "_missing"},
+        {"event_type": "TooBig", "payload": {"blob": "y" * 150_000}},
+        {"event_type": "Unroutable", "routing_key": "nobody.listens"},
+    ]
+    expected_good: list[str] = []
+    poisoned: list[str] = []
+    # A consumer bound only to what good rows use, so "Unroutable" has no queue.
+    await consumer.close()
+    good_consumer = await Consumer(outbox.amqp_url, outbox.names["exchange"], "order.#").start()
+    try:
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            for bad in poison:
+                [bad_id] = outbox.insert(conn, [bad])
+                poisoned.append(bad_id)
+                expected_good += outbox.insert(conn, [{"event_type": f"After{bad['event_type']}"}])
+        await good_consumer.wait_for(set(expected_good), timeout=60)
+        assert await wait_until(lambda: len(dead_letters(outbox)) == len(poison), 30)
+        letters = dict(dead_letters(outbox))
+        assert set(letters) == set(poisoned)
+        reasons = [letters[i] for i in poisoned]
+        assert "deep" in reasons[0].lower() or "nest" in reasons[0].lower()
+        assert "missing" in reasons[2]
+        assert "exceeds" in reasons[3]
+        assert "312" in reasons[4] or "NO_ROUTE" in reasons[4]
+        assert not set(poisoned) & {d.message_id for d in good_consumer.deliveries}
+        relay.check_alive()
+        assert await wait_until(lambda: outbox.confirmed_lag() < 1_000_000, 20)
+    finally:
+        await good_consumer.close()
+
+
+async def test_a_burst_of_unroutable_rows_uses_one_dead_letter_connection(
+    outbox: Setup, relays: Any
+) -> None:
+    relay = relays(outbox)  # no queue bound: every row is returned by the broker
+    await relay.wait_for_log_async("streaming from slot")
+    before = relay_backends(outbox)
+    seen: set[int] = set(before)
+    with psycopg.connect(outbox.dsn) as conn:
+        outbox.insert(conn, [{"event_type": "Burst", "aggregate_id": i} for i in range(5000)])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(dead_letters(outbox)) < 5000:
+        seen |= relay_backends(outbox)
+        await asyncio.sleep(0.2)
+    assert len(dead_letters(outbox)) == 5000
+    # replication + dead-letter writer (+ a validation connection that came and went)
+    assert len(seen) <= 4, f"relay opened {len(seen)} Postgres connections"
+    rss_kb = int(
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{relay.pid}/status").read_text().splitlines()
+            if line.startswith("VmHWM:")
+        )
+    )
+    print(f"5,000 unroutable rows: {len(seen)} relay connections, peak RSS {rss_kb // 1024} MB")
+    assert rss_kb < 300 * 1024
+
+
+async def test_a_lock_on_the_dead_letter_table_fails_in_bounded_time_then_recovers(
+    outbox: Setup, consumer: Consumer, relays: Any
+) -> None:
+    relay = relays(outbox)
+    await relay.wait_for_log_async("streaming from slot")
+    with psycopg.connect(outbox.dsn) as locker:
+        locker.execute(f"LOCK TABLE {outbox.table}_dead_letter IN ACCESS EXCLUSIVE MODE")
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            [bad] = outbox.insert(conn, [{"event_type": "X", "routing_key": "nobody.listens"}])
+        await relay.wait_for_log_async("dead-letter write failed", timeout=40)
+        locker.rollback()
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        [good] = outbox.insert(conn, [{"event_type": "AfterLock"}])
+    await consumer.wait_for({good}, timeout=60)
+    assert await wait_until(lambda: [i for i, _ in dead_letters(outbox)] == [bad], 30)
+
+
+async def test_a_hot_standby_waits_on_one_connection(outbox: Setup, relays: Any) -> None:
+    active = relays(outbox, name="active")
+    await active.wait_for_log_async("streaming from slot")
+    standby = relays(outbox, name="standby")
+    await standby.wait_for_log_async("standing by")
+    active_backends = relay_backends(outbox)
+    seen: set[int] = set()
+    for _ in range(25):
+        seen |= relay_backends(outbox) - active_backends
+        await asyncio.sleep(0.2)
+    assert len(seen) == 1, f"the standby used {len(seen)} connections in 5 s"
+    active.kill()
+    await standby.wait_for_log_async("taking over", timeout=30)
+    await standby.wait_for_log_async("streaming from slot", timeout=30)
+
+
+async def test_a_second_sigterm_stops_at_once(outbox: Setup, relays: Any) -> None:
+    """The first SIGTERM waits for confirms (up to --shutdown-timeout); the second does not."""
+    proxy = await TcpProxy(
+        "127.0.0.1", int(outbox.amqp_url.rsplit(":", 1)[1].split("/")[0])
+    ).start()
+    try:
+        url = outbox.amqp_url.replace(f":{proxy.target[1]}/", f":{proxy.port}/")
+        relay = relays(
+            outbox,
+            "--amqp-url",
+            url,
+            "--shutdown-timeout",
+            "120",
+            "--confirm-timeout",
+            "300",
+            "--heartbeat",
+            "0",
+        )
+        await relay.wait_for_log_async("streaming from slot")
+        proxy.partition()  # confirms stop coming back
+        with psycopg.connect(outbox.dsn) as conn:
+            outbox.insert(conn, [{"event_type": "Stuck"}])
+        await asyncio.sleep(1.0)
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        assert relay.proc.poll() is None  # waiting for the confirm, as promised
+        started = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(relay.proc.wait, 15)
+        assert time.monotonic() - started < 10
+        assert code == 0 or code == -signal.SIGTERM or code == 1
+        assert "second stop request" in relay.log()
+    finally:
+        proxy.heal()
+        await proxy.close()
