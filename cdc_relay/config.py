@@ -1,16 +1,92 @@
-"""Relay settings shared by the CLI, the admin commands and the relay."""
+"""Relay settings: every default, range and help text exists here once.
+
+The ``cdc-relay`` command line is generated from the field metadata below
+(``cdc_relay.cli``), so a default cannot drift between the CLI and code that
+builds ``Settings`` directly (tests, bench). ``Settings.check`` applies the same
+ranges to values that did not come through the CLI.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-EX_CONFIG = 78  # sysexits.h: configuration error
+from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
+from cdc_relay.router import FORMATS
+
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
+    "EX_CONFIG",
+    "ConfigError",
+    "FatalError",
+    "Option",
+    "RelayError",
+    "Settings",
+    "option_of",
+    "split_table_name",
+]
+
+# A classic queue confirms persistent messages per fsync batch: the window must
+# cover a batch or two at full speed (measured in docs/performance.md).
+DEFAULT_MAX_IN_FLIGHT = 4000
+MiB = 1024 * 1024
+# Postgres' own rule for slot names (ReplicationSlotValidateName).
+SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+# RabbitMQ refuses bodies above 512 MiB whatever max_message_size says.
+BROKER_MAX_MESSAGE_SIZE = 512 * MiB
 
 
-class ConfigError(Exception):
-    """A misconfiguration: one line saying what is wrong and how to fix it."""
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How one setting appears on the command line and in the environment.
 
-    exit_code = EX_CONFIG
+    ``scope`` is "common" (every command that connects) or "run" (only ``run``).
+    ``value_type`` is only needed when the default (None) does not tell it.
+    """
+
+    help: str
+    scope: str = "run"
+    flag: str | None = None
+    env: str | None = None
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    secret: bool = False
+    file_env: str | None = None
+    value_type: type | None = None
+    metavar: str | None = None
+
+    def flag_for(self, name: str) -> str:
+        return self.flag or "--" + name.replace("_", "-")
+
+    def env_for(self, name: str) -> str:
+        return self.env or "CDC_RELAY_" + name.upper()
+
+    def check(self, label: str, value: Any) -> None:
+        """Raise ValueError (one line) if ``value`` is outside this option's domain."""
+        if value is None or isinstance(value, bool):
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite number, not {value}")
+        if isinstance(value, int | float):
+            if self.min is not None and value < self.min:
+                raise ValueError(f"{label} must be at least {_num(self.min)}, not {_num(value)}")
+            if self.max is not None and value > self.max:
+                raise ValueError(f"{label} must be at most {_num(self.max)}, not {_num(value)}")
+        if self.choices and isinstance(value, str) and value not in self.choices:
+            raise ValueError(f"{label} must be one of {', '.join(self.choices)}, not {value!r}")
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting(default: Any, opt: Option) -> Any:
+    """A dataclass field with an immutable default, carrying its CLI option."""
+    return field(default=default, metadata={"cli": opt})
 
 
 def split_table_name(name: str) -> tuple[str, str]:
@@ -23,42 +99,171 @@ def split_table_name(name: str) -> tuple[str, str]:
     return schema, table
 
 
-class FatalError(ConfigError):
-    """Something retrying cannot fix that is not a setting (e.g. undecodable WAL data)."""
-
-    exit_code = 70  # sysexits.h: internal software error
-
-
-# A classic queue confirms persistent messages per fsync batch: the window must
-# cover a batch or two at full speed (measured in docs/performance.md).
-DEFAULT_MAX_IN_FLIGHT = 4000
+_COMMON = "common"
+_SECONDS = 86_400.0  # no timeout or interval above a day is a sensible setting
 
 
 @dataclass(slots=True)
 class Settings:
-    dsn: str = "postgresql://postgres@localhost:5432/postgres"
-    amqp_urls: list[str] = field(default_factory=lambda: ["amqp://guest:guest@localhost:5672/"])
-    slot: str = "cdc_relay"
-    publication: str = "cdc_relay_outbox"
-    table: str = "public.outbox"
-    exchange: str = "outbox"
-    routing_key: str = "{aggregate_type}.{event_type}"
-    message_format: str = "event"
-    declare_exchange: bool = True
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
-    status_interval: float = 1.0
-    confirm_timeout: float = 30.0
-    shutdown_timeout: float = 10.0
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    tcp_keepalive_idle: int = 10
-    tcp_keepalive_interval: int = 5
-    tcp_keepalive_count: int = 3
-    amqp_heartbeat: int = 10
-    pg_timeout: float = 30.0
-    on_unroutable: str = "deadletter"
-    max_message_size: int = 128 * 1024 * 1024
-    stats_interval: float = 10.0
+    """What one relay (and the admin commands) needs to know; read by ``Relay``."""
+
+    # -- every command -------------------------------------------------------------
+    dsn: str = setting(
+        "postgresql://postgres@localhost:5432/postgres",
+        Option(
+            "Postgres connection string (libpq keywords or URI; the primary).",
+            scope=_COMMON,
+            secret=True,
+            file_env="CDC_RELAY_DSN_FILE",
+        ),
+    )
+    amqp_urls: list[str] = field(
+        default_factory=lambda: ["amqp://guest:guest@localhost:5672/"],
+        metadata={
+            "cli": Option(
+                "RabbitMQ URL; repeat (or comma-separate) for cluster nodes.",
+                scope=_COMMON,
+                flag="--amqp-url",
+                env="CDC_RELAY_AMQP_URL",
+                secret=True,
+                file_env="CDC_RELAY_AMQP_URL_FILE",
+            )
+        },
+    )
+    slot: str = setting("cdc_relay", Option("Logical replication slot.", scope=_COMMON))
+    publication: str = setting(
+        "cdc_relay_outbox", Option("Publication covering the outbox table.", scope=_COMMON)
+    )
+    table: str = setting("public.outbox", Option("The outbox table (schema.table).", scope=_COMMON))
+    exchange: str = setting(
+        "outbox", Option("Exchange for rows without their own exchange.", scope=_COMMON)
+    )
+    routing_key: str = setting(
+        "{aggregate_type}.{event_type}",
+        Option("Routing-key template for rows without their own routing_key.", scope=_COMMON),
+    )
+    message_format: str = setting(
+        "event",
+        Option(
+            "event: the payload as a JSON event; celery: a Celery task message.",
+            scope=_COMMON,
+            flag="--format",
+            env="CDC_RELAY_FORMAT",
+            choices=FORMATS,
+        ),
+    )
+    # -- run -------------------------------------------------------------------------
+    declare_exchange: bool = setting(
+        True,
+        Option(
+            "Declare the default exchange at start (--no-declare: it must exist).",
+            flag="--declare/--no-declare",
+            env="CDC_RELAY_DECLARE",
+        ),
+    )
+    max_in_flight: int = setting(
+        DEFAULT_MAX_IN_FLIGHT,
+        Option(
+            "Unconfirmed publishes allowed at once (also the most a crash can replay).",
+            min=1,
+            max=100_000,
+        ),
+    )
+    max_in_flight_bytes: int = setting(
+        64 * MiB,
+        Option("Bytes of unconfirmed message bodies allowed at once.", min=1, max=2**40),
+    )
+    status_interval: float = setting(
+        1.0, Option("Seconds between standby status updates to Postgres.", min=0.05, max=30)
+    )
+    confirm_timeout: float = setting(
+        30.0,
+        Option("Seconds to wait for a broker confirm before ending the session.", min=0.1),
+    )
+    shutdown_timeout: float = setting(
+        10.0, Option("On SIGTERM, seconds to wait for outstanding confirms.", min=0, max=3600)
+    )
+    reconnect_min: float = setting(
+        0.5, Option("Shortest pause before reconnecting, in seconds.", min=0.01, max=3600)
+    )
+    reconnect_max: float = setting(
+        30.0, Option("Longest pause before reconnecting, in seconds.", min=0.01, max=3600)
+    )
+    tcp_keepalive_idle: int = setting(
+        10, Option("Seconds of silence before probing the Postgres connection.", min=1, max=32767)
+    )
+    tcp_keepalive_interval: int = setting(
+        5, Option("Seconds between TCP keepalive probes.", min=1, max=32767)
+    )
+    tcp_keepalive_count: int = setting(
+        3, Option("Unanswered probes before the connection is dead.", min=1, max=127)
+    )
+    amqp_heartbeat: int = setting(
+        10,
+        Option(
+            "AMQP heartbeat in seconds (0: off).",
+            flag="--heartbeat",
+            env="CDC_RELAY_HEARTBEAT",
+            min=0,
+            max=65535,
+        ),
+    )
+    pg_timeout: float = setting(
+        30.0,
+        Option(
+            "Seconds without any data from Postgres (after asking for a reply) "
+            "before the session is ended.",
+            min=1,
+        ),
+    )
+    on_unroutable: str = setting(
+        "deadletter",
+        Option(
+            "A message no queue is bound for: dead-letter it, or fail and retry.",
+            choices=("deadletter", "fail"),
+        ),
+    )
+    max_message_size: int = setting(
+        128 * MiB,
+        Option(
+            "Bodies larger than this are dead-lettered (must not exceed the broker's limit).",
+            min=1,
+            max=BROKER_MAX_MESSAGE_SIZE,
+        ),
+    )
+    stats_interval: float = setting(10.0, Option("Seconds between progress log lines.", min=0.1))
+    allowed_exchanges: list[str] = field(
+        default_factory=list,
+        metadata={
+            "cli": Option(
+                "Comma-separated glob patterns of exchanges rows may name "
+                "(empty: any); other rows are dead-lettered.",
+                metavar="PATTERNS",
+            )
+        },
+    )
+    allow_cc_headers: bool = setting(
+        False,
+        Option("Keep CC/BCC headers from rows (sender-selected routing; dropped by default)."),
+    )
+    metrics_port: int | None = setting(
+        None,
+        Option("Serve /metrics, /healthz, /readyz on this port.", min=1, max=65535, value_type=int),
+    )
+    metrics_host: str = setting("127.0.0.1", Option("Address the metrics server binds to."))
+    log_level: str = setting(
+        "INFO", Option("Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    )
+    log_format: str = setting(
+        "text", Option("text: human-readable; json: one object per line.", choices=("text", "json"))
+    )
+    event_loop: str = setting(
+        "asyncio",
+        Option(
+            "uvloop needs the `uvloop` extra (pip install 'cdc-relay[uvloop]').",
+            choices=("asyncio", "uvloop"),
+        ),
+    )
 
     @property
     def table_parts(self) -> tuple[str, str]:
@@ -68,3 +273,37 @@ class Settings:
     def dead_letter_table(self) -> tuple[str, str]:
         schema, table = self.table_parts
         return schema, f"{table}_dead_letter"
+
+    def check(self) -> None:
+        """Raise ConfigError for the first value outside its option's domain."""
+        for f in fields(self):
+            opt = option_of(f.name)
+            try:
+                opt.check(opt.flag_for(f.name).split("/")[0], getattr(self, f.name))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.reconnect_min > self.reconnect_max:
+            raise ConfigError("--reconnect-min must not exceed --reconnect-max")
+        if not self.amqp_urls:
+            raise ConfigError("no RabbitMQ URL given: set --amqp-url or CDC_RELAY_AMQP_URL")
+        if any(not p for p in self.allowed_exchanges):
+            raise ConfigError("--allowed-exchanges has an empty pattern")
+        split_table_name(self.table)
+        if not SLOT_NAME.fullmatch(self.slot):
+            raise ConfigError(
+                f"invalid --slot {self.slot[:80]!r}: use 1-63 lowercase letters, digits "
+                "and underscores"
+            )
+
+    def exchange_allowed(self, exchange: str) -> bool:
+        """May a row publish to this exchange? (``--allowed-exchanges``; empty: any)."""
+        patterns = self.allowed_exchanges
+        return not patterns or any(fnmatch.fnmatchcase(exchange, p) for p in patterns)
+
+
+def option_of(name: str) -> Option:
+    """The CLI option of one Settings field."""
+    opt = Settings.__dataclass_fields__[name].metadata.get("cli")
+    if not isinstance(opt, Option):
+        raise KeyError(f"Settings.{name} has no CLI option")
+    return opt

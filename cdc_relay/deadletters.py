@@ -1,4 +1,10 @@
-"""List and replay rows that the relay could not publish.
+"""The dead-letter table: rows that can never be published, stored with the reason.
+
+All dead-letter SQL lives here: the DDL ``init`` applies, the startup check,
+the relay's writer, and what ``cdc-relay dead-letters list|replay|prune`` do.
+The relay moves the slot past a dead-lettered row only after ``write`` returned,
+so a write that cannot finish must fail in bounded time (it ends the session and
+the row comes again), never hang while ``/readyz`` says all is well.
 
 Replay publishes with confirms and mandatory, and marks a row replayed only
 after the broker confirmed it: a crash in between replays it again (at least
@@ -7,23 +13,207 @@ once, like the relay itself). Rows that still cannot be routed stay pending.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg import sql
 
-from cdc_relay.amqp import Outcome, Publisher
+from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.pg.admin import qualified
+from cdc_relay.errors import ConfigError
+from cdc_relay.lsn import format_lsn
+from cdc_relay.redact import one_line
 from cdc_relay.router import OutboxRow, Router, UnmappableRow
+
+# outbox_id is text, not uuid: a user-managed outbox (init --no-table) may use any
+# id, and a dead-letter insert that fails would stall the stream on that row.
+DDL = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    id          bigserial PRIMARY KEY,
+    outbox_id   text NULL,
+    reason      text NOT NULL,
+    row_data    jsonb NOT NULL,
+    lsn         pg_lsn NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    replayed_at timestamptz NULL
+);
+"""
+# Bounds for every statement of the relay's writer: a lock held on the table (a
+# long ALTER, a forgotten transaction) fails the write instead of stalling it.
+STATEMENT_TIMEOUT = 10.0
+LOCK_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 10
+# Client-side margin over statement_timeout, for a server that cannot even answer.
+CLIENT_MARGIN = 5.0
+
+
+def qualified(schema: str, table: str) -> sql.Composable:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+
+
+def ddl(table: tuple[str, str]) -> sql.Composed:
+    """The CREATE TABLE statement for this dead-letter table."""
+    return sql.SQL(DDL).format(table=qualified(*table))
+
+
+def create(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
+    """Create the table, or migrate an old one (outbox_id uuid -> text); report lines."""
+    name = ".".join(table)
+    existed = _outbox_id_type(conn, table) is not None
+    conn.execute(ddl(table))
+    report = [f"dead-letter table {name}: {'already exists' if existed else 'created'}"]
+    if _outbox_id_type(conn, table) == "uuid":
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {} ALTER COLUMN outbox_id TYPE text USING outbox_id::text,"
+                " ALTER COLUMN outbox_id DROP NOT NULL"
+            ).format(qualified(*table))
+        )
+        report.append(f"dead-letter table {name}: migrated outbox_id from uuid to text")
+    return report
+
+
+def _outbox_id_type(conn: psycopg.Connection[Any], table: tuple[str, str]) -> str | None:
+    """The type of outbox_id, or None when the table does not exist."""
+    row = conn.execute(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'outbox_id'"
+        "  AND NOT a.attisdropped"
+        " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        table,
+    ).fetchone()
+    if row is None:
+        return None
+    return row[0] or "missing"
+
+
+def check_writable(conn: psycopg.Connection[Any], table: tuple[str, str]) -> None:
+    """Raise ConfigError (one line) unless the current role can store dead letters here."""
+    name = ".".join(table)
+    kind = _outbox_id_type(conn, table)
+    if kind is None:
+        raise ConfigError(f"dead-letter table {name} does not exist; run `cdc-relay init`")
+    if kind != "text":
+        raise ConfigError(
+            f"dead-letter table {name} has outbox_id {kind}, not text (a non-uuid id could not "
+            "be stored); run `cdc-relay init` to migrate it"
+        )
+    # By OID, not by name: resolving a name already needs USAGE on the schema.
+    row = conn.execute(
+        "SELECT current_user, has_schema_privilege(n.oid, 'USAGE'),"
+        " has_table_privilege(c.oid, 'INSERT'),"
+        " coalesce((SELECT bool_and(has_sequence_privilege(d.objid, 'USAGE'))"
+        "   FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
+        "   WHERE d.classid = 'pg_class'::regclass AND d.refobjid = c.oid), true)"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s",
+        table,
+    ).fetchone()
+    assert row is not None
+    user, schema_ok, insert_ok, sequence_ok = row
+    missing = [
+        what
+        for what, ok in (
+            (f"USAGE on schema {table[0]}", schema_ok),
+            (f"INSERT on {name}", insert_ok),
+            (f"USAGE on the sequence of {name}.id", sequence_ok),
+        )
+        if not ok
+    ]
+    if missing:
+        raise ConfigError(
+            f"role {user} cannot write dead letters: it lacks {', '.join(missing)}; "
+            f"run `cdc-relay init --grant-to {user}` as an admin"
+        )
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """One row that can never be published."""
+
+    outbox_id: str | None
+    reason: str
+    row: dict[str, Any]
+    lsn: int
+
+
+def _no_nul(text: str) -> str:
+    # Postgres text cannot hold NUL, and jsonb refuses the \u0000 escape.
+    return text.replace("\x00", "\ufffd")
+
+
+class DeadLetterWriter:
+    """The relay's one connection for dead letters: bounded statements, one round trip."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], table: tuple[str, str]) -> None:
+        self._conn = conn
+        self._insert = sql.SQL(
+            "INSERT INTO {} (outbox_id, reason, row_data, lsn)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::pg_lsn[])"
+        ).format(qualified(*table))
+
+    @classmethod
+    async def connect(cls, dsn: str, table: tuple[str, str]) -> DeadLetterWriter:
+        """Connect with timeouts and keepalives so no write can wait forever."""
+        conn = await psycopg.AsyncConnection.connect(
+            dsn,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+            application_name="cdc-relay dead letters",
+        )
+        try:
+            # SET, not the `options` keyword: that would replace options given in the DSN.
+            await conn.execute(
+                f"SET statement_timeout = {int(STATEMENT_TIMEOUT * 1000)};"
+                f" SET lock_timeout = {int(LOCK_TIMEOUT * 1000)}"
+            )
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, table)
+
+    async def write(self, items: Sequence[DeadLetter]) -> None:
+        """Store all items in one transaction and one round trip (one INSERT ... unnest)."""
+        if not items:
+            return
+        params = (
+            [None if d.outbox_id is None else _no_nul(d.outbox_id) for d in items],
+            [_no_nul(d.reason) for d in items],
+            [orjson.dumps(d.row).decode().replace("\\u0000", "\\ufffd") for d in items],
+            [format_lsn(d.lsn) for d in items],
+        )
+        try:
+            async with asyncio.timeout(STATEMENT_TIMEOUT + CLIENT_MARGIN):
+                await self._conn.execute(self._insert, params)
+        except TimeoutError:
+            await self.close()
+            raise TimeoutError(
+                f"dead-letter write got no answer in {STATEMENT_TIMEOUT + CLIENT_MARGIN:g}s"
+            ) from None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close()
+
+
+# -- operator commands ------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class DeadLetterRecord:
     id: int
-    outbox_id: str
+    outbox_id: str | None
     reason: str
     row_data: dict[str, Any]
     lsn: str
@@ -32,16 +222,62 @@ class DeadLetterRecord:
 
 
 def list_dead_letters(
-    conn: psycopg.Connection[Any], settings: Settings, *, include_replayed: bool = False
+    conn: psycopg.Connection[Any],
+    table: tuple[str, str],
+    *,
+    include_replayed: bool = False,
+    ids: Sequence[int] | None = None,
 ) -> list[DeadLetterRecord]:
-    where = sql.SQL("") if include_replayed else sql.SQL(" WHERE replayed_at IS NULL")
+    """Pending dead letters (all with include_replayed), oldest first; only ``ids`` if given."""
+    conditions = []
+    params: list[Any] = []
+    if not include_replayed:
+        conditions.append(sql.SQL("replayed_at IS NULL"))
+    if ids is not None:
+        conditions.append(sql.SQL("id = ANY(%s)"))
+        params.append(list(ids))
+    where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
     rows = conn.execute(
         sql.SQL(
-            "SELECT id, outbox_id::text, reason, row_data, lsn::text, created_at::text,"
+            "SELECT id, outbox_id, reason, row_data, lsn::text, created_at::text,"
             " replayed_at::text FROM {}{} ORDER BY id"
-        ).format(qualified(*settings.dead_letter_table), where)
+        ).format(qualified(*table), where),
+        params,
     ).fetchall()
     return [DeadLetterRecord(*r) for r in rows]
+
+
+def mark_replayed(conn: psycopg.Connection[Any], table: tuple[str, str], ids: list[int]) -> None:
+    conn.execute(
+        sql.SQL("UPDATE {} SET replayed_at = now() WHERE id = ANY(%s)").format(qualified(*table)),
+        (ids,),
+    )
+
+
+def prune(
+    conn: psycopg.Connection[Any],
+    table: tuple[str, str],
+    older_than: timedelta,
+    *,
+    include_pending: bool = False,
+    batch: int = 1000,
+) -> int:
+    """Delete replayed (with include_pending: all) dead letters older than the retention.
+
+    Small batches, each its own transaction, so a prune never holds many row locks
+    or one long transaction (which would pin the xmin horizon).
+    """
+    pending = sql.SQL("") if include_pending else sql.SQL(" AND replayed_at IS NOT NULL")
+    query = sql.SQL(
+        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
+        " WHERE created_at < now() - %s{pending} ORDER BY id LIMIT %s)"
+    ).format(t=qualified(*table), pending=pending)
+    total = 0
+    while True:
+        deleted = conn.execute(query, (older_than, batch)).rowcount
+        total += deleted
+        if deleted < batch:
+            return total
 
 
 def row_from_record(record: DeadLetterRecord) -> OutboxRow:
@@ -63,54 +299,62 @@ def row_from_record(record: DeadLetterRecord) -> OutboxRow:
 
 
 async def replay(
-    settings: Settings, ids: list[int] | None = None
+    conn: psycopg.Connection[Any], settings: Settings, ids: list[int] | None = None
 ) -> list[tuple[DeadLetterRecord, str | None]]:
-    """Re-publish pending dead letters; returns (record, error or None) for each."""
-    with psycopg.connect(settings.dsn, autocommit=True) as conn:
-        records = [r for r in list_dead_letters(conn, settings) if ids is None or r.id in set(ids)]
-        router = Router(settings.exchange, settings.routing_key, settings.message_format)
-        outcomes: dict[int, str | None] = {}
+    """Re-publish pending dead letters; returns (record, error or None) for each.
 
-        def on_outcome(outcome: Outcome) -> None:
-            for seq in outcome.confirmed:
-                outcomes[seq] = None
-            for seq, error in outcome.failed:
-                outcomes[seq] = error.reason
-            if outcome.lost is not None:
-                for seq in pending:
-                    outcomes.setdefault(seq, outcome.lost.reason)
+    Marks a row replayed only after the broker confirmed it.
+    """
+    table = settings.dead_letter_table
+    records = list_dead_letters(conn, table, ids=ids)
+    router = Router(settings.exchange, settings.routing_key, settings.message_format)
+    outcomes: dict[int, str | None] = {}
+    pending: list[int] = []
 
-        pending: list[int] = []
-        publisher = Publisher(
-            settings.amqp_urls,
-            max_in_flight=100,
-            confirm_timeout=settings.confirm_timeout,
-            on_outcome=on_outcome,
-        )
+    def on_outcome(outcome: Outcome) -> None:
+        for seq in outcome.confirmed:
+            outcomes[seq] = None
+        for seq, error in outcome.failed:
+            outcomes[seq] = error.reason
+        if outcome.lost is not None:
+            for seq in pending:
+                outcomes.setdefault(seq, outcome.lost.reason)
+
+    publisher = Publisher(
+        settings.amqp_urls,
+        max_in_flight=100,
+        confirm_timeout=settings.confirm_timeout,
+        on_outcome=on_outcome,
+    )
+    try:
         await publisher.connect()
-        try:
-            for record in records:
-                try:
-                    envelope = router.route(row_from_record(record))
-                except (UnmappableRow, KeyError, AttributeError) as exc:
-                    outcomes[record.id] = f"still not mappable: {exc}"
-                    continue
-                pending.append(record.id)
-                await publisher.publish(record.id, envelope)
-            await publisher.wait_confirmed(settings.confirm_timeout)
-        finally:
-            await publisher.close()
-        table = qualified(*settings.dead_letter_table)
-        results: list[tuple[DeadLetterRecord, str | None]] = []
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot connect to RabbitMQ ({type(exc).__name__}: {one_line(str(exc))}); "
+            "check --amqp-url"
+        ) from None
+    try:
         for record in records:
-            error = outcomes.get(record.id, "no confirm received")
-            if error is None:
-                conn.execute(
-                    sql.SQL("UPDATE {} SET replayed_at = now() WHERE id = %s").format(table),
-                    (record.id,),
-                )
-            results.append((record, error))
-        return results
+            try:
+                envelope = router.route(row_from_record(record))
+            except (UnmappableRow, KeyError, AttributeError) as exc:
+                outcomes[record.id] = f"still not mappable: {exc}"
+                continue
+            pending.append(record.id)
+            try:
+                await publisher.publish(record.id, envelope)
+            except UnpublishableMessage as exc:
+                outcomes[record.id] = str(exc)
+            except PublishFailed:
+                break  # the connection is gone: what is left stays pending
+        await publisher.wait_confirmed(settings.confirm_timeout)
+    finally:
+        await publisher.close()
+    results = [(r, outcomes.get(r.id, "no confirm received")) for r in records]
+    done = [r.id for r, error in results if error is None]
+    if done:
+        mark_replayed(conn, table, done)
+    return results
 
 
 def record_as_json(record: DeadLetterRecord) -> bytes:

@@ -1,0 +1,31 @@
+"""The relay's own exceptions and the process exit codes they map to.
+
+``ConfigError`` and ``FatalError`` are siblings under ``RelayError``: both end
+the process instead of a retry, but only one of them is the operator's setting
+to fix, and code that handles one must not swallow the other by subclassing.
+"""
+
+from __future__ import annotations
+
+# sysexits.h, so that supervisors (systemd, Kubernetes) can tell the cases apart.
+EX_USAGE = 2  # click's own code for a bad command line
+EX_SOFTWARE = 70  # internal software error
+EX_CONFIG = 78  # configuration error
+
+
+class RelayError(Exception):
+    """Something retrying cannot fix: the process exits with ``exit_code``."""
+
+    exit_code: int = 1
+
+
+class ConfigError(RelayError):
+    """A misconfiguration: one line saying what is wrong and how to fix it."""
+
+    exit_code = EX_CONFIG
+
+
+class FatalError(RelayError):
+    """Something retrying cannot fix that is not a setting (e.g. undecodable WAL data)."""
+
+    exit_code = EX_SOFTWARE

@@ -1,0 +1,188 @@
+"""The command line is generated from Settings: one default each, every bad value one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from cdc_relay import cli
+from cdc_relay.config import Option, Settings, option_of
+from cdc_relay.errors import EX_CONFIG, EX_USAGE
+from cdc_relay.pg import admin
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(command: click.Command, args: list[str], env: dict[str, str] | None = None) -> Settings:
+    """What a command would run with, without running it."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        ctx = command.make_context(command.name or "x", list(args))
+    return cli._settings(**ctx.params)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli.main, list(args), env=env)
+
+
+def assert_one_line(result: Result, code: int, *needles: str) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cdc-relay: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_defaults_come_from_settings() -> None:
+    assert parse(cli.run, []) == Settings()
+    common = parse(cli.status, [])
+    assert (common.dsn, common.amqp_urls, common.slot) == (
+        Settings().dsn,
+        Settings().amqp_urls,
+        Settings().slot,
+    )
+
+
+def test_every_setting_is_an_option_of_run() -> None:
+    names = {p.name for p in cli.run.params}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert fields <= names, fields - names
+    for f in dataclasses.fields(Settings):
+        assert isinstance(f.metadata["cli"], Option), f.name
+        assert f.metadata["cli"].help, f.name
+
+
+def test_each_option_reads_its_env_var() -> None:
+    env = {
+        "CDC_RELAY_SLOT": "s1",
+        "CDC_RELAY_FORMAT": "celery",
+        "CDC_RELAY_HEARTBEAT": "0",
+        "CDC_RELAY_MAX_IN_FLIGHT_BYTES": "1000",
+        "CDC_RELAY_ALLOWED_EXCHANGES": "orders.*, billing",
+        "CDC_RELAY_ALLOW_CC_HEADERS": "true",
+        "CDC_RELAY_DECLARE": "false",
+        "CDC_RELAY_AMQP_URL": "amqp://a@h1/,amqp://a@h2/",
+        "CDC_RELAY_STATUS_INTERVAL": "0.5",
+    }
+    s = parse(cli.run, [], env)
+    assert (s.slot, s.message_format, s.amqp_heartbeat, s.max_in_flight_bytes) == (
+        "s1",
+        "celery",
+        0,
+        1000,
+    )
+    assert s.allowed_exchanges == ["orders.*", "billing"]
+    assert s.allow_cc_headers is True
+    assert s.declare_exchange is False
+    assert s.amqp_urls == ["amqp://a@h1/", "amqp://a@h2/"]
+    assert s.status_interval == 0.5
+    assert s.exchange_allowed("orders.eu") and s.exchange_allowed("billing")
+    assert not s.exchange_allowed("billing2")
+    assert Settings().exchange_allowed("anything")
+    assert parse(cli.run, ["--no-declare"]).declare_exchange is False
+
+
+def test_sql_file_is_generated_from_the_package_data() -> None:
+    """sql/outbox.sql is `cdc-relay init --print-sql` for the defaults, never edited by hand."""
+    assert (ROOT / "sql" / "outbox.sql").read_text() == admin.render_sql(Settings()), (
+        "regenerate: python -m cdc_relay.cli init --print-sql > sql/outbox.sql"
+    )
+
+
+def _numeric_options() -> list[tuple[str, str]]:
+    cases = []
+    for f in dataclasses.fields(Settings):
+        opt = option_of(f.name)
+        kind = opt.value_type or type(f.default)
+        if kind not in (int, float) or isinstance(f.default, bool):
+            continue
+        flag = opt.flag_for(f.name)
+        bad = ["abc", "", "nan", "inf", "-inf", "1e999"]
+        if opt.min is not None:
+            bad.append(str(opt.min - 1))
+        if opt.max is not None:
+            bad.append(str(opt.max + 1) if kind is int else str(opt.max * 2))
+        if kind is int:
+            bad.append("1.5")
+        cases += [(flag, value) for value in bad]
+    return cases
+
+
+@pytest.mark.parametrize(("flag", "value"), _numeric_options())
+def test_bad_numbers_are_one_usage_line(flag: str, value: str) -> None:
+    result = invoke("run", flag, value)
+    assert_one_line(result, EX_USAGE, flag)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--format", "xml"], {}, "--format"),
+        (["--on-unroutable", "drop"], {}, "--on-unroutable"),
+        (["--log-format", "yaml"], {}, "--log-format"),
+        (["--metrics-port", "70000"], {}, "--metrics-port"),
+        (["--heartbeat", "65536"], {}, "--heartbeat"),
+        (["--amqp-url", ""], {}, "--amqp-url"),
+        ([], {"CDC_RELAY_AMQP_URL": ""}, "CDC_RELAY_AMQP_URL is set but empty"),
+        ([], {"CDC_RELAY_DSN": ""}, "CDC_RELAY_DSN is set but empty"),
+        (["--amqp-url", "guest:guest@localhost"], {}, "amqp:// or amqps://"),
+        (["--amqp-url", "amqp://u:pa/ss@host/"], {}, "invalid port"),
+        (["--amqp-url", "amqp://u:p#ss@host/"], {}, "invalid port"),
+        (["--amqp-url", "amqp:///vhost"], {}, "no host"),
+        (["--dsn", "host=x port"], {}, "libpq cannot parse it"),
+        (["--no-such-option"], {}, "No such option"),
+    ],
+)
+def test_bad_values_are_one_usage_line(args: list[str], env: dict[str, str], needle: str) -> None:
+    assert_one_line(invoke("run", *args, env=env), EX_USAGE, needle)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--routing-key", "{"], "invalid --routing-key"),
+        (["--routing-key", "{aggregate_type}.{nope}"], "unknown field {nope}"),
+        (["--routing-key", "{event_type:d}"], "cannot be rendered"),
+        (["--table", "a.b.c"], "invalid --table"),
+        (["--reconnect-min", "10", "--reconnect-max", "1"], "--reconnect-min"),
+        (["--slot", "Bad-Name"], "invalid --slot"),
+        (["--max-in-flight", "4000"], None),
+    ],
+)
+def test_bad_combinations_are_one_config_line(args: list[str], needle: str | None) -> None:
+    if needle is None:  # the control: these settings parse and check cleanly
+        parse(cli.run, args).check()
+        return
+    result = invoke("run", *args, "--dsn", "host=127.0.0.1 port=1 connect_timeout=1")
+    assert_one_line(result, EX_CONFIG, needle)
+
+
+def test_settings_check_applies_the_same_ranges() -> None:
+    from cdc_relay.errors import ConfigError
+
+    for name, value in [
+        ("status_interval", math.nan),
+        ("confirm_timeout", math.inf),
+        ("max_in_flight", 0),
+        ("amqp_heartbeat", 70000),
+        ("message_format", "xml"),
+    ]:
+        with pytest.raises(ConfigError):
+            dataclasses.replace(Settings(), **{name: value}).check()
+    Settings().check()
+
+
+def test_help_shows_defaults_and_env_vars() -> None:
+    result = invoke("run", "--help")
+    assert result.exit_code == 0
+    text: Any = result.output
+    assert "CDC_RELAY_MAX_IN_FLIGHT_BYTES" in text and "67108864" in text
