@@ -54,6 +54,15 @@ STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slo
 DEAD_LETTER_QUEUE: Final = 1000  # rows waiting to be stored before the pump waits
 DEAD_LETTER_BATCH: Final = 500  # rows stored in one transaction
 FINAL_STATUS_TIMEOUT: Final = 2.0
+VALIDATION_CONNECTION: Final = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+    "application_name": "cdc-relay validation",
+}
 
 # Exceptions that end a session and are retried; anything else is a bug or a
 # configuration error and ends the process.
@@ -316,7 +325,10 @@ class Session:
         dsn = self.settings.dsn
 
         def validate() -> admin.StartupFacts:
-            with admin.connect(dsn) as conn:
+            # Bounded on its own (keepalives, tcp_user_timeout, statement_timeout), so
+            # the thread ends soon after a timeout here, not whenever the network heals.
+            with admin.connect(dsn, **VALIDATION_CONNECTION) as conn:
+                conn.execute("SET statement_timeout = '20s'")
                 return admin.validate(conn, self.settings)
 
         try:

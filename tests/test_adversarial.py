@@ -99,12 +99,12 @@ async def test_a_renamed_or_moved_outbox_loses_no_row(
 
 
 async def test_poison_rows_are_dead_lettered_and_the_stream_goes_on(
-    outbox: Setup, consumer: Consumer, relays: Any
+    outbox: Setup, relays: Any
 ) -> None:
     relay = relays(outbox, "--max-message-size", "100000")
     await relay.wait_for_log_async("streaming from slot")
     deep: Any = "bottom"
-    for _ in range(300):
+    for _ in range(200):
         deep = {"d": deep}
     poison = [
         {"event_type": "DeepHeaders", "headers": {"deep": deep}},
@@ -116,7 +116,6 @@ async def test_poison_rows_are_dead_lettered_and_the_stream_goes_on(
     expected_good: list[str] = []
     poisoned: list[str] = []
     # A consumer bound only to what good rows use, so "Unroutable" has no queue.
-    await consumer.close()
     good_consumer = await Consumer(outbox.amqp_url, outbox.names["exchange"], "order.#").start()
     try:
         with psycopg.connect(outbox.dsn, autocommit=True) as conn:
@@ -125,7 +124,10 @@ async def test_poison_rows_are_dead_lettered_and_the_stream_goes_on(
                 poisoned.append(bad_id)
                 expected_good += outbox.insert(conn, [{"event_type": f"After{bad['event_type']}"}])
         await good_consumer.wait_for(set(expected_good), timeout=60)
-        assert await wait_until(lambda: len(dead_letters(outbox)) == len(poison), 30)
+        # at least once: a session that ends may store a dead letter again on replay
+        assert await wait_until(
+            lambda: {i for i, _ in dead_letters(outbox)} == set(poisoned), 30
+        ), (poisoned, dead_letters(outbox), relay.log()[-6000:])
         letters = dict(dead_letters(outbox))
         assert set(letters) == set(poisoned)
         reasons = [letters[i] for i in poisoned]

@@ -76,11 +76,11 @@ def render_sql(settings: Settings) -> str:
     return header + "\n".join(p.as_string(None).strip() + "\n" for p in parts)
 
 
-def connect(dsn: str) -> psycopg.Connection[Any]:
+def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
     """An autocommit admin connection; a failure is one ConfigError line, never the DSN."""
     redact = Redactor([dsn])
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        return psycopg.connect(dsn, autocommit=True, **{"connect_timeout": 10, **kwargs})
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
         raise ConfigError(
             f"cannot connect to Postgres ({redact(one_line(str(exc)) or repr(exc))}); check --dsn"
