@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -141,7 +141,6 @@ class Envelope:
     correlation_id: str | None = None
     app_id: str = APP_ID
     delivery_mode: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_timestamptz(text: str | None) -> datetime | None:

@@ -112,7 +112,6 @@ def test_default_event_mapping_is_exactly_design_section_4() -> None:
         correlation_id=None,
         app_id="cdc-relay",
         delivery_mode=2,
-        extra={},
     )
     assert env.timestamp is not None and env.timestamp.utcoffset() == timedelta(0)
     assert_on_the_wire(env)
