@@ -35,6 +35,7 @@ _CONTENT_TYPE = 1 << 15
 _CONTENT_ENCODING = 1 << 14
 _HEADERS = 1 << 13
 _DELIVERY_MODE = 1 << 12
+_PRIORITY = 1 << 11
 _CORRELATION_ID = 1 << 10
 _MESSAGE_ID = 1 << 7
 _TIMESTAMP = 1 << 6
@@ -89,6 +90,9 @@ def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     if envelope.delivery_mode is not None:
         flags |= _DELIVERY_MODE
         parts.append(bytes((envelope.delivery_mode,)))
+    if envelope.priority is not None:
+        flags |= _PRIORITY
+        parts.append(bytes((envelope.priority,)))
     if envelope.correlation_id:
         flags |= _CORRELATION_ID
         parts.append(short_string(envelope.correlation_id))

@@ -2,13 +2,20 @@
 
 Pure: no I/O. Text values arrive as raw UTF-8 bytes from the decoder; the
 payload (jsonb text) becomes the body as is, without parsing or re-encoding.
+
+The checks here are the one rule for "can the relay ever publish this?": the
+relay dead-letters a row that fails them, and ``cdc_relay.outbox`` runs the same
+checks at enqueue time so the application hears about it while it can still
+fix the call.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import string
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +31,25 @@ MAX_SHORT_STRING_BYTES = 255  # message_id, type, header names: AMQP short strin
 # 32-bit float. A value outside these would fail every publish of the row, forever.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 FLOAT32_MAX = 3.4028234663852886e38
+# Nesting bound for header values: deeper tables overflow recursive encoders
+# (pamqp's, Python's repr) long before they mean anything to a consumer.
+MAX_HEADER_DEPTH = 64
+# Keys of nested tables: AMQP 0-9-1 limits field names to 128 characters, and a
+# longer one would be truncated by some encoders, silently changing the header.
+MAX_NESTED_KEY_BYTES = 128
+# The content header (all properties) must fit one frame. RabbitMQ's default
+# frame_max is 131072; what is left after the other properties (at most eight
+# short strings) bounds the encoded header table.
+MAX_HEADER_TABLE_BYTES = 131072 - 8 - 14 - 8 * 256 - 64
+# Celery's own default for argsrepr/kwargsrepr (app.amqp.argsrepr_maxsize).
+CELERY_REPR_MAXSIZE = 1024
+CELERY_REPR_MAXLEVELS = 3  # Celery's task_repr_maxlevels default
+# A row with this aggregate_type is a Celery task in the default "event" format:
+# one outbox, one slot and one relay carry events and tasks (docs/guides/celery.md).
+TASK_AGGREGATE_TYPE = "celery.task"
+# Names RabbitMQ reads as sender-selected distribution: a row could route copies
+# to any queue the relay may write to, so they are refused unless allowed.
+SENDER_SELECTED_HEADERS = ("CC", "BCC")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OUTBOX_COLUMNS = (
     "id",
@@ -141,7 +167,7 @@ class Envelope:
     correlation_id: str | None = None
     app_id: str = APP_ID
     delivery_mode: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
+    priority: int | None = None
 
 
 def parse_timestamptz(text: str | None) -> datetime | None:
@@ -181,29 +207,63 @@ class _TemplateValues(dict[str, Any]):
         raise UnmappableRow(f"routing-key template refers to unknown field {{{key}}}")
 
 
+class _AnyPayload:
+    """Stands in for any payload when a template is checked without a real row."""
+
+    def __getitem__(self, key: object) -> _AnyPayload:
+        return self
+
+    def __format__(self, spec: str) -> str:
+        return format("x", spec)
+
+
 class Router:
-    """Turns outbox rows into envelopes with the relay's configured defaults."""
+    """Turns outbox rows into envelopes with the relay's configured defaults.
+
+    ``allowed_exchanges`` (glob patterns, empty = any) bounds the exchanges a
+    row may name; the configured defaults are the operator's and are not
+    checked. ``CC``/``BCC`` headers are refused unless ``allow_cc_headers``.
+    """
 
     def __init__(
         self,
         exchange: str = "outbox",
         routing_key_template: str = "{aggregate_type}.{event_type}",
         message_format: str = "event",
+        allowed_exchanges: Sequence[str] = (),
+        allow_cc_headers: bool = False,
     ) -> None:
         if message_format not in FORMATS:
             raise ValueError(f"unknown message format {message_format!r}; use one of {FORMATS}")
-        fields = [f for _, f, _, _ in string.Formatter().parse(routing_key_template) if f]
+        try:
+            parsed = list(string.Formatter().parse(routing_key_template))
+        except ValueError as exc:
+            raise ValueError(
+                f"invalid routing-key template {routing_key_template!r}: {exc}"
+            ) from None
+        fields = [f for _, f, _, _ in parsed if f]
         self.exchange = exchange
         self.routing_key_template = routing_key_template
         self.message_format = message_format
+        self.allowed_exchanges = tuple(allowed_exchanges)
+        self._exchange_patterns = tuple(
+            re.compile(fnmatch.translate(p)) for p in self.allowed_exchanges
+        )
+        self.allow_cc_headers = allow_cc_headers
         # The default template is so common that it gets a fast path.
         self._fast_template = fields == ["aggregate_type", "event_type"] and (
             routing_key_template == "{aggregate_type}.{event_type}"
         )
 
     def route(self, row: OutboxRow) -> Envelope:
+        if not row.id:
+            raise UnmappableRow("empty message id: consumers and returns need one")
         headers = _headers(row)
-        if self.message_format == "celery":
+        if not self.allow_cc_headers:
+            _refuse_sender_selected(headers)
+        if row.exchange is not None:
+            self._check_exchange(row.exchange)
+        if self.message_format == "celery" or row.aggregate_type == TASK_AGGREGATE_TYPE:
             return _celery_envelope(row, headers)
         routing_key = row.routing_key
         if routing_key is None:
@@ -214,11 +274,8 @@ class Router:
         headers["aggregate_type"] = row.aggregate_type
         headers["aggregate_id"] = row.aggregate_id
         headers["event_type"] = row.event_type
-        exchange = self.exchange if row.exchange is None else row.exchange
-        if row.exchange is not None and not EXCHANGE_NAME.match(exchange):
-            raise UnmappableRow(f"invalid exchange name {exchange[:140]!r}")
         return Envelope(
-            exchange=exchange,
+            exchange=self.exchange if row.exchange is None else row.exchange,
             routing_key=routing_key,
             body=row.payload,
             message_id=row.id,
@@ -239,6 +296,105 @@ class Router:
                 f"routing-key template {self.routing_key_template!r} cannot be rendered: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
+        except RecursionError:  # a {payload[...]} value nested too deep to print
+            raise UnmappableRow(
+                f"routing-key template {self.routing_key_template!r} cannot be rendered: "
+                "the value is nested too deep"
+            ) from None
+
+    def check_template(self) -> None:
+        """Render the routing-key template once, so a typo is a startup error, not N dead letters.
+
+        Raises ValueError with one line. ``{payload[...]}`` lookups are not
+        checked (they depend on each row's payload), the syntax around them is.
+        """
+        template = self.routing_key_template
+        values: dict[str, Any] = {
+            "id": "00000000-0000-4000-8000-000000000000",
+            "aggregate_type": "order",
+            "aggregate_id": "42",
+            "event_type": "OrderCreated",
+            "payload": _AnyPayload(),
+        }
+        try:
+            parsed = list(string.Formatter().parse(template))
+            for _, name, _, _ in parsed:
+                if name is None:
+                    continue
+                root = re.split(r"[.\[]", name, maxsplit=1)[0]
+                if root not in values:
+                    known = ", ".join("{" + k + "}" for k in values)
+                    raise ValueError(f"unknown field {{{name}}}; use {known}")
+            template.format_map(values)
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"invalid routing-key template {template!r}: {exc}") from None
+
+    def _check_exchange(self, exchange: str) -> None:
+        if not EXCHANGE_NAME.match(exchange):
+            raise UnmappableRow(f"invalid exchange name {exchange[:140]!r}")
+        patterns = self._exchange_patterns
+        if patterns and not any(p.match(exchange) for p in patterns):
+            allowed = ", ".join(self.allowed_exchanges)
+            raise UnmappableRow(f"exchange {exchange!r} is not allowed (allowed: {allowed})")
+
+
+def check_headers(headers: dict[str, Any]) -> None:
+    """Raise UnmappableRow unless an AMQP header table can carry these headers.
+
+    Shared by the router and the enqueue helpers: top-level names are short
+    strings, nested names at most 128 bytes, integers int64, numbers finite
+    within the encoder's float, nesting at most MAX_HEADER_DEPTH deep, and the
+    encoded table small enough for one content-header frame.
+    """
+    size = 4
+    for key, value in headers.items():
+        if type(key) is not str:
+            raise UnmappableRow(f"header names must be strings, got {key!r}")
+        if len(key) > MAX_SHORT_STRING_BYTES // 4:
+            _check_short_string("header name", key)
+        size += 1 + len(key.encode()) + _header_value_size(key, value, 1)
+    if size > MAX_HEADER_TABLE_BYTES:
+        raise UnmappableRow(
+            f"headers take {size} bytes on the wire, more than the {MAX_HEADER_TABLE_BYTES}"
+            " that fit one AMQP frame"
+        )
+
+
+def _header_value_size(key: str, value: Any, depth: int) -> int:
+    """Upper bound of the encoded size of one field value; raises if it cannot be encoded."""
+    kind = type(value)
+    if kind is str:
+        return 5 + len(value.encode())
+    if kind is bool or value is None:
+        return 2
+    if kind is int:
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise UnmappableRow(f"header {key!r}: integer {value} does not fit AMQP's int64")
+        return 9
+    if kind is float:
+        if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+            raise UnmappableRow(f"header {key!r}: number {value} does not fit an AMQP float")
+        return 9
+    if kind is dict or kind is list:
+        if depth >= MAX_HEADER_DEPTH:
+            raise UnmappableRow(f"header {key!r} is nested deeper than {MAX_HEADER_DEPTH} levels")
+        size = 5
+        if kind is list:
+            for item in value:
+                size += _header_value_size(key, item, depth + 1)
+            return size
+        for name, item in value.items():
+            if type(name) is not str:
+                raise UnmappableRow(f"header {key!r}: table names must be strings")
+            raw = name.encode()
+            if len(raw) > MAX_NESTED_KEY_BYTES:
+                raise UnmappableRow(
+                    f"header {key!r}: nested name longer than {MAX_NESTED_KEY_BYTES} bytes:"
+                    f" {name[:40]!r}..."
+                )
+            size += 1 + len(raw) + _header_value_size(key, item, depth + 1)
+        return size
+    raise UnmappableRow(f"header {key!r}: {kind.__name__} is not a JSON value")
 
 
 def _headers(row: OutboxRow) -> dict[str, Any]:
@@ -248,14 +404,20 @@ def _headers(row: OutboxRow) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise UnmappableRow(f"headers are not valid JSON: {exc}") from None
+        raise UnmappableRow(f"headers are not valid JSON (or nested too deep): {exc}") from None
     if not isinstance(value, dict):
         raise UnmappableRow(f"headers must be a JSON object, got {type(value).__name__}")
-    for key, item in value.items():
-        if len(key) > MAX_SHORT_STRING_BYTES // 4:
-            _check_short_string("header name", key)
-        _check_header_value(key, item)
+    check_headers(value)
     return value
+
+
+def _refuse_sender_selected(headers: dict[str, Any]) -> None:
+    for name in SENDER_SELECTED_HEADERS:
+        if name in headers:
+            raise UnmappableRow(
+                f"header {name!r} selects extra destinations (sender-selected distribution);"
+                " the relay refuses it unless CC/BCC headers are allowed"
+            )
 
 
 def _check_short_string(what: str, value: str) -> None:
@@ -266,19 +428,7 @@ def _check_short_string(what: str, value: str) -> None:
 
 def _check_header_value(key: str, value: Any) -> None:
     """Raise UnmappableRow for a JSON value that an AMQP field table cannot hold."""
-    kind = type(value)
-    if kind is int:
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise UnmappableRow(f"header {key!r}: integer {value} does not fit AMQP's int64")
-    elif kind is float:
-        if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
-            raise UnmappableRow(f"header {key!r}: number {value} does not fit an AMQP float")
-    elif kind is dict:
-        for item in value.values():
-            _check_header_value(key, item)
-    elif kind is list:
-        for item in value:
-            _check_header_value(key, item)
+    _header_value_size(key, value, 1)
 
 
 def _check_routing_key(routing_key: str) -> None:
@@ -286,12 +436,38 @@ def _check_routing_key(routing_key: str) -> None:
         raise UnmappableRow(f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes")
 
 
+def celery_repr(value: Iterable[Any] | dict[str, Any]) -> str:
+    """argsrepr/kwargsrepr exactly as Celery makes them: saferepr, 1024 chars, 3 levels.
+
+    Truncated so a big argument cannot push the header block past frame_max.
+    Without Celery installed (a relay that only forwards), reprlib gives the
+    same bounds.
+    """
+    try:
+        from celery.utils.saferepr import saferepr
+    except ImportError:  # pragma: no cover - Celery is a test dependency
+        return _fallback_repr(value)
+    return str(saferepr(value, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS))
+
+
+def _fallback_repr(value: Any) -> str:
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel = CELERY_REPR_MAXLEVELS
+    short.maxstring = CELERY_REPR_MAXSIZE
+    text = short.repr(value)
+    return text if len(text) <= CELERY_REPR_MAXSIZE else text[: CELERY_REPR_MAXSIZE - 3] + "..."
+
+
 def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     """A Celery task message (protocol 2) from an outbox row.
 
-    event_type is the task name, payload is ``{"args": [...], "kwargs": {...}}``,
-    routing_key (row or default ``celery``) is the queue, exchange defaults to
-    the direct default exchange ``""`` unless the row names one. The outbox id
+    event_type is the task name, payload is ``{"args": [...], "kwargs": {...}}``
+    plus optional ``eta``/``expires`` (ISO 8601), ``priority`` (0-255),
+    ``root_id``/``parent_id``; routing_key (row or default ``celery``) is the
+    queue, exchange defaults to the direct default exchange ``""`` unless the
+    row names one (Celery's own choice for a direct queue). The outbox id
     becomes the task id, so a redelivered task keeps its identity.
     """
     try:
@@ -306,32 +482,43 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
         raise UnmappableRow("celery payload needs args (array) and kwargs (object)")
     task_id = row.id
     _check_short_string("id", task_id)
-    _check_header_value("eta", payload.get("eta"))
-    _check_header_value("expires", payload.get("expires"))
+    eta, expires = payload.get("eta"), payload.get("expires")
+    _check_header_value("eta", eta)
+    _check_header_value("expires", expires)
+    priority = payload.get("priority")
+    if priority is not None and not (type(priority) is int and 0 <= priority <= 255):
+        raise UnmappableRow(f"celery priority must be an integer 0-255, got {priority!r}")
+    root_id = payload.get("root_id") or task_id
+    parent_id = payload.get("parent_id")
+    for name, value in (("root_id", root_id), ("parent_id", parent_id)):
+        if value is not None and not isinstance(value, str):
+            raise UnmappableRow(f"celery {name} must be a string, got {value!r}")
+    try:
+        body = orjson.dumps(
+            [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        )
+    except orjson.JSONEncodeError as exc:
+        raise UnmappableRow(f"celery args/kwargs cannot be encoded: {exc}") from None
     celery_headers: dict[str, Any] = {
         "lang": "py",
         "task": row.event_type,
         "id": task_id,
         "shadow": None,
-        "eta": payload.get("eta"),
-        "expires": payload.get("expires"),
+        "eta": eta,
+        "expires": expires,
         "group": None,
         "group_index": None,
         "retries": 0,
         "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": repr(tuple(args)),
-        "kwargsrepr": repr(kwargs),
+        "root_id": root_id,
+        "parent_id": parent_id,
+        "argsrepr": celery_repr(tuple(args)),
+        "kwargsrepr": celery_repr(kwargs),
         "origin": APP_ID,
         "ignore_result": False,
     }
     celery_headers.update(headers)
-    body = orjson.dumps(
-        [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    )
-    if row.exchange is not None and not EXCHANGE_NAME.match(row.exchange):
-        raise UnmappableRow(f"invalid exchange name {row.exchange[:140]!r}")
+    check_headers(celery_headers)
     routing_key = row.routing_key or "celery"
     _check_routing_key(routing_key)
     return Envelope(
@@ -344,4 +531,5 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
         timestamp=parse_timestamptz(row.created_at),
         content_encoding="utf-8",
         correlation_id=task_id,
+        priority=priority,
     )

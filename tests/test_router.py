@@ -18,12 +18,18 @@ from hypothesis import strategies as st
 from pamqp import encode as pamqp_encode
 
 from cdc_relay.router import (
+    CELERY_REPR_MAXSIZE,
+    MAX_HEADER_DEPTH,
+    MAX_NESTED_KEY_BYTES,
+    TASK_AGGREGATE_TYPE,
     Envelope,
     OutboxRow,
     OutboxSchemaError,
     Router,
     RowReader,
     UnmappableRow,
+    _fallback_repr,
+    _header_value_size,
     parse_timestamptz,
 )
 
@@ -112,7 +118,6 @@ def test_default_event_mapping_is_exactly_design_section_4() -> None:
         correlation_id=None,
         app_id="cdc-relay",
         delivery_mode=2,
-        extra={},
     )
     assert env.timestamp is not None and env.timestamp.utcoffset() == timedelta(0)
     assert_on_the_wire(env)
@@ -697,7 +702,7 @@ def test_any_text_and_payload_round_trip(
     payload = to_json(body)
     r = row(aggregate_type=agg, event_type=event, aggregate_id=agg_id, id=row_id, payload=payload)
     routing_key = f"{agg}.{event}"
-    if not (fits(routing_key) and fits(event) and fits(row_id)):
+    if not (fits(routing_key) and fits(event) and fits(row_id) and row_id):
         with pytest.raises(UnmappableRow):
             Router().route(r)
         return
@@ -789,3 +794,279 @@ def test_timestamps_in_any_offset_are_the_same_instant() -> None:
 def test_celery_eta_or_expires_the_wire_cannot_carry_are_unmappable(payload: bytes) -> None:
     with pytest.raises(UnmappableRow, match="header"):
         celery_route(payload=payload)
+
+
+# -- issue 9: rows that must be dead letters, not crashes ----------------------------------
+
+
+def nested(depth: int, leaf: bytes = b"1") -> bytes:
+    return b"[" * depth + leaf + b"]" * depth
+
+
+def test_empty_message_id_is_unmappable() -> None:
+    """Returns are matched by message id; an empty one could never be matched."""
+    with pytest.raises(UnmappableRow, match="empty message id"):
+        Router().route(row(id=""))
+    with pytest.raises(UnmappableRow, match="empty message id"):
+        celery_route(id="")
+
+
+@pytest.mark.parametrize("depth", [MAX_HEADER_DEPTH, 500, 1000, 5000])
+def test_headers_nested_too_deep_are_unmappable_not_recursion_errors(depth: int) -> None:
+    headers = b'{"deep": ' + nested(depth) + b"}"
+    with pytest.raises(UnmappableRow, match="header"):
+        Router().route(row(headers=headers))
+    with pytest.raises(UnmappableRow, match="header"):
+        celery_route(headers=headers)
+
+
+def test_headers_just_under_the_depth_bound_are_encodable() -> None:
+    headers = b'{"deep": ' + nested(MAX_HEADER_DEPTH - 1) + b"}"
+    env = Router().route(row(headers=headers))
+    assert_on_the_wire(env)
+    nested_dicts = b'{"d": ' + b'{"k": ' * (MAX_HEADER_DEPTH - 1) + b"1" + b"}" * MAX_HEADER_DEPTH
+    assert_on_the_wire(Router().route(row(headers=nested_dicts)))
+
+
+def test_nested_header_names_over_128_bytes_are_refused_not_truncated() -> None:
+    ok = b'{"t": {"%s": 1}}' % (b"k" * MAX_NESTED_KEY_BYTES)
+    assert_on_the_wire(Router().route(row(headers=ok)))
+    too_long = b'{"t": {"%s": 1}}' % (b"k" * (MAX_NESTED_KEY_BYTES + 1))
+    with pytest.raises(UnmappableRow, match="nested name longer than 128"):
+        Router().route(row(headers=too_long))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b'{"big": "%s"}' % (b"x" * 200_000),
+        b'{"many": [%s]}' % b",".join([b"1"] * 20_000),  # 2 bytes of JSON, 9 on the wire each
+    ],
+)
+def test_header_block_larger_than_a_frame_is_unmappable(headers: bytes) -> None:
+    with pytest.raises(UnmappableRow, match="one AMQP frame"):
+        Router().route(row(headers=headers))
+    with pytest.raises(UnmappableRow, match="one AMQP frame"):
+        celery_route(headers=headers)
+
+
+def test_header_block_size_bound_is_an_upper_bound_of_the_wire_size() -> None:
+    headers = {"s": "x" * 1000, "n": [1, -(2**40), 3.5, None, True], "t": {"a": {"b": "c"}}}
+    env = Router().route(row(headers=orjson.dumps(headers)))
+    wire = len(pamqp_encode.field_table(env.headers))
+    bound = 4 + sum(1 + len(k) + _header_value_size(k, v, 1) for k, v in env.headers.items())
+    assert wire <= bound <= wire + 64
+
+
+def test_payload_template_on_a_deep_payload_is_unmappable() -> None:
+    router = Router(routing_key_template="r.{payload[a]}")
+    for depth in (990, 1000, 2000):  # repr recursion limit, orjson's depth limit
+        payload = b'{"a": ' + nested(depth) + b"}"
+        with pytest.raises(UnmappableRow, match="cannot be rendered"):
+            router.route(row(payload=payload))
+
+
+@pytest.mark.parametrize("depth", [255, 300, 1000])
+def test_celery_args_nested_deeper_than_orjson_writes_are_unmappable(depth: int) -> None:
+    payload = b'{"args": [' + nested(depth) + b'], "kwargs": {}}'
+    with pytest.raises(UnmappableRow, match="celery args"):
+        celery_route(payload=payload)
+
+
+def test_celery_argsrepr_is_truncated_as_celery_does() -> None:
+    celery = pytest.importorskip("celery")
+    big = "x" * 300_000
+    payload = orjson.dumps({"args": [big, [[[[1]]]]], "kwargs": {"k": big}})
+    env = celery_route(payload=payload, headers=b"{}")
+    app = celery.Celery("t", broker="memory://", set_as_current=False)
+    theirs = app.amqp.as_task_v2(ROW_ID, "t", args=(big, [[[[1]]]]), kwargs={"k": big})
+    assert env.headers["argsrepr"] == theirs.headers["argsrepr"]
+    assert env.headers["kwargsrepr"] == theirs.headers["kwargsrepr"]
+    assert len(env.headers["argsrepr"]) < 1100
+    assert_on_the_wire(env)
+
+
+def test_fallback_repr_keeps_celerys_bounds() -> None:
+    text = _fallback_repr(("x" * 5000, [[[[[1]]]]]))
+    assert len(text) <= CELERY_REPR_MAXSIZE
+
+
+# -- allowed exchanges and sender-selected distribution ------------------------------------
+
+
+def test_allowed_exchanges_are_glob_patterns_for_row_exchanges() -> None:
+    router = Router(exchange="outbox", allowed_exchanges=["orders.*", "audit"])
+    assert router.route(row(exchange="orders.eu")).exchange == "orders.eu"
+    assert router.route(row(exchange="audit")).exchange == "audit"
+    assert router.route(row()).exchange == "outbox"  # the configured default is the operator's
+    for bad in ("amq.topic", "auditx", "", "orders"):
+        with pytest.raises(UnmappableRow, match="not allowed"):
+            router.route(row(exchange=bad))
+    with pytest.raises(UnmappableRow, match="not allowed"):
+        router.route(
+            row(exchange="amq.direct", payload=CELERY_PAYLOAD, aggregate_type="celery.task")
+        )
+
+
+def test_no_allowed_exchanges_means_any_valid_name() -> None:
+    assert Router().route(row(exchange="amq.topic")).exchange == "amq.topic"
+
+
+@pytest.mark.parametrize("name", ["CC", "BCC"])
+def test_cc_and_bcc_headers_are_refused_unless_allowed(name: str) -> None:
+    headers = orjson.dumps({name: ["other.key"]})
+    with pytest.raises(UnmappableRow, match=name):
+        Router().route(row(headers=headers))
+    with pytest.raises(UnmappableRow, match=name):
+        celery_route(headers=headers)
+    env = Router(allow_cc_headers=True).route(row(headers=headers))
+    assert env.headers[name] == ["other.key"]
+
+
+def test_lowercase_cc_is_an_ordinary_header() -> None:
+    """RabbitMQ only reads "CC" and "BCC" (case-sensitive)."""
+    assert Router().route(row(headers=b'{"cc": "x"}')).headers["cc"] == "x"
+
+
+# -- check_template ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{aggregate_type}.{event_type}",
+        "evt.{aggregate_type}.{aggregate_id}",
+        "{id}",
+        "static",
+        "",
+        "r.{payload[region]}",
+        "{payload[items][0]}.{event_type}",
+        "{{literal}}",
+        "{aggregate_id:>5}",
+    ],
+)
+def test_check_template_accepts_renderable_templates(template: str) -> None:
+    Router(routing_key_template=template).check_template()
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{", "template"),
+        ("{aggregate_type", "template"),
+        ("}", "template"),
+        ("{nope}", "unknown field {nope}"),
+        ("{exchange}.x", "unknown field {exchange}"),
+        ("{0}", "unknown field {0}"),
+        ("{}", "template"),
+        ("{aggregate_id:d}", "template"),
+        ("{payload.region}", "template"),
+        ("{aggregate_id!z}", "template"),
+    ],
+)
+def test_check_template_refuses_with_one_line(template: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        Router(routing_key_template=template).check_template()
+    assert "\n" not in str(info.value)
+
+
+# -- Celery tasks in the default "event" format --------------------------------------------
+
+
+def task_row(payload: dict[str, Any], **overrides: object) -> OutboxRow:
+    values: dict[str, object] = {
+        "aggregate_type": TASK_AGGREGATE_TYPE,
+        "aggregate_id": ROW_ID,
+        "event_type": "app.tasks.add",
+        "payload": orjson.dumps(payload),
+        "headers": b'{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}',
+        "routing_key": "default",
+    }
+    values.update(overrides)
+    return row(**values)
+
+
+def test_task_rows_become_celery_messages_in_the_event_format() -> None:
+    router = Router(exchange="events", routing_key_template="{aggregate_type}")
+    payload = {
+        "args": [2, 3],
+        "kwargs": {},
+        "eta": "2026-11-23T10:00:05+00:00",
+        "expires": "2026-11-23T11:00:00+00:00",
+        "priority": 7,
+        "root_id": "root-1",
+        "parent_id": "parent-1",
+    }
+    env = router.route(task_row(payload))
+    assert (env.exchange, env.routing_key) == ("", "default")
+    assert orjson.loads(env.body) == [
+        [2, 3],
+        {},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
+    assert env.message_id == env.correlation_id == env.headers["id"] == ROW_ID
+    assert env.priority == 7
+    h = env.headers
+    assert (h["task"], h["eta"], h["expires"]) == (
+        "app.tasks.add",
+        "2026-11-23T10:00:05+00:00",
+        "2026-11-23T11:00:00+00:00",
+    )
+    assert (h["root_id"], h["parent_id"], h["retries"]) == ("root-1", "parent-1", 0)
+    assert h["traceparent"].startswith("00-0af7")
+    assert h["argsrepr"] == "(2, 3)"
+    assert env.content_encoding == "utf-8" and env.type is None
+    assert_on_the_wire(env)
+    # An ordinary event row next to it keeps the event mapping.
+    assert router.route(row()).exchange == "events"
+
+
+def test_task_row_defaults_root_id_to_the_task_id_and_queue_to_celery() -> None:
+    env = Router().route(task_row({"args": [], "kwargs": {}}, routing_key=None))
+    assert env.routing_key == "celery"
+    assert env.headers["root_id"] == ROW_ID and env.headers["parent_id"] is None
+    assert env.priority is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"priority": 256},
+        {"priority": -1},
+        {"priority": "high"},
+        {"priority": 1.5},
+        {"root_id": 5},
+        {"parent_id": ["x"]},
+    ],
+)
+def test_task_row_bad_fields_are_unmappable(payload: dict[str, Any]) -> None:
+    with pytest.raises(UnmappableRow, match="celery"):
+        Router().route(task_row({"args": [], "kwargs": {}, **payload}))
+
+
+def test_priority_is_encoded_as_pamqp_does() -> None:
+    from pamqp import commands as spec
+    from pamqp.header import ContentHeader
+
+    from cdc_relay.amqp_wire import encode_properties
+
+    env = Router().route(task_row({"args": [], "kwargs": {}, "priority": 9}))
+    flags, properties = encode_properties(env)
+    theirs = ContentHeader(
+        0,
+        0,
+        spec.Basic.Properties(
+            content_type=env.content_type,
+            content_encoding=env.content_encoding,
+            headers=env.headers,
+            delivery_mode=env.delivery_mode,
+            priority=env.priority,
+            correlation_id=env.correlation_id,
+            message_id=env.message_id,
+            timestamp=env.timestamp,
+            app_id=env.app_id,
+        ),
+    ).marshal()
+    # class, weight, body size, then the same flags and (sorted-key) property list length.
+    assert int.from_bytes(theirs[12:14], "big") == flags
+    assert len(theirs) - 14 == len(properties)
