@@ -307,7 +307,7 @@ async def replay(
     """
     table = settings.dead_letter_table
     records = list_dead_letters(conn, table, ids=ids)
-    router = Router(settings.exchange, settings.routing_key, settings.message_format)
+    router = Router.from_settings(settings)
     outcomes: dict[int, str | None] = {}
     pending: list[int] = []
 

@@ -82,7 +82,7 @@ class Relay:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.router = Router(settings.exchange, settings.routing_key, settings.message_format)
+        self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty()
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()

@@ -17,9 +17,12 @@ import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from cdc_relay.config import Settings
 
 APP_ID = "cdc-relay"
 MAX_ROUTING_KEY_BYTES = 255
@@ -253,6 +256,17 @@ class Router:
         # The default template is so common that it gets a fast path.
         self._fast_template = fields == ["aggregate_type", "event_type"] and (
             routing_key_template == "{aggregate_type}.{event_type}"
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Router:
+        """The relay's router: one place that turns settings into mapping rules."""
+        return cls(
+            settings.exchange,
+            settings.routing_key,
+            settings.message_format,
+            allowed_exchanges=settings.allowed_exchanges,
+            allow_cc_headers=settings.allow_cc_headers,
         )
 
     def route(self, row: OutboxRow) -> Envelope:
