@@ -291,6 +291,18 @@ def test_stream_lost_is_replication_error() -> None:
         drive(read_copy_frames(pgconn, 10))
 
 
+def test_connection_lost_after_frames_carries_them() -> None:
+    class LostAfterTwo(FakePgconn):
+        def get_copy_data(self, async_: int) -> tuple[int, memoryview]:
+            if not self.buffer:
+                raise psycopg.OperationalError("receiving copy data failed: lost")
+            return super().get_copy_data(async_)
+
+    with pytest.raises(ReplicationError, match="connection lost") as caught:
+        drive(read_copy_frames(LostAfterTwo(buffered=[b"w1", b"w2"]), 10))
+    assert caught.value.frames == [b"w1", b"w2"]
+
+
 def test_copy_data_failure_is_replication_error() -> None:
     class Broken(FakePgconn):
         def get_copy_data(self, async_: int) -> tuple[int, memoryview]:

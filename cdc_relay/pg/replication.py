@@ -133,12 +133,13 @@ def read_copy_frames(pgconn: LibpqConn, max_frames: int) -> PQGen[list[bytes]]:
     """The CopyData frames libpq has (at most ``max_frames``), waiting for at least one.
 
     At the end of the stream it raises StreamEnded for a clean end (shutdown,
-    timeline end), else ReplicationError with the server's SQLSTATE; the frames
-    that arrived before the end ride on the error (``frames``), because libpq
-    has left COPY mode by then and a later call could not return them.
+    timeline end), else ReplicationError with the server's SQLSTATE (or none
+    when the connection was lost); the frames that arrived before the end ride
+    on the error (``frames``), because libpq has left COPY mode by then and a
+    later call could not return them.
     """
+    frames: list[bytes] = []
     try:
-        frames: list[bytes] = []
         while True:
             while len(frames) < max_frames:
                 size, data = pgconn.get_copy_data(1)
@@ -155,7 +156,9 @@ def read_copy_frames(pgconn: LibpqConn, max_frames: int) -> PQGen[list[bytes]]:
             yield Wait.R
             pgconn.consume_input()
     except psycopg.OperationalError as exc:
-        raise _lost(exc) from exc
+        lost = _lost(exc)
+        lost.frames = frames
+        raise lost from exc
 
 
 def _end_error(result: pq.abc.PGresult | None) -> ReplicationError:
