@@ -10,6 +10,7 @@ sees exactly when a step would have blocked on the socket.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg import pq
 
 from cdc_relay.pg.replication import (
@@ -30,6 +33,7 @@ from cdc_relay.pg.replication import (
     start_replication,
 )
 from cdc_relay.pg.waiting import PQGen, Ready, Wait
+from cdc_relay.pg.walproto import pg_now_us
 
 END_OF_COPY = object()  # get_copy_data -> -1: the server left COPY mode
 COMMAND_DONE = object()  # get_result -> None: the command has no more results
@@ -291,6 +295,18 @@ def test_stream_lost_is_replication_error() -> None:
         drive(read_copy_frames(pgconn, 10))
 
 
+def test_connection_lost_after_frames_carries_them() -> None:
+    class LostAfterTwo(FakePgconn):
+        def get_copy_data(self, async_: int) -> tuple[int, memoryview]:
+            if not self.buffer:
+                raise psycopg.OperationalError("receiving copy data failed: lost")
+            return super().get_copy_data(async_)
+
+    with pytest.raises(ReplicationError, match="connection lost") as caught:
+        drive(read_copy_frames(LostAfterTwo(buffered=[b"w1", b"w2"]), 10))
+    assert caught.value.frames == [b"w1", b"w2"]
+
+
 def test_copy_data_failure_is_replication_error() -> None:
     class Broken(FakePgconn):
         def get_copy_data(self, async_: int) -> tuple[int, memoryview]:
@@ -363,3 +379,46 @@ async def test_stream_hands_out_frames_before_the_end_then_raises_it() -> None:
         with pytest.raises(StreamEnded) as caught:
             await stream.read_frames()
         assert caught.value.frames == []
+
+
+@pytest.mark.asyncio
+async def test_stream_send_status_queues_one_standby_status_update() -> None:
+    pgconn = FakePgconn()
+    stream = ReplicationStream(FakeConnection(pgconn))  # type: ignore[arg-type]
+    before = pg_now_us()
+    await stream.send_status(300, 200, 100, reply_requested=True)
+    (message,) = pgconn.queued
+    tag, write, flush, apply, clock, reply = struct.unpack("!cQQQqB", message)
+    assert (tag, write, flush, apply, reply) == (b"r", 300, 200, 100, 1)
+    assert before <= clock <= pg_now_us()
+    assert pgconn.calls == ["flush"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.binary(min_size=1, max_size=5), max_size=6), max_size=8),
+    st.integers(1, 5),
+)
+def test_any_arrival_pattern_yields_every_frame_in_order(
+    arrivals: list[list[bytes]], max_frames: int
+) -> None:
+    """However the frames arrive, batches are non-empty, bounded, in order, and
+    a step waits only when libpq has nothing buffered."""
+    pgconn = FakePgconn(arrivals=[*arrivals, [END_OF_COPY, COMMAND_OK]])
+    expected = [frame for arrival in arrivals for frame in arrival]
+    received: list[bytes] = []
+    while True:
+        gen = read_copy_frames(pgconn, max_frames)
+        try:
+            wait = next(gen)
+            while True:
+                assert wait == Wait.R and not pgconn.buffer  # nothing left behind
+                wait = gen.send(Ready.R)
+        except StopIteration as done:
+            batch = done.value
+        except StreamEnded as end:
+            received += end.frames
+            break
+        assert 1 <= len(batch) <= max_frames
+        received += batch
+    assert received == expected

@@ -92,7 +92,10 @@ async def outbox(pg_dsn: str) -> AsyncIterator[Outbox]:
 async def read_transaction(
     stream: ReplicationStream, timeout: float = 20.0
 ) -> tuple[list[PgOutputMessage], list[XLogData]]:
-    """Decoded messages up to and including the next Commit (keepalives skipped)."""
+    """Decoded messages up to and including the next Commit (keepalives skipped).
+
+    Frames after that Commit in the same batch are dropped: one transaction at a time.
+    """
     messages: list[PgOutputMessage] = []
     wrappers: list[XLogData] = []
     async with asyncio.timeout(timeout):

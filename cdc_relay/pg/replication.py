@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import pq, sql
 
-from cdc_relay.lsn import format_lsn
+from cdc_relay.lsn import Lsn, format_lsn
 from cdc_relay.pg.waiting import RV, PQGen, Ready, Wait, wait_async
 from cdc_relay.pg.walproto import encode_standby_status, pg_now_us
 
@@ -133,12 +133,13 @@ def read_copy_frames(pgconn: LibpqConn, max_frames: int) -> PQGen[list[bytes]]:
     """The CopyData frames libpq has (at most ``max_frames``), waiting for at least one.
 
     At the end of the stream it raises StreamEnded for a clean end (shutdown,
-    timeline end), else ReplicationError with the server's SQLSTATE; the frames
-    that arrived before the end ride on the error (``frames``), because libpq
-    has left COPY mode by then and a later call could not return them.
+    timeline end), else ReplicationError with the server's SQLSTATE (or none
+    when the connection was lost); the frames that arrived before the end ride
+    on the error (``frames``), because libpq has left COPY mode by then and a
+    later call could not return them.
     """
+    frames: list[bytes] = []
     try:
-        frames: list[bytes] = []
         while True:
             while len(frames) < max_frames:
                 size, data = pgconn.get_copy_data(1)
@@ -155,7 +156,9 @@ def read_copy_frames(pgconn: LibpqConn, max_frames: int) -> PQGen[list[bytes]]:
             yield Wait.R
             pgconn.consume_input()
     except psycopg.OperationalError as exc:
-        raise _lost(exc) from exc
+        lost = _lost(exc)
+        lost.frames = frames
+        raise lost from exc
 
 
 def _end_error(result: pq.abc.PGresult | None) -> ReplicationError:
@@ -243,6 +246,28 @@ class ReplicationStream:
             raise _result_error(results[0] if results else None, f"SHOW {name} failed")
         value = results[0].get_value(0, 0)
         return value.decode() if value is not None else ""
+
+    async def create_slot_with_snapshot(self, slot: str) -> tuple[int, str]:
+        """Create a logical (pgoutput) slot and export a snapshot of its consistent point.
+
+        Returns (consistent_lsn, snapshot_name). Rows visible in the snapshot
+        are exactly those committed before the slot's first streamed
+        transaction: read them with ``SET TRANSACTION SNAPSHOT`` in a
+        REPEATABLE READ transaction on a normal connection, then ``start``
+        here, and nothing is missed or seen twice. The snapshot lives only
+        until the next command on this connection (or its close), so import
+        it before calling ``start``. Needs PostgreSQL 15+ (option syntax).
+        """
+        query = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')")
+        text = query.format(sql.Identifier(slot)).as_bytes(self._conn)
+        results = await self._run(execute(self._pgconn, text))
+        if len(results) != 1 or results[0].status != TUPLES_OK or results[0].ntuples != 1:
+            raise _result_error(results[0] if results else None, "CREATE_REPLICATION_SLOT failed")
+        # Columns: slot_name, consistent_point, snapshot_name, output_plugin.
+        consistent, snapshot = results[0].get_value(0, 1), results[0].get_value(0, 2)
+        if consistent is None or snapshot is None:
+            raise ReplicationError("CREATE_REPLICATION_SLOT returned no snapshot")
+        return Lsn.parse(consistent.decode()), snapshot.decode()
 
     async def start(
         self, slot: str, publication: str, start_lsn: int = 0, *, messages: bool = False
