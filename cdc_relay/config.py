@@ -173,6 +173,12 @@ class Settings:
         64 * MiB,
         Option("Bytes of unconfirmed message bodies allowed at once.", min=1, max=2**40),
     )
+    message_prefix: str = setting(
+        "cdc_relay",
+        Option(
+            "Prefix of the transactional logical messages (outbox_emit) to publish as rows.",
+        ),
+    )
     status_interval: float = setting(
         1.0, Option("Seconds between standby status updates to Postgres.", min=0.05, max=30)
     )

@@ -26,14 +26,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 from cdc_relay.acks import AckTracker
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.deadletters import DeadLetter
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import format_lsn
-from cdc_relay.pg.pgoutput import Begin, Commit, Insert, Relation, decode_message
+from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
 from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
-from cdc_relay.router import Envelope, OutboxSchemaError, Router, RowReader, UnmappableRow
+from cdc_relay.router import (
+    Envelope,
+    OutboxRow,
+    OutboxSchemaError,
+    Router,
+    RowReader,
+    UnmappableRow,
+)
 
 # Postgres timestamps count microseconds from 2000-01-01 00:00:00 UTC.
 POSTGRES_EPOCH_UNIX: Final = 946_684_800
@@ -107,6 +116,7 @@ class SessionCore:
         start_flush: int,
         max_message_size: int,
         dead_letter_unroutable: bool = True,
+        message_prefix: str = "cdc_relay",
         limits: BrokerLimits | None = None,
         counters: Any = None,
         observe_commit_to_confirm: Callable[[float], None] | None = None,
@@ -120,6 +130,7 @@ class SessionCore:
         if self.limits.max_message_size is not None:
             self.max_message_size = min(max_message_size, self.limits.max_message_size)
         self.dead_letter_unroutable = dead_letter_unroutable
+        self.message_prefix = message_prefix
         self._counters = counters
         self._observe = observe_commit_to_confirm
         # relid -> reader for the outbox; None for any other relation the stream describes.
@@ -177,7 +188,9 @@ class SessionCore:
             return self._commit(event)  # type: ignore[arg-type]
         if kind is Relation:
             self._relation(event)  # type: ignore[arg-type]
-        # Origin, Type, Message and (misconfigured) Update/Delete/Truncate carry
+        elif kind is LogicalMessage and event.prefix == self.message_prefix:  # type: ignore[union-attr]
+            return self._message(event)  # type: ignore[arg-type]
+        # Origin, Type, other prefixes' messages and (misconfigured) Update/Delete/Truncate carry
         # nothing to publish; startup validation keeps the publication to inserts.
         return None
 
@@ -212,17 +225,52 @@ class SessionCore:
             row = reader.read(event.new)
         except Exception as exc:
             return self._dead(seq, event.new, None, _reason(exc))
+        return self._route(seq, event.new, row)
+
+    def _route(
+        self, seq: int, values: tuple[Any, ...], row: OutboxRow
+    ) -> Envelope | PendingDeadLetter:
         try:
             envelope = self.router.route(row)
             reason = self._refusal(envelope)
         except Exception as exc:
             reason = _reason(exc)
         if reason is not None:
-            return self._dead(seq, event.new, row, reason)
+            return self._dead(seq, values, row, reason)
         self._rows[seq] = row
         if self._counters is not None:
             self._counters.published.inc()
         return envelope
+
+    def _message(self, event: LogicalMessage) -> Envelope | PendingDeadLetter:
+        """``outbox_emit``: a transactional message is a row without a table.
+
+        A non-transactional one would be published whether or not its
+        transaction commits, so it is refused; it gets a transaction of its own
+        (at its LSN) so that its dead letter holds the flush like any row.
+        """
+        tracker = self.tracker
+        if not event.transactional:
+            own = not tracker.in_transaction
+            if own:
+                tracker.begin()
+                self._txn_first_seq, self._txn_lsn = tracker.last_seq + 1, event.lsn
+            seq = tracker.add_message()
+            if own:
+                tracker.commit(event.lsn)
+            return self._dead(
+                seq,
+                (event.content,),
+                None,
+                f"non-transactional logical message with prefix {event.prefix!r}: it would "
+                "bypass the commit (use pg_logical_emit_message(true, ...), i.e. outbox_emit)",
+            )
+        seq = tracker.add_message()
+        try:
+            row = _row_from_message(event.content)
+        except Exception as exc:
+            return self._dead(seq, (event.content,), None, _reason(exc))
+        return self._route(seq, (event.content,), row)
 
     def _refusal(self, envelope: Envelope) -> str | None:
         """Why the broker would refuse this envelope for good, if an earlier answer tells."""
@@ -349,6 +397,37 @@ class SessionCore:
     def describe(self) -> str:
         tracker = self.tracker
         return f"{tracker.unconfirmed} in flight, confirmed LSN {format_lsn(tracker.flush_lsn)}"
+
+
+_MESSAGE_FIELDS: Final = ("id", "aggregate_type", "aggregate_id", "event_type")
+
+
+def _row_from_message(content: bytes) -> OutboxRow:
+    """The JSON object ``outbox_emit`` writes, as the row the table would have held.
+
+    ``payload`` and ``headers`` arrive as the text of their jsonb values, so the
+    body is byte-for-byte what a table row with the same payload gives.
+    """
+    data = orjson.loads(content)
+    if not isinstance(data, dict):
+        raise UnmappableRow("logical message content is not a JSON object")
+    missing = [k for k in (*_MESSAGE_FIELDS, "payload") if not isinstance(data.get(k), str)]
+    if missing:
+        raise UnmappableRow(f"logical message lacks text field(s): {', '.join(missing)}")
+    headers, exchange, routing_key, created_at = (
+        data.get(k) for k in ("headers", "exchange", "routing_key", "created_at")
+    )
+    return OutboxRow(
+        data["id"],
+        data["aggregate_type"],
+        data["aggregate_id"],
+        data["event_type"],
+        data["payload"].encode(),
+        headers.encode() if isinstance(headers, str) else None,
+        exchange if isinstance(exchange, str) else None,
+        routing_key if isinstance(routing_key, str) else None,
+        created_at if isinstance(created_at, str) else None,
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -213,6 +213,7 @@ class Session:
             start_flush=facts.confirmed_flush_lsn,
             max_message_size=s.max_message_size,
             dead_letter_unroutable=s.on_unroutable == "deadletter",
+            message_prefix=s.message_prefix,
             limits=self.limits,
             counters=self.metrics,
             observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
@@ -300,7 +301,7 @@ class Session:
         standing_by = False
         while True:
             try:
-                await stream.start(s.slot, s.publication)
+                await stream.start(s.slot, s.publication, messages=True)
                 if standing_by:
                     log.info("slot %s is free: taking over", s.slot)
                 return True

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
 from cdc_relay.errors import ConfigError
-from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, Relation
+from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
 from cdc_relay.router import Envelope, Router
 from tests.pgoutput_encoder import encode
 
@@ -331,3 +332,67 @@ def test_latency_transactions_without_outbox_rows_are_not_observed() -> None:
     transaction(core, 0x3000, insert(1))
     core.settle(Outcome([1], [], None), COMMIT_UNIX + 1.0)
     assert latencies == [pytest.approx(1.0)]
+
+
+# -- outbox_emit: transactional logical messages are rows without a table --
+
+
+def emitted(
+    n: int, *, transactional: bool = True, prefix: str = "cdc_relay", **extra: Any
+) -> bytes:
+    content = {
+        "id": f"00000000-0000-0000-0000-{n:012d}",
+        "aggregate_type": "order",
+        "aggregate_id": str(n),
+        "event_type": "Emitted",
+        "payload": f'{{"n": {n}}}',
+        "headers": '{"tenant": "acme"}',
+        "exchange": None,
+        "routing_key": None,
+        "created_at": "2026-11-28T09:40:00.123456+00:00",
+        **extra,
+    }
+    return xlog(LogicalMessage(transactional, 0x2010, prefix, orjson.dumps(content)))
+
+
+def test_an_emitted_message_maps_exactly_like_a_row_in_statement_order() -> None:
+    core, _ = make_core()
+    feed(core, relation())
+    row, message, row2 = transaction(core, 0x2000, insert(1), emitted(2), insert(3))
+    assert [a.message_id for a in (row, message, row2)] == [
+        f"00000000-0000-0000-0000-{n:012d}" for n in (1, 2, 3)
+    ]
+    assert message.body == b'{"n": 2}'
+    assert message.routing_key == "order.Emitted"
+    assert message.headers["tenant"] == "acme"
+    assert message.timestamp is not None
+    core.settle(Outcome([1, 2, 3], [], None), COMMIT_UNIX)
+    assert core.tracker.flush_lsn == 0x2030
+
+
+def test_messages_with_another_prefix_are_not_ours() -> None:
+    core, _ = make_core()
+    [action] = transaction(core, 0x2000, emitted(1, prefix="someone_else"))
+    assert action is None and core.last_seq == 0
+
+
+def test_a_non_transactional_message_is_refused_and_holds_the_flush_until_stored() -> None:
+    core, _ = make_core()
+    feed(core, keepalive(0x1000))
+    dead = core.receive(emitted(1, transactional=False))
+    assert isinstance(dead, PendingDeadLetter)
+    assert "non-transactional" in dead.letter.reason
+    assert dead.letter.lsn == 0x2010
+    feed(core, keepalive(0x3000))
+    assert core.tracker.flush_lsn == 0x1000
+    core.stored([dead.seq], COMMIT_UNIX)
+    assert core.tracker.flush_lsn == 0x3000
+
+
+def test_an_unreadable_emitted_message_is_a_dead_letter() -> None:
+    core, _ = make_core()
+    [dead] = transaction(
+        core, 0x2000, xlog(LogicalMessage(True, 0x2010, "cdc_relay", b"{not json"))
+    )
+    assert isinstance(dead, PendingDeadLetter)
+    assert dead.letter.row["values"] == ["{not json"]
