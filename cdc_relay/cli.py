@@ -138,11 +138,17 @@ def _check_dsn(dsn: str) -> None:
         parsed = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
         # libpq quotes a piece of the string, which may be part of the password
-        message = re.sub(r'"[^"]{2,}"', '"..."', one_line(str(exc)))
+        message = re.sub(
+            r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"..."', one_line(str(exc))
+        )
         raise click.BadParameter(f"libpq cannot parse it: {message}") from None
     password = parsed.get("password")
     if password:
         REDACT.add_raw(str(password))
+    for key in ("port", "connect_timeout"):
+        for part in str(parsed.get(key) or "").split(","):
+            if part.strip() and not (part.strip().isdigit() and int(part) <= 65535):
+                raise click.BadParameter(f"its {key} is not a number")
 
 
 def _check_amqp_url(url: str) -> None:
@@ -333,8 +339,20 @@ def init(
 
 
 async def _declare_exchange(settings: Settings) -> str:
-    import aio_pika
+    """Passive first (does it exist?), then an active declare that checks its type.
 
+    A passive declare succeeds for an exchange of any type; only the active one
+    fails (406) for a fanout where the relay needs a topic exchange. Without the
+    configure permission (403) an existing exchange is accepted unverified.
+    """
+    import aio_pika
+    from aiormq.exceptions import (
+        ChannelAccessRefused,
+        ChannelNotFoundEntity,
+        ChannelPreconditionFailed,
+    )
+
+    name = settings.exchange
     try:
         connection = await aio_pika.connect(settings.amqp_urls[0], timeout=10)
     except Exception as exc:
@@ -344,19 +362,27 @@ async def _declare_exchange(settings: Settings) -> str:
     async with connection:
         channel = await connection.channel()
         try:
-            await channel.declare_exchange(settings.exchange, "topic", durable=True, passive=True)
-            return f"exchange {settings.exchange}: already exists"
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            pass
-        channel = await connection.channel()
+            await channel.declare_exchange(name, "topic", durable=True, passive=True)
+            existed = True
+        except ChannelNotFoundEntity:
+            existed = False
+            channel = await connection.channel()
         try:
-            await channel.declare_exchange(settings.exchange, "topic", durable=True)
-        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            await channel.declare_exchange(name, "topic", durable=True)
+        except ChannelPreconditionFailed as exc:
             raise ConfigError(
-                f"exchange {settings.exchange} exists with other properties ({exc}); "
+                f"exchange {name} exists with other properties ({exc}); "
                 "the relay needs a durable topic exchange: use another --exchange"
             ) from None
-        return f"exchange {settings.exchange}: created (durable topic)"
+        except ChannelAccessRefused as exc:
+            if existed:
+                return f"exchange {name}: already exists (type not checked: {exc})"
+            raise ConfigError(
+                f"exchange {name} does not exist and this user may not declare it ({exc})"
+            ) from None
+        if existed:
+            return f"exchange {name}: already exists"
+        return f"exchange {name}: created (durable topic)"
 
 
 @main.command()
@@ -447,9 +473,11 @@ def status(as_json: bool, require_active: bool, max_lag_bytes: int | None, **kwa
 
 @main.command()
 @settings_options("common")
-@click.option("--publication", "drop_publication", is_flag=True, help="Also drop the publication.")
+@click.option(
+    "--drop-publication", is_flag=True, help="Also drop the publication (named by --publication)."
+)
 def drop(drop_publication: bool, **kwargs: Any) -> None:
-    """Drop the replication slot (and with --publication, the publication)."""
+    """Drop the replication slot (and with --drop-publication, the publication)."""
     from cdc_relay.pg import admin
 
     settings = _settings(**kwargs)
