@@ -73,7 +73,10 @@ class RelayCli(click.Group):
             fail(str(exc), exc.exit_code)
         except psycopg.Error as exc:
             sqlstate = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
-            fail(f"Postgres: {str(exc).strip() or type(exc).__name__}{sqlstate}", EX_CONFIG)
+            hint = ""
+            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                hint = "; an admin can grant what the relay needs: cdc-relay init --grant-to ROLE"
+            fail(f"Postgres: {str(exc).strip() or type(exc).__name__}{sqlstate}{hint}", EX_CONFIG)
         except Exception:
             click.echo(REDACT(traceback.format_exc()), err=True)
             fail("internal error (traceback above); please report it", EX_SOFTWARE)
@@ -329,7 +332,13 @@ def init(
         click.echo(admin.render_sql(settings), nl=False)
         return
     with admin.connect(settings.dsn) as conn:
-        lines = admin.init(conn, settings, create_table=not no_table, grant_to=grant_to)
+        try:
+            lines = admin.init(conn, settings, create_table=not no_table, grant_to=grant_to)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"init needs an admin role (owner of the schema and table, allowed to create "
+                f"publications and slots, e.g. a superuser): {one_line(str(exc))}"
+            ) from None
     if not no_exchange and settings.message_format == "event":
         lines.append(asyncio.run(_declare_exchange(settings)))
     for line in lines:
