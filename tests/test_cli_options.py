@@ -218,6 +218,7 @@ def test_json_log_lines_carry_extra_fields_and_are_redacted() -> None:
         ("host=h password='unterminated", "unterminated"),
         ("amqp://guest:pa/ss#word@host:5672/", "pa/ss#word"),
         ("postgresql:///db?password=qu3ry", "qu3ry"),
+        ("amqp://guest:p@ss@host/", "p@ss"),
     ],
 )
 def test_redactor_finds_passwords_in_unparseable_strings(given: str, secret: str) -> None:
