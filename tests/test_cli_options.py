@@ -25,7 +25,7 @@ def parse(command: click.Command, args: list[str], env: dict[str, str] | None = 
         for key, value in (env or {}).items():
             mp.setenv(key, value)
         ctx = command.make_context(command.name or "x", list(args))
-    return cli._settings(**ctx.params)
+    return cli.settings_from(**ctx.params)
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
