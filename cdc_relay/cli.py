@@ -1,45 +1,40 @@
 """The ``cdc-relay`` command.
 
-Options are generated from ``Settings`` field metadata (``cdc_relay.config``),
-so each default, range and help text exists once. Every failure the operator
-can fix is one line on stderr, ``cdc-relay: error: ...``, and exit 2 (usage) or
-78 (configuration); every line the process prints goes through a Redactor
-holding the passwords of the DSNs and URLs it was given.
-
-Secrets: ``--dsn`` / ``--amqp-url`` on the command line win; otherwise
-``CDC_RELAY_DSN_FILE`` / ``CDC_RELAY_AMQP_URL_FILE`` (a file holding the value)
-win over ``CDC_RELAY_DSN`` / ``CDC_RELAY_AMQP_URL``; otherwise the default.
+Its options are generated from ``Settings`` (``cdc_relay.cli_options``), so each
+default, range and help text exists once. Every failure the operator can fix is
+one line on stderr, ``cdc-relay: error: ...``, and exit 2 (usage) or 78
+(configuration); every line the process prints goes through the Redactor holding
+the passwords of the DSNs and URLs it was given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
-import re
 import signal
-import string
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import click
 import orjson
 import psycopg
-from click.core import ParameterSource
-from psycopg.conninfo import conninfo_to_dict
 
-from cdc_relay.config import Option, Settings
+from cdc_relay.cli_options import (
+    REDACT,
+    Duration,
+    check_routing_key,
+    secret_envs,
+    settings_from,
+    settings_options,
+)
+from cdc_relay.config import Settings
 from cdc_relay.errors import EX_CONFIG, EX_SOFTWARE, ConfigError, RelayError
-from cdc_relay.redact import Redactor, one_line
-from cdc_relay.router import OutboxRow, Router, UnmappableRow
+from cdc_relay.redact import one_line
 
 # Every password this process was given; applied to everything it prints.
-REDACT = Redactor()
 PROG = "cdc-relay"
 
 
@@ -61,7 +56,7 @@ class RelayCli(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        REDACT.add(*argv, *(os.environ.get(env, "") for env in _secret_envs()))
+        REDACT.add(*argv, *(os.environ.get(env, "") for env in secret_envs()))
         try:
             rv = super().main(argv, prog_name or PROG, complete_var, False, **extra)
         except click.exceptions.Abort:
@@ -73,218 +68,14 @@ class RelayCli(click.Group):
             fail(str(exc), exc.exit_code)
         except psycopg.Error as exc:
             sqlstate = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
-            fail(f"Postgres: {str(exc).strip() or type(exc).__name__}{sqlstate}", EX_CONFIG)
+            hint = ""
+            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                hint = "; an admin can grant what the relay needs: cdc-relay init --grant-to ROLE"
+            fail(f"Postgres: {str(exc).strip() or type(exc).__name__}{sqlstate}{hint}", EX_CONFIG)
         except Exception:
             click.echo(REDACT(traceback.format_exc()), err=True)
             fail("internal error (traceback above); please report it", EX_SOFTWARE)
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-# -- options generated from Settings ---------------------------------------------------
-
-
-def _secret_envs() -> list[str]:
-    names = []
-    for f in dataclasses.fields(Settings):
-        opt: Option = f.metadata["cli"]
-        if opt.secret:
-            names.append(opt.env_for(f.name))
-            if opt.file_env:
-                names.append(opt.file_env)
-    return names
-
-
-def _read_secret_file(opt: Option) -> str | None:
-    """The value of the _FILE variable, if set (the Docker/Kubernetes secrets convention)."""
-    assert opt.file_env is not None
-    path = os.environ.get(opt.file_env)
-    if not path:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-        raise click.BadParameter(f"cannot read {opt.file_env} ({path}): {reason}") from None
-    REDACT.add(text)
-    if not text:
-        raise click.BadParameter(f"{opt.file_env} names an empty file ({path})")
-    return text
-
-
-def _resolve(ctx: click.Context, param: click.Parameter, opt: Option, name: str) -> str | None:
-    """For a secret option not given on the command line: the _FILE value, or None."""
-    source = ctx.get_parameter_source(param.name or name)
-    if source in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT) and opt.file_env:
-        from_file = _read_secret_file(opt)
-        if from_file is not None:
-            return from_file
-    env = opt.env_for(name)
-    if source is ParameterSource.DEFAULT and os.environ.get(env) == "":
-        raise click.BadParameter(f"{env} is set but empty")
-    return None
-
-
-def _split(items: Sequence[str] | str) -> list[str]:
-    if isinstance(items, str):
-        items = [items]
-    return [part.strip() for item in items for part in re.split(r"[,\n]", item) if part.strip()]
-
-
-def _check_dsn(dsn: str) -> None:
-    """Parse the DSN once, as libpq will; never echo the fragment libpq quotes."""
-    if not dsn.strip():
-        raise click.BadParameter("the DSN is empty")
-    try:
-        parsed = conninfo_to_dict(dsn)
-    except psycopg.Error as exc:
-        # libpq quotes a piece of the string, which may be part of the password
-        message = re.sub(r'"[^"]{2,}"', '"..."', one_line(str(exc)))
-        raise click.BadParameter(f"libpq cannot parse it: {message}") from None
-    password = parsed.get("password")
-    if password:
-        REDACT.add_raw(str(password))
-
-
-def _check_amqp_url(url: str) -> None:
-    """Reject what the publisher could not parse, with a fixed message (never the URL)."""
-    parts = urlsplit(url)
-    where = "an AMQP URL"
-    if parts.scheme not in ("amqp", "amqps"):
-        raise click.BadParameter(f"{where} must start with amqp:// or amqps://")
-    if parts.password:
-        REDACT.add_raw(parts.password, unquote(parts.password))
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
-    except ValueError:
-        raise click.BadParameter(
-            f"{where} has an invalid port (percent-encode '/', '#', '?', '@' and ':' "
-            "in the user name and password)"
-        ) from None
-    if not parts.hostname:
-        raise click.BadParameter(f"{where} has no host")
-
-
-def _callback(name: str, opt: Option, is_list: bool) -> Callable[..., Any]:
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if opt.secret:
-            from_file = _resolve(ctx, param, opt, name)
-            if from_file is not None:
-                value = from_file
-        if is_list:
-            default = Settings.__dataclass_fields__[name].default_factory()  # type: ignore[misc]
-            given = ctx.get_parameter_source(param.name or name) is not ParameterSource.DEFAULT
-            value = _split(value) if value else ([] if given else default)
-            if opt.secret and not value:
-                raise click.BadParameter("no URL given")
-        if name == "dsn":
-            _check_dsn(value)
-        elif name == "amqp_urls":
-            for url in value:
-                _check_amqp_url(url)
-        return value
-
-    return callback
-
-
-class Number(click.ParamType):
-    """An int or float inside the option's range; nan and inf are refused."""
-
-    def __init__(self, kind: type, opt: Option) -> None:
-        self.kind = kind
-        self.opt = opt
-        self.name = kind.__name__
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, self.kind) and not isinstance(value, bool):
-            number = value
-        else:
-            try:
-                number = self.kind(str(value).strip())
-            except ValueError:
-                self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
-        try:
-            self.opt.check("the value", number)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        return number
-
-
-def _option(f: dataclasses.Field[Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    opt: Option = f.metadata["cli"]
-    name = f.name
-    flag = opt.flag_for(name)
-    kwargs: dict[str, Any] = {
-        "envvar": opt.env_for(name),
-        "help": opt.help,
-        "show_envvar": True,
-        "metavar": opt.metavar,
-    }
-    missing = f.default is dataclasses.MISSING
-    default = f.default_factory() if missing else f.default  # type: ignore[misc]
-    if isinstance(default, bool):
-        kwargs.update(default=default, show_default=True)
-        if "/" not in flag:
-            kwargs["is_flag"] = True
-    elif isinstance(default, list):
-        kwargs.update(multiple=True, callback=_callback(name, opt, True))
-        if default:
-            kwargs["show_default"] = ",".join(default)
-    else:
-        kind = opt.value_type or type(default)
-        if opt.choices:
-            kwargs["type"] = click.Choice(opt.choices, case_sensitive=False)
-        elif kind in (int, float):
-            kwargs["type"] = Number(kind, opt)
-        kwargs.update(default=default, show_default=default is not None)
-        if opt.secret:
-            kwargs["callback"] = _callback(name, opt, False)
-    return click.option(flag, name, **kwargs)
-
-
-def settings_options(*scopes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a command with the options of every Settings field in these scopes."""
-
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        chosen = [f for f in dataclasses.fields(Settings) if f.metadata["cli"].scope in scopes]
-        for f in reversed(chosen):
-            func = _option(f)(func)
-        return func
-
-    return decorate
-
-
-def _settings(**kwargs: Any) -> Settings:
-    """Settings from the parsed options; a bad combination is one ConfigError line."""
-    known = {k: v for k, v in kwargs.items() if k in Settings.__dataclass_fields__}
-    settings = Settings(**known)
-    settings.check()
-    REDACT.add(settings.dsn, *settings.amqp_urls)
-    return settings
-
-
-def check_routing_key(settings: Settings) -> None:
-    """Render the template once against a sample row, so '{' fails at start, not per row."""
-    template = settings.routing_key
-    try:
-        router = Router(settings.exchange, template, settings.message_format)
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise ConfigError(f"invalid --routing-key {template!r}: {exc}") from None
-    known = {"id", "aggregate_type", "aggregate_id", "event_type", "payload"}
-    for field in fields:
-        root = re.split(r"[.\[]", field, maxsplit=1)[0]
-        if root not in known:
-            raise ConfigError(
-                f"invalid --routing-key {template!r}: unknown field {{{root}}}; "
-                f"use {', '.join('{' + k + '}' for k in sorted(known))}"
-            )
-    if any(re.split(r"[.\[]", f, maxsplit=1)[0] == "payload" for f in fields):
-        return  # depends on each row's payload: such rows are dead-lettered one by one
-    sample = OutboxRow("00000000-0000-0000-0000-000000000000", "order", "1", "Created", b"{}")
-    try:
-        router.render_routing_key(sample)
-    except UnmappableRow as exc:
-        raise ConfigError(f"invalid --routing-key {template!r}: {exc}") from None
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -318,12 +109,18 @@ def init(
     """
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     if print_sql:
         click.echo(admin.render_sql(settings), nl=False)
         return
     with admin.connect(settings.dsn) as conn:
-        lines = admin.init(conn, settings, create_table=not no_table, grant_to=grant_to)
+        try:
+            lines = admin.init(conn, settings, create_table=not no_table, grant_to=grant_to)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"init needs an admin role (owner of the schema and table, allowed to create "
+                f"publications and slots, e.g. a superuser): {one_line(str(exc))}"
+            ) from None
     if not no_exchange and settings.message_format == "event":
         lines.append(asyncio.run(_declare_exchange(settings)))
     for line in lines:
@@ -333,6 +130,7 @@ def init(
 
 
 async def _declare_exchange(settings: Settings) -> str:
+    """The one way to declare the exchange (every --amqp-url tried in turn)."""
     from cdc_relay.amqp import ConnectError, ExchangeError, declare_exchange
 
     try:
@@ -352,7 +150,7 @@ def run(**kwargs: Any) -> None:
     """Stream outbox inserts to RabbitMQ until stopped (SIGTERM/SIGINT drain and exit 0)."""
     from cdc_relay import logs
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     check_routing_key(settings)
     logs.setup(settings.log_level, settings.log_format, REDACT)
     if settings.event_loop == "uvloop":
@@ -419,7 +217,7 @@ def status(as_json: bool, require_active: bool, max_lag_bytes: int | None, **kwa
     """Slot, lag and publication; exit 0 only when healthy, 1 otherwise."""
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         info = admin.status(
             conn, settings, require_active=require_active, max_lag_bytes=max_lag_bytes
@@ -434,36 +232,17 @@ def status(as_json: bool, require_active: bool, max_lag_bytes: int | None, **kwa
 
 @main.command()
 @settings_options("common")
-@click.option("--publication", "drop_publication", is_flag=True, help="Also drop the publication.")
+@click.option(
+    "--drop-publication", is_flag=True, help="Also drop the publication (named by --publication)."
+)
 def drop(drop_publication: bool, **kwargs: Any) -> None:
-    """Drop the replication slot (and with --publication, the publication)."""
+    """Drop the replication slot (and with --drop-publication, the publication)."""
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         for line in admin.drop(conn, settings, publication=drop_publication):
             click.echo(line)
-
-
-_DURATION = re.compile(r"(\d+)([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-class Duration(click.ParamType):
-    """``90s``, ``30m``, ``1h``, ``7d``."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, timedelta):
-            return value
-        match = _DURATION.fullmatch(str(value).strip())
-        if match is None:
-            self.fail(f"{value!r} is not a duration like 90s, 30m, 1h or 7d", param, ctx)
-        try:
-            return timedelta(**{_UNITS[match[2]]: int(match[1])})
-        except OverflowError:
-            self.fail(f"{value!r} is too long", param, ctx)
 
 
 @main.command()
@@ -474,7 +253,7 @@ def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     """Delete outbox rows older than the retention, in small batches."""
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         total = admin.prune_outbox(
             conn,
@@ -500,7 +279,7 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
     from cdc_relay.deadletters import list_dead_letters, record_as_json
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         records = list_dead_letters(
             conn, settings.dead_letter_table, include_replayed=include_replayed
@@ -525,7 +304,7 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     from cdc_relay.deadletters import replay
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
     failed = 0
@@ -551,7 +330,7 @@ def dead_letters_prune(
     from cdc_relay import deadletters
     from cdc_relay.pg import admin
 
-    settings = _settings(**kwargs)
+    settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         total = deadletters.prune(
             conn,

@@ -254,7 +254,12 @@ class Settings:
     )
     metrics_port: int | None = setting(
         None,
-        Option("Serve /metrics, /healthz, /readyz on this port.", min=1, max=65535, value_type=int),
+        Option(
+            "Serve /metrics, /healthz, /readyz on this port (0: any free port).",
+            min=0,
+            max=65535,
+            value_type=int,
+        ),
     )
     metrics_host: str = setting("127.0.0.1", Option("Address the metrics server binds to."))
     log_level: str = setting(

@@ -333,6 +333,7 @@ async def replay(
             f"cannot connect to RabbitMQ ({type(exc).__name__}: {one_line(str(exc))}); "
             "check --amqp-url"
         ) from None
+    interrupted: BaseException | None = None
     try:
         for record in records:
             try:
@@ -348,12 +349,19 @@ async def replay(
             except PublishFailed:
                 break  # the connection is gone: what is left stays pending
         await publisher.wait_confirmed(settings.confirm_timeout)
+    except Exception as exc:  # the broker went away mid-replay: keep what was confirmed
+        interrupted = exc
     finally:
         await publisher.close()
     results = [(r, outcomes.get(r.id, "no confirm received")) for r in records]
     done = [r.id for r, error in results if error is None]
     if done:
         mark_replayed(conn, table, done)
+    if interrupted is not None:
+        raise ConfigError(
+            f"replay interrupted ({type(interrupted).__name__}: {one_line(str(interrupted))}); "
+            f"{len(done)} confirmed dead letter(s) were marked replayed, the rest stay pending"
+        )
     return results
 
 

@@ -17,7 +17,7 @@ MASK = "***"
 MIN_SECRET_LEN = 3
 
 # userinfo of a URL, up to the last "@" before the host (a password may hold "/" or "#")
-_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^@\s]*)@")
+_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://(\S*)@")
 # libpq keyword form: password=secret or password='sec ret' (backslash escapes)
 _KEYWORD = re.compile(r"\bpassword\s*=\s*(?:'((?:\\.|[^'\\])*)'?|(\S+))", re.IGNORECASE)
 # URI query form: ?password=secret&...

@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_dead_letter" (
 -- published once that transaction commits); outbox_emit writes the same row as
 -- a transactional logical decoding message (prefix 'cdc_relay') instead, which
 -- needs no table, no cleanup and no vacuum. Both return the message id.
+-- payload and headers travel as the text of their jsonb values, so a message's
+-- body is byte for byte what a table row with the same payload gives.
 CREATE OR REPLACE FUNCTION "public"."outbox_enqueue"(
     aggregate_type text,
     aggregate_id text,
@@ -67,8 +69,8 @@ BEGIN
         'aggregate_type', $1,
         'aggregate_id', $2,
         'event_type', $3,
-        'payload', $4,
-        'headers', coalesce($5, '{}'),
+        'payload', $4::text,
+        'headers', coalesce($5, '{}')::text,
         'exchange', $6,
         'routing_key', $7,
         'created_at', now()

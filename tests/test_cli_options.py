@@ -25,7 +25,7 @@ def parse(command: click.Command, args: list[str], env: dict[str, str] | None = 
         for key, value in (env or {}).items():
             mp.setenv(key, value)
         ctx = command.make_context(command.name or "x", list(args))
-    return cli._settings(**ctx.params)
+    return cli.settings_from(**ctx.params)
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -186,3 +186,43 @@ def test_help_shows_defaults_and_env_vars() -> None:
     assert result.exit_code == 0
     text: Any = result.output
     assert "CDC_RELAY_MAX_IN_FLIGHT_BYTES" in text and "67108864" in text
+
+
+def test_json_log_lines_carry_extra_fields_and_are_redacted() -> None:
+    import logging
+
+    import orjson
+
+    from cdc_relay.logs import JsonFormatter
+    from cdc_relay.redact import Redactor
+
+    redact = Redactor(["postgresql://u:hunter22@h/db"])
+    record = logging.LogRecord(
+        "cdc_relay", logging.WARNING, __file__, 1, "cannot connect as %s", ("u:hunter22",), None
+    )
+    record.slot = "s1"
+    record.lsn = "0/16B3748"
+    entry = orjson.loads(JsonFormatter(redact).format(record))
+    assert entry["level"] == "WARNING" and entry["logger"] == "cdc_relay"
+    assert entry["message"] == "cannot connect as u:***"
+    assert (entry["slot"], entry["lsn"]) == ("s1", "0/16B3748")
+    assert entry["time"].endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    ("given", "secret"),
+    [
+        ("postgresql://u:s3cr%2Ft@h/db", "s3cr/t"),
+        ("host=h password='se cret' user=u", "se cret"),
+        ("host=h password=se\\'cret", "se'cret"),
+        ("host=h password='unterminated", "unterminated"),
+        ("amqp://guest:pa/ss#word@host:5672/", "pa/ss#word"),
+        ("postgresql:///db?password=qu3ry", "qu3ry"),
+        ("amqp://guest:p@ss@host/", "p@ss"),
+    ],
+)
+def test_redactor_finds_passwords_in_unparseable_strings(given: str, secret: str) -> None:
+    from cdc_relay.redact import Redactor
+
+    redact = Redactor([given])
+    assert secret not in redact(f"error near {secret} in {given!r}")

@@ -184,9 +184,12 @@ def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> 
 def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[str]:
     """Grant ``role`` what run, status and dead-letters need, and say what was granted.
 
-    The role needs LOGIN REPLICATION itself (an attribute, not a grant). The
-    walsender decodes with pgoutput without checking table privileges; SELECT on
-    the outbox is for ``resync`` (reading rows since a time) and nothing else.
+    The role needs LOGIN REPLICATION itself (an attribute, not a grant). What it
+    does not need, measured: the walsender decodes with pgoutput without checking
+    table privileges, so no SELECT on the outbox (only ``resync``, which reads rows,
+    and ``prune``, which deletes them, need more); validation and ``status`` read
+    catalogs and functions open to PUBLIC. USAGE on the schema is needed to name the
+    dead-letter table; SELECT/UPDATE on it for ``dead-letters list|replay``.
     """
     row = conn.execute(
         "SELECT rolcanlogin, rolreplication, rolsuper FROM pg_roles WHERE rolname = %s", (role,)
@@ -196,7 +199,7 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
             f"role {role} does not exist; CREATE ROLE {role} LOGIN REPLICATION PASSWORD '...'"
         )
     can_login, replication, superuser = row
-    schema, table = settings.table_parts
+    schema = settings.table_parts[0]
     dl_schema, dl_table = settings.dead_letter_table
     r = sql.Identifier(role)
     seq = conn.execute(
@@ -209,10 +212,6 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
         (
             sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), r),
             f"USAGE on schema {schema}",
-        ),
-        (
-            sql.SQL("GRANT SELECT ON {} TO {}").format(qualified(schema, table), r),
-            f"SELECT on {schema}.{table}",
         ),
         (
             sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(

@@ -1,0 +1,160 @@
+"""prune, dead-letters prune, drop, and the enqueue/emit SQL functions init creates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from cdc_relay.pg import admin
+from tests.harness import Setup, unique_names
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_relay.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.fixture
+def outbox(pg_dsn: str) -> Iterator[Setup]:
+    setup = Setup(pg_dsn, "amqp://guest:guest@127.0.0.1:1/", unique_names("hk"))
+    setup.init()
+    yield setup
+    setup.cleanup()
+
+
+@pytest.fixture
+def conn(outbox: Setup) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(outbox.dsn, autocommit=True) as connection:
+        yield connection
+
+
+def test_prune_deletes_only_old_rows_in_batches(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    conn.execute(
+        f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, event_type, payload,"
+        " created_at) SELECT 'a', i::text, 'e', '{}', now() - i * interval '1 hour'"
+        " FROM generate_series(1, 50) AS i"
+    )
+    result = cli("prune", "--older-than", "90m", "--batch", "7", *outbox.cli_args())
+    assert result.returncode == 0, result.stderr
+    assert "deleted 49 outbox row(s)" in result.stdout
+    assert "deleted 7 row(s) so far" in result.stderr and "so far" in result.stderr
+    left = conn.execute(f"SELECT aggregate_id FROM {outbox.table}").fetchall()
+    assert left == [("1",)]
+    again = cli("prune", "--older-than", "90m", *outbox.cli_args())
+    assert "deleted 0 outbox row(s)" in again.stdout
+
+
+@pytest.mark.parametrize("value", ["7", "1w", "-1d", "1.5h", "", "d"])
+def test_prune_refuses_bad_durations(value: str) -> None:
+    result = cli("prune", "--older-than", value)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--older-than" in result.stderr
+
+
+def test_dead_letters_prune(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
+    dl = f"{outbox.table}_dead_letter"
+    conn.execute(
+        f"INSERT INTO {dl} (outbox_id, reason, row_data, lsn, created_at, replayed_at)"
+        " SELECT 'id' || i, 'r', '{}', '0/1', now() - i * interval '1 day',"
+        " CASE WHEN i % 2 = 0 THEN now() END FROM generate_series(1, 10) AS i"
+    )
+    kept = cli("dead-letters", "prune", "--older-than", "3d", *outbox.cli_args())
+    assert kept.returncode == 0, kept.stderr
+    assert "deleted 4 dead letter(s)" in kept.stdout  # replayed: 4, 6, 8, 10
+    everything = cli(
+        "dead-letters", "prune", "--older-than", "3d", "--include-pending", *outbox.cli_args()
+    )
+    assert "deleted 4 dead letter(s)" in everything.stdout  # pending: 3, 5, 7, 9
+    left = conn.execute(f"SELECT outbox_id FROM {dl} ORDER BY id").fetchall()
+    assert left == [("id1",), ("id2",)]
+
+
+def test_drop_with_publication(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
+    result = cli("drop", "--drop-publication", *outbox.cli_args())
+    assert result.returncode == 0, result.stderr
+    assert f"replication slot {outbox.names['slot']}: dropped" in result.stdout
+    assert f"publication {outbox.names['publication']}: dropped" in result.stdout
+    assert admin.slot_info(conn, outbox.names["slot"]) is None
+
+
+def test_enqueue_function_inserts_an_outbox_row(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    enqueue, _ = admin.function_names(outbox.settings.table_parts)
+    row = conn.execute(
+        f"SELECT public.{enqueue}('order', '42', 'OrderCreated', '{{\"total\": 5}}')"
+    ).fetchone()
+    assert row is not None and isinstance(row[0], uuid.UUID)
+    with_all = conn.execute(
+        f"SELECT public.{enqueue}('order', '43', 'OrderPaid', '{{}}', '{{\"h\": 1}}',"
+        " 'billing', 'order.paid')"
+    ).fetchone()
+    assert with_all is not None
+    rows = conn.execute(
+        f"SELECT id, aggregate_id, event_type, payload, headers, exchange, routing_key"
+        f" FROM {outbox.table} ORDER BY aggregate_id"
+    ).fetchall()
+    assert rows == [
+        (row[0], "42", "OrderCreated", {"total": 5}, {}, None, None),
+        (with_all[0], "43", "OrderPaid", {}, {"h": 1}, "billing", "order.paid"),
+    ]
+
+
+def test_emit_function_writes_a_transactional_logical_message(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    _, emit = admin.function_names(outbox.settings.table_parts)
+    slot = f"td_{uuid.uuid4().hex[:8]}"
+    # not temporary: Postgres drops a temporary slot on any error in its session
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                f"SELECT public.{emit}('order', '42', 'OrderCreated', '{{\"total\": 5}}',"
+                " NULL, NULL, 'r.k')"
+            ).fetchone()
+        assert row is not None
+        with pytest.raises(psycopg.errors.RaiseException), conn.transaction():
+            conn.execute(f"SELECT public.{emit}('order', '0', 'RolledBack', '{{}}')")
+            conn.execute("DO $$ BEGIN RAISE EXCEPTION 'rollback'; END $$")
+        changes = [
+            r[0]
+            for r in conn.execute(
+                "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", (slot,)
+            ).fetchall()
+        ]
+    finally:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    messages = [c for c in changes if c.startswith("message:")]
+    assert len(messages) == 1, changes  # the rolled-back one was never decoded
+    assert "transactional: 1 prefix: cdc_relay" in messages[0]
+    body = orjson.loads(messages[0].split("content:", 1)[1])
+    assert body["id"] == str(row[0])
+    assert (body["aggregate_type"], body["aggregate_id"], body["event_type"]) == (
+        "order",
+        "42",
+        "OrderCreated",
+    )
+    assert body["payload"] == {"total": 5} and body["headers"] == {}
+    assert body["exchange"] is None and body["routing_key"] == "r.k"
+    assert body["created_at"]
+
+
+def test_default_table_gets_the_documented_function_names() -> None:
+    assert admin.function_names(("public", "outbox")) == ("outbox_enqueue", "outbox_emit")
