@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from cdc_relay.config import EX_CONFIG
-from cdc_relay.devservers import PostgresServer
+from devtools.servers import PostgresServer
 from tests.harness import Setup, unique_names
 
 
