@@ -1,6 +1,7 @@
 # cdc-relay developer commands. `make demo` and `make test` work on a fresh machine:
 # they create .venv, install the package with its test extras, and start their own
-# throwaway Postgres and RabbitMQ (installing the server packages if missing).
+# throwaway Postgres and RabbitMQ (installing the server packages if missing), and
+# fetch PostgreSQL 16/17/18 once (devtools/pgbinaries.py) for the version tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m devtools.pgbinaries
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from devtools.pgbinaries import ensure_postgres, library_env
 from devtools.procs import (
     LOOPBACK,
     MAX_SOCKET_PATH,
@@ -114,7 +115,11 @@ class PostgresServer(Tracked):
         base_dir: Path | None = None,
         port: int | None = None,
         settings: dict[str, str] | None = None,
+        *,
+        version: int | None = None,
     ) -> None:
+        """``version`` (16, 17, 18) runs that major version from ``devtools.pgbinaries``
+        instead of the system's server binaries."""
         # Only a directory we made ourselves is removed by cleanup().
         self._owns_dir = base_dir is None
         if base_dir is None:
@@ -125,7 +130,14 @@ class PostgresServer(Tracked):
         self.port: int = port or free_port()
         self.data_dir: Path = self.base_dir / "data"
         self.log_path: Path = self.base_dir / "postgres.log"
-        self.bindir: Path = pg_bindir()
+        self.version = version
+        self._env: dict[str, str] = {}
+        if version is None:
+            self.bindir: Path = pg_bindir()
+        else:
+            home = ensure_postgres(version)
+            self.bindir = home / "bin"
+            self._env = library_env(home)
         self.user = service_user("CDC_RELAY_PG_USER", "postgres", required=True)
         socket_dir = self.base_dir / "s"
         self.socket_dir: Path | None = (
@@ -162,6 +174,7 @@ class PostgresServer(Tracked):
         """Run a Postgres tool as the server user; output is captured, never shown."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
+        env.update(self._env)
         try:
             return subprocess.run(
                 [*as_user(self.user), *args],
