@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from devtools.pgbinaries import ensure_postgres, library_env
 from devtools.procs import (
@@ -39,6 +41,9 @@ from devtools.procs import (
     tail,
     write_owned,
 )
+
+if TYPE_CHECKING:
+    from devtools.tls import TlsFiles
 
 __all__ = ["PostgresServer", "kill_postgres", "pg_bindir"]
 
@@ -117,9 +122,12 @@ class PostgresServer(Tracked):
         settings: dict[str, str] | None = None,
         *,
         version: int | None = None,
+        ssl: TlsFiles | None = None,
     ) -> None:
         """``version`` (16, 17, 18) runs that major version from ``devtools.pgbinaries``
-        instead of the system's server binaries."""
+        instead of the system's server binaries. ``ssl`` turns TLS on and makes it
+        mandatory: pg_hba.conf then has only ``hostssl`` lines for TCP, and rejects
+        unencrypted connections with a clear error."""
         # Only a directory we made ourselves is removed by cleanup().
         self._owns_dir = base_dir is None
         if base_dir is None:
@@ -159,13 +167,27 @@ class PostgresServer(Tracked):
             "max_connections": "100",
             "logging_collector": "off",
         }
+        self.ssl = ssl
+        if ssl is not None:
+            self.settings.update(
+                {
+                    "ssl": "on",
+                    "ssl_cert_file": str(self.base_dir / "server.pem"),
+                    "ssl_key_file": str(self.base_dir / "server.key"),
+                    "ssl_ca_file": str(self.base_dir / "ca.pem"),
+                }
+            )
         self.settings.update(settings or {})
         if "port" in (settings or {}):
             self.port = int(_pg_quote(self.settings["port"]).strip("'"))
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
+        """libpq URL of the ``postgres`` database; with TLS, verify-full against the CA."""
+        dsn = f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
+        if self.ssl is not None:
+            dsn += f"?sslmode=verify-full&sslrootcert={quote(str(self.ssl.ca))}"
+        return dsn
 
     def __repr__(self) -> str:
         return f"PostgresServer(port={self.port}, base_dir={str(self.base_dir)!r})"
@@ -216,19 +238,33 @@ class PostgresServer(Tracked):
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\n# cdc-relay devtools: rewritten on every start()\n")
             conf.write("include_if_exists 'cdc_relay.conf'\n")
-        write_owned(
-            self.data_dir / "pg_hba.conf",
-            "local all all trust\n"
-            "local replication all trust\n"
-            "host all all 127.0.0.1/32 trust\n"
-            "host replication all 127.0.0.1/32 trust\n",
-            self.user,
+
+    def _hba(self) -> str:
+        """Trust on loopback (throwaway servers); with TLS, TCP only over TLS."""
+        local = "local all all trust\nlocal replication all trust\n"
+        if self.ssl is None:
+            return (
+                local + "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
+            )
+        return (
+            local + "hostnossl all all 0.0.0.0/0 reject\n"
+            "hostnossl replication all 0.0.0.0/0 reject\n"
+            "hostssl all all 127.0.0.1/32 trust\n"
+            "hostssl replication all 127.0.0.1/32 trust\n"
         )
 
     def _write_settings(self) -> None:
         """Settings live in an included file, rewritten on each start so that a
         changed ``self.settings`` applies after restart()."""
         settings = {**self.settings, "port": str(self.port)}
+        write_owned(self.data_dir / "pg_hba.conf", self._hba(), self.user)
+        if self.ssl is not None:
+            for name, source in (
+                ("server.pem", self.ssl.server_cert),
+                ("server.key", self.ssl.server_key),
+                ("ca.pem", self.ssl.ca),
+            ):
+                write_owned(self.base_dir / name, source.read_bytes(), self.user, 0o600)
         lines = [f"{key} = {_pg_quote(value)}" for key, value in settings.items()]
         write_owned(self.data_dir / "cdc_relay.conf", "\n".join(lines) + "\n", self.user)
         if self.socket_dir is not None:

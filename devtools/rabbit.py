@@ -17,6 +17,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
 
 from devtools.procs import (
     LOOPBACK,
@@ -33,6 +35,9 @@ from devtools.procs import (
     service_user,
     tail,
 )
+
+if TYPE_CHECKING:
+    from devtools.tls import TlsFiles
 
 __all__ = ["RabbitServer", "kill_rabbit"]
 
@@ -70,9 +75,9 @@ _ERL_LOOPBACK_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
 _STARTED_MARKER = b"Server startup complete"
 
 
-def _rabbit_app_closure(plugins: Path) -> dict[str, Path] | None:
-    """Application dirs the broker needs (rabbit and its dependencies) from the
-    plugins dir, or None when the layout is not the one we know."""
+def _rabbit_app_closure(plugins: Path, enabled: tuple[str, ...] = ()) -> dict[str, Path] | None:
+    """Application dirs the broker needs (rabbit, the ``enabled`` plugins and their
+    dependencies) from the plugins dir, or None when the layout is not the one we know."""
     apps: dict[str, Path] = {}
     for entry in plugins.iterdir():
         if entry.is_dir() and (entry / "ebin").is_dir():
@@ -80,7 +85,7 @@ def _rabbit_app_closure(plugins: Path) -> dict[str, Path] | None:
     if "rabbit" not in apps or "rabbitmq_prelaunch" not in apps:
         return None
     needed: dict[str, Path] = {}
-    todo = ["rabbit", "rabbitmq_prelaunch"]
+    todo = ["rabbit", "rabbitmq_prelaunch", *enabled]
     while todo:
         name = todo.pop()
         if name in needed or name not in apps:  # not a plugin: an OTP application
@@ -97,7 +102,14 @@ def _rabbit_app_closure(plugins: Path) -> dict[str, Path] | None:
 
 
 class RabbitServer(Tracked):
-    """A private RabbitMQ node: own node name, ports, data, logs and cookie."""
+    """A private RabbitMQ node: own node name, ports, data, logs and cookie.
+
+    With ``tls`` the node has only a TLS listener on ``port`` (``listeners.tcp =
+    none``); with ``external`` as well, it requires a client certificate and
+    offers the EXTERNAL mechanism (``rabbitmq_auth_mechanism_ssl``), logging in
+    the user named by the certificate's common name, which start() creates.
+    ``cookie`` shares an Erlang cookie between the nodes of a cluster.
+    """
 
     KIND = "mq"
 
@@ -107,7 +119,17 @@ class RabbitServer(Tracked):
         port: int | None = None,
         dist_port: int | None = None,
         nodename: str | None = None,
+        *,
+        tls: TlsFiles | None = None,
+        external: bool = False,
+        cookie: str | None = None,
     ) -> None:
+        if external and tls is None:
+            raise ValueError("external (certificate) logins need tls")
+        self.tls = tls
+        self.external = external
+        self._cookie = cookie
+        self.plugins: tuple[str, ...] = ("rabbitmq_auth_mechanism_ssl",) if external else ()
         self._owns_dir = base_dir is None
         if base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix="cdc-relay-mq-"))
@@ -130,7 +152,25 @@ class RabbitServer(Tracked):
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://guest:guest@{LOOPBACK}:{self.port}/"
+        """guest's URL; with TLS an ``amqps://`` URL for ``localhost`` (the certificate's
+        name) carrying the CA as RabbitMQ's URI spec names it (``cacertfile``)."""
+        if self.tls is None:
+            return f"amqp://guest:guest@{LOOPBACK}:{self.port}/"
+        return f"amqps://guest:guest@localhost:{self.port}/?cacertfile={quote(str(self.tls.ca))}"
+
+    @property
+    def external_url(self) -> str:
+        """The certificate login: EXTERNAL mechanism, client certificate and key, no password."""
+        assert self.tls is not None and self.external, "external_url needs tls and external"
+        query = urlencode(
+            {
+                "auth_mechanism": "external",
+                "cacertfile": str(self.tls.ca),
+                "certfile": str(self.tls.client_cert),
+                "keyfile": str(self.tls.client_key),
+            }
+        )
+        return f"amqps://localhost:{self.port}/?{query}"
 
     def __repr__(self) -> str:
         return f"RabbitServer(port={self.port}, nodename={self.nodename!r})"
@@ -140,14 +180,48 @@ class RabbitServer(Tracked):
         for sub in ("mnesia", "log"):
             (base / sub).mkdir(exist_ok=True)
         (base / "nodename").write_text(self.nodename + "\n")
-        # No plugins (management would double the boot time).
-        (base / "enabled_plugins").write_text("[].\n")
+        # No plugins unless asked for (management would double the boot time).
+        (base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         cookie = base / ".erlang.cookie"
-        if not cookie.exists():
+        if self._cookie is not None:
+            cookie.unlink(missing_ok=True)
+            cookie.write_text(self._cookie)
+        elif not cookie.exists():
             cookie.write_text(uuid.uuid4().hex.upper())
         cookie.chmod(0o600)
+        if self.tls is not None:
+            self._write_tls_config()
         self._home = self._trimmed_home()
         chown_tree(base, self.user)
+
+    def _write_tls_config(self) -> None:
+        """rabbitmq.conf for a TLS-only listener (and EXTERNAL logins when asked)."""
+        assert self.tls is not None
+        base = self.base_dir
+        for name, source in (
+            ("ca.pem", self.tls.ca),
+            ("server.pem", self.tls.server_cert),
+            ("server.key", self.tls.server_key),
+        ):
+            (base / name).write_bytes(source.read_bytes())
+            (base / name).chmod(0o600)
+        lines = [
+            "listeners.tcp = none",
+            f"listeners.ssl.default = {LOOPBACK}:{self.port}",
+            f"ssl_options.cacertfile = {base / 'ca.pem'}",
+            f"ssl_options.certfile = {base / 'server.pem'}",
+            f"ssl_options.keyfile = {base / 'server.key'}",
+            "ssl_options.verify = verify_peer",
+            f"ssl_options.fail_if_no_peer_cert = {str(self.external).lower()}",
+        ]
+        if self.external:
+            lines += [
+                "auth_mechanisms.1 = PLAIN",
+                "auth_mechanisms.2 = AMQPLAIN",
+                "auth_mechanisms.3 = EXTERNAL",
+                "ssl_cert_login_from = common_name",
+            ]
+        (base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
 
     def _trimmed_home(self) -> Path | None:
         """A RABBITMQ_HOME whose plugins dir holds only what the broker needs.
@@ -165,7 +239,7 @@ class RabbitServer(Tracked):
         real = Path(os.path.realpath(RABBITMQ_SCRIPTS / "rabbitmq-server")).parent.parent
         if not all((real / sub).is_dir() for sub in ("sbin", "escript", "plugins")):
             return None
-        apps = _rabbit_app_closure(real / "plugins")
+        apps = _rabbit_app_closure(real / "plugins", self.plugins)
         if apps is None:
             return None
         (home / "plugins").mkdir(parents=True)
@@ -183,8 +257,6 @@ class RabbitServer(Tracked):
             "LC_ALL": "C.UTF-8",
             "HOME": str(base),  # the Erlang cookie lives here, for server and CLI
             "RABBITMQ_NODENAME": self.nodename,
-            "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
-            "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(base / "log"),
@@ -201,6 +273,10 @@ class RabbitServer(Tracked):
             "RABBITMQ_CTL_ERL_ARGS": _ERL_LOOPBACK_ARGS,
             "ERL_EPMD_ADDRESS": LOOPBACK,  # only used if epmd is not running yet
         }
+        if self.tls is None:
+            # These override rabbitmq.conf's listeners: a TLS node must not have them.
+            env["RABBITMQ_NODE_IP_ADDRESS"] = LOOPBACK
+            env["RABBITMQ_NODE_PORT"] = str(self.port)
         if self._home is not None:
             env["RABBITMQ_SCRIPTS_DIR"] = str(self._home / "sbin")
         return env
@@ -230,10 +306,20 @@ class RabbitServer(Tracked):
             )
         try:
             self._wait_started(offset, deadline, timeout)
+            if self.external:
+                self._add_certificate_user(remaining(deadline))
         except BaseException:
             with contextlib.suppress(Exception):
                 self.kill()
             raise
+
+    def _add_certificate_user(self, timeout: float) -> None:
+        """The user EXTERNAL logs in (the client certificate's CN), with all permissions."""
+        assert self.tls is not None
+        name = self.tls.client_name
+        if name not in self.ctl("list_users", "--quiet", timeout=max(timeout, 5)).split():
+            self.ctl("add_user", name, uuid.uuid4().hex, timeout=max(timeout, 5))
+        self.ctl("set_permissions", "-p", "/", name, ".*", ".*", ".*", timeout=max(timeout, 5))
 
     def _wait_started(self, log_offset: int, deadline: float, timeout: float) -> None:
         """Ready = AMQP port answers and the log says startup completed (the
