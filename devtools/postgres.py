@@ -365,6 +365,23 @@ class PostgresServer(Tracked):
         if survivors:
             raise RuntimeError(f"Postgres processes survived SIGKILL: {survivors}")
 
+    def reload(self) -> None:
+        """Apply changed ``self.settings`` that need no restart (``pg_ctl reload``)."""
+        self._write_settings()
+        self._ctl("reload")
+
+    def promote(self, timeout: float = 60) -> None:
+        """Promote a standby to a primary and wait until it accepts writes."""
+        self._ctl("promote", "-w", "-t", str(max(1, math.ceil(timeout))), timeout=timeout + 5)
+
+    def _ctl(self, *args: str, timeout: float = 30) -> None:
+        result = self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), *args], timeout)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"pg_ctl {' '.join(args)} failed (exit {result.returncode}): "
+                f"{(result.stdout + result.stderr).strip()}\n{self.log_tail()}"
+            )
+
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
         self.start()
