@@ -26,7 +26,7 @@ from bench import env, pgside, polling, relayrun, report
 from bench.broker import broker_ceiling
 from bench.env import CpuMeter, Phase, log
 from cdc_relay.config import DEFAULT_MAX_IN_FLIGHT
-from cdc_relay.devservers import PostgresServer, RabbitServer
+from devtools.servers import PostgresServer, RabbitServer
 
 FULL = {
     "backlog": 100_000,
@@ -42,21 +42,6 @@ QUIET_CORES = 0.3  # before each step, wait for other tenants to use less than t
 QUIET_WAIT = 30  # ...for at most this many seconds (full run)
 QUIET_WAIT_QUICK = 3
 POLL_BATCH_FOR_LATENCY = 1000
-
-
-def rabbit_pid(mq: RabbitServer) -> int | None:
-    """The broker's Erlang VM (its cmdline names the node's base dir)."""
-    needle = str(mq.base_dir).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"beam" in cmdline and needle in cmdline:
-            return int(entry.name)
-    return None
 
 
 class Bench:
@@ -82,9 +67,9 @@ class Bench:
     def _roots(self) -> dict[str, int | None]:
         return {
             "bench": os.getpid(),
-            "postgres": relayrun.pid_of_postmaster(self.pg.data_dir),
+            "postgres": self.pg.postmaster_pid,
             "rabbitmq": self.roots.get("rabbitmq"),
-            "relay": relayrun.RelayProcess.current,
+            "relay": relayrun.running_relay_pid(),
         }
 
     async def settle(self) -> dict[str, float]:
@@ -133,7 +118,7 @@ class Bench:
         try:
             with Phase("starting throwaway Postgres and RabbitMQ", measure=False):
                 await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(mq.start))
-                self.roots["rabbitmq"] = rabbit_pid(mq)
+                self.roots["rabbitmq"] = mq.beam_pid
             self.results["servers"] = {
                 "postgres": pgside.server_version(pg.dsn),
                 "postgres_settings": ", ".join(

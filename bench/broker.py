@@ -10,6 +10,7 @@ from pamqp import commands as spec
 
 from bench.loadproc import PAD
 from bench.rawamqp import RawAmqp, publish_frames
+from devtools.amqp import delete_topology, queue_depth, topology
 
 
 def sample_message() -> tuple[bytes, spec.Basic.Properties]:
@@ -37,21 +38,18 @@ async def broker_ceiling(amqp_url: str, kind: str, count: int, window: int) -> d
     """
     tag = uuid.uuid4().hex[:6]
     exchange, queue = f"bench_ceiling_{tag}", f"q_ceiling_{kind}_{tag}"
+    await topology(amqp_url, exchange, queue, arguments={"x-queue-type": kind})
     client = await RawAmqp.connect(amqp_url)
     try:
-        await client.declare_exchange(exchange)
-        await client.declare_queue(queue, {"x-queue-type": kind})
-        await client.bind(queue, exchange)
         body, properties = sample_message()
         frames = publish_frames(exchange, "order.OrderCreated", body, properties)
         cpu = time.process_time()
         seconds = await client.publish_bulk(frames, count, window, timeout=max(120, count / 500))
         cpu = time.process_time() - cpu
-        queued = await client.declare_queue(queue, passive=True)
-        await client.delete_queue(queue)
-        await client.delete_exchange(exchange)
     finally:
         await client.close()
+    queued = await queue_depth(amqp_url, queue)
+    await delete_topology(amqp_url, queue, exchange)
     if queued != count:
         raise RuntimeError(f"{count} confirmed but {queued} in the queue")
     return {

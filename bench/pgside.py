@@ -12,9 +12,9 @@ import psycopg
 
 from bench.loadproc import PAD
 from cdc_relay.config import Settings
-from cdc_relay.devservers import PostgresServer
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg import admin
+from devtools.servers import PostgresServer
 
 # One statement per transaction: the procedure COMMITs after each batch of rows,
 # so a backlog of N single-row transactions is written server-side in seconds.

@@ -28,9 +28,9 @@ from psycopg import sql
 
 from bench.env import Phase
 from bench.loadproc import read_times
-from bench.rawamqp import RawAmqp
-from bench.relayrun import Consumer, latency_result, run_writer, topology
+from bench.relayrun import Consumer, latency_result, run_writer
 from cdc_relay.pg.admin import OUTBOX_DDL, qualified
+from devtools.amqp import delete_topology, topology
 
 EXCHANGE = "bench_polling"
 
@@ -130,7 +130,7 @@ async def polling_drain(
         cpu = time.process_time() - cpu_before
         phase.measure_cpu()
     drop_table(dsn, table)
-    await _delete_queue(amqp_url, queue)
+    await delete_topology(amqp_url, queue)
     return {
         "rows": moved,
         "seconds": seconds,
@@ -180,13 +180,5 @@ async def polling_latency(
     for path in (out, consumer.out):
         path.unlink(missing_ok=True)
     drop_table(dsn, table)
-    await _delete_queue(amqp_url, queue)
+    await delete_topology(amqp_url, queue)
     return result
-
-
-async def _delete_queue(amqp_url: str, queue: str) -> None:
-    client = await RawAmqp.connect(amqp_url)
-    try:
-        await client.delete_queue(queue)
-    finally:
-        await client.close()

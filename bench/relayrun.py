@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,155 +12,48 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.env import Phase, percentiles, proc_cpu_seconds, proc_status_kb
 from bench.loadproc import read_times
 from bench.pgside import LSN_SLACK, Backlog, SlotWatch, drop_outbox, fill, init_outbox
-from bench.rawamqp import RawAmqp
 from cdc_relay.config import Settings
-from cdc_relay.devservers import free_port
 from cdc_relay.lsn import format_lsn
+from devtools import amqp
+from devtools.relayproc import RelayProcess
+from devtools.servers import free_port
+
+_running: RelayProcess | None = None
 
 
-class RelayProcess:
-    """``python -m cdc_relay.cli run`` with default tuning, WARNING logs and a metrics port."""
+def start_relay(settings: Settings, workdir: Path) -> RelayProcess:
+    """The relay with default tuning, WARNING logs, a metrics port and BENCH_RELAY_ARGS."""
+    global _running
+    relay = RelayProcess(
+        settings,
+        workdir / f"relay-{settings.slot}.log",
+        *os.environ.get("BENCH_RELAY_ARGS", "").split(),
+        log_level="WARNING",
+        stats_interval=None,
+        metrics_port=free_port(),
+    )
+    _running = relay.start()
+    return relay
 
-    current: int | None = None  # pid of the running relay, for the CPU accounting
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
-        self.settings = settings
-        self.log_path = workdir / f"relay-{settings.slot}.log"
-        self.metrics_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.spawned = 0.0
-        self.ready_at = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> RelayProcess:
-        s = self.settings
-        args = [
-            sys.executable,
-            "-m",
-            "cdc_relay.cli",
-            "run",
-            "--dsn",
-            s.dsn,
-            "--amqp-url",
-            s.amqp_urls[0],
-            "--slot",
-            s.slot,
-            "--publication",
-            s.publication,
-            "--table",
-            s.table,
-            "--exchange",
-            s.exchange,
-            "--log-level",
-            "WARNING",
-            "--metrics-port",
-            str(self.metrics_port),
-            *os.environ.get("BENCH_RELAY_ARGS", "").split(),
-        ]
-        with self.log_path.open("ab") as log:
-            self.spawned = time.monotonic()
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        RelayProcess.current = self.proc.pid
-        return self
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"relay exited with {self.proc.returncode}: {self.log_tail()}")
-
-    def log_tail(self, n: int = 2000) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text[-n:].strip() or "(empty log)"
-
-    async def wait_ready(self, timeout: float = 60) -> float:
-        """Poll /readyz until the relay streams; returns the startup time in seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if await self._readyz():
-                self.ready_at = time.monotonic()
-                return self.ready_at - self.spawned
-            await asyncio.sleep(0.01)
-        raise RuntimeError(f"relay not ready after {timeout}s: {self.log_tail()}")
-
-    async def _readyz(self) -> bool:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
-        except OSError:
-            return False
-        try:
-            writer.write(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            status = await asyncio.wait_for(reader.readline(), 5)
-            return b" 200 " in status
-        except (OSError, TimeoutError):
-            return False
-        finally:
-            writer.close()
-
-    async def histogram(self, name: str) -> dict[float, float]:
-        """Cumulative bucket counts (upper bound in seconds -> count) of one histogram."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
-        try:
-            writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            response = (await asyncio.wait_for(reader.read(), 10)).decode()
-            text = response.split("\r\n\r\n", 1)[1]  # the body, after the HTTP headers
-        finally:
-            writer.close()
-        return {
-            float(sample.labels["le"]): sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == name
-            for sample in family.samples
-            if sample.name == name + "_bucket"
-        }
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (a clean drain), then wait; returns the exit code."""
-        if self.proc is None:
-            return 0
-        RelayProcess.current = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
-
-    def cleanup_log(self) -> None:
-        """Keep the log only when it says something (WARNING and above)."""
-        if self.log_path.exists() and self.log_path.stat().st_size == 0:
-            self.log_path.unlink()
+def running_relay_pid() -> int | None:
+    """The pid of the relay a step is measuring, for the CPU accounting."""
+    if _running is None or _running.proc is None or _running.proc.poll() is not None:
+        return None
+    return _running.pid
 
 
 async def topology(amqp_url: str, exchange: str, queue: str, **arguments: Any) -> None:
-    """The exchange (as the relay declares it) and a durable classic queue bound with '#'."""
-    client = await RawAmqp.connect(amqp_url)
-    try:
-        await client.declare_exchange(exchange)
-        await client.declare_queue(queue, arguments or None)
-        await client.bind(queue, exchange)
-    finally:
-        await client.close()
+    """The exchange (as the relay declares it) and a durable queue bound with '#'."""
+    await amqp.topology(amqp_url, exchange, queue, arguments=arguments or None)
 
 
 async def remove_topology(amqp_url: str, exchange: str, queue: str) -> None:
-    client = await RawAmqp.connect(amqp_url)
-    try:
-        await client.delete_queue(queue)
-        await client.delete_exchange(exchange)
-    finally:
-        await client.close()
+    await amqp.delete_topology(amqp_url, queue, exchange)
 
 
 async def relay_drain(
@@ -198,9 +90,8 @@ async def _run_until_flushed(
     sample_rss: bool = False,
     expect_in_queue: int | None = None,
 ) -> dict[str, float]:
-    relay = RelayProcess(settings, workdir).start()
+    relay = start_relay(settings, workdir)
     watch = SlotWatch(settings.dsn, settings.slot)
-    counter = await RawAmqp.connect(settings.amqp_urls[0])
     peak_rss_sampled = 0
     try:
         startup = await relay.wait_ready()
@@ -222,16 +113,15 @@ async def _run_until_flushed(
                 peak_rss_sampled = max(peak_rss_sampled, proc_status_kb(relay.pid, "VmRSS"))
             if now - last_count > 3:
                 last_count = now
-                in_queue = await counter.declare_queue(queue, passive=True)
+                in_queue = await amqp.queue_depth(settings.amqp_urls[0], queue)
                 phase.note(f"{in_queue:,} messages in the queue", 0)
             await asyncio.sleep(0.01)
         seconds = time.monotonic() - relay.ready_at
         cpu = proc_cpu_seconds(relay.pid) - cpu_before
         peak_kb = proc_status_kb(relay.pid, "VmHWM")
         phase.measure_cpu()
-        in_queue = await counter.declare_queue(queue, passive=True)
+        in_queue = await amqp.queue_depth(settings.amqp_urls[0], queue)
     finally:
-        await counter.close()
         watch.close()
         code = relay.stop()
     if code != 0:
@@ -452,7 +342,7 @@ async def relay_latency(
     queue = f"q_{settings.exchange}"
     init_outbox(settings)
     await topology(settings.amqp_urls[0], settings.exchange, queue)
-    relay = RelayProcess(settings, workdir).start()
+    relay = start_relay(settings, workdir)
     consumer = Consumer(
         settings.amqp_urls[0], queue, workdir / f"{settings.slot}.recv", seconds + 180
     )
@@ -498,12 +388,3 @@ async def relay_latency(
     await remove_topology(settings.amqp_urls[0], settings.exchange, queue)
     await asyncio.to_thread(drop_outbox, settings)
     return result
-
-
-def pid_of_postmaster(data_dir: Path) -> int | None:
-    """The postmaster's pid from postmaster.pid, if the server runs."""
-    try:
-        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
-    return pid if os.path.exists(f"/proc/{pid}") else None

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import aio_pika
 import orjson
 import psycopg
 
-from cdc_relay.devservers import PostgresServer, RabbitServer
+from cdc_relay.config import Settings
+from devtools.consumer import Consumer
+from devtools.relayproc import RelayProcess
+from devtools.servers import PostgresServer, RabbitServer
 
 
 def json(value: object) -> str:
@@ -42,26 +43,23 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 async def consume(url: str, expected: int, sent_at: dict[str, float]) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange("outbox", "topic", durable=True)
-        queue = await channel.declare_queue("demo-orders", durable=True)
-        await queue.bind(exchange, "order.#")
-        received = 0
-        async with queue.iterator(timeout=30) as messages:
-            async for message in messages:
-                async with message.process():
-                    latency = (time.monotonic() - sent_at.get(message.message_id or "", 0)) * 1e3
-                    body = orjson.loads(message.body)
-                    print(
-                        f"    received {message.routing_key:<22} id={message.message_id} "
-                        f"body={body} ({latency:.1f} ms after commit)",
-                        flush=True,
-                    )
-                    received += 1
-                    if received == expected:
-                        return
+    """Print each message as it arrives, with its commit-to-delivery latency."""
+    consumer = await Consumer(url, "outbox", binding="order.#", queue="demo-orders").start()
+    try:
+        shown = 0
+        deadline = time.monotonic() + 30
+        while shown < expected and time.monotonic() < deadline:
+            for message in consumer.deliveries[shown:]:
+                latency = (message.received_at - sent_at.get(message.message_id, 0)) * 1e3
+                print(
+                    f"    received {message.routing_key:<22} id={message.message_id} "
+                    f"body={orjson.loads(message.body)} ({latency:.1f} ms after commit)",
+                    flush=True,
+                )
+                shown += 1
+            await asyncio.sleep(0.01)
+    finally:
+        await consumer.close()
 
 
 async def main() -> int:
@@ -69,7 +67,7 @@ async def main() -> int:
         step("starting a throwaway Postgres (wal_level=logical) and RabbitMQ node")
         pg = PostgresServer()
         rabbit = RabbitServer()
-        relay: subprocess.Popen[bytes] | None = None
+        relay: RelayProcess | None = None
         try:
             pg.start()
             rabbit.start()
@@ -81,21 +79,16 @@ async def main() -> int:
             cli("init", env=env)
 
             step("cdc-relay run (in the background)")
-            log_path = Path(tmp) / "relay.log"
-            with log_path.open("wb") as log:
-                relay = subprocess.Popen(
-                    [sys.executable, "-m", "cdc_relay.cli", "run", "--stats-interval", "5"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + 30
-            while "streaming from slot" not in log_path.read_text():
-                if time.monotonic() > deadline or relay.poll() is not None:
-                    print(log_path.read_text())
-                    return 1
-                await asyncio.sleep(0.05)
-            for line in log_path.read_text().splitlines():
+            settings = Settings(dsn=pg.dsn, amqp_urls=[rabbit.amqp_url])
+            relay = RelayProcess(
+                settings, Path(tmp) / "relay.log", log_level="INFO", stats_interval=5
+            ).start()
+            try:
+                await relay.wait_for_log_async("streaming from slot")
+            except AssertionError as exc:
+                print(exc)
+                return 1
+            for line in relay.log().splitlines():
                 print(f"    {line}")
 
             sent_at: dict[str, float] = {}
@@ -113,7 +106,7 @@ async def main() -> int:
                     ).fetchone()
                     conn.commit()
                     assert row is not None
-                    sent_at[row[0]] = time.monotonic()
+                    sent_at[row[0]] = time.time()
                     print(f"    committed {event} for order {order_id}")
                 conn.execute(insert, ("order", "666", "OrderCreated", json({"order": 666})))
                 conn.rollback()
@@ -127,7 +120,7 @@ async def main() -> int:
                 conn.commit()
                 for row in ids:
                     assert row is not None
-                    sent_at[row[0]] = time.monotonic()
+                    sent_at[row[0]] = time.time()
                 print("    committed OrderCreated + OrderShipped for order 2 in one transaction")
             step("messages arriving in RabbitMQ (queue demo-orders bound to order.#)")
             await asyncio.wait_for(consumer, 30)
@@ -137,15 +130,14 @@ async def main() -> int:
             cli("status", env=env)
 
             step("stopping the relay with SIGTERM (drains confirms, final flush, exit 0)")
-            relay.send_signal(signal.SIGTERM)
-            print(f"    relay exited with {relay.wait(30)}")
-            for line in log_path.read_text().splitlines()[-2:]:
+            print(f"    relay exited with {relay.terminate(30)}")
+            for line in relay.log().splitlines()[-2:]:
                 print(f"    {line}")
             relay = None
             return 0
         finally:
             if relay is not None:
-                relay.kill()
+                relay.stop_quietly()
             step("tearing down the throwaway servers")
             rabbit.cleanup()
             pg.cleanup()

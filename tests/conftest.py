@@ -1,58 +1,34 @@
-"""Session-wide throwaway servers; env vars point tests at external ones instead.
+"""Fixture plugins and the ``integration`` marker.
 
-``CDC_RELAY_TEST_DSN`` / ``CDC_RELAY_TEST_AMQP_URL`` (e.g. docker compose
-users) replace the throwaway servers for tests that only need a URL; the
-server fixtures are started lazily, so a session that uses external servers
-never boots its own. Tests that crash or restart servers own theirs.
+Fixtures live in ``tests/fix_*.py`` plugins (psycopg's layout). A test is an
+integration test when it needs a server: it requests a server fixture (even
+indirectly), it is a fault test, or its module uses the throwaway server
+classes itself. Everything else is a unit test, run by ``make test-unit``
+(``-m "not integration"``), where starting a server is an error
+(``DEVTOOLS_FORBID_SERVERS``) so that a missing mark cannot go unnoticed.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 
-from cdc_relay.devservers import PostgresServer, RabbitServer
+pytest_plugins = ["tests.fix_pg", "tests.fix_rabbit"]
+
+SERVER_FIXTURES = frozenset({"pg_server", "rabbit_server", "pg_dsn", "amqp_url"})
+SERVER_CLASSES = ("PostgresServer", "RabbitServer")
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """One private Postgres (wal_level=logical) for the whole session."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
+def needs_server(item: pytest.Item) -> bool:
+    """Whether ``item`` talks to a real Postgres or RabbitMQ."""
+    if item.get_closest_marker("fault") or item.get_closest_marker("integration"):
+        return True
+    if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    module = getattr(item, "module", None)
+    return module is not None and any(name in vars(module) for name in SERVER_CLASSES)
 
 
-@pytest.fixture(scope="session")
-def rabbit_server() -> Iterator[RabbitServer]:
-    """One private RabbitMQ node for the whole session."""
-    server = RabbitServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture
-def pg_dsn(request: pytest.FixtureRequest) -> str:
-    """DSN of the external server if configured, else of the session's own."""
-    external = os.environ.get("CDC_RELAY_TEST_DSN")
-    if external:
-        return external
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    return server.dsn
-
-
-@pytest.fixture
-def amqp_url(request: pytest.FixtureRequest) -> str:
-    """AMQP URL of the external broker if configured, else of the session's own."""
-    external = os.environ.get("CDC_RELAY_TEST_AMQP_URL")
-    if external:
-        return external
-    server: RabbitServer = request.getfixturevalue("rabbit_server")
-    return server.amqp_url
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if needs_server(item) and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)

@@ -14,7 +14,8 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from cdc_relay.devservers import free_port
+from devtools.amqp import declare_exchange
+from devtools.servers import free_port
 from tests.harness import (
     Consumer,
     RelayProcess,
@@ -39,13 +40,6 @@ async def outbox(pg_dsn: str, amqp_url: str) -> AsyncIterator[Setup]:
 @pytest.fixture
 def relay_log(tmp_path: Path) -> Path:
     return tmp_path / "relay.log"
-
-
-async def declare_exchange(url: str, name: str) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        await channel.declare_exchange(name, "topic", durable=True)
 
 
 def commit_rows(setup: Setup, n: int, *, one_per_txn: bool = False) -> list[str]:

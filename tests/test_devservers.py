@@ -23,7 +23,11 @@ import psycopg
 import pytest
 from pamqp.commands import Basic
 
-from cdc_relay.devservers import PostgresServer, RabbitServer, _pid_alive, _port_open, free_port
+from cdc_relay.config import Settings
+from devtools.metrics import readyz
+from devtools.procs import free_port, pid_alive, port_open
+from devtools.relayproc import RelayProcess, cli_args
+from devtools.servers import PostgresServer, RabbitServer
 
 
 def listen_addresses(port: int) -> set[str]:
@@ -57,7 +61,41 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
 def test_free_port_is_bindable_on_loopback() -> None:
     port = free_port()
     assert 0 < port < 65536
-    assert not _port_open(port)
+    assert not port_open(port)
+
+
+def test_servers_refuse_to_start_in_a_unit_test_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make test-unit`` sets DEVTOOLS_FORBID_SERVERS: an unmarked server test fails there."""
+    monkeypatch.setenv("DEVTOOLS_FORBID_SERVERS", "1")
+    for server in (PostgresServer(), RabbitServer()):
+        try:
+            with pytest.raises(RuntimeError, match="mark the test `integration`"):
+                server.start()
+            assert not server.is_running()
+        finally:
+            server.cleanup()
+
+
+def test_relay_process_arguments_cover_every_broker_url(tmp_path: Path) -> None:
+    settings = Settings(dsn="postgresql://x@h/db", amqp_urls=["amqp://a/", "amqp://b/"])
+    args = cli_args(settings)
+    assert args[:6] == [
+        "--dsn",
+        "postgresql://x@h/db",
+        "--amqp-url",
+        "amqp://a/",
+        "--amqp-url",
+        "amqp://b/",
+    ]
+    relay = RelayProcess(settings, tmp_path / "log", "--log-level", "INFO", metrics_port=1234)
+    full = relay.args()
+    assert full[full.index("--metrics-port") + 1] == "1234"
+    # Extra options come last, so they override the wrapper's defaults.
+    assert full[-2:] == ["--log-level", "INFO"]
+
+
+def test_readyz_is_zero_when_nothing_listens() -> None:
+    assert readyz(free_port()) == 0
 
 
 # --------------------------------------------------------------------------- Postgres
@@ -100,7 +138,7 @@ def test_pg_data_survives_immediate_stop(pg: PostgresServer) -> None:
         conn.execute("INSERT INTO crash_test VALUES (1, 'before immediate stop')")
     pg.stop("immediate")
     assert not pg.is_running()
-    assert not _port_open(pg.port)
+    assert not port_open(pg.port)
     pg.start()
     assert fetch_notes(pg.dsn) == ["before immediate stop"]
     assert "automatic recovery in progress" in pg.log_tail(200)
@@ -115,7 +153,7 @@ def test_pg_data_survives_kill_of_every_process(pg: PostgresServer) -> None:
         assert len(pids) >= 3  # our backend and the auxiliary processes
         pg.kill()
         assert not pg.is_running()
-        assert not any(_pid_alive(pid) for pid in pids)
+        assert not any(pid_alive(pid) for pid in pids)
     finally:
         held.close()
     pg.start()
@@ -147,7 +185,7 @@ def test_pg_context_manager_leaves_nothing_behind() -> None:
         base_dir = server.base_dir
         pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
         assert server.is_running()
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     assert not base_dir.exists()
 
 
@@ -156,7 +194,7 @@ def test_servers_do_not_outlive_a_killed_python_process() -> None:
     script = textwrap.dedent(
         """
         import os, signal
-        from cdc_relay.devservers import PostgresServer
+        from devtools.servers import PostgresServer
         server = PostgresServer()
         server.start()
         pid = (server.data_dir / "postmaster.pid").read_text().split()[0]
@@ -171,7 +209,7 @@ def test_servers_do_not_outlive_a_killed_python_process() -> None:
     )
     assert result.returncode == -9, result.stderr
     base_dir, pid = result.stdout.split()
-    wait_for(lambda: not _pid_alive(int(pid)), 15, "the orphaned postmaster to die")
+    wait_for(lambda: not pid_alive(int(pid)), 15, "the orphaned postmaster to die")
     wait_for(lambda: not Path(base_dir).exists(), 15, "the temp dir to be removed")
 
 
@@ -245,7 +283,7 @@ async def test_rabbit_durable_data_survives_clean_stop_and_kill(mq: RabbitServer
     await publish_persistent(url, queue_name, b"before kill -9")
     await asyncio.to_thread(mq.kill)
     assert not mq.is_running()
-    assert not _port_open(mq.port)
+    assert not port_open(mq.port)
     await asyncio.to_thread(mq.start)
     assert await get_all(url, queue_name) == [b"before clean stop", b"before kill -9"], (
         mq.log_tail()

@@ -10,19 +10,19 @@ import asyncio
 import os
 import random
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 import pytest
 import pytest_asyncio
 
 from cdc_relay.config import EX_CONFIG
-from cdc_relay.devservers import PostgresServer, RabbitServer, free_port
+from devtools.amqp import queue_depth
+from devtools.consumer import SeqCounter
+from devtools.metrics import readyz
+from devtools.servers import PostgresServer, RabbitServer, free_port
 from tests.faults import Verdict, Workload, verify
 from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
 from tests.proxy import TcpProxy
@@ -99,16 +99,6 @@ def record(name: str, verdict: Verdict) -> None:
     VERDICTS.append(verdict.row(name))
     print(verdict.row(name))
     assert verdict.lost == 0
-
-
-def readyz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 async def test_relay_kill_9_ten_times(outbox: Setup, consumer: Consumer, relays: Any) -> None:
@@ -336,51 +326,6 @@ async def test_invalidated_slot_is_a_clear_error(
 
 
 BIG_ROWS = int(os.environ.get("CDC_RELAY_TEST_BIG_ROWS", "200000"))
-
-
-async def queue_depth(amqp_url: str, queue: str) -> int:
-    import aiormq
-
-    connection = await aiormq.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        declared = await channel.queue_declare(queue, passive=True)
-        return int(declared.message_count or 0)
-    finally:
-        await connection.close()
-
-
-class SeqCounter:
-    """A lean consumer for huge runs: which ``g`` values arrived, and how often."""
-
-    def __init__(self, amqp_url: str, queue: str, size: int) -> None:
-        self.amqp_url = amqp_url
-        self.queue = queue
-        self.seen = bytearray(size + 1)
-        self.total = 0
-        self._connection: Any = None
-
-    async def start(self) -> SeqCounter:
-        import aiormq
-
-        self._connection = await aiormq.connect(self.amqp_url)
-        channel = await self._connection.channel()
-        await channel.basic_qos(prefetch_count=5000)
-        await channel.basic_consume(self.queue, self._on_message, no_ack=True)
-        return self
-
-    async def _on_message(self, message: Any) -> None:
-        g = orjson.loads(message.body)["g"]
-        self.total += 1
-        if self.seen[g] < 255:
-            self.seen[g] += 1
-
-    def missing(self) -> int:
-        return self.seen.count(0) - 1  # index 0 is unused
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
 
 
 def vm_kb(pid: int, field: str) -> int:

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from cdc_relay.devservers import free_port
+from devtools.servers import free_port
 from tests.harness import (
     Consumer,
     RelayProcess,

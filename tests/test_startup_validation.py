@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from cdc_relay.devservers import PostgresServer
 from cdc_relay.errors import EX_CONFIG
+from devtools.servers import PostgresServer
 from tests.harness import Setup, unique_names
 
 
