@@ -3,7 +3,7 @@
 The live tests run TLS against two local servers made with trustme certificates:
 a TLS-terminating proxy in front of the session's real broker (publish and
 confirm over TLS, certificate and hostname checks, SNI), and a TLS server that
-speaks just enough AMQP to check EXTERNAL authentication with a client
+speaks just enough AMQP (tests/amqp_fakes.py) to check EXTERNAL authentication with a client
 certificate (the session broker has no TLS listener or auth_mechanism_ssl).
 """
 
@@ -14,19 +14,17 @@ import contextlib
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
 import trustme
-from pamqp import commands as spec
-from pamqp import frame as pamqp_frame
 
 from cdc_relay.amqp import AmqpAddress, ConnectError, Outcome, Publisher, declare_exchange
 from cdc_relay.router import Envelope
+from tests.amqp_fakes import FakeBroker, running
 
 SECRET = "s3cr3t-pw"
 
@@ -267,66 +265,21 @@ async def test_verify_none_connects_but_warns_loudly(
 # -- EXTERNAL authentication against a TLS server that speaks just enough AMQP ---------------
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, Any]:
-    head = await reader.readexactly(7)
-    rest = await reader.readexactly(int.from_bytes(head[3:7], "big") + 1)
-    _, channel, value = pamqp_frame.unmarshal(head + rest)
-    return channel, value
-
-
-def minimal_broker(
-    mechanisms: str, seen: dict[str, Any]
-) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    """Handshake, channel open and confirm.select, then close; records what the client sent."""
-    replies = {
-        spec.Connection.TuneOk: None,
-        spec.Connection.Open: spec.Connection.OpenOk(),
-        spec.Channel.Open: spec.Channel.OpenOk(),
-        spec.Confirm.Select: spec.Confirm.SelectOk(),
-        spec.Connection.Close: spec.Connection.CloseOk(),
-    }
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            seen["header"] = await reader.readexactly(8)
-            seen["peercert"] = writer.get_extra_info("peercert")
-            start = spec.Connection.Start(mechanisms=mechanisms, locales="en_US")
-            writer.write(pamqp_frame.marshal(start, 0))
-            while True:
-                channel, value = await read_frame(reader)
-                if isinstance(value, spec.Connection.StartOk):
-                    seen["mechanism"], seen["response"] = value.mechanism, value.response
-                    tune = spec.Connection.Tune(channel_max=16, frame_max=131072, heartbeat=0)
-                    writer.write(pamqp_frame.marshal(tune, 0))
-                    continue
-                reply = replies.get(type(value))
-                if reply is not None:
-                    writer.write(pamqp_frame.marshal(reply, channel))
-                if isinstance(value, spec.Connection.Close):
-                    break
-        writer.close()
-
-    return serve
-
-
 @contextlib.asynccontextmanager
-async def tls_server(pki: Pki, handler: Callable[..., Awaitable[None]]) -> AsyncIterator[int]:
-    ca = pki.ca
+async def tls_broker(pki: Pki, broker: FakeBroker) -> AsyncIterator[int]:
+    """The fake broker behind TLS that requires a client certificate from pki's CA."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(context)
-    ca.configure_trust(context)
+    pki.ca.issue_cert("localhost").configure_cert(context)
+    pki.ca.configure_trust(context)
     context.verify_mode = ssl.CERT_REQUIRED  # a client certificate is mandatory
-    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
+    async with running(broker, context) as port:
+        yield port
 
 
 @pytest.mark.asyncio
 async def test_external_auth_presents_the_client_certificate(pki: Pki) -> None:
-    seen: dict[str, Any] = {}
-    async with tls_server(pki, minimal_broker("PLAIN EXTERNAL", seen)) as port:
+    broker = FakeBroker(mechanisms="PLAIN EXTERNAL")
+    async with tls_broker(pki, broker) as port:
         url = f"amqps://localhost:{port}/?" + q(
             cacertfile=pki.files["ca"],
             certfile=pki.files["client"],
@@ -336,15 +289,15 @@ async def test_external_auth_presents_the_client_certificate(pki: Pki) -> None:
         publisher = Publisher([url], max_in_flight=1, connect_timeout=5, on_outcome=lambda _: None)
         await publisher.connect()
         await publisher.close()
-    assert seen["mechanism"] == "EXTERNAL" and seen["response"] == ""
-    names = [value for kind, value in seen["peercert"]["subjectAltName"] if kind == "DNS"]
+    assert broker.seen["mechanism"] == "EXTERNAL" and broker.seen["response"] == ""
+    names = [value for kind, value in broker.seen["peercert"]["subjectAltName"] if kind == "DNS"]
     assert names == ["relay-client.example"]
 
 
 @pytest.mark.asyncio
 async def test_external_auth_not_offered_is_a_clear_error(pki: Pki) -> None:
-    seen: dict[str, Any] = {}
-    async with tls_server(pki, minimal_broker("PLAIN AMQPLAIN", seen)) as port:
+    broker = FakeBroker(mechanisms="PLAIN AMQPLAIN")
+    async with tls_broker(pki, broker) as port:
         url = f"amqps://localhost:{port}/?" + q(
             cacertfile=pki.files["ca"],
             certfile=pki.files["client"],
@@ -354,4 +307,4 @@ async def test_external_auth_not_offered_is_a_clear_error(pki: Pki) -> None:
         publisher = Publisher([url], max_in_flight=1, connect_timeout=5, on_outcome=lambda _: None)
         with pytest.raises(ConnectError, match="does not offer the EXTERNAL mechanism"):
             await publisher.connect()
-    assert "mechanism" not in seen
+    assert "mechanism" not in broker.seen and broker.seen["peercert"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,7 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._rpc: dict[int, tuple[tuple[type, ...], asyncio.Future[Any]]] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._last_received = self._loop.time()
+        self._last_received = time.monotonic()
         self.heartbeat = heartbeat
         self.frame_max = FRAME_MAX
         self.channel_max = 2047
@@ -246,7 +247,7 @@ class Connection(asyncio.Protocol):
 
     def _tick(self) -> None:
         """Heartbeats both ways, checked every half interval."""
-        now = self._loop.time()
+        now = time.monotonic()
         silent = now - self._last_received
         if silent > 2 * self.heartbeat:
             self._fail(PublishFailed(f"no data from RabbitMQ for {silent:.1f}s"))
@@ -274,7 +275,7 @@ class Connection(asyncio.Protocol):
         self._resumed.set()
 
     def data_received(self, data: bytes) -> None:
-        self._last_received = self._loop.time()
+        self._last_received = time.monotonic()
         buffer = self._buffer
         buffer += data
         handlers = _HANDLERS
