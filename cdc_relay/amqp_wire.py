@@ -29,6 +29,8 @@ _HEADER_PREFIX = struct.Struct("!HHQH")  # class, weight, body size, property fl
 _U32 = struct.Struct("!I")
 _HEADER_OVERHEAD = 8 + _HEADER_PREFIX.size  # frame head and end, class to property flags
 _U64 = struct.Struct("!Q")
+_DOUBLE = struct.Struct("!d")
+NESTED_KEY_MAX = 128  # bytes; AMQP's limit for field names
 
 # Property flag bits, in wire order (AMQP 0-9-1 basic class).
 _CONTENT_TYPE = 1 << 15
@@ -149,7 +151,49 @@ def encode_table(table: dict[str, Any]) -> bytes:
             raw = value.encode()
             append(_table_key(key) + b"S" + _U32.pack(len(raw)) + raw)
         else:
-            append(_table_key(key) + pamqp_encode.encode_table_value(value))
+            append(_table_key(key) + encode_value(value))
+    body = b"".join(parts)
+    return _U32.pack(len(body)) + body
+
+
+def encode_value(value: Any) -> bytes:
+    """One field value; floats as doubles, nested tables and arrays encoded here.
+
+    pamqp encodes a float as a 32-bit 'f', which silently changes most values
+    (0.1 arrives as 0.10000000149...); a header value keeps its type, so floats
+    go out as 'd' (IEEE double, what JSON numbers are). Nested tables and
+    arrays are encoded here so that rule holds at every depth; everything else
+    (ints, bools, None, decimals, timestamps) is pamqp's, byte for byte.
+    """
+    if type(value) is str:
+        raw = value.encode()
+        return b"S" + _U32.pack(len(raw)) + raw
+    if isinstance(value, float):
+        return b"d" + _DOUBLE.pack(value)
+    if isinstance(value, dict):
+        return b"F" + _nested_table(value)
+    if isinstance(value, list):
+        body = b"".join([encode_value(item) for item in value])
+        return b"A" + _U32.pack(len(body)) + body
+    return pamqp_encode.encode_table_value(value)
+
+
+def _nested_table(table: dict[str, Any]) -> bytes:
+    """A table inside a header value: keys over 128 bytes are refused, not truncated.
+
+    128 bytes is the AMQP limit for field names; pamqp truncates longer ones
+    (two keys could even collide), which would change the message unnoticed.
+    """
+    parts: list[bytes] = []
+    for key, value in table.items():
+        if not isinstance(key, str):
+            raise TypeError(f"header table keys must be strings, not {type(key).__name__}")
+        raw_key = key.encode()
+        if len(raw_key) > NESTED_KEY_MAX:
+            raise ValueError(
+                f"nested header name longer than {NESTED_KEY_MAX} bytes: {key[:40]!r}..."
+            )
+        parts.append(bytes((len(raw_key),)) + raw_key + encode_value(value))
     body = b"".join(parts)
     return _U32.pack(len(body)) + body
 

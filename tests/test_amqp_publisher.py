@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 import pytest_asyncio
+from pamqp import commands as spec
+from pamqp.heartbeat import Heartbeat
 
 from cdc_relay.amqp import (
     ConnectError,
@@ -21,6 +23,7 @@ from cdc_relay.amqp import (
     declare_exchange,
 )
 from cdc_relay.router import Envelope
+from tests.amqp_fakes import FakeBroker, running
 
 pytestmark = pytest.mark.asyncio
 
@@ -261,3 +264,58 @@ async def test_wrong_password_is_a_connect_error(amqp_url: str) -> None:
     with pytest.raises(ConnectError) as failure:
         await publisher.connect()
     assert "wrong-pw" not in str(failure.value) and "403" in str(failure.value)
+
+
+# -- timers and connection-level control, against a fake broker ---------------------------------
+
+
+async def test_a_broker_that_goes_silent_is_lost_after_two_heartbeats() -> None:
+    broker = FakeBroker(heartbeat=1)  # agrees to 1 s heartbeats, then never sends one
+    recorder = Recorder()
+    async with running(broker) as port:
+        publisher = Publisher(
+            [f"amqp://guest:guest@127.0.0.1:{port}/"],
+            max_in_flight=10,
+            heartbeat=5,
+            on_outcome=recorder,
+        )
+        await publisher.connect()
+        started = time.monotonic()
+        try:
+            await recorder.wait(lambda: recorder.lost, timeout=6)
+        finally:
+            await publisher.close()
+    assert 1.5 < time.monotonic() - started < 4
+    assert "no data from RabbitMQ" in recorder.lost[0].reason
+    assert any(isinstance(frame, Heartbeat) for frame in broker.frames)  # ours went out
+
+
+async def test_no_confirm_within_the_timeout_ends_the_session_and_says_blocked() -> None:
+    broker = FakeBroker()
+    recorder = Recorder()
+    async with running(broker) as port:
+        publisher = Publisher(
+            [f"amqp://guest:guest@127.0.0.1:{port}/"],
+            max_in_flight=10,
+            confirm_timeout=1.0,
+            on_outcome=recorder,
+        )
+        await publisher.connect()
+        try:
+            broker.send(spec.Connection.Blocked(reason="low on memory"))
+            await asyncio.sleep(0.1)
+            assert publisher.blocked
+            broker.send(spec.Connection.Unblocked())
+            await asyncio.sleep(0.1)
+            assert not publisher.blocked
+            broker.send(spec.Connection.Blocked(reason="low on disk"))
+            await publisher.publish(1, envelope("ex", 1))
+            started = time.monotonic()
+            await recorder.wait(lambda: recorder.lost, timeout=5)
+            assert 0.9 < time.monotonic() - started < 3
+        finally:
+            await publisher.close()
+    [lost] = recorder.lost
+    assert "no confirm within 1s" in lost.reason and "blocked" in lost.reason
+    assert recorder.confirmed == [] and recorder.failed == []
+    assert any(isinstance(frame, spec.Basic.Publish) for frame in broker.frames)

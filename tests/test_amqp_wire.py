@@ -5,18 +5,20 @@ comparison is frame by frame after decoding, plus the exact total length.)"""
 
 from __future__ import annotations
 
+import struct
 from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
+from pamqp import encode as pamqp_encode
 from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from cdc_relay.amqp import AmqpAddress
-from cdc_relay.amqp_wire import PublishEncoder
+from cdc_relay.amqp_wire import PublishEncoder, encode_value
 from cdc_relay.router import Envelope
 
 
@@ -152,3 +154,65 @@ def test_encoding_caches_stay_bounded() -> None:
         )
     assert len(amqp_wire._short_strings) <= amqp_wire._CACHE_LIMIT
     assert len(amqp_wire._table_keys) <= amqp_wire._CACHE_LIMIT
+
+
+# -- header values that deliberately differ from pamqp: floats, nested key length ----------
+
+json_floats = st.floats(allow_nan=False)
+nested_values = st.recursive(
+    st.one_of(json_floats, short, st.integers(-(2**63), 2**63 - 1), st.booleans(), st.none()),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+def decoded_headers(envelope: Envelope) -> dict[str, object]:
+    frames = frames_of(PublishEncoder(1, 131072).encode(envelope))
+    _, (_, properties) = frames[1]  # type: ignore[misc]
+    return properties["headers"]  # type: ignore[index,no-any-return]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=8), nested_values, max_size=4))
+def test_header_values_round_trip_exactly_through_pamqps_decoder(headers: dict) -> None:
+    """Floats go out as AMQP doubles ('d') at every depth: the consumer gets the same number."""
+    envelope = Envelope("ex", "rk", b"{}", "id", "T", headers)
+    assert (decoded_headers(envelope) or {}) == headers  # no headers: no property at all
+
+
+def test_a_float_that_float32_would_change() -> None:
+    headers = {"price": 0.1, "nested": {"rate": 1e300, "list": [2.5e-310, -0.0]}}
+    assert decoded_headers(Envelope("ex", "rk", b"{}", "id", "T", headers)) == headers
+    assert pamqp_encode.encode_table_value(0.1)[:1] == b"f"  # what pamqp alone would send
+    encoded = PublishEncoder(1, 131072).encode(Envelope("ex", "rk", b"{}", "id", "T", {"p": 0.1}))
+    assert b"\x01pd" + struct.pack("!d", 0.1) in encoded
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.one_of(short, st.integers(-(2**63), 2**63 - 1), st.booleans(), st.none()),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3).map(
+                lambda d: dict(sorted(d.items()))
+            ),
+        ),
+        max_leaves=12,
+    )
+)
+def test_nested_values_without_floats_are_pamqps_bytes(value: object) -> None:
+    """Nested tables (keys in pamqp's sorted order) and arrays: byte-identical to pamqp."""
+    assert encode_value(value) == pamqp_encode.encode_table_value(value)  # type: ignore[arg-type]
+
+
+def test_nested_keys_over_128_bytes_are_refused_not_truncated() -> None:
+    encoder = PublishEncoder(1, 131072)
+    ok = {"outer": {"k" * 128: 1, "list": [{"é" * 64: 2}]}}
+    assert decoded_headers(Envelope("ex", "rk", b"{}", "id", "T", ok)) == ok
+    for bad in ({"outer": {"k" * 129: 1}}, {"outer": [{"é" * 65: 1}]}):
+        with pytest.raises(ValueError, match="128 bytes"):
+            encoder.encode(Envelope("ex", "rk", b"{}", "id", "T", bad))

@@ -223,6 +223,8 @@ async def test_unencodable_envelopes_raise_before_anything_is_queued() -> None:
         envelope(2, headers=deep),  # RecursionError in the table encoder
         envelope(3, headers={"obj": object()}),  # a type AMQP cannot carry
         envelope(4, exchange="e" * 300),  # longer than a short string
+        envelope(6, headers={"t": {"k" * 129: 1}}),  # nested key over 128 bytes
+        envelope(7, headers={"n": 2**64}),  # no AMQP integer type fits
     ]
     for item in bad:
         with pytest.raises(UnpublishableMessage):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,7 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._rpc: dict[int, tuple[tuple[type, ...], asyncio.Future[Any]]] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._last_received = self._loop.time()
+        self._last_received = time.monotonic()
         self.heartbeat = heartbeat
         self.frame_max = FRAME_MAX
         self.channel_max = 2047
@@ -85,9 +86,23 @@ class Connection(asyncio.Protocol):
         """Connect and complete the handshake within ``timeout`` seconds, or raise."""
         loop = asyncio.get_running_loop()
         connection = cls(on_frame, on_lost, heartbeat)
+        context = address.ssl_context()
+        if context is not None and not address.verify:
+            log.warning(
+                "TLS to %s:%d WITHOUT certificate verification (verify=verify_none): "
+                "anyone on the path can read and change messages",
+                address.host,
+                address.port,
+            )
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(lambda: connection, address.host, address.port)
+                await loop.create_connection(
+                    lambda: connection,
+                    address.host,
+                    address.port,
+                    ssl=context,
+                    server_hostname=address.tls_server_name,
+                )
                 await connection._handshake(address)
         except BaseException as exc:
             connection.abort()
@@ -102,6 +117,18 @@ class Connection(asyncio.Protocol):
         self.transport.write(PROTOCOL_HEADER)
         start = await self._expect(0, spec.Connection.Start)
         self.server_properties = dict(start.server_properties or {})
+        mechanism = address.auth_mechanism
+        offered = _text(start.mechanisms).split()
+        if mechanism not in offered:
+            hint = (
+                " (enable the rabbitmq_auth_mechanism_ssl plugin)"
+                if mechanism == "EXTERNAL"
+                else ""
+            )
+            raise PublishFailed(
+                f"RabbitMQ does not offer the {mechanism} mechanism{hint}; it offers "
+                f"{' '.join(offered) or 'none'}"
+            )
         self.send(
             0,
             spec.Connection.StartOk(
@@ -116,8 +143,8 @@ class Connection(asyncio.Protocol):
                         "authentication_failure_close": True,
                     },
                 },
-                mechanism="PLAIN",
-                response=f"\0{address.user}\0{address.password}",
+                mechanism=mechanism,
+                response="" if mechanism == "EXTERNAL" else f"\0{address.user}\0{address.password}",
                 locale="en_US",
             ),
         )
@@ -220,7 +247,7 @@ class Connection(asyncio.Protocol):
 
     def _tick(self) -> None:
         """Heartbeats both ways, checked every half interval."""
-        now = self._loop.time()
+        now = time.monotonic()
         silent = now - self._last_received
         if silent > 2 * self.heartbeat:
             self._fail(PublishFailed(f"no data from RabbitMQ for {silent:.1f}s"))
@@ -248,7 +275,7 @@ class Connection(asyncio.Protocol):
         self._resumed.set()
 
     def data_received(self, data: bytes) -> None:
-        self._last_received = self._loop.time()
+        self._last_received = time.monotonic()
         buffer = self._buffer
         buffer += data
         handlers = _HANDLERS
@@ -309,6 +336,10 @@ class Connection(asyncio.Protocol):
                 )
         elif self._on_frame is not None:
             self._on_frame(channel, value)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 _HANDLERS: dict[type, Callable[[Connection, int, Any], None]] = {

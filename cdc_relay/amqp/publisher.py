@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -143,7 +144,7 @@ class Publisher:
 
     def _check_confirm_timeout(self) -> None:
         oldest = self._window.oldest_sent_at
-        if oldest is not None and self._loop.time() - oldest > self._confirm_timeout:
+        if oldest is not None and time.monotonic() - oldest > self._confirm_timeout:
             self._lose(
                 PublishFailed(
                     f"no confirm within {self._confirm_timeout:g}s"
@@ -255,7 +256,7 @@ class Publisher:
             raise UnpublishableMessage(f"cannot encode message: {exc!r}"[:500]) from exc
         window = self._window
         message_id = envelope.message_id
-        while window.full or conn.paused or window.has_unsettled(message_id):
+        while conn.paused or not window.can_add(message_id):
             self._flush()
             if conn.paused:
                 await conn.wait_writable()
@@ -264,7 +265,7 @@ class Publisher:
                 await self._settled.wait()
             if self._error is not None:
                 raise self._error
-        window.add(seq, message_id, envelope.exchange, len(data), self._loop.time())
+        window.add(seq, message_id, envelope.exchange, len(data), time.monotonic())
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -3,9 +3,10 @@
 Pure bookkeeping, no asyncio and no sockets, so every rule is unit tested
 without a broker. Delivery tags on a confirm channel are consecutive from 1,
 so the tag of an entry is its position in the window plus the tag of the
-oldest entry: parallel deques indexed by arithmetic replace a per-tag dict and
-a per-message record object (the hot path, add + ``multiple`` ack, allocates
-nothing per message beyond the deque slots).
+oldest entry: one deque of tuples indexed by arithmetic replaces the per-tag
+dict and the per-message record object; the rare states (returned, settled
+out of order) live in a small dict keyed by tag that the hot path (add +
+``multiple`` ack) only checks for emptiness.
 
 Rules:
 - A ``basic.return`` precedes the ack of the same publish and is matched by
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-# Markers in the per-entry state deque; a PublishFailed there means "returned".
+# Entry states; a PublishFailed in ``_marks`` means "returned".
 _PENDING = None
 _SETTLED = False
 
@@ -77,15 +78,11 @@ class ConfirmWindow:
     __slots__ = (
         "_by_id",
         "_bytes",
-        "_exchanges",
+        "_entries",
         "_first_tag",
-        "_ids",
         "_lost",
+        "_marks",
         "_next_tag",
-        "_sent_at",
-        "_seqs",
-        "_sizes",
-        "_states",
         "_unsettled",
         "byte_limit",
         "limit",
@@ -96,14 +93,12 @@ class ConfirmWindow:
             raise ValueError("the confirm window needs room for at least one message")
         self.limit = limit
         self.byte_limit = byte_limit
-        self._first_tag = 1  # tag of index 0 of the deques
+        self._first_tag = 1  # tag of _entries[0]
         self._next_tag = 1
-        self._seqs: deque[int] = deque()
-        self._ids: deque[str] = deque()
-        self._exchanges: deque[str] = deque()
-        self._sizes: deque[int] = deque()
-        self._sent_at: deque[float] = deque()
-        self._states: deque[PublishFailed | bool | None] = deque()
+        # One (seq, message id, exchange, size, sent at) per publish, oldest first.
+        self._entries: deque[tuple[int, str, str, int, float]] = deque()
+        # The rare cases, by tag: returned (its error) or settled out of order (_SETTLED).
+        self._marks: dict[int, PublishFailed | bool] = {}
         self._by_id: dict[str, int] = {}  # message id -> tag, unsettled only
         self._unsettled = 0
         self._bytes = 0
@@ -133,10 +128,19 @@ class ConfirmWindow:
     @property
     def oldest_sent_at(self) -> float | None:
         """When the oldest unsettled publish was sent (the confirm timeout runs from it)."""
-        return self._sent_at[0] if self._unsettled else None
+        return self._entries[0][4] if self._unsettled else None
 
     def has_unsettled(self, message_id: str) -> bool:
         return message_id in self._by_id
+
+    def can_add(self, message_id: str) -> bool:
+        """Room for one more publish with this id (not ``full``, id not unsettled): one call."""
+        unsettled = self._unsettled
+        return (
+            unsettled < self.limit
+            and (unsettled == 0 or self._bytes < self.byte_limit)
+            and message_id not in self._by_id
+        )
 
     # -- events ------------------------------------------------------------------
 
@@ -144,17 +148,13 @@ class ConfirmWindow:
         """Record one publish; returns its delivery tag."""
         if self._lost is not None:
             raise self._lost
-        if message_id in self._by_id:
+        by_id = self._by_id
+        if message_id in by_id:
             raise ValueError(f"message {message_id!r} is already unsettled in this window")
         tag = self._next_tag
         self._next_tag = tag + 1
-        self._seqs.append(seq)
-        self._ids.append(message_id)
-        self._exchanges.append(exchange)
-        self._sizes.append(size)
-        self._sent_at.append(now)
-        self._states.append(_PENDING)
-        self._by_id[message_id] = tag
+        self._entries.append((seq, message_id, exchange, size, now))
+        by_id[message_id] = tag
         self._unsettled += 1
         self._bytes += size
         return tag
@@ -172,14 +172,14 @@ class ConfirmWindow:
         id: the caller must end the session (``fail_all``).
         """
         tag = self._by_id.get(message_id)
-        if tag is None or self._states[tag - self._first_tag] is not _PENDING:
+        if tag is None or tag in self._marks:
             raise PublishFailed(
                 f"basic.return for message {message_id!r} matches no unsettled publish "
                 f"({error.reason})",
                 returned=True,
                 reply_code=error.reply_code,
             )
-        self._states[tag - self._first_tag] = error
+        self._marks[tag] = error
 
     def fail_all(self, error: PublishFailed) -> Outcome:
         """The channel or connection is gone: every unsettled publish is lost."""
@@ -188,9 +188,8 @@ class ConfirmWindow:
         if error.culprit_seq is None:
             error.culprit_seq = self._culprit(error)
         self._lost = error
-        for deq in (self._seqs, self._ids, self._exchanges, self._sizes, self._sent_at):
-            deq.clear()
-        self._states.clear()
+        self._entries.clear()
+        self._marks.clear()
         self._by_id.clear()
         self._first_tag = self._next_tag
         self._unsettled = 0
@@ -206,42 +205,31 @@ class ConfirmWindow:
         processes nothing after it, so the oldest unsettled publish to the
         refused exchange (or over the size limit) is the one.
         """
-        if error.refused_exchange is None and error.broker_max_message_size is None:
+        refused = error.refused_exchange
+        limit = error.broker_max_message_size
+        if refused is None and limit is None:
             return None
-        for seq, exchange, size, state in zip(
-            self._seqs, self._exchanges, self._sizes, self._states, strict=True
-        ):
-            if state is _SETTLED:
+        for tag, (seq, _, exchange, size, _) in enumerate(self._entries, self._first_tag):
+            if self._marks.get(tag) is _SETTLED:
                 continue
-            if error.refused_exchange is not None and exchange == error.refused_exchange:
-                return seq
-            if error.broker_max_message_size is not None and size > error.broker_max_message_size:
+            if exchange == refused or (limit is not None and size > limit):
                 return seq
         return None
 
     def _settle(self, tag: int, multiple: bool, error: PublishFailed | None) -> Outcome:
         outcome = Outcome()
-        if self._lost is not None or tag < self._first_tag or tag >= self._next_tag:
+        first = self._first_tag
+        if self._lost is not None or tag < first or tag >= self._next_tag:
             return outcome  # unknown, duplicate, or after the loss: nothing to settle
-        confirmed = outcome.confirmed
-        seqs = self._seqs
-        ids = self._ids
-        sizes = self._sizes
-        states = self._states
+        entries = self._entries
         by_id = self._by_id
+        marks = self._marks
         if multiple:
-            count = tag - self._first_tag + 1
-            exchanges = self._exchanges
-            sent_at = self._sent_at
-            settled = 0
-            released = 0
-            for _ in range(count):
-                seq = seqs.popleft()
-                message_id = ids.popleft()
-                size = sizes.popleft()
-                exchanges.popleft()
-                sent_at.popleft()
-                state = states.popleft()
+            confirmed = outcome.confirmed
+            settled = released = 0
+            for current in range(first, tag + 1):
+                seq, message_id, _, size, _ = entries.popleft()
+                state = marks.pop(current, _PENDING) if marks else _PENDING
                 if state is _SETTLED:
                     continue
                 del by_id[message_id]
@@ -254,30 +242,27 @@ class ConfirmWindow:
             self._first_tag = tag + 1
             self._unsettled -= settled
             self._bytes -= released
+            return outcome
+        state = marks.get(tag, _PENDING)
+        if state is _SETTLED:
+            return outcome
+        seq, message_id, _, size, _ = entries[tag - first]
+        del by_id[message_id]
+        self._unsettled -= 1
+        self._bytes -= size
+        if state is _PENDING and error is None:
+            outcome.confirmed.append(seq)
         else:
-            index = tag - self._first_tag
-            state = states[index]
-            if state is _SETTLED:
-                return outcome
-            states[index] = _SETTLED
-            del by_id[ids[index]]
-            self._unsettled -= 1
-            self._bytes -= sizes[index]
-            if state is _PENDING and error is None:
-                confirmed.append(seqs[index])
-            else:
-                outcome.failed.append((seqs[index], state or error))  # type: ignore[arg-type]
-            self._drop_settled_head()
+            outcome.failed.append((seq, state or error))  # type: ignore[arg-type]
+        if tag == first:
+            entries.popleft()
+            marks.pop(tag, None)
+            first = tag + 1
+            while entries and marks.get(first) is _SETTLED:  # settled out of order earlier
+                entries.popleft()
+                del marks[first]
+                first += 1
+            self._first_tag = first
+        else:
+            marks[tag] = _SETTLED
         return outcome
-
-    def _drop_settled_head(self) -> None:
-        """Pop entries settled out of order once they reach the front."""
-        states = self._states
-        while states and states[0] is _SETTLED:
-            states.popleft()
-            self._seqs.popleft()
-            self._ids.popleft()
-            self._exchanges.popleft()
-            self._sizes.popleft()
-            self._sent_at.popleft()
-            self._first_tag += 1
