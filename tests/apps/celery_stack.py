@@ -36,6 +36,7 @@ class Stack:
     queue: str
     effects: str
     inbox: str
+    spans: Path  # the worker's OpenTelemetry spans, one JSON object per line
 
     @property
     def dsn(self) -> str:
@@ -93,6 +94,7 @@ def stack(
         CDC_RELAY_TEST_EFFECTS=effects,
         CDC_RELAY_TEST_INBOX=inbox_table,
         CDC_RELAY_TEST_QUEUE=queue,
+        CDC_RELAY_TEST_SPANS=str(tmp / "spans.jsonl"),
         PYTHONUNBUFFERED="1",
     )
     with worker_log.open("wb") as log:
@@ -129,7 +131,9 @@ def stack(
             assert time.monotonic() < deadline, worker_log.read_text()
             time.sleep(0.1)
         relay.wait_for_log("streaming from slot")
-        yield Stack(setup, relay, worker, worker_log, queue, effects, inbox_table)
+        yield Stack(
+            setup, relay, worker, worker_log, queue, effects, inbox_table, tmp / "spans.jsonl"
+        )
     finally:
         relay.stop_quietly()
         worker.terminate()
