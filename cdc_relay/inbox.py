@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from cdc_relay.config import ConfigError, split_table_name
-from cdc_relay.tracing import consumer_span
+from cdc_relay.tracing import TRACE_HEADERS, consumer_span
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def celery_once(
 
             request = current_task.request if current_task else None
             task_id = getattr(request, "id", None)
-            headers = getattr(request, "headers", None) or {}
+            # Protocol-2 message headers become attributes of the task request.
+            headers = {name: getattr(request, name, None) for name in TRACE_HEADERS}
             with (
                 consumer_span(f"{getattr(current_task, 'name', fn.__name__)} process", headers),
                 connect() as conn,

@@ -87,13 +87,12 @@ class Insert:
 
     def sql(self, style: str) -> str:
         """The INSERT with placeholders of one paramstyle: ``format``, ``named``, ``numeric``."""
-        schema, table = self.table
         marks = []
         for i, (column, cast) in enumerate(zip(_COLUMNS, _CASTS, strict=True)):
             mark = {"format": "%s", "named": f":{column}", "numeric": f"${i + 1}"}[style]
             marks.append(f"CAST({mark} AS {cast})" if cast else mark)
         return (
-            f"INSERT INTO {_quote(schema)}.{_quote(table)} ({', '.join(_COLUMNS)})"
+            f"INSERT INTO {_quote(self.table[0])}.{_quote(self.table[1])} ({', '.join(_COLUMNS)})"
             f" VALUES ({', '.join(marks)})"
         )
 
@@ -110,6 +109,19 @@ def _table(name: str) -> tuple[str, str]:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def qualified_name(table: str) -> str:
+    """``schema.table`` (unquoted, as --table takes it) as a quoted SQL identifier."""
+    schema, name = _table(table)
+    return f"{_quote(schema)}.{_quote(name)}"
+
+
+def outbox_ddl(table: str = DEFAULT_TABLE) -> str:
+    """The outbox CREATE TABLE IF NOT EXISTS that ``cdc-relay init`` runs, for migrations."""
+    from cdc_relay.pg.admin import OUTBOX_DDL
+
+    return OUTBOX_DDL.format(table=qualified_name(table))
 
 
 def _default(value: Any) -> Any:

@@ -46,3 +46,20 @@ def record(key: str) -> None:
 @inbox.celery_once(connect, table=INBOX)
 def record_once(conn: psycopg.Connection[Any], key: str) -> None:
     _effect(conn, key)
+
+
+def _export_spans(path: str) -> None:
+    """Tests read the worker's spans from a file (one JSON object per line)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
+    provider = TracerProvider()
+    exporter = ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+if os.environ.get("CDC_RELAY_TEST_SPANS"):
+    _export_spans(os.environ["CDC_RELAY_TEST_SPANS"])
