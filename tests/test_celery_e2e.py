@@ -24,6 +24,8 @@ from tests.apps.schema import read_rows
 
 __all__ = ["stack"]  # the module-scoped fixture
 
+pytestmark = pytest.mark.integration  # the stack starts its own servers
+
 
 def key() -> str:
     return uuid.uuid4().hex[:12]

@@ -20,6 +20,9 @@ __all__ = ["stack"]  # the module-scoped fixture
 django = pytest.importorskip("django")
 
 
+pytestmark = pytest.mark.integration  # its fixtures start their own servers
+
+
 @pytest.fixture(scope="module")
 def project(stack: Stack) -> Iterator[None]:
     """django.setup() once per process, on the same Postgres as the relay."""

@@ -37,6 +37,9 @@ trace.set_tracer_provider(_provider)  # global, once per process: the helpers us
 tracer = trace.get_tracer("tests")
 
 
+pytestmark = pytest.mark.integration  # its fixtures start their own servers
+
+
 def traceparent(span: Any) -> str:
     context = span.get_span_context()
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
