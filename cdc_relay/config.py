@@ -250,7 +250,9 @@ class Settings:
     )
     allow_cc_headers: bool = setting(
         False,
-        Option("Keep CC/BCC headers from rows (sender-selected routing; dropped by default)."),
+        Option(
+            "Let rows carry CC/BCC headers (sender-selected routing); by default such rows are dead-lettered."
+        ),
     )
     metrics_port: int | None = setting(
         None,
