@@ -238,6 +238,7 @@ class Session:
             s.publication,
             format_lsn(facts.confirmed_flush_lsn),
             publisher.connected_url,
+            extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
         )
         if timeout > s.pg_timeout:
             log.info(
@@ -470,6 +471,7 @@ class Session:
                         letter.outbox_id,
                         format_lsn(letter.lsn),
                         letter.reason,
+                        extra={"outbox_id": letter.outbox_id, "lsn": format_lsn(letter.lsn)},
                     )
                 core.stored([p.seq for p in batch], time.time())
                 if len(letters) < DEAD_LETTER_QUEUE:
@@ -520,7 +522,17 @@ class Session:
         while True:
             await asyncio.sleep(interval)
             now, count = time.monotonic(), self.metrics.confirmed_count()
-            log.info("%.0f msg/s confirmed, %s", (count - last) / (now - last_t), core.describe())
+            rate = (count - last) / (now - last_t)
+            log.info(
+                "%.0f msg/s confirmed, %s",
+                rate,
+                core.describe(),
+                extra={
+                    "messages_per_second": round(rate, 1),
+                    "in_flight": core.tracker.unconfirmed,
+                    "lsn": format_lsn(core.tracker.flush_lsn),
+                },
+            )
             last, last_t = count, now
 
 
