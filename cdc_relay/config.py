@@ -251,7 +251,8 @@ class Settings:
     allow_cc_headers: bool = setting(
         False,
         Option(
-            "Let rows carry CC/BCC headers (sender-selected routing); by default such rows are dead-lettered."
+            "Let rows carry CC/BCC headers (sender-selected routing); "
+            "by default such rows are dead-lettered."
         ),
     )
     metrics_port: int | None = setting(

@@ -30,7 +30,7 @@ import orjson
 
 from cdc_relay.acks import AckTracker
 from cdc_relay.amqp import Outcome, PublishFailed
-from cdc_relay.deadletters import DeadLetter
+from cdc_relay.deadletters import DeadLetter, PendingDeadLetter
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
@@ -62,14 +62,6 @@ class _Stop:
 
 
 STOP: Final = _Stop()
-
-
-@dataclass(slots=True)
-class PendingDeadLetter:
-    """A row to store in the dead-letter table; its sequence number is confirmed once stored."""
-
-    seq: int
-    letter: DeadLetter
 
 
 @dataclass(slots=True)
