@@ -211,6 +211,10 @@ class DeadLetterWriter:
             await self._conn.close()
 
 
+class DeadLetterWriteFailed(Exception):
+    """Storing dead letters failed (a lock, a timeout, a lost connection): the session ends."""
+
+
 @dataclass(slots=True)
 class PendingDeadLetter:
     """A dead letter on its way to the table; its sequence number is confirmed once stored."""
@@ -273,7 +277,14 @@ class DeadLetterSink:
             self._waiting.clear()
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), self._batch))]
-                await self._writer.write([p.letter for p in batch])
+                try:
+                    await self._writer.write([p.letter for p in batch])
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    text = one_line(str(exc)) or type(exc).__name__
+                    raise DeadLetterWriteFailed(
+                        f"dead-letter write failed ({type(exc).__name__}: {text}); "
+                        "the rows are read again from the slot"
+                    ) from None
                 for pending in batch:
                     letter = pending.letter
                     log.warning(

@@ -27,7 +27,12 @@ from cdc_relay.acks import AckTrackerError
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
 from cdc_relay.core import STOP, BrokerLimits, SessionCore, SessionFailed
-from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter, PendingDeadLetter
+from cdc_relay.deadletters import (
+    DeadLetterSink,
+    DeadLetterWriteFailed,
+    DeadLetterWriter,
+    PendingDeadLetter,
+)
 from cdc_relay.errors import ConfigError, FatalError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
@@ -46,6 +51,7 @@ FINAL_STATUS_TIMEOUT: Final = 2.0
 # configuration error and ends the process.
 SESSION_ERRORS: Final = (
     SessionFailed,
+    DeadLetterWriteFailed,
     ReplicationError,
     PublishFailed,
     OSError,  # ConnectionError, the publisher's ConnectError
@@ -109,7 +115,7 @@ class Relay:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SessionFailed | ReplicationError | PublishFailed):
+    if isinstance(exc, SessionFailed | DeadLetterWriteFailed | ReplicationError | PublishFailed):
         return str(exc)
     return f"{type(exc).__name__}: {str(exc).strip()}"
 
