@@ -9,9 +9,9 @@ import aio_pika
 import psycopg
 import pytest
 
+from devtools.procs import listen_addresses
 from devtools.servers import PostgresServer, RabbitServer
 from devtools.tls import TlsFiles, make_tls_files
-from tests.test_devservers import listen_addresses
 
 
 def test_pg_accepts_verified_tls_for_sql_and_replication(
