@@ -33,7 +33,6 @@ MAX_SHORT_STRING_BYTES = 255  # message_id, type, header names: AMQP short strin
 # Header values the publisher can encode: AMQP signed 64-bit integers and pamqp's
 # 32-bit float. A value outside these would fail every publish of the row, forever.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-FLOAT32_MAX = 3.4028234663852886e38
 # Nesting bound for header values: deeper tables overflow recursive encoders
 # (pamqp's, Python's repr) long before they mean anything to a consumer.
 MAX_HEADER_DEPTH = 64
@@ -385,9 +384,7 @@ def _header_value_size(key: str, value: Any, depth: int) -> int:
         if not INT64_MIN <= value <= INT64_MAX:
             raise UnmappableRow(f"header {key!r}: integer {value} does not fit AMQP's int64")
         return 9
-    if kind is float:
-        if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
-            raise UnmappableRow(f"header {key!r}: number {value} does not fit an AMQP float")
+    if kind is float:  # an AMQP double: every float JSON can hold fits
         return 9
     if kind is dict or kind is list:
         if depth >= MAX_HEADER_DEPTH:
@@ -497,8 +494,10 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     task_id = row.id
     _check_short_string("id", task_id)
     eta, expires = payload.get("eta"), payload.get("expires")
-    _check_header_value("eta", eta)
-    _check_header_value("expires", expires)
+    for name, value in (("eta", eta), ("expires", expires)):
+        if value is not None and not isinstance(value, str):
+            raise UnmappableRow(f"celery header {name} must be an ISO 8601 string, got {value!r}")
+        _check_header_value(name, value)
     priority = payload.get("priority")
     if priority is not None and not (type(priority) is int and 0 <= priority <= 255):
         raise UnmappableRow(f"celery priority must be an integer 0-255, got {priority!r}")
