@@ -1,10 +1,11 @@
 """Opening a session: the slot, the startup checks, the publisher, each step bounded.
 
-The replication connection comes first and takes the slot: while another
-relay holds it, this one stands by on that one connection (a hot standby must
-not open connections in a loop). Only then are the startup checks run, so the
-slot's confirmed position they read cannot move any more, and only then does
-the relay connect to RabbitMQ.
+The startup checks come first (one clear line for any misconfiguration). Then
+the replication connection takes the slot: while another relay holds it, this
+one stands by on that one connection (a hot standby must not open connections
+in a loop), and checks again once it has the slot, because the slot's
+confirmed position moved meanwhile. Only then does the relay connect to
+RabbitMQ.
 """
 
 from __future__ import annotations
@@ -85,15 +86,21 @@ async def open_stream(settings: Settings) -> tuple[ReplicationStream, float]:
     return stream, wal_sender_timeout
 
 
-async def take_slot(stream: ReplicationStream, settings: Settings, stop: asyncio.Event) -> bool:
-    """START_REPLICATION; while another relay holds the slot, stand by. False if stopped."""
+async def take_slot(
+    stream: ReplicationStream, settings: Settings, stop: asyncio.Event
+) -> bool | None:
+    """START_REPLICATION; while another relay holds the slot, stand by.
+
+    Returns whether it had to stand by (the slot's position may have moved
+    meanwhile), or None if asked to stop first.
+    """
     standing_by = False
     while True:
         try:
             await stream.start(settings.slot, settings.publication, messages=True)
             if standing_by:
                 log.info("slot %s is free: taking over", settings.slot)
-            return True
+            return standing_by
         except SlotInUse as exc:
             if not standing_by:
                 log.info("standing by: %s", exc)
@@ -108,7 +115,7 @@ async def take_slot(stream: ReplicationStream, settings: Settings, stop: asyncio
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), random.uniform(*STANDBY_RETRY))
         if stop.is_set():
-            return False
+            return None
 
 
 async def validate(settings: Settings) -> admin.StartupFacts:

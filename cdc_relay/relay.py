@@ -168,9 +168,12 @@ class Session:
         s, conns = self.settings, self.conns
         conns.stream, wal_sender_timeout = await open_stream(s)
         stream = conns.stream
-        if not await take_slot(stream, s, self.stop):
+        facts = await validate(s)  # one clear line for any misconfiguration, before the slot
+        stood_by = await take_slot(stream, s, self.stop)
+        if stood_by is None:
             return  # asked to stop while standing by
-        facts = await validate(s)  # the slot is ours: its position cannot move under us
+        if stood_by:  # the slot moved while another relay held it; now it cannot move
+            facts = await validate(s)
         self.core = core = SessionCore(
             outbox_relid=facts.outbox_relid,
             table=s.table,
