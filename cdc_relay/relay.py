@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.acks import AckTracker, AckTrackerError
-from cdc_relay.amqp import Outcome, Publisher, PublishFailed
+from cdc_relay.amqp import ExchangeError, Outcome, Publisher, PublishFailed
 from cdc_relay.config import ConfigError, FatalError, Settings
 from cdc_relay.latency import CommitClock
 from cdc_relay.lsn import format_lsn
@@ -202,7 +202,10 @@ class _Session:
         )
         await self.publisher.connect()
         if s.declare_exchange and s.message_format == "event":
-            await self.publisher.declare_exchange(s.exchange)
+            try:
+                await self.publisher.declare_exchange(s.exchange)
+            except ExchangeError as exc:  # another type, or no permission: retrying cannot help
+                raise ConfigError(str(exc)) from None
         self.stream = await ReplicationStream.connect(
             s.dsn,
             keepalive_idle=s.tcp_keepalive_idle,
