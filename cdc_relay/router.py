@@ -468,6 +468,17 @@ def _fallback_repr(value: Any) -> str:
     return text if len(text) <= CELERY_REPR_MAXSIZE else text[: CELERY_REPR_MAXSIZE - 3] + "..."
 
 
+def _is_iso8601(value: Any) -> bool:
+    """What the worker can parse; anything else would fail the task on every delivery."""
+    if type(value) is not str:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     """A Celery task message (protocol 2) from an outbox row.
 
@@ -491,8 +502,10 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     task_id = row.id
     _check_short_string("id", task_id)
     eta, expires = payload.get("eta"), payload.get("expires")
-    _check_header_value("eta", eta)
-    _check_header_value("expires", expires)
+    for name, value in (("eta", eta), ("expires", expires)):
+        _check_header_value(name, value)
+        if value is not None and not _is_iso8601(value):
+            raise UnmappableRow(f"celery {name} must be an ISO 8601 string or null: {value!r:.60}")
     priority = payload.get("priority")
     if priority is not None and not (type(priority) is int and 0 <= priority <= 255):
         raise UnmappableRow(f"celery priority must be an integer 0-255, got {priority!r}")
