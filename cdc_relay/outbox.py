@@ -11,7 +11,10 @@ strings (exact; a JSON number would round through a float), enums their
 value. A row the relay could never publish (bad header types, nesting too
 deep, names or values too long, a payload over the broker's default
 ``max_message_size``) is refused here with :class:`EnqueueError`, using the
-router's own checks, while the caller can still fix the call.
+router's own checks, while the caller can still fix the call. Two checks
+depend on the relay's options and stay with the relay (a refused row is
+dead-lettered there, with its reason): the routing-key template, when a row
+has no ``routing_key``, and ``--allowed-exchanges`` / CC and BCC headers.
 
 Drivers: psycopg ``Connection``, SQLAlchemy ``Session``/``Connection``
 (``enqueue``, ``enqueue_task``); asyncpg ``Connection``, psycopg
