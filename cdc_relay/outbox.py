@@ -302,7 +302,8 @@ def _celery_parent() -> dict[str, str]:
 # -- drivers ------------------------------------------------------------------------------
 
 
-def _sqlalchemy_kind(conn: Any, names: tuple[str, ...]) -> bool:
+def is_sqlalchemy(conn: Any, names: tuple[str, ...]) -> bool:
+    """Whether ``conn`` is one of these SQLAlchemy classes, without importing SQLAlchemy."""
     if "sqlalchemy" not in sys.modules:
         return False
     return any(
@@ -323,7 +324,7 @@ def execute(conn: Any, insert: Insert) -> None:
             )
         conn.execute(insert.sql("format"), insert.values)
         return
-    if _sqlalchemy_kind(conn, ("Session", "Connection")):
+    if is_sqlalchemy(conn, ("Session", "Connection")):
         from sqlalchemy import text
 
         conn.execute(text(insert.sql("named")), insert.params())
@@ -346,7 +347,7 @@ async def execute_async(conn: Any, insert: Insert) -> None:
             )
         await conn.execute(insert.sql("format"), insert.values)
         return
-    if _sqlalchemy_kind(conn, ("AsyncSession", "AsyncConnection")):
+    if is_sqlalchemy(conn, ("AsyncSession", "AsyncConnection")):
         from sqlalchemy import text
 
         await conn.execute(text(insert.sql("named")), insert.params())
