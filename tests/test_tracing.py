@@ -183,6 +183,11 @@ def test_celery_task_span_is_a_child_of_the_enqueuing_span(stack: Stack) -> None
         time.sleep(0.1)
     children = [s for s in spans if s["parent_id"] == f"0x{parent.span_id:016x}"]
     assert len(children) == 1, spans
-    assert children[0]["context"]["trace_id"] == f"0x{parent.trace_id:032x}"
-    assert children[0]["kind"] == "SpanKind.CONSUMER"
-    assert RECORD_ONCE in children[0]["name"]
+    (run,) = children  # Celery's instrumentation picked the trace up from the task headers
+    assert run["context"]["trace_id"] == f"0x{parent.trace_id:032x}"
+    assert run["kind"] == "SpanKind.CONSUMER"
+    assert run["name"] == f"run/{RECORD_ONCE}"
+    # ... and the inbox decorator's span nests under it, in the same trace.
+    (process,) = [s for s in spans if s["parent_id"] == run["context"]["span_id"]]
+    assert process["name"] == f"{RECORD_ONCE} process"
+    assert process["context"]["trace_id"] == run["context"]["trace_id"]
