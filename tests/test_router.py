@@ -1040,6 +1040,10 @@ def test_task_row_defaults_root_id_to_the_task_id_and_queue_to_celery() -> None:
         {"priority": 1.5},
         {"root_id": 5},
         {"parent_id": ["x"]},
+        {"eta": "tomorrow"},
+        {"eta": 1700000000},
+        {"expires": "2026-13-01T00:00:00"},
+        {"expires": {"at": "2026-11-23T10:00:00"}},
     ],
 )
 def test_task_row_bad_fields_are_unmappable(payload: dict[str, Any]) -> None:
