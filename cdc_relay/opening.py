@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -70,20 +69,14 @@ class Connections:
             await self.dead_letters.close()
 
 
-async def open_stream(settings: Settings) -> tuple[ReplicationStream, float]:
-    """The replication connection and the server's ``wal_sender_timeout`` in seconds."""
-    stream = await ReplicationStream.connect(
+async def open_stream(settings: Settings) -> ReplicationStream:
+    """The replication connection, with TCP keepalives so a dead peer is noticed."""
+    return await ReplicationStream.connect(
         settings.dsn,
         keepalive_idle=settings.tcp_keepalive_idle,
         keepalive_interval=settings.tcp_keepalive_interval,
         keepalive_count=settings.tcp_keepalive_count,
     )
-    try:
-        wal_sender_timeout = parse_pg_duration(await stream.show("wal_sender_timeout"))
-    except BaseException:
-        await stream.close()
-        raise
-    return stream, wal_sender_timeout
 
 
 async def take_slot(
@@ -156,15 +149,3 @@ async def open_publisher(settings: Settings, on_outcome: Callable[[Outcome], Non
         await publisher.close()
         raise
     return publisher
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*")
-_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_pg_duration(text: str, default_unit: str = "ms") -> float:
-    """A time setting as SHOW prints it (``60s``, ``1min``, ``500ms``, ``0``) in seconds."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"cannot read the time setting {text!r}")
-    return float(match[1]) * _UNIT_SECONDS[match[2] or default_unit]

@@ -37,9 +37,10 @@ from cdc_relay.errors import ConfigError, FatalError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import Connections, open_publisher, open_stream, take_slot, validate
+from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
-from cdc_relay.pg.schedule import Dead, Send, StatusSchedule, effective_pg_timeout
+from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.router import Envelope, Router
 
 log = logging.getLogger("cdc_relay")
@@ -166,8 +167,7 @@ class Session:
 
     async def _run(self) -> None:
         s, conns = self.settings, self.conns
-        conns.stream, wal_sender_timeout = await open_stream(s)
-        stream = conns.stream
+        conns.stream = stream = await open_stream(s)
         facts = await validate(s)  # one clear line for any misconfiguration, before the slot
         stood_by = await take_slot(stream, s, self.stop)
         if stood_by is None:
@@ -189,7 +189,6 @@ class Session:
         conns.publisher = publisher = await open_publisher(s, self._on_outcome)
         conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
-        timeout = effective_pg_timeout(s.pg_timeout, wal_sender_timeout)
         log.info(
             "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
@@ -198,18 +197,9 @@ class Session:
             publisher.connected_url,
             extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
         )
-        if timeout > s.pg_timeout:
-            log.info(
-                "Postgres liveness timeout %.0fs (raised from --pg-timeout to outlast "
-                "wal_sender_timeout %.0fs)",
-                timeout,
-                wal_sender_timeout,
-            )
         self.metrics.ready.set(1)
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
-        status = asyncio.create_task(
-            self._status_loop(stream, core, timeout), name="cdc-relay-status"
-        )
+        status = asyncio.create_task(self._status_loop(stream, core), name="cdc-relay-status")
         helpers = [
             asyncio.create_task(sink.run(), name="cdc-relay-dead-letters"),
             asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
@@ -362,11 +352,10 @@ class Session:
         self.metrics.flush_lsn.set(flush)
         self.metrics.received_lsn.set(core.received_lsn)
 
-    async def _status_loop(
-        self, stream: ReplicationStream, core: SessionCore, timeout: float
-    ) -> None:
+    async def _status_loop(self, stream: ReplicationStream, core: SessionCore) -> None:
         """Perform what the schedule decides; the decisions are in pg/schedule.py."""
-        schedule = StatusSchedule(self.settings.status_interval, timeout, time.monotonic())
+        s = self.settings
+        schedule = StatusSchedule(s.status_interval, s.pg_timeout, time.monotonic())
         wakeup = self.status_wakeup
         while True:
             wait = schedule.wait_time(time.monotonic(), due=core.status_due)
@@ -377,12 +366,20 @@ class Session:
             now = time.monotonic()
             silent = now - stream.last_receive if stream.waiting_for_data else None
             decision = schedule.decide(now, due=core.status_due, silent=silent)
-            if type(decision) is Dead:
-                raise SessionFailed(
-                    f"no data from Postgres for {decision.silent:.1f}s "
-                    f"(liveness timeout {schedule.timeout:.0f}s)"
+            if type(decision) is Probe:
+                probe_timeout = min(PROBE_TIMEOUT, max(2.0, s.pg_timeout))
+                if not await walsender_alive(s.dsn, stream.backend_pid, probe_timeout):
+                    raise SessionFailed(
+                        f"no data from Postgres for {decision.silent:.1f}s (--pg-timeout), "
+                        "and it does not answer a new connection or our walsender is gone"
+                    )
+                log.info(
+                    "no data from Postgres for %.0fs, but our walsender runs "
+                    "(decoding a large transaction?): waiting",
+                    decision.silent,
                 )
-            if type(decision) is Send:
+                schedule.reprieve(time.monotonic())
+            elif type(decision) is Send:
                 await self._send_status(stream, core, decision.reply_requested)
                 schedule.sent(now)
 
