@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_relay import deadletters
+from cdc_relay import deadletters, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import Lsn
@@ -58,6 +58,15 @@ def functions_ddl(table: tuple[str, str]) -> sql.Composed:
         enqueue=qualified(schema, enqueue),
         emit=qualified(schema, emit),
     )
+
+
+def emit_function_ddl(table: tuple[str, str]) -> sql.Composed:
+    """Only the emit function: a table-less outbox has no table for ``_enqueue`` to insert into."""
+    schema = table[0]
+    _, emit = function_names(table)
+    template = _template("functions.sql")
+    statement = template[template.index("CREATE OR REPLACE FUNCTION {emit}") :]
+    return sql.SQL(statement).format(emit=qualified(schema, emit))
 
 
 # Kept for bench/polling.py: the outbox DDL as a psycopg template with {table}.
@@ -118,20 +127,31 @@ def init(
     check_wal_level(conn)
     report: list[str] = []
     schema, table = settings.table_parts
+    tableless = not create_table and not table_exists(conn, schema, table)
     if create_table:
         existed = table_exists(conn, schema, table)
         conn.execute(outbox_ddl((schema, table)))
         report.append(f"table {schema}.{table}: {'already exists' if existed else 'created'}")
-    elif not table_exists(conn, schema, table):
-        raise ConfigError(
-            f"table {schema}.{table} does not exist; create it (see `cdc-relay init --print-sql`)"
-            " or run `cdc-relay init` without --no-table"
+    elif tableless:
+        report.append(
+            f"table {schema}.{table}: none (table-less outbox: publish with "
+            f"{function_names((schema, table))[1]}; create the table from "
+            "`cdc-relay init --print-sql` to use rows too)"
         )
     report += deadletters.create(conn, settings.dead_letter_table)
-    report += _create_functions(conn, (schema, table))
+    report += state.create(conn, state.table_name(settings))
+    report += _create_functions(conn, (schema, table), emit_only=tableless)
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
         report.append(f"publication {settings.publication}: already exists")
+    elif tableless:
+        # Empty: pgoutput still sends logical messages, and validation accepts it.
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert')").format(
+                sql.Identifier(settings.publication)
+            )
+        )
+        report.append(f"publication {settings.publication}: created (no table: messages only)")
     else:
         rel = _relation(conn, schema, table)
         # A partitioned outbox is published as its root, so renames cannot hide rows.
@@ -157,8 +177,10 @@ def init(
     return report
 
 
-def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
-    names = function_names(table)
+def _create_functions(
+    conn: psycopg.Connection[Any], table: tuple[str, str], *, emit_only: bool = False
+) -> list[str]:
+    names = function_names(table)[1:] if emit_only else function_names(table)
 
     def sources() -> dict[str, str]:
         rows = conn.execute(
@@ -170,7 +192,7 @@ def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> 
         return {name: src for name, src in rows}
 
     before = sources()
-    conn.execute(functions_ddl(table))
+    conn.execute(emit_function_ddl(table) if emit_only else functions_ddl(table))
     after = sources()
     report = []
     for name in names:
@@ -220,6 +242,16 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
             f"SELECT, INSERT, UPDATE on {dl_schema}.{dl_table}",
         ),
     ]
+    st_schema, st_table = state.table_name(settings)
+    if state.exists(conn, (st_schema, st_table)):
+        grants.append(
+            (
+                sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(
+                    qualified(st_schema, st_table), r
+                ),
+                f"SELECT, INSERT, UPDATE on {st_schema}.{st_table}",
+            )
+        )
     if dl_schema != schema:
         grants.insert(
             0,
@@ -294,16 +326,13 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     """Raise ConfigError for the first thing that would make the stream wrong or empty."""
     _check_encoding(conn)
     check_wal_level(conn)
-    schema, table = settings.table_parts
-    rel = _relation(conn, schema, table)
+    rel = check_outbox_table(conn, settings)
     if rel is None:
-        raise ConfigError(
-            f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
-            "(or create it from `cdc-relay init --print-sql`) or fix --table"
-        )
-    relid, relkind = rel
-    _check_columns(conn, relid, f"{schema}.{table}")
-    _check_publication(conn, settings, relkind)
+        _check_tableless_publication(conn, settings)
+        relid = 0  # table-less: only outbox_emit's messages, no relation is the outbox
+    else:
+        relid, relkind = rel
+        _check_publication(conn, settings, relkind)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
@@ -317,6 +346,45 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
         wal_sender_timeout=timeout_ms / 1000,
     )
+
+
+def check_outbox_table(conn: psycopg.Connection[Any], settings: Settings) -> tuple[int, str] | None:
+    """(oid, relkind) of the outbox after checking its columns, or None when there is no table."""
+    schema, table = settings.table_parts
+    rel = _relation(conn, schema, table)
+    if rel is not None:
+        _check_columns(conn, rel[0], f"{schema}.{table}")
+    return rel
+
+
+def publication_exists(conn: psycopg.Connection[Any], publication: str) -> bool:
+    return _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", publication)
+
+
+def _check_tableless_publication(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """No outbox table: valid only with an empty publication (``init --no-table``).
+
+    A publication that covers some other table, or all tables, means the
+    outbox table is missing rather than deliberately absent.
+    """
+    schema, table = settings.table_parts
+    missing = (
+        f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
+        "(or create it from `cdc-relay init --print-sql`) or fix --table"
+    )
+    pub = conn.execute(
+        "SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = %s",
+        (settings.publication,),
+    ).fetchone()
+    if pub is None:
+        raise ConfigError(
+            f"{missing}; for a table-less outbox (outbox_emit only) run `cdc-relay init --no-table`"
+        )
+    covered = conn.execute(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (settings.publication,)
+    ).fetchone()
+    if pub[0] or (covered is not None and covered[0] > 0):
+        raise ConfigError(missing)
 
 
 def _check_encoding(conn: psycopg.Connection[Any]) -> None:
@@ -413,7 +481,9 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
 def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
     if info is None:
         raise ConfigError(
-            f"replication slot {settings.slot} does not exist; run `cdc-relay init` or fix --slot"
+            f"replication slot {settings.slot} does not exist; if it was lost or dropped, "
+            f"{state.lost_slot_hint(conn, settings)}; for a new setup run `cdc-relay init`, "
+            "or fix --slot"
         )
     if info.slot_type != "logical" or info.plugin != "pgoutput":
         raise ConfigError(
@@ -435,8 +505,7 @@ def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInf
     if info.wal_status == "lost":
         raise ConfigError(
             f"replication slot {settings.slot} was invalidated (WAL removed, wal_status=lost); "
-            "rows may have been missed: recreate it with `cdc-relay drop` and `cdc-relay init`, "
-            "then reconcile the outbox"
+            f"rows may have been missed: {state.lost_slot_hint(conn, settings)}"
         )
 
 
