@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay import state
-from cdc_relay.errors import EX_CONFIG
+from cdc_relay.errors import EX_CONFIG, ConfigError
 from cdc_relay.pg import admin
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
@@ -123,7 +123,8 @@ async def test_resync_killed_mid_publish_then_rerun_sends_everything(
     with psycopg.connect(outbox.dsn) as conn:
         conn.execute(
             f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, event_type, payload)"
-            " SELECT 'order', g::text, 'Created', jsonb_build_object('g', g, 'pad', repeat('x', 200))"
+            " SELECT 'order', g::text, 'Created',"
+            " jsonb_build_object('g', g, 'pad', repeat('x', 200))"
             " FROM generate_series(1, 60000) g"
         )
         conn.commit()
@@ -221,10 +222,12 @@ async def test_since_omitted_starts_at_recorded_commit_minus_margin(
     async with conn:
         await state.record(conn, table, outbox.names["slot"], recorded_at.timestamp(), 0x1000)
     drop_slot(outbox)
-    with psycopg.connect(outbox.dsn, autocommit=True) as sync:
-        # What `run` would print: the exact command, from the state row.
-        with pytest.raises(Exception, match="cdc-relay resync --slot .* --since 20"):
-            admin.validate(sync, outbox.settings)
+    # What `run` would print: the exact command, from the state row.
+    with (
+        psycopg.connect(outbox.dsn, autocommit=True) as sync,
+        pytest.raises(ConfigError, match=r"cdc-relay resync --slot \S+ --since 20"),
+    ):
+        admin.validate(sync, outbox.settings)
     done = run_resync(outbox, "--margin", "0s")
     assert done.returncode == 0, done.stderr
     assert "recorded last confirmed commit" in done.stdout
