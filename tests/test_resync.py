@@ -32,8 +32,6 @@ def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
     setup.init()
     yield setup
     setup.cleanup()
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {setup.table}_relay_state")
 
 
 @pytest_asyncio.fixture
