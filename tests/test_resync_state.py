@@ -1,0 +1,88 @@
+"""The relay state table against a real Postgres: upsert, never backwards, throttled writer."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from cdc_relay import state
+from cdc_relay.pg import admin
+from tests.harness import Setup, unique_names
+
+
+@pytest.fixture
+def outbox(pg_dsn: str) -> Iterator[Setup]:
+    setup = Setup(pg_dsn, "amqp://guest:guest@127.0.0.1:1/", unique_names("st"))
+    lines = setup.init()
+    assert f"relay state table {setup.table}_relay_state: created" in lines
+    yield setup
+    setup.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_record_upserts_and_never_moves_backwards(outbox: Setup) -> None:
+    table, slot = state.table_name(outbox.settings), outbox.names["slot"]
+    t1 = datetime(2026, 11, 28, 9, 0, 1, tzinfo=UTC)
+    t2 = datetime(2026, 11, 28, 9, 0, 2, tzinfo=UTC)
+    async with await psycopg.AsyncConnection.connect(outbox.dsn, autocommit=True) as conn:
+        await state.record(conn, table, slot, t2.timestamp(), 0x2000)
+        await state.record(conn, table, slot, t1.timestamp(), 0x1000)  # an older relay's view
+    with psycopg.connect(outbox.dsn, autocommit=True) as sync:
+        got = state.read(sync, table, slot)
+        assert got is not None
+        assert (got.confirmed_commit_at, got.confirmed_lsn, got.resync_since) == (
+            t2,
+            "0/2000",
+            None,
+        )
+        state.mark_resync(sync, table, slot, t1)
+        marked = state.read(sync, table, slot)
+        assert marked is not None and marked.resync_since == t1 and marked.confirmed_lsn == "0/2000"
+        state.mark_resync(sync, table, slot, None)
+        cleared = state.read(sync, table, slot)
+        assert cleared is not None and cleared.resync_since is None
+        assert state.read(sync, table, "other_slot") is None
+        assert state.read(sync, ("public", "no_such_state_table"), slot) is None
+
+
+@pytest.mark.asyncio
+async def test_state_writer_throttles_and_survives_a_failed_write(outbox: Setup) -> None:
+    table, slot = state.table_name(outbox.settings), outbox.names["slot"]
+    writer = await state.StateWriter.connect(outbox.dsn, table, slot, interval=5.0)
+    try:
+        assert writer.due(100.0, 0x10)
+        assert await writer.write(100.0, 1_800_000_000.0, 0x10)
+        assert not writer.due(104.9, 0x20)  # too soon
+        assert not writer.due(200.0, 0x10)  # nothing newer
+        assert writer.due(105.0, 0x11)
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE {outbox.table}_relay_state")
+        assert not await writer.write(105.0, 1_800_000_001.0, 0x11)  # no exception
+        assert writer.failures == 1
+        assert writer.due(110.0, 0x11)  # tried again at the next due time
+    finally:
+        await writer.close()
+
+
+@pytest.mark.asyncio
+async def test_granted_role_can_record_its_position(outbox: Setup) -> None:
+    role = f"relay_state_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+        try:
+            lines = admin.grant(conn, outbox.settings, role)
+            assert any("_relay_state" in line for line in lines), lines
+            dsn = make_conninfo(outbox.dsn, user=role)
+            table = state.table_name(outbox.settings)
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as mine:
+                await state.record(mine, table, outbox.names["slot"], 1_800_000_000.0, 0x30)
+            got = state.read(conn, table, outbox.names["slot"])
+            assert got is not None and got.confirmed_lsn == "0/30"
+        finally:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
