@@ -17,6 +17,7 @@ reason to stop streaming.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -26,6 +27,9 @@ from psycopg import sql
 
 from cdc_relay.config import Settings
 from cdc_relay.lsn import format_lsn
+from cdc_relay.redact import one_line
+
+log = logging.getLogger("cdc_relay")
 
 RECORD_INTERVAL: Final = 5.0  # seconds between the relay's writes of its position
 STATEMENT_TIMEOUT_MS: Final = 5000  # a locked state row must never stall the relay
@@ -180,15 +184,26 @@ class StateWriter:
         return lsn > self._written_lsn and now - self._last >= self._interval
 
     async def write(self, now: float, commit_time: float, lsn: int) -> bool:
-        """Record the position; False (and counted) if the write failed."""
+        """Record the position; False (and counted, the first one logged) if the write failed."""
         self._last = now
         try:
             await record(self._conn, self._table, self._slot, commit_time, lsn)
-        except (psycopg.Error, OSError):
+        except (psycopg.Error, OSError) as exc:
             self.failures += 1
+            if self.failures == 1:
+                log.warning(
+                    "cannot record the relay position in %s (resync will need --since): %s",
+                    ".".join(self._table),
+                    one_line(str(exc)),
+                )
             return False
         self._written_lsn = lsn
         return True
+
+    async def maybe_write(self, now: float, commit_time: float | None, lsn: int) -> None:
+        """The relay's one call: write if a commit is known, the LSN is newer and it is time."""
+        if commit_time is not None and self.due(now, lsn):
+            await self.write(now, commit_time, lsn)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -217,15 +232,32 @@ def lost_slot_hint(conn: psycopg.Connection[Any], settings: Settings) -> str:
         recorded = read(conn, table_name(settings), settings.slot)
     except psycopg.Error:
         recorded = None
-    slot = f" --slot {settings.slot}" if settings.slot != "cdc_relay" else ""
     if recorded is not None and recorded.confirmed_commit_at is not None:
+        slot = _slot_option(settings)
         since = format_since(recorded.confirmed_commit_at - DEFAULT_MARGIN)
         return (
             f"the relay last confirmed a commit at {format_since(recorded.confirmed_commit_at)}; "
             f"run `cdc-relay resync{slot} --since {since}` to recreate the slot and send the "
             "outbox rows it missed"
         )
+    return _generic_hint(settings)
+
+
+def _slot_option(settings: Settings) -> str:
+    return f" --slot {settings.slot}" if settings.slot != "cdc_relay" else ""
+
+
+def _generic_hint(settings: Settings) -> str:
     return (
-        f"run `cdc-relay resync{slot} --since TIMESTAMP` (when the relay last delivered) to "
-        "recreate the slot and send the outbox rows it missed"
+        f"run `cdc-relay resync{_slot_option(settings)} --since TIMESTAMP` (when the relay last "
+        "delivered) to recreate the slot and send the outbox rows it missed"
     )
+
+
+def describe_lost_slot(settings: Settings) -> str:
+    """``lost_slot_hint`` on a connection of its own; never raises (for the relay's error path)."""
+    try:
+        with psycopg.connect(settings.dsn, autocommit=True, connect_timeout=5) as conn:
+            return lost_slot_hint(conn, settings)
+    except (psycopg.Error, OSError):
+        return _generic_hint(settings)

@@ -86,3 +86,35 @@ async def test_granted_role_can_record_its_position(outbox: Setup) -> None:
         finally:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.asyncio
+async def test_maybe_write_needs_a_commit_time(outbox: Setup) -> None:
+    table, slot = state.table_name(outbox.settings), outbox.names["slot"]
+    writer = await state.StateWriter.connect(outbox.dsn, table, slot, interval=0.0)
+    try:
+        await writer.maybe_write(1.0, None, 0x40)  # only keepalives so far: nothing to record
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            assert state.read(conn, table, slot) is None
+        await writer.maybe_write(2.0, 1_800_000_000.0, 0x40)
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            got = state.read(conn, table, slot)
+        assert got is not None and got.confirmed_lsn == "0/40"
+        assert got.confirmed_commit_at == datetime.fromtimestamp(1_800_000_000, UTC)
+    finally:
+        await writer.close()
+
+
+@pytest.mark.asyncio
+async def test_describe_lost_slot_names_the_command(outbox: Setup) -> None:
+    table, slot = state.table_name(outbox.settings), outbox.names["slot"]
+    generic = state.describe_lost_slot(outbox.settings)
+    assert f"`cdc-relay resync --slot {slot} --since TIMESTAMP`" in generic
+    at = datetime(2026, 11, 28, 9, 30, 15, 500_000, tzinfo=UTC)
+    async with await psycopg.AsyncConnection.connect(outbox.dsn, autocommit=True) as conn:
+        await state.record(conn, table, slot, at.timestamp(), 0x50)
+    exact = state.describe_lost_slot(outbox.settings)
+    assert "last confirmed a commit at 2026-11-28T09:30:15+00:00" in exact
+    assert f"`cdc-relay resync --slot {slot} --since 2026-11-28T09:15:15+00:00`" in exact
+    unreachable = Setup("postgresql://nobody@127.0.0.1:1/x", outbox.amqp_url, outbox.names)
+    assert state.describe_lost_slot(unreachable.settings) == generic
