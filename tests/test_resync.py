@@ -259,3 +259,39 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(outbox: Setup) -
         ]
     assert sum("returned by broker: 312 NO_ROUTE" in r for r in reasons) == 3, reasons
     assert sum("exchange" in r and "bad exchange name!" in r for r in reasons) == 1, reasons
+
+
+async def test_unreachable_broker_is_one_line_and_a_rerun_recovers(
+    outbox: Setup, consumer: Consumer
+) -> None:
+    since = since_now()
+    rows = insert(outbox, 10, "x")
+    drop_slot(outbox)
+    args = resync_cmd(outbox, "--since", since)
+    url = args.index("--amqp-url") + 1
+    args[url] = "amqp://guest:guest@127.0.0.1:1/"
+    failed = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert failed.returncode == 1, failed.stderr
+    lines = [line for line in failed.stderr.splitlines() if not line.startswith("resync:")]
+    assert len(lines) == 1 and "nothing is lost: run the same command again" in lines[0], lines
+    done = run_resync(outbox, "--since", since)
+    assert done.returncode == 0, done.stderr
+    assert "left by an interrupted resync" in done.stdout
+    await consumer.wait_for(set(rows))
+
+
+async def test_tableless_setup_cannot_be_resynced(pg_dsn: str, amqp_url: str) -> None:
+    setup = Setup(pg_dsn, amqp_url, unique_names("rsn"))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        admin.init(conn, setup.settings, create_table=False)
+    try:
+        drop_slot(setup)
+        done = run_resync(setup, "--since", since_now())
+        assert done.returncode == EX_CONFIG
+        assert "outbox_emit exist only in WAL and cannot be resynced" in done.stderr
+    finally:
+        setup.cleanup()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            schema, _ = setup.settings.table_parts
+            emit = admin.function_names(setup.settings.table_parts)[1]
+            conn.execute(f"DROP FUNCTION IF EXISTS {schema}.{emit}")
