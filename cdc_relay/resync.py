@@ -28,7 +28,13 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay import state
-from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
+from cdc_relay.amqp import (
+    ExchangeError,
+    Outcome,
+    Publisher,
+    PublishFailed,
+    UnpublishableMessage,
+)
 from cdc_relay.config import Settings
 from cdc_relay.core import _reason as mapping_reason  # the stream's own dead-letter reasons
 from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, check_writable
@@ -336,7 +342,10 @@ async def _publish_snapshot(
         await reader.execute("SET LOCAL TimeZone TO 'UTC'")
         await publisher.connect()
         if settings.declare_exchange and settings.message_format == "event":
-            await publisher.declare_exchange(settings.exchange)
+            try:
+                await publisher.declare_exchange(settings.exchange)
+            except ExchangeError as exc:
+                raise ConfigError(str(exc)) from None
         writer = await DeadLetterWriter.connect(settings.dsn, settings.dead_letter_table)
         query = sql.SQL(
             "SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text,"
@@ -344,6 +353,7 @@ async def _publish_snapshot(
             " WHERE created_at >= %s ORDER BY created_at, id"
         ).format(admin.qualified(*settings.table_parts))
         last_report = time.monotonic()
+        exchanges: dict[str, str | None] = {}
         async with reader.cursor(name="cdc_relay_resync") as cursor:
             cursor.itersize = BATCH
             await cursor.execute(query, (plan.since,))
@@ -351,6 +361,11 @@ async def _publish_snapshot(
                 run.read += 1
                 row = _row(values)
                 envelope = run.envelope(row)
+                if envelope is not None and (
+                    refused := await _exchange_refusal(publisher, envelope.exchange, exchanges)
+                ):
+                    run.dead(row, refused)
+                    envelope = None
                 if envelope is not None:
                     run.rows[run.read] = row
                     try:
@@ -386,6 +401,27 @@ async def _publish_snapshot(
         await reader.close()  # ends the read-only transaction
 
 
+async def _exchange_refusal(
+    publisher: Publisher, exchange: str, known: dict[str, str | None]
+) -> str | None:
+    """Why the broker would refuse publishes to ``exchange`` (missing, forbidden), or None.
+
+    The stream learns this from a channel close and dead-letters the row when it
+    comes again; a resync has no second pass, so it asks once per exchange
+    (a passive declare on the topology channel, never the confirm channel).
+    """
+    if exchange == "" or exchange in known:
+        return known.get(exchange)
+    why: str | None = None
+    try:
+        if not await publisher.declare_exchange(exchange, passive=True):
+            why = "404 NOT_FOUND (no such exchange)"
+    except ExchangeError as exc:
+        why = str(exc)
+    known[exchange] = None if why is None else f"exchange {exchange!r} refused by the broker: {why}"
+    return known[exchange]
+
+
 async def _store(writer: DeadLetterWriter, run: _Run) -> None:
     letters, run.letters = run.letters, []
     await writer.write(letters)
@@ -411,7 +447,7 @@ async def run_resync(settings: Settings, plan: Plan, progress: Callable[[str], N
     """``execute`` with a clean one-line failure for a broker that cannot be reached."""
     try:
         return await execute(settings, plan, progress)
-    except (OSError, psycopg.OperationalError, TimeoutError) as exc:
+    except (OSError, psycopg.OperationalError, TimeoutError, PublishFailed) as exc:
         raise ResyncFailed(
             f"resync stopped: {type(exc).__name__}: {one_line(str(exc))}; nothing is lost: "
             "run the same command again"

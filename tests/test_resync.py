@@ -245,11 +245,15 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(outbox: Setup) -
             f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, event_type, payload,"
             " exchange) VALUES ('o', '1', 'E', '{}', 'bad exchange name!')"
         )
+        conn.execute(  # a valid name the broker does not have: refused, not a stuck resync
+            f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, event_type, payload,"
+            " exchange) VALUES ('o', '2', 'E', '{}', 'no_such_exchange_x')"
+        )
         conn.commit()
     drop_slot(outbox)
     done = run_resync(outbox, "--since", since)
     assert done.returncode == 0, done.stderr
-    assert "4 dead-lettered" in done.stdout, done.stdout
+    assert "5 dead-lettered" in done.stdout, done.stdout
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         reasons = [
             r[0]
@@ -259,6 +263,7 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(outbox: Setup) -
         ]
     assert sum("returned by broker: 312 NO_ROUTE" in r for r in reasons) == 3, reasons
     assert sum("exchange" in r and "bad exchange name!" in r for r in reasons) == 1, reasons
+    assert sum("'no_such_exchange_x' refused by the broker" in r for r in reasons) == 1, reasons
 
 
 async def test_unreachable_broker_is_one_line_and_a_rerun_recovers(
