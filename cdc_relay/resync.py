@@ -173,7 +173,6 @@ def plan(
                 "resync would drop it, and with it any outbox_emit messages it still holds: "
                 "start `cdc-relay run` instead, or `cdc-relay drop` it first if you mean it"
             )
-    source = "--since"
     candidates: list[tuple[datetime, str]] = []
     if since is not None:
         candidates.append((since, "--since"))

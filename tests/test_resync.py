@@ -106,6 +106,16 @@ async def test_slot_dropped_while_stopped_resync_then_run_every_row_arrives(
     finally:
         relay.stop_quietly()
     ids = consumer.ids()
+    # Mapped exactly as the stream maps a row: body, headers, properties.
+    streamed_msg = next(d for d in consumer.deliveries if d.message_id == streamed[0])
+    resynced_msg = next(d for d in consumer.deliveries if d.message_id == before_drop[0])
+    assert resynced_msg.body == b'{"i": 0}' == streamed_msg.body
+    assert resynced_msg.headers == {**streamed_msg.headers, "aggregate_id": "b0"}
+    assert resynced_msg.routing_key == streamed_msg.routing_key == "order.Created"
+    assert resynced_msg.properties["timestamp"] is not None
+    assert {k: v for k, v in resynced_msg.properties.items() if k != "timestamp"} == {
+        k: v for k, v in streamed_msg.properties.items() if k != "timestamp"
+    }
     # The resync sends in created_at order: transaction b's rows all before c's (rows of
     # one transaction share created_at, so within it the table cannot tell the order).
     assert max(ids.index(i, len(streamed)) for i in before_drop) < min(
