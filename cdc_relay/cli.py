@@ -92,7 +92,12 @@ def main() -> None:
 
 @main.command()
 @settings_options("common")
-@click.option("--no-table", is_flag=True, help="Do not create the outbox table (you manage it).")
+@click.option(
+    "--no-table",
+    is_flag=True,
+    help="Do not create the outbox table: use yours, or without one, a table-less outbox "
+    "(outbox_emit only, empty publication).",
+)
 @click.option("--no-exchange", is_flag=True, help="Do not declare the exchange on RabbitMQ.")
 @click.option(
     "--grant-to",

@@ -87,7 +87,12 @@ def render_sql(settings: Settings) -> str:
         f"{'.'.join(table)}; do not edit.\n"
         "-- Apply it from your migrations and run `cdc-relay init --no-table` if you prefer.\n\n"
     )
-    parts = [outbox_ddl(table), deadletters.ddl(dl_table), functions_ddl(table)]
+    parts = [
+        outbox_ddl(table),
+        deadletters.ddl(dl_table),
+        state.ddl(state.table_name(settings)),
+        functions_ddl(table),
+    ]
     return header + "\n".join(p.as_string(None).strip() + "\n" for p in parts)
 
 
