@@ -146,47 +146,43 @@ def mark_resync(
 class StateWriter:
     """The relay's throttled writer: at most one write per ``interval`` seconds.
 
-    Call ``due(now)`` (monotonic seconds) to ask, ``write(...)`` to write; a
-    failed write is swallowed and retried at the next due time, because the
-    state row is a convenience for ``resync`` and must never end a session.
+    ``maybe_write`` is the relay's one call. A failed write (including a lost
+    connection, reopened at the next write) is logged once, counted and retried
+    at the next due time, and never raised: the state row is a convenience for
+    ``resync`` and must never end a session.
     """
 
     def __init__(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        table: tuple[str, str],
-        slot: str,
-        interval: float = RECORD_INTERVAL,
+        self, dsn: str, table: tuple[str, str], slot: str, interval: float = RECORD_INTERVAL
     ) -> None:
-        self._conn = conn
+        self._dsn = dsn
         self._table = table
         self._slot = slot
         self._interval = interval
+        self._conn: psycopg.AsyncConnection[Any] | None = None
         self._last = float("-inf")
         self._written_lsn = -1
         self.failures = 0
 
-    @classmethod
-    async def connect(
-        cls, dsn: str, table: tuple[str, str], slot: str, interval: float = RECORD_INTERVAL
-    ) -> StateWriter:
-        conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, connect_timeout=10, application_name="cdc-relay state"
-        )
-        try:
-            await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        except BaseException:
-            await conn.close()
-            raise
-        return cls(conn, table, slot, interval)
-
     def due(self, now: float, lsn: int) -> bool:
+        """A newer LSN than the last one written, and ``interval`` since the last attempt."""
         return lsn > self._written_lsn and now - self._last >= self._interval
 
+    async def maybe_write(
+        self, now: float, commit_time: float | None, lsn: int, *, final: bool = False
+    ) -> None:
+        """Write if a commit is known, the LSN is newer and it is time (``final``: any time)."""
+        if commit_time is None or lsn <= self._written_lsn:
+            return
+        if final or self.due(now, lsn):
+            await self.write(now, commit_time, lsn)
+
     async def write(self, now: float, commit_time: float, lsn: int) -> bool:
-        """Record the position; False (and counted, the first one logged) if the write failed."""
+        """Record the position; False (counted, the first failure logged) if it failed."""
         self._last = now
         try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await _connect(self._dsn)
             await record(self._conn, self._table, self._slot, commit_time, lsn)
         except (psycopg.Error, OSError) as exc:
             self.failures += 1
@@ -200,14 +196,22 @@ class StateWriter:
         self._written_lsn = lsn
         return True
 
-    async def maybe_write(self, now: float, commit_time: float | None, lsn: int) -> None:
-        """The relay's one call: write if a commit is known, the LSN is newer and it is time."""
-        if commit_time is not None and self.due(now, lsn):
-            await self.write(now, commit_time, lsn)
-
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._conn.close()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+
+
+async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, connect_timeout=10, application_name="cdc-relay state"
+    )
+    try:
+        await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 # -- what to tell the operator when the slot is gone ------------------------------------

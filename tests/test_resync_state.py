@@ -53,7 +53,7 @@ async def test_record_upserts_and_never_moves_backwards(outbox: Setup) -> None:
 @pytest.mark.asyncio
 async def test_state_writer_throttles_and_survives_a_failed_write(outbox: Setup) -> None:
     table, slot = state.table_name(outbox.settings), outbox.names["slot"]
-    writer = await state.StateWriter.connect(outbox.dsn, table, slot, interval=5.0)
+    writer = state.StateWriter(outbox.dsn, table, slot, interval=5.0)
     try:
         assert writer.due(100.0, 0x10)
         assert await writer.write(100.0, 1_800_000_000.0, 0x10)
@@ -65,6 +65,20 @@ async def test_state_writer_throttles_and_survives_a_failed_write(outbox: Setup)
         assert not await writer.write(105.0, 1_800_000_001.0, 0x11)  # no exception
         assert writer.failures == 1
         assert writer.due(110.0, 0x11)  # tried again at the next due time
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            state.create(conn, table)
+            # A lost connection is reopened at a later write, never raised.
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'cdc-relay state'"
+            )
+        results = [await writer.write(110.0 + i, 1_800_000_002.0, 0x12) for i in range(2)]
+        assert results[-1], (results, writer.failures)
+        await writer.maybe_write(111.0, 1_800_000_003.0, 0x13)  # too soon: not written
+        await writer.maybe_write(111.0, 1_800_000_004.0, 0x14, final=True)  # a clean stop
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            got = state.read(conn, table, slot)
+        assert got is not None and got.confirmed_lsn == "0/14"
     finally:
         await writer.close()
 
@@ -91,7 +105,7 @@ async def test_granted_role_can_record_its_position(outbox: Setup) -> None:
 @pytest.mark.asyncio
 async def test_maybe_write_needs_a_commit_time(outbox: Setup) -> None:
     table, slot = state.table_name(outbox.settings), outbox.names["slot"]
-    writer = await state.StateWriter.connect(outbox.dsn, table, slot, interval=0.0)
+    writer = state.StateWriter(outbox.dsn, table, slot, interval=0.0)
     try:
         await writer.maybe_write(1.0, None, 0x40)  # only keepalives so far: nothing to record
         with psycopg.connect(outbox.dsn, autocommit=True) as conn:
