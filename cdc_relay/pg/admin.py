@@ -9,21 +9,27 @@ the dead-letter table's DDL belongs to ``cdc_relay.deadletters``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.resources import files
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
-from cdc_relay import deadletters
+from cdc_relay import deadletters, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import Lsn
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import OUTBOX_COLUMNS
+
+log = logging.getLogger("cdc_relay")
 
 
 def qualified(schema: str, table: str) -> sql.Composable:
@@ -60,6 +66,15 @@ def functions_ddl(table: tuple[str, str]) -> sql.Composed:
     )
 
 
+def emit_function_ddl(table: tuple[str, str]) -> sql.Composed:
+    """Only the emit function: a table-less outbox has no table for ``_enqueue`` to insert into."""
+    schema = table[0]
+    _, emit = function_names(table)
+    template = _template("functions.sql")
+    statement = template[template.index("CREATE OR REPLACE FUNCTION {emit}") :]
+    return sql.SQL(statement).format(emit=qualified(schema, emit))
+
+
 # Kept for bench/polling.py: the outbox DDL as a psycopg template with {table}.
 OUTBOX_DDL = _template("outbox.sql").replace("{outbox}", "{table}")
 
@@ -72,7 +87,12 @@ def render_sql(settings: Settings) -> str:
         f"{'.'.join(table)}; do not edit.\n"
         "-- Apply it from your migrations and run `cdc-relay init --no-table` if you prefer.\n\n"
     )
-    parts = [outbox_ddl(table), deadletters.ddl(dl_table), functions_ddl(table)]
+    parts = [
+        outbox_ddl(table),
+        deadletters.ddl(dl_table),
+        state.ddl(state.table_name(settings)),
+        functions_ddl(table),
+    ]
     return header + "\n".join(p.as_string(None).strip() + "\n" for p in parts)
 
 
@@ -118,20 +138,31 @@ def init(
     check_wal_level(conn)
     report: list[str] = []
     schema, table = settings.table_parts
+    tableless = not create_table and not table_exists(conn, schema, table)
     if create_table:
         existed = table_exists(conn, schema, table)
         conn.execute(outbox_ddl((schema, table)))
         report.append(f"table {schema}.{table}: {'already exists' if existed else 'created'}")
-    elif not table_exists(conn, schema, table):
-        raise ConfigError(
-            f"table {schema}.{table} does not exist; create it (see `cdc-relay init --print-sql`)"
-            " or run `cdc-relay init` without --no-table"
+    elif tableless:
+        report.append(
+            f"table {schema}.{table}: none (table-less outbox: publish with "
+            f"{function_names((schema, table))[1]}; create the table from "
+            "`cdc-relay init --print-sql` to use rows too)"
         )
     report += deadletters.create(conn, settings.dead_letter_table)
-    report += _create_functions(conn, (schema, table))
+    report += state.create(conn, state.table_name(settings))
+    report += _create_functions(conn, (schema, table), emit_only=tableless)
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
         report.append(f"publication {settings.publication}: already exists")
+    elif tableless:
+        # Empty: pgoutput still sends logical messages, and validation accepts it.
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert')").format(
+                sql.Identifier(settings.publication)
+            )
+        )
+        report.append(f"publication {settings.publication}: created (no table: messages only)")
     else:
         rel = _relation(conn, schema, table)
         # A partitioned outbox is published as its root, so renames cannot hide rows.
@@ -157,8 +188,10 @@ def init(
     return report
 
 
-def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
-    names = function_names(table)
+def _create_functions(
+    conn: psycopg.Connection[Any], table: tuple[str, str], *, emit_only: bool = False
+) -> list[str]:
+    names = function_names(table)[1:] if emit_only else function_names(table)
 
     def sources() -> dict[str, str]:
         rows = conn.execute(
@@ -170,7 +203,7 @@ def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> 
         return {name: src for name, src in rows}
 
     before = sources()
-    conn.execute(functions_ddl(table))
+    conn.execute(emit_function_ddl(table) if emit_only else functions_ddl(table))
     after = sources()
     report = []
     for name in names:
@@ -220,6 +253,16 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
             f"SELECT, INSERT, UPDATE on {dl_schema}.{dl_table}",
         ),
     ]
+    st_schema, st_table = state.table_name(settings)
+    if state.exists(conn, (st_schema, st_table)):
+        grants.append(
+            (
+                sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(
+                    qualified(st_schema, st_table), r
+                ),
+                f"SELECT, INSERT, UPDATE on {st_schema}.{st_table}",
+            )
+        )
     if dl_schema != schema:
         grants.insert(
             0,
@@ -294,16 +337,13 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     """Raise ConfigError for the first thing that would make the stream wrong or empty."""
     _check_encoding(conn)
     check_wal_level(conn)
-    schema, table = settings.table_parts
-    rel = _relation(conn, schema, table)
+    rel = check_outbox_table(conn, settings)
     if rel is None:
-        raise ConfigError(
-            f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
-            "(or create it from `cdc-relay init --print-sql`) or fix --table"
-        )
-    relid, relkind = rel
-    _check_columns(conn, relid, f"{schema}.{table}")
-    _check_publication(conn, settings, relkind)
+        _check_tableless_publication(conn, settings)
+        relid = 0  # table-less: only outbox_emit's messages, no relation is the outbox
+    else:
+        relid, relkind = rel
+        _check_publication(conn, settings, relkind)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
@@ -317,6 +357,45 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
         wal_sender_timeout=timeout_ms / 1000,
     )
+
+
+def check_outbox_table(conn: psycopg.Connection[Any], settings: Settings) -> tuple[int, str] | None:
+    """(oid, relkind) of the outbox after checking its columns, or None when there is no table."""
+    schema, table = settings.table_parts
+    rel = _relation(conn, schema, table)
+    if rel is not None:
+        _check_columns(conn, rel[0], f"{schema}.{table}")
+    return rel
+
+
+def publication_exists(conn: psycopg.Connection[Any], publication: str) -> bool:
+    return _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", publication)
+
+
+def _check_tableless_publication(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """No outbox table: valid only with an empty publication (``init --no-table``).
+
+    A publication that covers some other table, or all tables, means the
+    outbox table is missing rather than deliberately absent.
+    """
+    schema, table = settings.table_parts
+    missing = (
+        f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
+        "(or create it from `cdc-relay init --print-sql`) or fix --table"
+    )
+    pub = conn.execute(
+        "SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = %s",
+        (settings.publication,),
+    ).fetchone()
+    if pub is None:
+        raise ConfigError(
+            f"{missing}; for a table-less outbox (outbox_emit only) run `cdc-relay init --no-table`"
+        )
+    covered = conn.execute(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (settings.publication,)
+    ).fetchone()
+    if pub[0] or (covered is not None and covered[0] > 0):
+        raise ConfigError(missing)
 
 
 def _check_encoding(conn: psycopg.Connection[Any]) -> None:
@@ -413,7 +492,9 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
 def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
     if info is None:
         raise ConfigError(
-            f"replication slot {settings.slot} does not exist; run `cdc-relay init` or fix --slot"
+            f"replication slot {settings.slot} does not exist; if it was lost or dropped, "
+            f"{state.lost_slot_hint(conn, settings)}; for a new setup run `cdc-relay init`, "
+            "or fix --slot"
         )
     if info.slot_type != "logical" or info.plugin != "pgoutput":
         raise ConfigError(
@@ -435,8 +516,7 @@ def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInf
     if info.wal_status == "lost":
         raise ConfigError(
             f"replication slot {settings.slot} was invalidated (WAL removed, wal_status=lost); "
-            "rows may have been missed: recreate it with `cdc-relay drop` and `cdc-relay init`, "
-            "then reconcile the outbox"
+            f"rows may have been missed: {state.lost_slot_hint(conn, settings)}"
         )
 
 
@@ -549,6 +629,66 @@ def prune_outbox(
             return total
         if progress is not None:
             progress(total)
+
+
+RETENTION_INTERVAL: Final = 60.0  # seconds between background retention passes
+RETENTION_BATCH: Final = 500  # rows per DELETE in the background
+RETENTION_PAUSE: Final = 0.05  # seconds between batches: a low rate, never a lock storm
+
+
+async def retain_outbox(
+    settings: Settings,
+    older_than: timedelta,
+    stop: asyncio.Event,
+    *,
+    interval: float = RETENTION_INTERVAL,
+    batch: int = RETENTION_BATCH,
+    pause: float = RETENTION_PAUSE,
+    on_pass: Callable[[int], None] | None = None,
+) -> None:
+    """``run --retention``: every ``interval`` seconds, prune rows older than ``older_than``.
+
+    Runs beside the stream until ``stop`` is set. Each pass uses its own short
+    connection and deletes ``batch`` rows per transaction with a pause between
+    batches, so it never holds many locks or competes with the application. A
+    failed pass is logged and retried at the next one: retention must never end
+    the relay. Safe for delivery like ``prune`` (deletes are not published);
+    ``on_pass`` gets the number of rows each pass deleted.
+    """
+    while not stop.is_set():
+        try:
+            deleted = await asyncio.to_thread(
+                _retention_pass, settings, older_than, batch, pause, stop
+            )
+        except (psycopg.Error, ConfigError, OSError) as exc:
+            log.warning(
+                "retention pass failed (retrying in %.0fs): %s", interval, one_line(str(exc))
+            )
+        else:
+            if deleted:
+                log.info("retention: deleted %d outbox row(s) older than %s", deleted, older_than)
+            if on_pass is not None:
+                on_pass(deleted)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+def _retention_pass(
+    settings: Settings, older_than: timedelta, batch: int, pause: float, stop: asyncio.Event
+) -> int:
+    query = sql.SQL(
+        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE created_at < now() - %s LIMIT %s)"
+    ).format(t=qualified(*settings.table_parts))
+    total = 0
+    with connect(settings.dsn, application_name="cdc-relay retention") as conn:
+        conn.execute("SET statement_timeout = '30s'; SET lock_timeout = '2s'")
+        while not stop.is_set():
+            deleted = conn.execute(query, (older_than, batch)).rowcount
+            total += deleted
+            if deleted < batch:
+                break
+            time.sleep(pause)
+    return total
 
 
 def drop(conn: psycopg.Connection[Any], settings: Settings, *, publication: bool) -> list[str]:
