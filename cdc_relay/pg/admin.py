@@ -526,6 +526,7 @@ def status(
             database=info.database,
             active=info.active,
             active_pid=info.active_pid,
+            active_client=_client_of(conn, info.active_pid),
             failover=failover,
             confirmed_flush_lsn=info.confirmed_flush_lsn,
             restart_lsn=info.restart_lsn,
@@ -573,6 +574,21 @@ def status(
     result["problems"] = problems
     result["warnings"] = warnings
     return result
+
+
+def _client_of(conn: psycopg.Connection[Any], pid: int | None) -> str | None:
+    """Which relay holds the slot: its application_name and address (walsender ``pid``).
+
+    With active/standby relays this is the one streaming; the others wait for it.
+    """
+    if pid is None:
+        return None
+    row = conn.execute(
+        "SELECT application_name, coalesce(host(client_addr), 'local'), client_port"
+        " FROM pg_stat_replication WHERE pid = %s",
+        (pid,),
+    ).fetchone()
+    return None if row is None else f"{row[0]} at {row[1]}:{row[2]}"
 
 
 def _in_recovery(conn: psycopg.Connection[Any]) -> bool:
