@@ -51,6 +51,11 @@ log = logging.getLogger("cdc_relay")
 HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
 VALIDATE_TIMEOUT: Final = 30.0  # startup checks must answer within this
 STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slot
+# After streaming once, a slot that vanished (a failover to a server whose copy was
+# not ready, or still being promoted) is asked for every 0.5-1.5 s for this long,
+# then the relay exits 78. A synced failover slot is there as soon as the promoted
+# server accepts writes, so this only has to outlast a slow promotion.
+SLOT_MISSING_GRACE: Final = 20.0
 DEAD_LETTER_QUEUE: Final = 1000  # rows waiting to be stored before the pump waits
 DEAD_LETTER_BATCH: Final = 500  # rows stored in one transaction
 FINAL_STATUS_TIMEOUT: Final = 2.0
@@ -76,6 +81,10 @@ SESSION_ERRORS: Final = (
 )
 
 
+class SlotMissing(ConfigError):
+    """START_REPLICATION found no slot: a setting at startup, maybe a failover later."""
+
+
 class Relay:
     """Runs sessions until asked to stop; raises ConfigError for what retrying cannot fix."""
 
@@ -97,6 +106,8 @@ class Relay:
 
     async def run(self) -> None:
         attempt = 0
+        streamed = False  # some session of this process has streamed from the slot
+        missing_since: float | None = None
         while not self._stop.is_set():
             started = time.monotonic()
             session = Session(
@@ -105,6 +116,24 @@ class Relay:
             try:
                 await session.run()
                 return  # a session only returns normally when asked to stop
+            except SlotMissing as exc:
+                streamed = streamed or session.streamed
+                if not streamed:
+                    raise  # never streamed: a wrong --slot or --dsn, say so at once
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since > SLOT_MISSING_GRACE:
+                    raise ConfigError(
+                        f"replication slot {self.settings.slot} does not exist on the server "
+                        f"accepting writes (retried for {SLOT_MISSING_GRACE:.0f}s): dropped, or "
+                        "after a failover the promoted standby held no sync-ready copy (check "
+                        "`cdc-relay status` on standbys, docs/ha.md); recreate it with "
+                        "`cdc-relay init --failover` and reconcile the outbox"
+                    ) from None
+                log.warning(
+                    "session ended: %s (a failover in progress? retrying for up to %.0fs)",
+                    exc,
+                    SLOT_MISSING_GRACE,
+                )
             except (ConfigError, FatalError):
                 raise
             except (ProtocolError, AckTrackerError) as exc:
@@ -114,9 +143,14 @@ class Relay:
                 log.warning("session ended: %s", _describe(exc))
             finally:
                 self.metrics.ready.set(0)
+                streamed = streamed or session.streamed
+                if session.streamed:
+                    missing_since = None
             if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
                 attempt = 0
             delay = self._backoff(attempt)
+            if missing_since is not None:
+                delay = random.uniform(*STANDBY_RETRY)  # the slot may appear any moment
             attempt += 1
             self.metrics.reconnects.inc()
             log.info("reconnecting in %.1fs", delay)
@@ -172,6 +206,7 @@ class Session:
         self.letters_idle = asyncio.Event()
         self.letters_idle.set()
         self.closing = False
+        self.streamed = False  # reached streaming (the slot existed and was ours)
 
     @property
     def made_progress(self) -> bool:
@@ -247,6 +282,7 @@ class Session:
                 wal_sender_timeout,
             )
         self.metrics.ready.set(1)
+        self.streamed = True
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
         status = asyncio.create_task(
             self._status_loop(stream, core, timeout), name="cdc-relay-status"
@@ -310,7 +346,13 @@ class Session:
                     log.info("standing by: %s", exc)
                 standing_by = True
             except ReplicationError as exc:
-                if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
+                if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT:
+                    raise SlotMissing(
+                        f"replication slot {s.slot} does not exist on the server accepting "
+                        "writes; run `cdc-relay init` or fix --slot/--dsn (if it existed "
+                        "before, recreate it and reconcile the outbox)"
+                    ) from None
+                if exc.sqlstate == SQLSTATE_PREREQUISITE_STATE:
                     raise ConfigError(
                         f"replication slot {s.slot} cannot be used: {exc}; "
                         "recreate it with `cdc-relay init` and reconcile the outbox"
