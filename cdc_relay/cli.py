@@ -104,9 +104,19 @@ def main() -> None:
     metavar="ROLE",
     help="Grant this existing LOGIN REPLICATION role what run, status and dead-letters need.",
 )
+@click.option(
+    "--failover",
+    is_flag=True,
+    help="Create the slot as a failover slot (PostgreSQL 17+) that standbys keep a copy of.",
+)
 @click.option("--print-sql", is_flag=True, help="Print the SQL init applies, and exit.")
 def init(
-    no_table: bool, no_exchange: bool, grant_to: str | None, print_sql: bool, **kwargs: Any
+    no_table: bool,
+    no_exchange: bool,
+    grant_to: str | None,
+    failover: bool,
+    print_sql: bool,
+    **kwargs: Any,
 ) -> None:
     """Create the outbox table, dead-letter table, functions, publication, slot and exchange.
 
@@ -120,7 +130,9 @@ def init(
         return
     with admin.connect(settings.dsn) as conn:
         try:
-            lines = admin.init(conn, settings, create_table=not no_table, grant_to=grant_to)
+            lines = admin.init(
+                conn, settings, create_table=not no_table, grant_to=grant_to, failover=failover
+            )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(
                 f"init needs an admin role (owner of the schema and table, allowed to create "
@@ -232,6 +244,8 @@ def status(as_json: bool, require_active: bool, max_lag_bytes: int | None, **kwa
     else:
         for key, value in info.items():
             click.echo(f"{key:22} {value}")
+    for warning in info.get("warnings", []):
+        click.echo(f"{PROG}: warning: {REDACT(warning)}", err=True)
     sys.exit(0 if info["healthy"] else 1)
 
 

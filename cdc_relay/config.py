@@ -12,6 +12,7 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from typing import Any
 
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
@@ -172,6 +173,15 @@ class Settings:
     max_in_flight_bytes: int = setting(
         64 * MiB,
         Option("Bytes of unconfirmed message bodies allowed at once.", min=1, max=2**40),
+    )
+    retention: timedelta | None = setting(  # noqa: RUF009 (setting() is a field())
+        None,
+        Option(
+            "Delete outbox rows older than this in the background, in small batches "
+            "(e.g. 7d; keep rows as long as you may need `resync --since`). Off by default.",
+            value_type=timedelta,
+            metavar="DURATION",
+        ),
     )
     message_prefix: str = setting(
         "cdc_relay",

@@ -142,6 +142,9 @@ class SessionCore:
         self._reply_requested = False
         self.stop_requested = False
         self.made_progress = False
+        # Commit time (Unix seconds) of the newest transaction whose messages are all
+        # confirmed: where `resync` without --since starts (state.py).
+        self.confirmed_commit_time: float | None = None
 
     # -- the stream ---------------------------------------------------------------
 
@@ -345,6 +348,7 @@ class SessionCore:
             observe = self._observe
             while txns and txns[0][0] <= upto:
                 commit_unix = txns.popleft()[3]
+                self.confirmed_commit_time = commit_unix
                 if observe is not None:
                     observe(max(0.0, now - commit_unix))
 

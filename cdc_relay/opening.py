@@ -22,7 +22,7 @@ from cdc_relay.amqp import ExchangeError, Outcome, Publisher
 from cdc_relay.config import Settings
 from cdc_relay.core import SessionFailed
 from cdc_relay.deadletters import DeadLetterWriter
-from cdc_relay.errors import ConfigError
+from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.pg import admin
 from cdc_relay.pg.replication import (
     SQLSTATE_PREREQUISITE_STATE,
@@ -31,6 +31,7 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
+from cdc_relay.state import StateWriter, describe_lost_slot
 
 log = logging.getLogger("cdc_relay")
 
@@ -56,6 +57,7 @@ class Connections:
     stream: ReplicationStream | None = None
     publisher: Publisher | None = None
     dead_letters: DeadLetterWriter | None = None
+    state: StateWriter | None = None
 
     async def close(self) -> None:
         if self.stream is not None:
@@ -67,6 +69,8 @@ class Connections:
             await self.publisher.close()
         if self.dead_letters is not None:
             await self.dead_letters.close()
+        if self.state is not None:
+            await self.state.close()
 
 
 async def open_stream(settings: Settings) -> ReplicationStream:
@@ -100,9 +104,10 @@ async def take_slot(
             standing_by = True
         except ReplicationError as exc:
             if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
-                raise ConfigError(
-                    f"replication slot {settings.slot} cannot be used: {exc}; "
-                    "recreate it with `cdc-relay init` and reconcile the outbox"
+                hint = await asyncio.to_thread(describe_lost_slot, settings)
+                error = SlotMissing if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT else ConfigError
+                raise error(
+                    f"replication slot {settings.slot} cannot be used: {exc}; {hint}"
                 ) from None
             raise
         with contextlib.suppress(TimeoutError):

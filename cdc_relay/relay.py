@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import psycopg
 
+from cdc_relay import state
 from cdc_relay.acks import AckTrackerError
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
@@ -33,19 +34,28 @@ from cdc_relay.deadletters import (
     DeadLetterWriter,
     PendingDeadLetter,
 )
-from cdc_relay.errors import ConfigError, FatalError
+from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import Connections, open_publisher, open_stream, take_slot, validate
+from cdc_relay.pg import admin
 from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.router import Envelope, Router
+from cdc_relay.state import StateWriter
 
 log = logging.getLogger("cdc_relay")
 
 HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
+# After streaming once, a slot that vanished (a failover to a server whose copy was
+# not ready, or still being promoted) is asked for every 0.5-1.5 s for this long,
+# then the relay exits 78. A synced failover slot is there as soon as the promoted
+# server accepts writes, so this only has to outlast a slow promotion.
+SLOT_MISSING_GRACE: Final = 20.0
+SLOT_MISSING_RETRY: Final = (0.5, 1.5)
+STATE_CHECK_INTERVAL: Final = 1.0  # the state writer itself writes at most every few seconds
 FINAL_STATUS_TIMEOUT: Final = 2.0
 
 # Exceptions that end a session and are retried; anything else is a bug or a
@@ -81,7 +91,23 @@ class Relay:
         self._stop.set()
 
     async def run(self) -> None:
+        retention = None
+        if self.settings.retention is not None:
+            retention = asyncio.create_task(
+                admin.retain_outbox(self.settings, self.settings.retention, self._stop),
+                name="cdc-relay-retention",
+            )
+        try:
+            await self._run_sessions()
+        finally:
+            if retention is not None:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
+
+    async def _run_sessions(self) -> None:
         attempt = 0
+        streamed = False  # some session of this process has streamed from the slot
+        missing_since: float | None = None
         while not self._stop.is_set():
             started = time.monotonic()
             session = Session(
@@ -90,6 +116,21 @@ class Relay:
             try:
                 await session.run()
                 return  # a session only returns normally when asked to stop
+            except SlotMissing as exc:
+                if not streamed:
+                    raise  # never streamed: a wrong --slot or --dsn, say so at once
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since > SLOT_MISSING_GRACE:
+                    raise ConfigError(
+                        f"{exc} (retried for {SLOT_MISSING_GRACE:.0f}s: dropped, or after a "
+                        "failover the promoted standby held no sync-ready copy; see docs/ha.md "
+                        "and docs/recovery.md)"
+                    ) from None
+                log.warning(
+                    "session ended: %s (a failover in progress? retrying for up to %.0fs)",
+                    exc,
+                    SLOT_MISSING_GRACE,
+                )
             except (ConfigError, FatalError):
                 raise
             except (ProtocolError, AckTrackerError) as exc:
@@ -99,9 +140,13 @@ class Relay:
                 log.warning("session ended: %s", _describe(exc))
             finally:
                 self.metrics.ready.set(0)
+                if session.streamed:
+                    streamed, missing_since = True, None
             if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
                 attempt = 0
             delay = self._backoff(attempt)
+            if missing_since is not None:
+                delay = random.uniform(*SLOT_MISSING_RETRY)  # the slot may appear any moment
             attempt += 1
             self.metrics.reconnects.inc()
             log.info("reconnecting in %.1fs", delay)
@@ -145,6 +190,7 @@ class Session:
         self.failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status_wakeup = asyncio.Event()
         self.closing = False
+        self.streamed = False  # reached streaming: the slot existed and was ours
 
     @property
     def made_progress(self) -> bool:
@@ -189,6 +235,7 @@ class Session:
         conns.publisher = publisher = await open_publisher(s, self._on_outcome)
         conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
+        conns.state = StateWriter(s.dsn, state.table_name(s), s.slot)
         log.info(
             "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
@@ -198,11 +245,13 @@ class Session:
             extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
         )
         self.metrics.ready.set(1)
+        self.streamed = True
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
         status = asyncio.create_task(self._status_loop(stream, core), name="cdc-relay-status")
         helpers = [
             asyncio.create_task(sink.run(), name="cdc-relay-dead-letters"),
             asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
+            asyncio.create_task(self._state_loop(core, conns.state), name="cdc-relay-state"),
         ]
         for task in (pump, status, *helpers):
             task.add_done_callback(self._task_done)
@@ -217,6 +266,16 @@ class Session:
             status.cancel()
             await asyncio.gather(status, return_exceptions=True)
             await asyncio.wait_for(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    conns.state.maybe_write(
+                        time.monotonic(),
+                        core.confirmed_commit_time,
+                        core.tracker.flush_lsn,
+                        final=True,
+                    ),
+                    FINAL_STATUS_TIMEOUT,
+                )
             log.info("stopped; confirmed position %s", format_lsn(core.tracker.flush_lsn))
         finally:
             stop_wait.cancel()
@@ -382,6 +441,14 @@ class Session:
             elif type(decision) is Send:
                 await self._send_status(stream, core, decision.reply_requested)
                 schedule.sent(now)
+
+    async def _state_loop(self, core: SessionCore, writer: StateWriter) -> None:
+        """Record where the relay is (throttled in state.py), for `resync` without --since."""
+        while True:
+            await asyncio.sleep(STATE_CHECK_INTERVAL)
+            await writer.maybe_write(
+                time.monotonic(), core.confirmed_commit_time, core.tracker.flush_lsn
+            )
 
     async def _stats_loop(self, core: SessionCore) -> None:
         interval = self.settings.stats_interval

@@ -312,11 +312,6 @@ async def test_tableless_setup_cannot_be_resynced(pg_dsn: str, amqp_url: str) ->
             conn.execute(f"DROP FUNCTION IF EXISTS {schema}.{emit}")
 
 
-# Strict: passes (and must then lose this mark) once relay.py/core.py call the state hooks.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the relay does not record its position yet (issue 13 hooks in relay.py/core.py)",
-)
 async def test_relay_records_its_position_and_resync_needs_no_since(
     outbox: Setup, consumer: Consumer, tmp_path: Path
 ) -> None:

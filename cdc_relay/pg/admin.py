@@ -24,7 +24,7 @@ from psycopg import sql
 
 from cdc_relay import deadletters, state
 from cdc_relay.config import Settings
-from cdc_relay.errors import ConfigError
+from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import OUTBOX_COLUMNS
@@ -132,10 +132,17 @@ def init(
     *,
     create_table: bool = True,
     grant_to: str | None = None,
+    failover: bool = False,
 ) -> list[str]:
-    """Create what is missing; return one line per object saying created or already there."""
+    """Create what is missing; return one line per object saying created or already there.
+
+    With ``failover`` the slot is created as a failover slot (PostgreSQL 17+), which
+    a standby with ``sync_replication_slots`` keeps a copy of (see docs/ha.md).
+    """
     settings.check()  # e.g. an invalid slot name, before anything is created
     check_wal_level(conn)
+    if failover:
+        check_failover_supported(conn)
     report: list[str] = []
     schema, table = settings.table_parts
     tableless = not create_table and not table_exists(conn, schema, table)
@@ -174,18 +181,56 @@ def init(
         )
         report.append(f"publication {settings.publication}: created (inserts of {schema}.{table})")
 
-    if _exists(conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", settings.slot):
-        report.append(f"replication slot {settings.slot}: already exists")
-    else:
-        row = conn.execute(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
-            (settings.slot,),
-        ).fetchone()
-        assert row is not None
-        report.append(f"replication slot {settings.slot}: created at {row[0]}")
+    report.append(_create_slot(conn, settings.slot, failover=failover))
     if grant_to is not None:
         report += grant(conn, settings, grant_to)
     return report
+
+
+FAILOVER_MIN_VERSION = 170000  # failover slots and slot synchronization: PostgreSQL 17
+
+
+def check_failover_supported(conn: psycopg.Connection[Any]) -> None:
+    """Failover slots exist from PostgreSQL 17; older servers get one line, not a SQL error."""
+    version = conn.info.server_version
+    if version < FAILOVER_MIN_VERSION:
+        raise ConfigError(
+            f"--failover needs PostgreSQL 17 or later (this server is "
+            f"{version // 10000}.{version % 10000}): failover slots do not exist before 17; "
+            "run init without --failover (the slot will not survive a promotion)"
+        )
+
+
+def _create_slot(conn: psycopg.Connection[Any], slot: str, *, failover: bool) -> str:
+    """The logical pgoutput slot (a failover slot when asked); one report line."""
+    if conn.info.server_version >= FAILOVER_MIN_VERSION:
+        row = conn.execute(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT false FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    if row is not None:
+        if failover and not row[0]:
+            return (
+                f"replication slot {slot}: exists WITHOUT failover: stop the relay and "
+                f"run ALTER_REPLICATION_SLOT {slot} (FAILOVER true) on a replication connection"
+                f' (psql "dbname=... replication=database"), or `cdc-relay drop` and init again'
+            )
+        return f"replication slot {slot}: already exists" + (" (failover)" if row[0] else "")
+    if failover:
+        created = conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput',"
+            " false, false, true)",
+            (slot,),
+        ).fetchone()
+    else:
+        created = conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
+        ).fetchone()
+    assert created is not None
+    return f"replication slot {slot}: created at {created[0]}" + (" (failover)" if failover else "")
 
 
 def _create_functions(
@@ -491,7 +536,7 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
 
 def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
     if info is None:
-        raise ConfigError(
+        raise SlotMissing(
             f"replication slot {settings.slot} does not exist; if it was lost or dropped, "
             f"{state.lost_slot_hint(conn, settings)}; for a new setup run `cdc-relay init`, "
             "or fix --slot"
@@ -532,10 +577,20 @@ def status(
     ``healthy`` is True only when validation passes, a relay is attached (unless
     ``require_active`` is False) and the lag is within ``max_lag_bytes``;
     ``problem`` says why not, naming a missing privilege when that is the cause.
+    Pointed at a standby it answers the failover question instead (``standby_status``).
+    ``warnings`` never make it unhealthy: they name a risk, not an outage.
     """
+    in_recovery = _in_recovery(conn)
+    if in_recovery:
+        return standby_status(conn, settings)
     info = slot_info(conn, settings.slot)
-    result: dict[str, Any] = {"slot": settings.slot, "slot_exists": info is not None}
+    result: dict[str, Any] = {
+        "role": "primary",
+        "slot": settings.slot,
+        "slot_exists": info is not None,
+    }
     problems: list[str] = []
+    warnings: list[str] = []
     if info is not None:
         lag = conn.execute(
             "SELECT pg_current_wal_lsn()::text,"
@@ -545,11 +600,14 @@ def status(
             (settings.slot,),
         ).fetchone()
         assert lag is not None
+        failover = _slot_flags(conn, settings.slot).get("failover")
         result.update(
             plugin=info.plugin,
             database=info.database,
             active=info.active,
             active_pid=info.active_pid,
+            active_client=_client_of(conn, info.active_pid),
+            failover=failover,
             confirmed_flush_lsn=info.confirmed_flush_lsn,
             restart_lsn=info.restart_lsn,
             wal_status=info.wal_status,
@@ -557,6 +615,8 @@ def status(
             lag_bytes=lag[1],
             retained_wal_bytes=lag[2],
         )
+        if failover:
+            warnings += _failover_warnings(conn, settings.slot)
         if require_active and not info.active:
             problems.append(f"no relay is attached to slot {settings.slot}")
         if max_lag_bytes is not None and lag[1] is not None and lag[1] > max_lag_bytes:
@@ -592,6 +652,123 @@ def status(
     result["healthy"] = not problems
     result["problem"] = problems[0] if problems else None
     result["problems"] = problems
+    result["warnings"] = warnings
+    return result
+
+
+def _client_of(conn: psycopg.Connection[Any], pid: int | None) -> str | None:
+    """Which relay holds the slot: its application_name and address (walsender ``pid``).
+
+    With active/standby relays this is the one streaming; the others wait for it.
+    """
+    if pid is None:
+        return None
+    row = conn.execute(
+        "SELECT application_name, coalesce(host(client_addr), 'local'), client_port"
+        " FROM pg_stat_replication WHERE pid = %s",
+        (pid,),
+    ).fetchone()
+    return None if row is None else f"{row[0]} at {row[1]}:{row[2]}"
+
+
+def _in_recovery(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
+
+
+def _slot_flags(conn: psycopg.Connection[Any], slot: str) -> dict[str, bool | None]:
+    """failover/synced/temporary of a slot; None for what this server version lacks."""
+    if conn.info.server_version < FAILOVER_MIN_VERSION:
+        row = conn.execute(
+            "SELECT temporary FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+        temporary = None if row is None else bool(row[0])
+        return {"failover": None, "synced": None, "temporary": temporary}
+    row = conn.execute(
+        "SELECT failover, synced, temporary FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return {"failover": None, "synced": None, "temporary": None}
+    return {"failover": bool(row[0]), "synced": bool(row[1]), "temporary": bool(row[2])}
+
+
+def _failover_warnings(conn: psycopg.Connection[Any], slot: str) -> list[str]:
+    """Why a failover slot on this primary could still lose or invent events at a failover."""
+    row = conn.execute("SHOW synchronized_standby_slots").fetchone()
+    names = [n.strip() for n in (row[0] if row else "").split(",") if n.strip()]
+    if not names:
+        return [
+            f"slot {slot} is a failover slot but synchronized_standby_slots is empty: the relay "
+            "may publish changes a promoted standby never received (phantom events); set "
+            "synchronized_standby_slots = '<the standby's physical slot>' on the primary"
+        ]
+    warnings = []
+    rows = conn.execute(
+        "SELECT slot_name, slot_type, active FROM pg_replication_slots WHERE slot_name = ANY(%s)",
+        (names,),
+    ).fetchall()
+    known = {name: (slot_type, active) for name, slot_type, active in rows}
+    for name in names:
+        if name not in known or known[name][0] != "physical":
+            warnings.append(
+                f"synchronized_standby_slots names {name}, which is not a physical slot here: "
+                "logical decoding waits for it"
+            )
+        elif not known[name][1]:
+            warnings.append(
+                f"standby slot {name} (synchronized_standby_slots) is not active: the relay "
+                "receives nothing until that standby streams again or the slot is removed "
+                "from synchronized_standby_slots"
+            )
+    return warnings
+
+
+def standby_status(conn: psycopg.Connection[Any], settings: Settings) -> dict[str, Any]:
+    """Whether this standby could take over: it holds a sync-ready copy of the slot.
+
+    Only ``synced AND NOT temporary`` survives promotion; a temporary copy (the
+    standby is still behind the primary's catalog xmin) is dropped when promoted,
+    and the relay would then find no slot at all.
+    """
+    flags = _slot_flags(conn, settings.slot)
+    info = slot_info(conn, settings.slot)
+    replay = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
+    ready = bool(flags["synced"]) and flags["temporary"] is False
+    result: dict[str, Any] = {
+        "role": "standby",
+        "slot": settings.slot,
+        "slot_exists": info is not None,
+        "failover": flags["failover"],
+        "synced": flags["synced"],
+        "temporary": flags["temporary"],
+        "failover_ready": ready,
+        "confirmed_flush_lsn": info.confirmed_flush_lsn if info else None,
+        "replay_lsn": replay[0] if replay else None,
+    }
+    problems: list[str] = []
+    if conn.info.server_version < FAILOVER_MIN_VERSION:
+        problems.append(
+            "this is a standby of PostgreSQL < 17: it cannot hold a copy of a logical slot, "
+            "so the relay cannot continue after a promotion (see docs/ha.md)"
+        )
+    elif info is None:
+        problems.append(
+            f"this standby holds no copy of slot {settings.slot}: create the slot with "
+            "`cdc-relay init --failover` and set sync_replication_slots = on, "
+            "hot_standby_feedback = on and dbname in primary_conninfo here"
+        )
+    elif not ready:
+        problems.append(
+            f"this standby's copy of slot {settings.slot} is not sync-ready yet (synced="
+            f"{flags['synced']}, temporary={flags['temporary']}): a temporary copy is dropped "
+            "at promotion; it becomes persistent once the relay confirms past a standby snapshot"
+            " (SELECT pg_log_standby_snapshot() on the primary)"
+        )
+    result["healthy"] = not problems
+    result["problem"] = problems[0] if problems else None
+    result["problems"] = problems
+    result["warnings"] = []
     return result
 
 
