@@ -218,7 +218,11 @@ class ReplicationStream:
         # we are waiting for more (not stalled on our own back-pressure).
         self.last_receive = time.monotonic()
         self.waiting_for_data = False
-        self.backend_pid: int = self._pgconn.backend_pid  # our walsender, for liveness probes
+
+    @property
+    def backend_pid(self) -> int:
+        """Our walsender's process id, for liveness probes on another connection."""
+        return int(self._pgconn.backend_pid)
 
     @classmethod
     async def connect(
