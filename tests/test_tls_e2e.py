@@ -170,6 +170,11 @@ def role_settings(deployment: Deployment, setup: Setup, amqp_url: str | None = N
     )
 
 
+async def start_consumer(deployment: Deployment, setup: Setup) -> Consumer:
+    """Bound to ``order.#`` only, so that a row of another aggregate type is unroutable."""
+    return await Consumer(deployment.consumer_url(), setup.names["exchange"], "order.#").start()
+
+
 def insert_rows(setup: Setup) -> tuple[list[str], str]:
     """Three routable rows and one no queue is bound for; as the admin (the app's role)."""
     with psycopg.connect(setup.dsn) as conn:
@@ -183,7 +188,7 @@ async def test_run_as_the_granted_role_over_tls(
     deployment: Deployment, outbox: Setup, tmp_path: Path
 ) -> None:
     settings = role_settings(deployment, outbox)
-    consumer = await Consumer(deployment.consumer_url(), outbox.names["exchange"], "order.#").start()
+    consumer = await start_consumer(deployment, outbox)
     relay = RelayProcess(settings, tmp_path / "relay.log", metrics_port=free_port())
     relay.start()
     try:
@@ -272,7 +277,7 @@ async def test_file_secrets_and_json_logs(
         "CDC_RELAY_AMQP_URL": "amqp://guest:guest@localhost:1/",
         **{f"CDC_RELAY_{key.upper()}": value for key, value in outbox.names.items()},
     }
-    consumer = await Consumer(deployment.consumer_url(), outbox.names["exchange"], "order.#").start()
+    consumer = await start_consumer(deployment, outbox)
     log_path = tmp_path / "relay.jsonl"
     port = free_port()
     args = ["run", "--log-format", "json", "--log-level", "DEBUG", "--stats-interval", "0.5"]
