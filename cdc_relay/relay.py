@@ -27,7 +27,15 @@ from typing import Any, Final
 import psycopg
 
 from cdc_relay.acks import AckTrackerError
-from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
+from cdc_relay.amqp import (
+    ConnectError,
+    ExchangeError,
+    Outcome,
+    Publisher,
+    PublishFailed,
+    UnpublishableMessage,
+)
+from cdc_relay.amqp.replies import ACCESS_REFUSED
 from cdc_relay.config import Settings
 from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
 from cdc_relay.deadletters import DeadLetterWriter
@@ -132,6 +140,19 @@ class Relay:
         s = self.settings
         ceiling = min(s.reconnect_max, s.reconnect_min * (2 ** min(attempt, 30)))
         return max(s.reconnect_min, random.uniform(0, ceiling))
+
+
+async def _declare_exchange(publisher: Publisher, name: str) -> None:
+    """A declaration the broker refuses (permission, another type) is the operator's to fix."""
+    try:
+        await publisher.declare_exchange(name)
+    except ExchangeError as exc:
+        if exc.reply_code is None:  # the connection went away meanwhile: retry
+            raise SessionFailed(str(exc)) from None
+        hint = ""
+        if exc.reply_code == ACCESS_REFUSED:
+            hint = "; grant the RabbitMQ user configure permission on it, or run with --no-declare"
+        raise ConfigError(f"{exc}{hint}") from None
 
 
 # libpq's words for a server certificate it refuses (said by the client: no SQLSTATE).
@@ -253,7 +274,7 @@ class Session:
         self.conns.publisher = publisher
         await publisher.connect()
         if s.declare_exchange and s.message_format == "event":
-            await publisher.declare_exchange(s.exchange)
+            await _declare_exchange(publisher, s.exchange)
         self.conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         timeout = effective_pg_timeout(s.pg_timeout, wal_sender_timeout)
         log.info(
