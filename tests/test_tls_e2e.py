@@ -310,3 +310,41 @@ async def test_file_secrets_and_json_logs(
     assert any(m.startswith("streaming from slot") for m in messages), messages
     assert any("msg/s confirmed" in m for m in messages), messages
     assert any(f"dead-lettered outbox row {bad}" in m for m in messages), messages
+
+
+@pytest.mark.asyncio
+async def test_client_certificate_login_to_rabbitmq(
+    deployment: Deployment, outbox: Setup, tmp_path: Path
+) -> None:
+    """``auth_mechanism=external``: the relay logs in with its certificate, no password."""
+    tls = deployment.tls
+    with RabbitServer(tls=tls, external=True) as mq:
+        assert "auth_mechanism=external" in mq.external_url and "@" not in mq.external_url
+        query = urlencode(
+            {
+                "auth": "external",
+                "cafile": str(tls.ca),
+                "certfile": str(tls.client_cert),
+                "keyfile": str(tls.client_key),
+            }
+        )
+        consumer_url = f"amqps://localhost:{mq.port}/?{query}"
+        consumer = await Consumer(consumer_url, outbox.names["exchange"], "order.#").start()
+        settings = role_settings(deployment, outbox, amqp_url=mq.external_url)
+        relay = RelayProcess(settings, tmp_path / "relay.log", metrics_port=free_port())
+        relay.start()
+        try:
+            await relay.wait_ready(60)
+            good, _ = insert_rows(outbox)
+            await consumer.wait_for(set(good), timeout=30)
+            users = mq.ctl(
+                "list_connections", "user", "auth_mechanism", "ssl", "client_properties", "--quiet"
+            )
+            relay_rows = [line.split("\t") for line in users.splitlines() if "cdc-relay" in line]
+            assert relay_rows, users
+            assert all(row[:3] == [tls.client_name, "EXTERNAL", "true"] for row in relay_rows)
+        finally:
+            code = relay.stop()
+            await consumer.close()
+        assert code == 0, relay.log_tail()
+        assert set(consumer.ids()) == set(good)
