@@ -26,6 +26,7 @@ import trustme
 
 from cdc_relay.config import Settings
 from cdc_relay.errors import EX_CONFIG
+from cdc_relay.pg.replication import ReplicationStream
 from devtools.postgres import PostgresServer
 from devtools.procs import free_port
 from devtools.rabbit import RabbitServer
@@ -348,3 +349,22 @@ async def test_client_certificate_login_to_rabbitmq(
             await consumer.close()
         assert code == 0, relay.log_tail()
         assert set(consumer.ids()) == set(good)
+
+
+@pytest.mark.asyncio
+async def test_replication_reads_batches_over_tls(deployment: Deployment, outbox: Setup) -> None:
+    """libpq reads one TLS record per PQconsumeInput and the walsender sends one record per
+    message: the stream must read on while the socket has more, not one frame per wakeup
+    (which cost 4x the CPU per row, see docs/operations.md)."""
+    with psycopg.connect(outbox.dsn) as conn:
+        outbox.insert(conn, [{"aggregate_id": i} for i in range(500)])
+    stream = await ReplicationStream.connect(deployment.role_dsn())
+    sizes: list[int] = []
+    try:
+        assert stream._pgconn.ssl_in_use
+        await stream.start(outbox.names["slot"], outbox.names["publication"])
+        while sum(sizes) < 503:  # Begin, Relation, 500 Inserts, Commit (and keepalives)
+            sizes.append(len(await asyncio.wait_for(stream.read_frames(), 30)))
+    finally:
+        await stream.close()
+    assert sum(sizes) / len(sizes) > 4, sizes
