@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import psycopg
 
 from bench.env import Phase, log, proc_cpu_seconds
 from bench.pgside import LSN_SLACK, SlotWatch, drop_outbox, drop_slots, init_outbox, new_settings
 from bench.pgside import make_backlog as make_pg_backlog
 from bench.relayrun import COMMIT_TO_CONFIRM, histogram_result, run_writer
+from cdc_relay.amqp import declare_exchange
 from cdc_relay.config import Settings
 from devtools import amqp
 from devtools.procs import free_port
@@ -55,6 +57,16 @@ class Target:
         return self.amqp_url.replace("cacertfile=", "cafile=")
 
 
+async def topology(target: Target, exchange: str, queue: str) -> None:
+    """The exchange as the relay declares it (its URL), a queue bound to it (aio-pika's)."""
+    await declare_exchange([target.amqp_url], exchange)
+    connection = await aio_pika.connect(target.bench_amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind(exchange, "#")
+
+
 def relay(settings: Settings, workdir: Path) -> RelayProcess:
     return RelayProcess(
         settings,
@@ -71,7 +83,7 @@ async def drain(target: Target, rows: int, workdir: Path) -> dict[str, float]:
     backlog = await asyncio.to_thread(make_pg_backlog, settings, rows, 1)
     await asyncio.to_thread(drop_slots, target.dsn, backlog.ceiling_slot)
     queue = f"q_{settings.exchange}"
-    await amqp.topology(target.bench_amqp_url, settings.exchange, queue)
+    await topology(target, settings.exchange, queue)
     proc = relay(settings, workdir)
     watch = SlotWatch(target.dsn, settings.slot)
     try:
@@ -114,7 +126,7 @@ async def latency(target: Target, sizes: dict[str, Any], workdir: Path) -> dict[
     settings = new_settings(target.dsn, target.amqp_url, "tlslat")
     await asyncio.to_thread(init_outbox, settings)
     queue = f"q_{settings.exchange}"
-    await amqp.topology(target.bench_amqp_url, settings.exchange, queue)
+    await topology(target, settings.exchange, queue)
     proc = relay(settings, workdir)
     result: dict[str, Any] = {}
     try:

@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -92,16 +92,31 @@ def main() -> None:
 
 @main.command()
 @settings_options("common")
-@click.option("--no-table", is_flag=True, help="Do not create the outbox table (you manage it).")
+@click.option(
+    "--no-table",
+    is_flag=True,
+    help="Do not create the outbox table: use yours, or without one, a table-less outbox "
+    "(outbox_emit only, empty publication).",
+)
 @click.option("--no-exchange", is_flag=True, help="Do not declare the exchange on RabbitMQ.")
 @click.option(
     "--grant-to",
     metavar="ROLE",
     help="Grant this existing LOGIN REPLICATION role what run, status and dead-letters need.",
 )
+@click.option(
+    "--failover",
+    is_flag=True,
+    help="Create the slot as a failover slot (PostgreSQL 17+) that standbys keep a copy of.",
+)
 @click.option("--print-sql", is_flag=True, help="Print the SQL init applies, and exit.")
 def init(
-    no_table: bool, no_exchange: bool, grant_to: str | None, print_sql: bool, **kwargs: Any
+    no_table: bool,
+    no_exchange: bool,
+    grant_to: str | None,
+    failover: bool,
+    print_sql: bool,
+    **kwargs: Any,
 ) -> None:
     """Create the outbox table, dead-letter table, functions, publication, slot and exchange.
 
@@ -115,7 +130,9 @@ def init(
         return
     with admin.connect(settings.dsn) as conn:
         try:
-            lines = admin.init(conn, settings, create_table=not no_table, grant_to=grant_to)
+            lines = admin.init(
+                conn, settings, create_table=not no_table, grant_to=grant_to, failover=failover
+            )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(
                 f"init needs an admin role (owner of the schema and table, allowed to create "
@@ -227,6 +244,8 @@ def status(as_json: bool, require_active: bool, max_lag_bytes: int | None, **kwa
     else:
         for key, value in info.items():
             click.echo(f"{key:22} {value}")
+    for warning in info.get("warnings", []):
+        click.echo(f"{PROG}: warning: {REDACT(warning)}", err=True)
     sys.exit(0 if info["healthy"] else 1)
 
 
@@ -340,6 +359,72 @@ def dead_letters_prune(
             batch=batch,
         )
     click.echo(f"deleted {total} dead letter(s) older than {older_than}")
+
+
+class Since(click.ParamType):
+    """An ISO 8601 time; a bare one is UTC."""
+
+    name = "timestamp"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from cdc_relay.resync import parse_since
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_since(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@main.command()
+@settings_options("common", "run")
+@click.option(
+    "--since",
+    type=Since(),
+    default=None,
+    help="Publish outbox rows created at or after this time (ISO 8601; bare = UTC). "
+    "Default: the relay's recorded last confirmed commit minus --margin.",
+)
+@click.option(
+    "--margin",
+    type=Duration(),
+    default="15m",
+    show_default=True,
+    help="Without --since: how far before the recorded commit to start (your longest "
+    "transaction writing outbox rows).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Say what would be done and count the rows; change nothing."
+)
+@click.option(
+    "--failover",
+    is_flag=True,
+    help="Create the new slot as a failover slot (PostgreSQL 17+); kept anyway if the old one was.",
+)
+def resync(
+    since: datetime | None, margin: timedelta, dry_run: bool, failover: bool, **kwargs: Any
+) -> None:
+    """Recreate a lost slot and publish the rows it missed from its snapshot: no gap.
+
+    Refuses while a relay holds the slot. Safe to interrupt: run it again and it
+    sends every row again (consumers dedupe on message_id).
+    """
+    from cdc_relay import resync as resync_
+    from cdc_relay.pg import admin
+
+    settings = settings_from(**kwargs)
+    check_routing_key(settings)
+    with admin.connect(settings.dsn) as conn:
+        plan = resync_.plan(conn, settings, since, margin=margin, failover=failover)
+    for line in plan.describe():
+        click.echo(("would: " if dry_run else "") + line)
+    if dry_run:
+        return
+    summary = asyncio.run(
+        resync_.run_resync(settings, plan, lambda line: click.echo(REDACT(line), err=True))
+    )
+    click.echo(summary.line(plan))
 
 
 if __name__ == "__main__":

@@ -195,6 +195,8 @@ def _option(f: dataclasses.Field[Any]) -> Callable[[Callable[..., Any]], Callabl
             kwargs["type"] = click.Choice(opt.choices, case_sensitive=False)
         elif kind in (int, float):
             kwargs["type"] = Number(kind, opt)
+        elif kind is timedelta:
+            kwargs["type"] = Duration()
         kwargs.update(default=default, show_default=default is not None)
         if opt.secret:
             kwargs["callback"] = _callback(name, opt, False)

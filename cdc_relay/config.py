@@ -12,6 +12,7 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from typing import Any
 
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
@@ -173,6 +174,15 @@ class Settings:
         64 * MiB,
         Option("Bytes of unconfirmed message bodies allowed at once.", min=1, max=2**40),
     )
+    retention: timedelta | None = setting(  # noqa: RUF009 (setting() is a field())
+        None,
+        Option(
+            "Delete outbox rows older than this in the background, in small batches "
+            "(e.g. 7d; keep rows as long as you may need `resync --since`). Off by default.",
+            value_type=timedelta,
+            metavar="DURATION",
+        ),
+    )
     message_prefix: str = setting(
         "cdc_relay",
         Option(
@@ -250,7 +260,10 @@ class Settings:
     )
     allow_cc_headers: bool = setting(
         False,
-        Option("Keep CC/BCC headers from rows (sender-selected routing; dropped by default)."),
+        Option(
+            "Let rows carry CC/BCC headers (sender-selected routing); "
+            "by default such rows are dead-lettered."
+        ),
     )
     metrics_port: int | None = setting(
         None,

@@ -30,7 +30,7 @@ import orjson
 
 from cdc_relay.acks import AckTracker
 from cdc_relay.amqp import Outcome, PublishFailed
-from cdc_relay.deadletters import DeadLetter
+from cdc_relay.deadletters import DeadLetter, PendingDeadLetter
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
@@ -62,14 +62,6 @@ class _Stop:
 
 
 STOP: Final = _Stop()
-
-
-@dataclass(slots=True)
-class PendingDeadLetter:
-    """A row to store in the dead-letter table; its sequence number is confirmed once stored."""
-
-    seq: int
-    letter: DeadLetter
 
 
 @dataclass(slots=True)
@@ -150,6 +142,9 @@ class SessionCore:
         self._reply_requested = False
         self.stop_requested = False
         self.made_progress = False
+        # Commit time (Unix seconds) of the newest transaction whose messages are all
+        # confirmed: where `resync` without --since starts (state.py).
+        self.confirmed_commit_time: float | None = None
 
     # -- the stream ---------------------------------------------------------------
 
@@ -353,6 +348,7 @@ class SessionCore:
             observe = self._observe
             while txns and txns[0][0] <= upto:
                 commit_unix = txns.popleft()[3]
+                self.confirmed_commit_time = commit_unix
                 if observe is not None:
                     observe(max(0.0, now - commit_unix))
 

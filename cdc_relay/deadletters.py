@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,6 +48,8 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 # Bounds for every statement of the relay's writer: a lock held on the table (a
 # long ALTER, a forgotten transaction) fails the write instead of stalling it.
+log = logging.getLogger("cdc_relay")
+
 STATEMENT_TIMEOUT = 10.0
 LOCK_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 10
@@ -205,6 +209,95 @@ class DeadLetterWriter:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._conn.close()
+
+
+class DeadLetterWriteFailed(Exception):
+    """Storing dead letters failed (a lock, a timeout, a lost connection): the session ends."""
+
+
+@dataclass(slots=True)
+class PendingDeadLetter:
+    """A dead letter on its way to the table; its sequence number is confirmed once stored."""
+
+    seq: int
+    letter: DeadLetter
+
+
+class DeadLetterSink:
+    """The session's one dead-letter worker: a bounded queue drained in batches.
+
+    A burst of bad rows costs one connection and one round trip per batch, and
+    the pump waits (``put``) while the queue is full, so memory stays bounded.
+    The publisher's outcome callback cannot wait (``put_nowait``); what it adds
+    is bounded by the in-flight window.
+    """
+
+    def __init__(
+        self,
+        writer: DeadLetterWriter,
+        on_stored: Callable[[list[int]], None],
+        *,
+        limit: int = 1000,
+        batch: int = 500,
+    ) -> None:
+        self._writer = writer
+        self._on_stored = on_stored
+        self._limit = limit
+        self._batch = batch
+        self._queue: deque[PendingDeadLetter] = deque()
+        self._waiting = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def put_nowait(self, items: Iterable[PendingDeadLetter]) -> None:
+        self._queue.extend(items)
+        if self._queue:
+            self._idle.clear()
+            self._waiting.set()
+
+    async def put(self, item: PendingDeadLetter) -> None:
+        """Queue one dead letter; waits while the queue is full (back-pressure on the pump)."""
+        self.put_nowait((item,))
+        if len(self._queue) >= self._limit:
+            self._room.clear()
+            await self._room.wait()
+
+    async def wait_idle(self) -> bool:
+        """Until everything queued is stored (True), for a clean stop."""
+        await self._idle.wait()
+        return True
+
+    async def run(self) -> None:
+        """The worker task: store, log, report; a failed write raises (the session ends)."""
+        queue = self._queue
+        while True:
+            await self._waiting.wait()
+            self._waiting.clear()
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), self._batch))]
+                try:
+                    await self._writer.write([p.letter for p in batch])
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    text = one_line(str(exc)) or type(exc).__name__
+                    raise DeadLetterWriteFailed(
+                        f"dead-letter write failed ({type(exc).__name__}: {text}); "
+                        "the rows are read again from the slot"
+                    ) from None
+                for pending in batch:
+                    letter = pending.letter
+                    log.warning(
+                        "dead-lettered outbox row %s (LSN %s): %s",
+                        letter.outbox_id,
+                        format_lsn(letter.lsn),
+                        letter.reason,
+                        extra={"outbox_id": letter.outbox_id, "lsn": format_lsn(letter.lsn)},
+                    )
+                self._on_stored([p.seq for p in batch])
+                if len(queue) < self._limit:
+                    self._room.set()
+            self._idle.set()
 
 
 # -- operator commands ------------------------------------------------------------

@@ -25,6 +25,10 @@ class ConfigError(RelayError):
     exit_code = EX_CONFIG
 
 
+class SlotMissing(ConfigError):
+    """The slot does not exist: a setting at startup; after streaming, maybe a failover."""
+
+
 class FatalError(RelayError):
     """Something retrying cannot fix that is not a setting (e.g. undecodable WAL data)."""
 

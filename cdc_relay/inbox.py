@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from cdc_relay.config import ConfigError, split_table_name
+from cdc_relay.outbox import is_sqlalchemy
 from cdc_relay.tracing import TRACE_HEADERS, consumer_span
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def ddl(table: str = DEFAULT_TABLE) -> str:
 
 
 def _insert_sql(table: str, style: str) -> str:
-    mark = "%s" if style == "format" else "$1"
+    mark = {"format": "%s", "numeric": "$1", "named": ":message_id"}[style]
     return (
         f"INSERT INTO {_qualified(table)} (message_id) VALUES ({mark})"
         " ON CONFLICT (message_id) DO NOTHING RETURNING true"
@@ -84,23 +85,36 @@ def once(conn: Any, message_id: str, *, table: str = DEFAULT_TABLE) -> Iterator[
 
     ``first`` is True on the first delivery; the block's writes on ``conn``
     commit together with the id. An exception rolls both back, so the message
-    can be retried. Takes a psycopg ``Connection``.
+    can be retried. Takes a psycopg ``Connection`` or a SQLAlchemy
+    ``Session``/``Connection`` (a transaction it begins is committed at the
+    end of the block; inside an open one it uses a savepoint).
     """
     import psycopg
 
     message_id = _check_id(message_id)
-    if not isinstance(conn, psycopg.Connection):
-        raise TypeError(f"once() takes a psycopg Connection, got {type(conn).__name__}")
-    with conn.transaction():
-        first = conn.execute(_insert_sql(table, "format"), (message_id,)).fetchone() is not None
-        yield first
+    if isinstance(conn, psycopg.Connection):
+        with conn.transaction():
+            query = _insert_sql(table, "format")
+            yield conn.execute(query, (message_id,)).fetchone() is not None
+        return
+    if is_sqlalchemy(conn, ("Session", "Connection")):
+        from sqlalchemy import text
+
+        with conn.begin_nested() if conn.in_transaction() else conn.begin():
+            query = text(_insert_sql(table, "named"))
+            yield conn.execute(query, {"message_id": message_id}).first() is not None
+        return
+    raise TypeError(
+        f"once() takes a psycopg Connection or a SQLAlchemy Session/Connection,"
+        f" got {type(conn).__name__}"
+    )
 
 
 @contextlib.asynccontextmanager
 async def once_async(
     conn: Any, message_id: str, *, table: str = DEFAULT_TABLE
 ) -> AsyncIterator[bool]:
-    """``once`` for an asyncpg ``Connection`` or a psycopg ``AsyncConnection``."""
+    """``once`` for asyncpg, psycopg async and SQLAlchemy ``AsyncSession``/``AsyncConnection``."""
     import psycopg
 
     message_id = _check_id(message_id)
@@ -109,13 +123,22 @@ async def once_async(
             cursor = await conn.execute(_insert_sql(table, "format"), (message_id,))
             yield await cursor.fetchone() is not None
         return
+    if is_sqlalchemy(conn, ("AsyncSession", "AsyncConnection")):
+        from sqlalchemy import text
+
+        async with conn.begin_nested() if conn.in_transaction() else conn.begin():
+            result = await conn.execute(
+                text(_insert_sql(table, "named")), {"message_id": message_id}
+            )
+            yield result.first() is not None
+        return
     if "asyncpg" in sys.modules and hasattr(conn, "fetchval"):
         async with conn.transaction():
             yield await conn.fetchval(_insert_sql(table, "numeric"), message_id) is not None
         return
     raise TypeError(
-        f"once_async() takes an asyncpg Connection or a psycopg AsyncConnection,"
-        f" got {type(conn).__name__}"
+        "once_async() takes an asyncpg Connection, a psycopg AsyncConnection or a SQLAlchemy"
+        f" AsyncSession/AsyncConnection, got {type(conn).__name__}"
     )
 
 

@@ -11,7 +11,10 @@ strings (exact; a JSON number would round through a float), enums their
 value. A row the relay could never publish (bad header types, nesting too
 deep, names or values too long, a payload over the broker's default
 ``max_message_size``) is refused here with :class:`EnqueueError`, using the
-router's own checks, while the caller can still fix the call.
+router's own checks, while the caller can still fix the call. Two checks
+depend on the relay's options and stay with the relay (a refused row is
+dead-lettered there, with its reason): the routing-key template, when a row
+has no ``routing_key``, and ``--allowed-exchanges`` / CC and BCC headers.
 
 Drivers: psycopg ``Connection``, SQLAlchemy ``Session``/``Connection``
 (``enqueue``, ``enqueue_task``); asyncpg ``Connection``, psycopg
@@ -299,7 +302,8 @@ def _celery_parent() -> dict[str, str]:
 # -- drivers ------------------------------------------------------------------------------
 
 
-def _sqlalchemy_kind(conn: Any, names: tuple[str, ...]) -> bool:
+def is_sqlalchemy(conn: Any, names: tuple[str, ...]) -> bool:
+    """Whether ``conn`` is one of these SQLAlchemy classes, without importing SQLAlchemy."""
     if "sqlalchemy" not in sys.modules:
         return False
     return any(
@@ -320,7 +324,7 @@ def execute(conn: Any, insert: Insert) -> None:
             )
         conn.execute(insert.sql("format"), insert.values)
         return
-    if _sqlalchemy_kind(conn, ("Session", "Connection")):
+    if is_sqlalchemy(conn, ("Session", "Connection")):
         from sqlalchemy import text
 
         conn.execute(text(insert.sql("named")), insert.params())
@@ -343,7 +347,7 @@ async def execute_async(conn: Any, insert: Insert) -> None:
             )
         await conn.execute(insert.sql("format"), insert.values)
         return
-    if _sqlalchemy_kind(conn, ("AsyncSession", "AsyncConnection")):
+    if is_sqlalchemy(conn, ("AsyncSession", "AsyncConnection")):
         from sqlalchemy import text
 
         await conn.execute(text(insert.sql("named")), insert.params())

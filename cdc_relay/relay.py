@@ -17,66 +17,53 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
-from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
 
+from cdc_relay import state
 from cdc_relay.acks import AckTrackerError
-from cdc_relay.amqp import (
-    ConnectError,
-    ExchangeError,
-    Outcome,
-    Publisher,
-    PublishFailed,
-    UnpublishableMessage,
-)
-from cdc_relay.amqp.replies import ACCESS_REFUSED
+from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
-from cdc_relay.deadletters import DeadLetterWriter
-from cdc_relay.errors import ConfigError, FatalError
+from cdc_relay.core import STOP, BrokerLimits, SessionCore, SessionFailed
+from cdc_relay.deadletters import (
+    DeadLetterSink,
+    DeadLetterWriteFailed,
+    DeadLetterWriter,
+    PendingDeadLetter,
+)
+from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
+from cdc_relay.opening import Connections, open_publisher, open_stream, take_slot, validate
 from cdc_relay.pg import admin
+from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
-from cdc_relay.pg.replication import (
-    SQLSTATE_PREREQUISITE_STATE,
-    SQLSTATE_UNDEFINED_OBJECT,
-    ReplicationError,
-    ReplicationStream,
-    SlotInUse,
-)
-from cdc_relay.pg.schedule import Dead, Send, StatusSchedule, effective_pg_timeout
+from cdc_relay.pg.replication import ReplicationError, ReplicationStream
+from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, Router
+from cdc_relay.state import StateWriter
 
 log = logging.getLogger("cdc_relay")
 
 HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
-VALIDATE_TIMEOUT: Final = 30.0  # startup checks must answer within this
-STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slot
-DEAD_LETTER_QUEUE: Final = 1000  # rows waiting to be stored before the pump waits
-DEAD_LETTER_BATCH: Final = 500  # rows stored in one transaction
+# After streaming once, a slot that vanished (a failover to a server whose copy was
+# not ready, or still being promoted) is asked for every 0.5-1.5 s for this long,
+# then the relay exits 78. A synced failover slot is there as soon as the promoted
+# server accepts writes, so this only has to outlast a slow promotion.
+SLOT_MISSING_GRACE: Final = 20.0
+SLOT_MISSING_RETRY: Final = (0.5, 1.5)
+STATE_CHECK_INTERVAL: Final = 1.0  # the state writer itself writes at most every few seconds
 FINAL_STATUS_TIMEOUT: Final = 2.0
-VALIDATION_CONNECTION: Final = {
-    "connect_timeout": 10,
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 15_000,
-    "application_name": "cdc-relay validation",
-}
 
 # Exceptions that end a session and are retried; anything else is a bug or a
 # configuration error and ends the process.
 SESSION_ERRORS: Final = (
     SessionFailed,
+    DeadLetterWriteFailed,
     ReplicationError,
     PublishFailed,
     OSError,  # ConnectionError, the publisher's ConnectError
@@ -105,7 +92,23 @@ class Relay:
         self._stop.set()
 
     async def run(self) -> None:
+        retention = None
+        if self.settings.retention is not None:
+            retention = asyncio.create_task(
+                admin.retain_outbox(self.settings, self.settings.retention, self._stop),
+                name="cdc-relay-retention",
+            )
+        try:
+            await self._run_sessions()
+        finally:
+            if retention is not None:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
+
+    async def _run_sessions(self) -> None:
         attempt = 0
+        streamed = False  # some session of this process has streamed from the slot
+        missing_since: float | None = None
         while not self._stop.is_set():
             started = time.monotonic()
             session = Session(
@@ -114,6 +117,21 @@ class Relay:
             try:
                 await session.run()
                 return  # a session only returns normally when asked to stop
+            except SlotMissing as exc:
+                if not streamed:
+                    raise  # never streamed: a wrong --slot or --dsn, say so at once
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since > SLOT_MISSING_GRACE:
+                    raise ConfigError(
+                        f"{exc} (retried for {SLOT_MISSING_GRACE:.0f}s: dropped, or after a "
+                        "failover the promoted standby held no sync-ready copy; see docs/ha.md "
+                        "and docs/recovery.md)"
+                    ) from None
+                log.warning(
+                    "session ended: %s (a failover in progress? retrying for up to %.0fs)",
+                    exc,
+                    SLOT_MISSING_GRACE,
+                )
             except (ConfigError, FatalError):
                 raise
             except (ProtocolError, AckTrackerError) as exc:
@@ -126,9 +144,13 @@ class Relay:
                 log.warning("session ended: %s", _describe(exc))
             finally:
                 self.metrics.ready.set(0)
+                if session.streamed:
+                    streamed, missing_since = True, None
             if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
                 attempt = 0
             delay = self._backoff(attempt)
+            if missing_since is not None:
+                delay = random.uniform(*SLOT_MISSING_RETRY)  # the slot may appear any moment
             attempt += 1
             self.metrics.reconnects.inc()
             log.info("reconnecting in %.1fs", delay)
@@ -140,19 +162,6 @@ class Relay:
         s = self.settings
         ceiling = min(s.reconnect_max, s.reconnect_min * (2 ** min(attempt, 30)))
         return max(s.reconnect_min, random.uniform(0, ceiling))
-
-
-async def _declare_exchange(publisher: Publisher, name: str) -> None:
-    """A declaration the broker refuses (permission, another type) is the operator's to fix."""
-    try:
-        await publisher.declare_exchange(name)
-    except ExchangeError as exc:
-        if exc.reply_code is None:  # the connection went away meanwhile: retry
-            raise SessionFailed(str(exc)) from None
-        hint = ""
-        if exc.reply_code == ACCESS_REFUSED:
-            hint = "; grant the RabbitMQ user configure permission on it, or run with --no-declare"
-        raise ConfigError(f"{exc}{hint}") from None
 
 
 # libpq's words for a server certificate it refuses (said by the client: no SQLSTATE).
@@ -176,20 +185,13 @@ def _certificate_rejected(exc: BaseException) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SessionFailed | ReplicationError | PublishFailed):
+    if isinstance(exc, SessionFailed | DeadLetterWriteFailed | ReplicationError | PublishFailed):
         return str(exc)
     return f"{type(exc).__name__}: {str(exc).strip()}"
 
 
-@dataclass(slots=True)
-class _Connections:
-    stream: ReplicationStream | None = None
-    publisher: Publisher | None = None
-    dead_letters: DeadLetterWriter | None = None
-
-
 class Session:
-    """One replication stream, one publisher, one dead-letter writer, and the core between them."""
+    """One replication stream, one publisher, one dead-letter sink, and the core between them."""
 
     def __init__(
         self,
@@ -206,17 +208,13 @@ class Session:
         self.limits = limits
         self.stop = stop
         self.abort = abort
-        self.conns = _Connections()
+        self.conns = Connections()
         self.core: SessionCore | None = None
+        self.sink: DeadLetterSink | None = None
         self.failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status_wakeup = asyncio.Event()
-        self.letters: deque[PendingDeadLetter] = deque()
-        self.letters_waiting = asyncio.Event()
-        self.letters_room = asyncio.Event()
-        self.letters_room.set()
-        self.letters_idle = asyncio.Event()
-        self.letters_idle.set()
         self.closing = False
+        self.streamed = False  # reached streaming: the slot existed and was ours
 
     @property
     def made_progress(self) -> bool:
@@ -233,24 +231,19 @@ class Session:
             await self._run()
         finally:
             self.closing = True  # what our own closing causes is not a failure
-            await _bounded(self._close(), "closing connections")
+            await _bounded(self.conns.close(), "closing connections")
             if self.failure.done() and not self.failure.cancelled():
                 self.failure.exception()  # retrieved: it was raised or superseded
 
     async def _run(self) -> None:
-        s = self.settings
-        stream = await ReplicationStream.connect(
-            s.dsn,
-            keepalive_idle=s.tcp_keepalive_idle,
-            keepalive_interval=s.tcp_keepalive_interval,
-            keepalive_count=s.tcp_keepalive_count,
-        )
-        self.conns.stream = stream
-        wal_sender_timeout = parse_pg_duration(await stream.show("wal_sender_timeout"))
-        if not await self._take_slot(stream):
+        s, conns = self.settings, self.conns
+        conns.stream = stream = await open_stream(s)
+        facts = await validate(s)  # one clear line for any misconfiguration, before the slot
+        stood_by = await take_slot(stream, s, self.stop)
+        if stood_by is None:
             return  # asked to stop while standing by
-        # The slot is ours now: its confirmed position cannot move under us.
-        facts = await self._validate()
+        if stood_by:  # the slot moved while another relay held it; now it cannot move
+            facts = await validate(s)
         self.core = core = SessionCore(
             outbox_relid=facts.outbox_relid,
             table=s.table,
@@ -263,42 +256,26 @@ class Session:
             counters=self.metrics,
             observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
         )
-        publisher = Publisher(
-            s.amqp_urls,
-            max_in_flight=s.max_in_flight,
-            max_in_flight_bytes=s.max_in_flight_bytes,
-            confirm_timeout=s.confirm_timeout,
-            heartbeat=s.amqp_heartbeat,
-            on_outcome=self._on_outcome,
-        )
-        self.conns.publisher = publisher
-        await publisher.connect()
-        if s.declare_exchange and s.message_format == "event":
-            await _declare_exchange(publisher, s.exchange)
-        self.conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
-        timeout = effective_pg_timeout(s.pg_timeout, wal_sender_timeout)
+        conns.publisher = publisher = await open_publisher(s, self._on_outcome)
+        conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
+        self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
+        conns.state = StateWriter(s.dsn, state.table_name(s), s.slot)
         log.info(
             "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
             s.publication,
             format_lsn(facts.confirmed_flush_lsn),
             publisher.connected_url,
+            extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
         )
-        if timeout > s.pg_timeout:
-            log.info(
-                "Postgres liveness timeout %.0fs (raised from --pg-timeout to outlast "
-                "wal_sender_timeout %.0fs)",
-                timeout,
-                wal_sender_timeout,
-            )
         self.metrics.ready.set(1)
+        self.streamed = True
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
-        status = asyncio.create_task(
-            self._status_loop(stream, core, timeout), name="cdc-relay-status"
-        )
+        status = asyncio.create_task(self._status_loop(stream, core), name="cdc-relay-status")
         helpers = [
-            asyncio.create_task(self._store_dead_letters(), name="cdc-relay-dead-letters"),
+            asyncio.create_task(sink.run(), name="cdc-relay-dead-letters"),
             asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
+            asyncio.create_task(self._state_loop(core, conns.state), name="cdc-relay-state"),
         ]
         for task in (pump, status, *helpers):
             task.add_done_callback(self._task_done)
@@ -309,10 +286,20 @@ class Session:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             self._raise_failure()
-            await self._stop_cleanly(pump, publisher, core)
+            await self._stop_cleanly(pump, publisher, core, sink)
             status.cancel()
             await asyncio.gather(status, return_exceptions=True)
             await asyncio.wait_for(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    conns.state.maybe_write(
+                        time.monotonic(),
+                        core.confirmed_commit_time,
+                        core.tracker.flush_lsn,
+                        final=True,
+                    ),
+                    FINAL_STATUS_TIMEOUT,
+                )
             log.info("stopped; confirmed position %s", format_lsn(core.tracker.flush_lsn))
         finally:
             stop_wait.cancel()
@@ -340,52 +327,12 @@ class Session:
         if self.failure.done():
             self.failure.result()
 
-    async def _take_slot(self, stream: ReplicationStream) -> bool:
-        """START_REPLICATION; while another relay holds the slot, stand by on this connection."""
-        s = self.settings
-        standing_by = False
-        while True:
-            try:
-                await stream.start(s.slot, s.publication, messages=True)
-                if standing_by:
-                    log.info("slot %s is free: taking over", s.slot)
-                return True
-            except SlotInUse as exc:
-                if not standing_by:
-                    log.info("standing by: %s", exc)
-                standing_by = True
-            except ReplicationError as exc:
-                if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
-                    raise ConfigError(
-                        f"replication slot {s.slot} cannot be used: {exc}; "
-                        "recreate it with `cdc-relay init` and reconcile the outbox"
-                    ) from None
-                raise
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), random.uniform(*STANDBY_RETRY))
-            if self.stop.is_set():
-                return False
-
-    async def _validate(self) -> admin.StartupFacts:
-        """Startup checks on a normal connection, bounded: a partition must not hang them."""
-        dsn = self.settings.dsn
-
-        def validate() -> admin.StartupFacts:
-            # Bounded on its own (keepalives, tcp_user_timeout, statement_timeout), so
-            # the thread ends soon after a timeout here, not whenever the network heals.
-            with admin.connect(dsn, **VALIDATION_CONNECTION) as conn:
-                conn.execute("SET statement_timeout = '20s'")
-                return admin.validate(conn, self.settings)
-
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(validate), VALIDATE_TIMEOUT)
-        except TimeoutError:
-            raise SessionFailed(
-                f"startup checks got no answer in {VALIDATE_TIMEOUT:.0f}s"
-            ) from None
-
     async def _stop_cleanly(
-        self, pump: asyncio.Task[None], publisher: Publisher, core: SessionCore
+        self,
+        pump: asyncio.Task[None],
+        publisher: Publisher,
+        core: SessionCore,
+        sink: DeadLetterSink,
     ) -> None:
         """Finish the transaction being read, stop reading, wait for confirms and dead letters.
 
@@ -417,7 +364,7 @@ class Session:
             if self.abort.is_set():
                 return
             drained = await until(publisher.wait_confirmed(self.settings.shutdown_timeout))
-            stored = drained and await until(self.letters_idle.wait())
+            stored = drained and await until(sink.wait_idle())
             if not (drained and stored):
                 log.warning(
                     "stopping with %d unconfirmed message(s); they will be sent again",
@@ -426,21 +373,6 @@ class Session:
         finally:
             abort.cancel()
 
-    async def _close(self) -> None:
-        conns = self.conns
-        if conns.stream is not None:
-            try:
-                await conns.stream.close()
-            except Exception as exc:
-                log.debug("closing replication connection: %r", exc)
-        if conns.publisher is not None:
-            await conns.publisher.close()
-        if conns.dead_letters is not None:
-            try:
-                await conns.dead_letters.close()
-            except Exception as exc:
-                log.debug("closing dead-letter connection: %r", exc)
-
     # -- the hot loop ------------------------------------------------------------
 
     async def _pump(
@@ -448,7 +380,8 @@ class Session:
     ) -> None:
         receive = core.receive
         publish = publisher.publish
-        letters = self.letters
+        sink = self.sink
+        assert sink is not None
         while True:
             for frame in await stream.read_frames():
                 action = receive(frame)
@@ -464,64 +397,32 @@ class Session:
                 if action is STOP:
                     return
                 assert type(action) is PendingDeadLetter
-                letters.append(action)
-                self.letters_idle.clear()
-                self.letters_waiting.set()
-                if len(letters) >= DEAD_LETTER_QUEUE:
-                    self.letters_room.clear()
-                    await self.letters_room.wait()
+                await sink.put(action)  # waits while the sink is full
             if core.status_due:
                 self.status_wakeup.set()
 
-    # -- broker outcomes ----------------------------------------------------------
+    # -- broker outcomes and stored dead letters -------------------------------------
 
     def _on_outcome(self, outcome: Outcome) -> None:
         """One report from the publisher (called from its protocol: must not block)."""
-        core = self.core
-        assert core is not None
+        core, sink = self.core, self.sink
+        assert core is not None and sink is not None
         try:
             letters = core.settle(outcome, time.time())
         except SessionFailed as exc:
             self.fail(exc)
             return
         if letters:
-            self.letters.extend(letters)
-            self.letters_idle.clear()
-            self.letters_waiting.set()
+            sink.put_nowait(letters)
         if core.status_due:
             self.status_wakeup.set()
 
-    # -- dead letters -------------------------------------------------------------
-
-    async def _store_dead_letters(self) -> None:
-        """One writer, one connection, batches: a burst of bad rows is one round trip per 500."""
-        writer = self.conns.dead_letters
+    def _stored(self, seqs: list[int]) -> None:
         core = self.core
-        assert writer is not None and core is not None
-        letters = self.letters
-        while True:
-            await self.letters_waiting.wait()
-            self.letters_waiting.clear()
-            while letters:
-                batch = [letters.popleft() for _ in range(min(len(letters), DEAD_LETTER_BATCH))]
-                try:
-                    await writer.write([p.letter for p in batch])
-                except (psycopg.Error, OSError) as exc:
-                    raise SessionFailed(f"dead-letter write failed: {_describe(exc)}") from None
-                for pending in batch:
-                    letter = pending.letter
-                    log.warning(
-                        "dead-lettered outbox row %s (LSN %s): %s",
-                        letter.outbox_id,
-                        format_lsn(letter.lsn),
-                        letter.reason,
-                    )
-                core.stored([p.seq for p in batch], time.time())
-                if len(letters) < DEAD_LETTER_QUEUE:
-                    self.letters_room.set()
-                if core.status_due:
-                    self.status_wakeup.set()
-            self.letters_idle.set()
+        assert core is not None
+        core.stored(seqs, time.time())
+        if core.status_due:
+            self.status_wakeup.set()
 
     # -- status updates -----------------------------------------------------------
 
@@ -534,11 +435,10 @@ class Session:
         self.metrics.flush_lsn.set(flush)
         self.metrics.received_lsn.set(core.received_lsn)
 
-    async def _status_loop(
-        self, stream: ReplicationStream, core: SessionCore, timeout: float
-    ) -> None:
+    async def _status_loop(self, stream: ReplicationStream, core: SessionCore) -> None:
         """Perform what the schedule decides; the decisions are in pg/schedule.py."""
-        schedule = StatusSchedule(self.settings.status_interval, timeout, time.monotonic())
+        s = self.settings
+        schedule = StatusSchedule(s.status_interval, s.pg_timeout, time.monotonic())
         wakeup = self.status_wakeup
         while True:
             wait = schedule.wait_time(time.monotonic(), due=core.status_due)
@@ -549,14 +449,30 @@ class Session:
             now = time.monotonic()
             silent = now - stream.last_receive if stream.waiting_for_data else None
             decision = schedule.decide(now, due=core.status_due, silent=silent)
-            if type(decision) is Dead:
-                raise SessionFailed(
-                    f"no data from Postgres for {decision.silent:.1f}s "
-                    f"(liveness timeout {schedule.timeout:.0f}s)"
+            if type(decision) is Probe:
+                probe_timeout = min(PROBE_TIMEOUT, max(2.0, s.pg_timeout))
+                if not await walsender_alive(s.dsn, stream.backend_pid, probe_timeout):
+                    raise SessionFailed(
+                        f"no data from Postgres for {decision.silent:.1f}s (--pg-timeout), "
+                        "and it does not answer a new connection or our walsender is gone"
+                    )
+                log.info(
+                    "no data from Postgres for %.0fs, but our walsender runs "
+                    "(decoding a large transaction?): waiting",
+                    decision.silent,
                 )
-            if type(decision) is Send:
+                schedule.reprieve(time.monotonic())
+            elif type(decision) is Send:
                 await self._send_status(stream, core, decision.reply_requested)
                 schedule.sent(now)
+
+    async def _state_loop(self, core: SessionCore, writer: StateWriter) -> None:
+        """Record where the relay is (throttled in state.py), for `resync` without --since."""
+        while True:
+            await asyncio.sleep(STATE_CHECK_INTERVAL)
+            await writer.maybe_write(
+                time.monotonic(), core.confirmed_commit_time, core.tracker.flush_lsn
+            )
 
     async def _stats_loop(self, core: SessionCore) -> None:
         interval = self.settings.stats_interval
@@ -565,20 +481,18 @@ class Session:
         while True:
             await asyncio.sleep(interval)
             now, count = time.monotonic(), self.metrics.confirmed_count()
-            log.info("%.0f msg/s confirmed, %s", (count - last) / (now - last_t), core.describe())
+            rate = (count - last) / (now - last_t)
+            log.info(
+                "%.0f msg/s confirmed, %s",
+                rate,
+                core.describe(),
+                extra={
+                    "messages_per_second": round(rate, 1),
+                    "in_flight": core.tracker.unconfirmed,
+                    "lsn": format_lsn(core.tracker.flush_lsn),
+                },
+            )
             last, last_t = count, now
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*")
-_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_pg_duration(text: str, default_unit: str = "ms") -> float:
-    """A time setting as SHOW prints it (``60s``, ``1min``, ``500ms``, ``0``) in seconds."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"cannot read the time setting {text!r}")
-    return float(match[1]) * _UNIT_SECONDS[match[2] or default_unit]
 
 
 async def _bounded(awaitable: Awaitable[Any], what: str, timeout: float = 10.0) -> None:

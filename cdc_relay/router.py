@@ -33,7 +33,6 @@ MAX_SHORT_STRING_BYTES = 255  # message_id, type, header names: AMQP short strin
 # Header values the publisher can encode: AMQP signed 64-bit integers and pamqp's
 # 32-bit float. A value outside these would fail every publish of the row, forever.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-FLOAT32_MAX = 3.4028234663852886e38
 # Nesting bound for header values: deeper tables overflow recursive encoders
 # (pamqp's, Python's repr) long before they mean anything to a consumer.
 MAX_HEADER_DEPTH = 64
@@ -273,7 +272,7 @@ class Router:
         if not row.id:
             raise UnmappableRow("empty message id: consumers and returns need one")
         headers = _headers(row)
-        if not self.allow_cc_headers:
+        if headers and not self.allow_cc_headers:
             _refuse_sender_selected(headers)
         if row.exchange is not None:
             self._check_exchange(row.exchange)
@@ -366,7 +365,11 @@ def check_headers(headers: dict[str, Any]) -> None:
             raise UnmappableRow(f"header names must be strings, got {key!r}")
         if len(key) > MAX_SHORT_STRING_BYTES // 4:
             _check_short_string("header name", key)
-        size += 1 + len(key.encode()) + _header_value_size(key, value, 1)
+        # Strings first: the common case, sized without encoding ASCII.
+        if type(value) is str:
+            size += 6 + _utf8_len(key) + _utf8_len(value)
+        else:
+            size += 1 + _utf8_len(key) + _header_value_size(key, value, 1)
     if size > MAX_HEADER_TABLE_BYTES:
         raise UnmappableRow(
             f"headers take {size} bytes on the wire, more than the {MAX_HEADER_TABLE_BYTES}"
@@ -374,20 +377,22 @@ def check_headers(headers: dict[str, Any]) -> None:
         )
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def _header_value_size(key: str, value: Any, depth: int) -> int:
     """Upper bound of the encoded size of one field value; raises if it cannot be encoded."""
     kind = type(value)
     if kind is str:
-        return 5 + len(value.encode())
+        return 5 + _utf8_len(value)
     if kind is bool or value is None:
         return 2
     if kind is int:
         if not INT64_MIN <= value <= INT64_MAX:
             raise UnmappableRow(f"header {key!r}: integer {value} does not fit AMQP's int64")
         return 9
-    if kind is float:
-        if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
-            raise UnmappableRow(f"header {key!r}: number {value} does not fit an AMQP float")
+    if kind is float:  # an AMQP double: every float JSON can hold fits
         return 9
     if kind is dict or kind is list:
         if depth >= MAX_HEADER_DEPTH:
@@ -400,13 +405,13 @@ def _header_value_size(key: str, value: Any, depth: int) -> int:
         for name, item in value.items():
             if type(name) is not str:
                 raise UnmappableRow(f"header {key!r}: table names must be strings")
-            raw = name.encode()
-            if len(raw) > MAX_NESTED_KEY_BYTES:
+            length = _utf8_len(name)
+            if length > MAX_NESTED_KEY_BYTES:
                 raise UnmappableRow(
                     f"header {key!r}: nested name longer than {MAX_NESTED_KEY_BYTES} bytes:"
                     f" {name[:40]!r}..."
                 )
-            size += 1 + len(raw) + _header_value_size(key, item, depth + 1)
+            size += 1 + length + _header_value_size(key, item, depth + 1)
         return size
     raise UnmappableRow(f"header {key!r}: {kind.__name__} is not a JSON value")
 
@@ -474,6 +479,17 @@ def _fallback_repr(value: Any) -> str:
     return text if len(text) <= CELERY_REPR_MAXSIZE else text[: CELERY_REPR_MAXSIZE - 3] + "..."
 
 
+def _is_iso8601(value: Any) -> bool:
+    """What the worker can parse; anything else would fail the task on every delivery."""
+    if type(value) is not str:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     """A Celery task message (protocol 2) from an outbox row.
 
@@ -497,8 +513,12 @@ def _celery_envelope(row: OutboxRow, headers: dict[str, Any]) -> Envelope:
     task_id = row.id
     _check_short_string("id", task_id)
     eta, expires = payload.get("eta"), payload.get("expires")
-    _check_header_value("eta", eta)
-    _check_header_value("expires", expires)
+    for name, value in (("eta", eta), ("expires", expires)):
+        _check_header_value(name, value)
+        if value is not None and not _is_iso8601(value):
+            raise UnmappableRow(
+                f"celery header {name} must be an ISO 8601 string or null: {value!r:.60}"
+            )
     priority = payload.get("priority")
     if priority is not None and not (type(priority) is int and 0 <= priority <= 255):
         raise UnmappableRow(f"celery priority must be an integer 0-255, got {priority!r}")

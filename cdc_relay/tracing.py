@@ -52,7 +52,12 @@ def with_trace_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def consumer_span(name: str, headers: Mapping[str, Any] | None) -> Iterator[Any]:
-    """A CONSUMER span whose parent is the trace carried in ``headers`` (or no-op)."""
+    """A CONSUMER span whose parent is the trace carried in ``headers`` (or no-op).
+
+    When the current span already belongs to that trace (OpenTelemetry's
+    Celery instrumentation starts one per task from the same headers), the
+    span nests under it instead of becoming its sibling.
+    """
     if _PROPAGATOR is None or _trace is None:
         yield None
         return
@@ -62,7 +67,11 @@ def consumer_span(name: str, headers: Mapping[str, Any] | None) -> Iterator[Any]
         if isinstance(value := (headers or {}).get(key), str | bytes)
     }
     carrier = {k: v.decode() if isinstance(v, bytes) else v for k, v in carrier.items()}
-    context = _PROPAGATOR.extract(carrier)
+    context: Any = _PROPAGATOR.extract(carrier)
+    carried = _trace.get_current_span(context).get_span_context()
+    current = _trace.get_current_span().get_span_context()
+    if current.is_valid and current.trace_id == carried.trace_id:
+        context = None  # an instrumentation (Celery's) already continues it: nest under that
     tracer = _trace.get_tracer("cdc_relay")
     with tracer.start_as_current_span(name, context=context, kind=_trace.SpanKind.CONSUMER) as span:
         yield span

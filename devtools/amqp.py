@@ -12,15 +12,18 @@ from typing import Any
 
 import aio_pika
 
+from cdc_relay.amqp import declare_exchange as product_declare_exchange
+
 __all__ = ["declare_exchange", "delete_topology", "queue_depth", "topology"]
 
 
 async def declare_exchange(amqp_url: str, name: str, kind: str = "topic") -> None:
-    """Declare the relay's exchange: durable, ``kind`` (topic unless a test needs another)."""
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        await channel.declare_exchange(name, kind, durable=True)
+    """Declare the relay's exchange: durable, ``kind`` (topic unless a test needs another).
+
+    The product's one way to declare an exchange, so tests, bench and demo
+    declare exactly what ``init`` and ``run`` do.
+    """
+    await product_declare_exchange([amqp_url], name, kind)
 
 
 async def topology(

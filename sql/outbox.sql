@@ -25,6 +25,14 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_dead_letter" (
     replayed_at timestamptz NULL
 );
 
+CREATE TABLE IF NOT EXISTS "public"."outbox_relay_state" (
+    slot_name           text PRIMARY KEY,
+    confirmed_commit_at timestamptz NULL,
+    confirmed_lsn       pg_lsn NULL,
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    resync_since        timestamptz NULL
+);
+
 -- Application helpers `cdc-relay init` creates next to the outbox table (named
 -- <table>_enqueue and <table>_emit: outbox_enqueue and outbox_emit for the
 -- default table). outbox_enqueue inserts an outbox row in the caller's transaction (it is

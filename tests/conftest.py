@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fix_pg", "tests.fix_rabbit"]
+pytest_plugins = ["tests.fix_pg", "tests.fix_rabbit", "tests.fix_tls", "tests.fix_ha"]
 
-SERVER_FIXTURES = frozenset({"pg_server", "rabbit_server", "pg_dsn", "amqp_url"})
-SERVER_CLASSES = ("PostgresServer", "RabbitServer")
+SERVER_FIXTURES = frozenset(
+    {
+        "pg_server",
+        "rabbit_server",
+        "pg_dsn",
+        "amqp_url",
+        "pg_tls_server",
+        "rabbit_tls_server",
+        "rabbit_cluster",
+        "pg_pair",
+    }
+)
+SERVER_CLASSES = ("PostgresServer", "RabbitServer", "RabbitCluster", "PostgresPair")
 
 
 def needs_server(item: pytest.Item) -> bool:

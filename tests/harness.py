@@ -76,6 +76,7 @@ class Setup:
             admin.drop(conn, self.settings, publication=True)
             conn.execute(f"DROP TABLE IF EXISTS {self.table}")
             conn.execute(f"DROP TABLE IF EXISTS {self.table}_dead_letter")
+            conn.execute(f"DROP TABLE IF EXISTS {self.table}_relay_state")
 
     def cli_args(self) -> list[str]:
         return cli_args(self.settings)

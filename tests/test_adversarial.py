@@ -232,3 +232,30 @@ async def test_a_second_sigterm_stops_at_once(outbox: Setup, relays: Any) -> Non
     finally:
         proxy.heal()
         await proxy.close()
+
+
+async def test_a_long_silent_transaction_is_waited_for_not_replayed_forever(
+    outbox: Setup, consumer: Consumer, relays: Any
+) -> None:
+    """Postgres decoding a big transaction of other tables' changes sends nothing for a while.
+
+    With --pg-timeout 1 the relay used to end the session, replay the same
+    transaction from the slot, and time out again, forever. Now a probe on a
+    fresh connection finds our walsender alive and the relay waits.
+    """
+    relay = relays(outbox, "--pg-timeout", "1")
+    await relay.wait_for_log_async("streaming from slot")
+    bulk = outbox.table + "_bulk"  # not in the publication
+    with psycopg.connect(outbox.dsn) as conn:
+        conn.execute(f"CREATE TABLE {bulk} (n int)")
+        conn.execute(f"INSERT INTO {bulk} SELECT generate_series(1, 2000000)")
+        [row] = outbox.insert(conn, [{"event_type": "AfterBulk"}])
+    try:
+        await consumer.wait_for({row}, timeout=120)
+        log = relay.log()
+        assert "our walsender runs" in log, "the decode was too quick to test anything"
+        assert "session ended" not in log
+        assert [d.message_id for d in consumer.deliveries].count(row) == 1
+    finally:
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {bulk}")

@@ -319,3 +319,21 @@ async def test_no_confirm_within_the_timeout_ends_the_session_and_says_blocked()
     assert "no confirm within 1s" in lost.reason and "blocked" in lost.reason
     assert recorder.confirmed == [] and recorder.failed == []
     assert any(isinstance(frame, spec.Basic.Publish) for frame in broker.frames)
+
+
+async def test_connecting_again_drops_the_previous_connection() -> None:
+    broker = FakeBroker()
+    async with running(broker) as port:
+        publisher = Publisher(
+            [f"amqp://guest:guest@127.0.0.1:{port}/"], max_in_flight=10, on_outcome=Recorder()
+        )
+        await publisher.connect()
+        await publisher.connect()
+        try:
+            assert len(broker.writers) == 2
+            async with asyncio.timeout(5):
+                while not broker.writers[0].is_closing():  # the broker saw the first one go
+                    await asyncio.sleep(0.02)
+            assert not broker.writers[1].is_closing()
+        finally:
+            await publisher.close()

@@ -22,7 +22,14 @@ import pytest
 import pytest_asyncio
 import trustme
 
-from cdc_relay.amqp import AmqpAddress, ConnectError, Outcome, Publisher, declare_exchange
+from cdc_relay.amqp import (
+    AmqpAddress,
+    ConnectError,
+    Outcome,
+    Publisher,
+    declare_exchange,
+    redact,
+)
 from cdc_relay.router import Envelope
 from tests.amqp_fakes import FakeBroker, running
 
@@ -124,6 +131,22 @@ def test_bad_urls_are_one_clean_error_without_the_password(url: str, message: st
     with pytest.raises(ValueError, match=message) as failure:
         AmqpAddress.parse(url)
     assert SECRET not in str(failure.value)
+
+
+@pytest.mark.asyncio
+async def test_connect_errors_for_bad_urls_never_show_the_password() -> None:
+    for url, message in BAD_URLS:
+        publisher = Publisher([url], max_in_flight=1, on_outcome=lambda _: None)
+        with pytest.raises(ConnectError, match=message) as failure:
+            await publisher.connect()
+        assert SECRET not in str(failure.value), url
+
+
+def test_redact_hides_the_password_of_malformed_urls() -> None:
+    assert redact(f"guest:{SECRET}@localhost:5672/") == "guest:***@localhost:5672/"
+    assert redact(f"amqp://u:{SECRET}/x#y@host/v") == "amqp://u:***@host/v"
+    assert redact(f"amqps://u:a@{SECRET}@host/") == "amqps://u:***@host/"
+    assert redact("amqp://host/") == "amqp://host/"
 
 
 @pytest.mark.parametrize(

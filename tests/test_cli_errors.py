@@ -104,7 +104,7 @@ def test_init_reports_an_exchange_of_another_type(outbox: Setup) -> None:
             await channel.declare_exchange(outbox.names["exchange"], "fanout", durable=True)
 
     asyncio.run(declare_fanout())
-    one_line(cli("init", *outbox.cli_args()), EX_CONFIG, "exists with other properties")
+    one_line(cli("init", *outbox.cli_args()), EX_CONFIG, "exists with a different type")
 
 
 def test_no_password_in_any_output_of_failing_runs(outbox: Setup, tmp_path: Path) -> None:

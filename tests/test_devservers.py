@@ -25,29 +25,9 @@ from pamqp.commands import Basic
 
 from cdc_relay.config import Settings
 from devtools.metrics import readyz
-from devtools.procs import free_port, pid_alive, port_open
+from devtools.procs import free_port, listen_addresses, pid_alive, port_open
 from devtools.relayproc import RelayProcess, cli_args
 from devtools.servers import PostgresServer, RabbitServer
-
-
-def listen_addresses(port: int) -> set[str]:
-    """Local addresses of listening TCP sockets on ``port`` (from /proc/net)."""
-    found: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            address, port_hex = local.split(":")
-            if state != "0A" or int(port_hex, 16) != port:  # 0A = LISTEN
-                continue
-            if len(address) == 8:
-                found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
-            else:
-                found.add(f"ipv6:{address}")
-    return found
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from cdc_relay import inbox
+from tests.apps.drivers import ASYNC_DRIVERS, SYNC_DRIVERS
 from tests.apps.schema import drop_table
 
 
@@ -125,9 +126,41 @@ def test_empty_or_missing_ids_are_refused(pg_dsn: str, tables: tuple[str, str]) 
                 pass
 
 
-def test_once_takes_only_psycopg_connections() -> None:
-    with pytest.raises(TypeError, match="psycopg"), inbox.once(object(), "m"):
+def test_once_takes_only_psycopg_or_sqlalchemy_connections() -> None:
+    with (
+        pytest.raises(TypeError, match="psycopg Connection or a SQLAlchemy"),
+        inbox.once(object(), "m"),
+    ):
         pass
+
+
+@pytest.mark.parametrize("driver", ["sqlalchemy-session", "sqlalchemy-connection"])
+def test_once_on_sqlalchemy(pg_dsn: str, tables: tuple[str, str], driver: str) -> None:
+    from sqlalchemy import text
+
+    inbox_table, effects = tables
+    conn, _commit, rollback, close = SYNC_DRIVERS[driver](pg_dsn)
+    try:
+        seen = []
+        for message_id in ("m1", "m1", "m2"):
+            with inbox.once(conn, message_id, table=inbox_table) as first:
+                seen.append(first)
+                if first:
+                    conn.execute(
+                        text(f"INSERT INTO {effects} (key) VALUES (:k)"), {"k": message_id}
+                    )
+        assert seen == [True, False, True]
+        with pytest.raises(RuntimeError), inbox.once(conn, "m3", table=inbox_table):
+            raise RuntimeError("handler failed")
+        assert count(pg_dsn, inbox_table) == 2  # each block committed its own transaction
+        conn.execute(text("SELECT 1"))  # an open transaction: once() takes a savepoint in it
+        with inbox.once(conn, "m4", table=inbox_table) as first:
+            assert first
+        rollback()
+    finally:
+        close()
+    assert count(pg_dsn, effects) == 2
+    assert count(pg_dsn, inbox_table) == 2  # m3 failed, m4 rolled back with the outer one
 
 
 def test_cleanup_deletes_only_old_ids_in_batches(pg_dsn: str, tables: tuple[str, str]) -> None:
@@ -159,25 +192,50 @@ async def _psycopg_async(dsn: str) -> Any:
     return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
 
 
+async def _sqlalchemy_async_session(dsn: str) -> Any:
+    return AsyncClosing(*await ASYNC_DRIVERS["sqlalchemy-async-session"](dsn))
+
+
+async def _sqlalchemy_async_connection(dsn: str) -> Any:
+    return AsyncClosing(*await ASYNC_DRIVERS["sqlalchemy-async-connection"](dsn))
+
+
+class AsyncClosing:
+    """A SQLAlchemy async session/connection that takes plain SQL, as the test writes it."""
+
+    def __init__(self, conn: Any, commit: Any, rollback: Any, close: Any) -> None:
+        self.conn, self.close = conn, close
+
+    async def execute(self, sql: str) -> None:
+        from sqlalchemy import text
+
+        await self.conn.execute(text(sql))
+
+
 @pytest.mark.asyncio
-@pytest.mark.parametrize("opener", [_asyncpg, _psycopg_async], ids=["asyncpg", "psycopg-async"])
+@pytest.mark.parametrize(
+    "opener",
+    [_asyncpg, _psycopg_async, _sqlalchemy_async_session, _sqlalchemy_async_connection],
+    ids=["asyncpg", "psycopg-async", "sqlalchemy-async-session", "sqlalchemy-async-connection"],
+)
 async def test_once_async(pg_dsn: str, tables: tuple[str, str], opener: Any) -> None:
     inbox_table, effects = tables
-    conn = await opener(pg_dsn)
+    handle = await opener(pg_dsn)
+    conn = getattr(handle, "conn", handle)  # what the helper is given
     try:
         seen = []
         for message_id in ("m1", "m1", "m2"):
             async with inbox.once_async(conn, message_id, table=inbox_table) as first:
                 seen.append(first)
                 if first:
-                    await conn.execute(f"INSERT INTO {effects} (key) VALUES ('{message_id}')")
+                    await handle.execute(f"INSERT INTO {effects} (key) VALUES ('{message_id}')")
         assert seen == [True, False, True]
         with pytest.raises(RuntimeError):
             async with inbox.once_async(conn, "m3", table=inbox_table) as first:
                 assert first
                 raise RuntimeError("handler failed")
     finally:
-        await conn.close()
+        await handle.close()
     assert count(pg_dsn, effects) == 2
     assert count(pg_dsn, inbox_table) == 2  # m3 rolled back
 

@@ -106,8 +106,8 @@ def test_the_role_has_exactly_the_documented_privileges(least: LeastPrivilege) -
             " WHERE rolname = %s)",
             (least.role,),
         ).fetchone()
-    dead = f"{table}_dead_letter"
-    assert rows == [(dead, "INSERT"), (dead, "SELECT"), (dead, "UPDATE")]
+    dead, state = f"{table}_dead_letter", f"{table}_relay_state"
+    assert rows == [(t, p) for t in (dead, state) for p in ("INSERT", "SELECT", "UPDATE")]
     assert attrs == (False, False, False, True, True)
     assert seq_usage == [(schema, f"{dead}_id_seq")]
     assert owns == (0,)

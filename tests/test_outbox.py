@@ -196,7 +196,7 @@ def test_quoted_schema_and_table_names(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute('CREATE SCHEMA IF NOT EXISTS "My Schema"')
     table = 'My Schema.Out"box'
-    create_outbox(pg_dsn, '"My Schema"."Out""box"')
+    create_outbox(pg_dsn, table)
     try:
         with psycopg.connect(pg_dsn) as conn:
             enqueue(conn, "order", 1, "A", {}, table=table)
@@ -245,7 +245,6 @@ def test_serialisation_of_common_types() -> None:
         ({"headers": {"t": {"k" * 129: 1}}}, "nested name longer"),
         ({"headers": {"n": 2**64}}, "cannot serialise"),
         ({"headers": {"s": {1, 2}}}, "cannot serialise"),
-        ({"headers": {"f": 1e39}}, "AMQP float"),
         ({"headers": ["not", "a", "mapping"]}, "mapping"),
         ({"exchange": "has space"}, "invalid exchange name"),
         ({"exchange": ""}, None),  # the default exchange

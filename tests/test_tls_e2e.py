@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import aio_pika
 import orjson
 import psycopg
 import pytest
 import trustme
 
+from cdc_relay.amqp import declare_exchange
 from cdc_relay.config import Settings
 from cdc_relay.errors import EX_CONFIG
 from cdc_relay.pg.replication import ReplicationStream
@@ -171,9 +173,23 @@ def role_settings(deployment: Deployment, setup: Setup, amqp_url: str | None = N
     )
 
 
+async def tls_consumer(relay_url: str, consumer_url: str, exchange: str) -> Consumer:
+    """The exchange as the relay declares it, a queue bound to ``order.#`` only (a row of
+    another aggregate type is unroutable), and a consumer on it. Two URLs: the relay
+    spells the CA parameter ``cacertfile`` (RabbitMQ's convention), aio-pika ``cafile``."""
+    await declare_exchange([relay_url], exchange)
+    queue = f"q_{exchange}"
+    connection = await aio_pika.connect(consumer_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind(exchange, "order.#")
+    return await Consumer(consumer_url, None, queue=queue).attach()
+
+
 async def start_consumer(deployment: Deployment, setup: Setup) -> Consumer:
-    """Bound to ``order.#`` only, so that a row of another aggregate type is unroutable."""
-    return await Consumer(deployment.consumer_url(), setup.names["exchange"], "order.#").start()
+    exchange = setup.names["exchange"]
+    return await tls_consumer(deployment.amqp_url(), deployment.consumer_url(), exchange)
 
 
 def insert_rows(setup: Setup) -> tuple[list[str], str]:
@@ -330,7 +346,7 @@ async def test_client_certificate_login_to_rabbitmq(
             }
         )
         consumer_url = f"amqps://localhost:{mq.port}/?{query}"
-        consumer = await Consumer(consumer_url, outbox.names["exchange"], "order.#").start()
+        consumer = await tls_consumer(mq.external_url, consumer_url, outbox.names["exchange"])
         settings = role_settings(deployment, outbox, amqp_url=mq.external_url)
         relay = RelayProcess(settings, tmp_path / "relay.log", metrics_port=free_port())
         relay.start()

@@ -186,6 +186,37 @@ def test_celery_task_span_is_a_child_of_the_enqueuing_span(stack: Stack) -> None
         time.sleep(0.1)
     children = [s for s in spans if s["parent_id"] == f"0x{parent.span_id:016x}"]
     assert len(children) == 1, spans
-    assert children[0]["context"]["trace_id"] == f"0x{parent.trace_id:032x}"
-    assert children[0]["kind"] == "SpanKind.CONSUMER"
-    assert RECORD_ONCE in children[0]["name"]
+    (run,) = children  # Celery's instrumentation picked the trace up from the task headers
+    assert run["context"]["trace_id"] == f"0x{parent.trace_id:032x}"
+    assert run["kind"] == "SpanKind.CONSUMER"
+    assert run["name"] == f"run/{RECORD_ONCE}"
+    # ... and the inbox decorator's span nests under it, in the same trace.
+    (process,) = [s for s in spans if s["parent_id"] == run["context"]["span_id"]]
+    assert process["name"] == f"{RECORD_ONCE} process"
+    assert process["context"]["trace_id"] == run["context"]["trace_id"]
+
+
+def test_consumer_span_nests_under_an_instrumentation_span_of_the_same_trace() -> None:
+    with tracer.start_as_current_span("enqueue") as origin:
+        carried = tracing.current_headers()
+    EXPORTER.clear()
+    # An instrumentation (Celery's) already started a span from the same headers ...
+    with (
+        tracer.start_as_current_span("run/task", context=_extracted(carried)) as run,
+        tracing.consumer_span("task process", carried),
+    ):
+        pass
+    # ... while the carried trace wins over a current span of another trace.
+    with tracer.start_as_current_span("unrelated"), tracing.consumer_span("x process", carried):
+        pass
+    spans = {s.name: s for s in EXPORTER.get_finished_spans()}
+    assert spans["run/task"].parent.span_id == origin.get_span_context().span_id
+    assert spans["task process"].parent.span_id == run.get_span_context().span_id
+    assert spans["x process"].parent.span_id == origin.get_span_context().span_id
+    assert spans["unrelated"].context.trace_id != origin.get_span_context().trace_id
+
+
+def _extracted(headers: dict[str, str]) -> Any:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator().extract(headers)

@@ -129,10 +129,16 @@ class AmqpAddress:
 
 
 def redact(url: str) -> str:
-    """Hide the password in a URL before it reaches a log line."""
+    """Hide the password in a URL before it reaches a log line, malformed URLs included.
+
+    Everything up to the last ``@`` is credentials, also without a scheme or
+    with an unencoded ``/``, ``?`` or ``#`` in the password.
+    """
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
         return url
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -97,6 +97,8 @@ class Publisher:
 
     async def connect(self) -> None:
         """Connect to the first node that completes the handshake, in random order."""
+        if self._conn is not None:  # a reconnect: the old connection must not feed the window
+            self._conn.abort()
         urls = list(self._urls)
         random.shuffle(urls)
         errors: list[str] = []

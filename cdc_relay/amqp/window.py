@@ -11,7 +11,7 @@ out of order) live in a small dict keyed by tag that the hot path (add +
 Rules:
 - A ``basic.return`` precedes the ack of the same publish and is matched by
   message id; the window holds at most one unsettled publish per id (the
-  publisher waits on ``has_unsettled`` before reusing one), so the match is
+  publisher waits for ``can_add`` before reusing one), so the match is
   unambiguous. A return that matches nothing is a protocol failure: treating it
   as harmless would let the dropped message count as confirmed later.
 - Each publish is reported once: confirmed, failed (nack or return), or lost

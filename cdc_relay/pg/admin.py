@@ -9,21 +9,27 @@ the dead-letter table's DDL belongs to ``cdc_relay.deadletters``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.resources import files
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
-from cdc_relay import deadletters
+from cdc_relay import deadletters, state
 from cdc_relay.config import Settings
-from cdc_relay.errors import ConfigError
+from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import OUTBOX_COLUMNS
+
+log = logging.getLogger("cdc_relay")
 
 
 def qualified(schema: str, table: str) -> sql.Composable:
@@ -60,6 +66,15 @@ def functions_ddl(table: tuple[str, str]) -> sql.Composed:
     )
 
 
+def emit_function_ddl(table: tuple[str, str]) -> sql.Composed:
+    """Only the emit function: a table-less outbox has no table for ``_enqueue`` to insert into."""
+    schema = table[0]
+    _, emit = function_names(table)
+    template = _template("functions.sql")
+    statement = template[template.index("CREATE OR REPLACE FUNCTION {emit}") :]
+    return sql.SQL(statement).format(emit=qualified(schema, emit))
+
+
 # Kept for bench/polling.py: the outbox DDL as a psycopg template with {table}.
 OUTBOX_DDL = _template("outbox.sql").replace("{outbox}", "{table}")
 
@@ -72,7 +87,12 @@ def render_sql(settings: Settings) -> str:
         f"{'.'.join(table)}; do not edit.\n"
         "-- Apply it from your migrations and run `cdc-relay init --no-table` if you prefer.\n\n"
     )
-    parts = [outbox_ddl(table), deadletters.ddl(dl_table), functions_ddl(table)]
+    parts = [
+        outbox_ddl(table),
+        deadletters.ddl(dl_table),
+        state.ddl(state.table_name(settings)),
+        functions_ddl(table),
+    ]
     return header + "\n".join(p.as_string(None).strip() + "\n" for p in parts)
 
 
@@ -112,26 +132,44 @@ def init(
     *,
     create_table: bool = True,
     grant_to: str | None = None,
+    failover: bool = False,
 ) -> list[str]:
-    """Create what is missing; return one line per object saying created or already there."""
+    """Create what is missing; return one line per object saying created or already there.
+
+    With ``failover`` the slot is created as a failover slot (PostgreSQL 17+), which
+    a standby with ``sync_replication_slots`` keeps a copy of (see docs/ha.md).
+    """
     settings.check()  # e.g. an invalid slot name, before anything is created
     check_wal_level(conn)
+    if failover:
+        check_failover_supported(conn)
     report: list[str] = []
     schema, table = settings.table_parts
+    tableless = not create_table and not table_exists(conn, schema, table)
     if create_table:
         existed = table_exists(conn, schema, table)
         conn.execute(outbox_ddl((schema, table)))
         report.append(f"table {schema}.{table}: {'already exists' if existed else 'created'}")
-    elif not table_exists(conn, schema, table):
-        raise ConfigError(
-            f"table {schema}.{table} does not exist; create it (see `cdc-relay init --print-sql`)"
-            " or run `cdc-relay init` without --no-table"
+    elif tableless:
+        report.append(
+            f"table {schema}.{table}: none (table-less outbox: publish with "
+            f"{function_names((schema, table))[1]}; create the table from "
+            "`cdc-relay init --print-sql` to use rows too)"
         )
     report += deadletters.create(conn, settings.dead_letter_table)
-    report += _create_functions(conn, (schema, table))
+    report += state.create(conn, state.table_name(settings))
+    report += _create_functions(conn, (schema, table), emit_only=tableless)
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
         report.append(f"publication {settings.publication}: already exists")
+    elif tableless:
+        # Empty: pgoutput still sends logical messages, and validation accepts it.
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert')").format(
+                sql.Identifier(settings.publication)
+            )
+        )
+        report.append(f"publication {settings.publication}: created (no table: messages only)")
     else:
         rel = _relation(conn, schema, table)
         # A partitioned outbox is published as its root, so renames cannot hide rows.
@@ -143,22 +181,62 @@ def init(
         )
         report.append(f"publication {settings.publication}: created (inserts of {schema}.{table})")
 
-    if _exists(conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", settings.slot):
-        report.append(f"replication slot {settings.slot}: already exists")
-    else:
-        row = conn.execute(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
-            (settings.slot,),
-        ).fetchone()
-        assert row is not None
-        report.append(f"replication slot {settings.slot}: created at {row[0]}")
+    report.append(_create_slot(conn, settings.slot, failover=failover))
     if grant_to is not None:
         report += grant(conn, settings, grant_to)
     return report
 
 
-def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
-    names = function_names(table)
+FAILOVER_MIN_VERSION = 170000  # failover slots and slot synchronization: PostgreSQL 17
+
+
+def check_failover_supported(conn: psycopg.Connection[Any]) -> None:
+    """Failover slots exist from PostgreSQL 17; older servers get one line, not a SQL error."""
+    version = conn.info.server_version
+    if version < FAILOVER_MIN_VERSION:
+        raise ConfigError(
+            f"--failover needs PostgreSQL 17 or later (this server is "
+            f"{version // 10000}.{version % 10000}): failover slots do not exist before 17; "
+            "run init without --failover (the slot will not survive a promotion)"
+        )
+
+
+def _create_slot(conn: psycopg.Connection[Any], slot: str, *, failover: bool) -> str:
+    """The logical pgoutput slot (a failover slot when asked); one report line."""
+    if conn.info.server_version >= FAILOVER_MIN_VERSION:
+        row = conn.execute(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT false FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    if row is not None:
+        if failover and not row[0]:
+            return (
+                f"replication slot {slot}: exists WITHOUT failover: stop the relay and "
+                f"run ALTER_REPLICATION_SLOT {slot} (FAILOVER true) on a replication connection"
+                f' (psql "dbname=... replication=database"), or `cdc-relay drop` and init again'
+            )
+        return f"replication slot {slot}: already exists" + (" (failover)" if row[0] else "")
+    if failover:
+        created = conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput',"
+            " false, false, true)",
+            (slot,),
+        ).fetchone()
+    else:
+        created = conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
+        ).fetchone()
+    assert created is not None
+    return f"replication slot {slot}: created at {created[0]}" + (" (failover)" if failover else "")
+
+
+def _create_functions(
+    conn: psycopg.Connection[Any], table: tuple[str, str], *, emit_only: bool = False
+) -> list[str]:
+    names = function_names(table)[1:] if emit_only else function_names(table)
 
     def sources() -> dict[str, str]:
         rows = conn.execute(
@@ -170,7 +248,7 @@ def _create_functions(conn: psycopg.Connection[Any], table: tuple[str, str]) -> 
         return {name: src for name, src in rows}
 
     before = sources()
-    conn.execute(functions_ddl(table))
+    conn.execute(emit_function_ddl(table) if emit_only else functions_ddl(table))
     after = sources()
     report = []
     for name in names:
@@ -220,6 +298,16 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
             f"SELECT, INSERT, UPDATE on {dl_schema}.{dl_table}",
         ),
     ]
+    st_schema, st_table = state.table_name(settings)
+    if state.exists(conn, (st_schema, st_table)):
+        grants.append(
+            (
+                sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(
+                    qualified(st_schema, st_table), r
+                ),
+                f"SELECT, INSERT, UPDATE on {st_schema}.{st_table}",
+            )
+        )
     if dl_schema != schema:
         grants.insert(
             0,
@@ -294,16 +382,13 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     """Raise ConfigError for the first thing that would make the stream wrong or empty."""
     _check_encoding(conn)
     check_wal_level(conn)
-    schema, table = settings.table_parts
-    rel = _relation(conn, schema, table)
+    rel = check_outbox_table(conn, settings)
     if rel is None:
-        raise ConfigError(
-            f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
-            "(or create it from `cdc-relay init --print-sql`) or fix --table"
-        )
-    relid, relkind = rel
-    _check_columns(conn, relid, f"{schema}.{table}")
-    _check_publication(conn, settings, relkind)
+        _check_tableless_publication(conn, settings)
+        relid = 0  # table-less: only outbox_emit's messages, no relation is the outbox
+    else:
+        relid, relkind = rel
+        _check_publication(conn, settings, relkind)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
@@ -317,6 +402,45 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
         wal_sender_timeout=timeout_ms / 1000,
     )
+
+
+def check_outbox_table(conn: psycopg.Connection[Any], settings: Settings) -> tuple[int, str] | None:
+    """(oid, relkind) of the outbox after checking its columns, or None when there is no table."""
+    schema, table = settings.table_parts
+    rel = _relation(conn, schema, table)
+    if rel is not None:
+        _check_columns(conn, rel[0], f"{schema}.{table}")
+    return rel
+
+
+def publication_exists(conn: psycopg.Connection[Any], publication: str) -> bool:
+    return _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", publication)
+
+
+def _check_tableless_publication(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """No outbox table: valid only with an empty publication (``init --no-table``).
+
+    A publication that covers some other table, or all tables, means the
+    outbox table is missing rather than deliberately absent.
+    """
+    schema, table = settings.table_parts
+    missing = (
+        f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
+        "(or create it from `cdc-relay init --print-sql`) or fix --table"
+    )
+    pub = conn.execute(
+        "SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = %s",
+        (settings.publication,),
+    ).fetchone()
+    if pub is None:
+        raise ConfigError(
+            f"{missing}; for a table-less outbox (outbox_emit only) run `cdc-relay init --no-table`"
+        )
+    covered = conn.execute(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (settings.publication,)
+    ).fetchone()
+    if pub[0] or (covered is not None and covered[0] > 0):
+        raise ConfigError(missing)
 
 
 def _check_encoding(conn: psycopg.Connection[Any]) -> None:
@@ -412,8 +536,10 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
 
 def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
     if info is None:
-        raise ConfigError(
-            f"replication slot {settings.slot} does not exist; run `cdc-relay init` or fix --slot"
+        raise SlotMissing(
+            f"replication slot {settings.slot} does not exist; if it was lost or dropped, "
+            f"{state.lost_slot_hint(conn, settings)}; for a new setup run `cdc-relay init`, "
+            "or fix --slot"
         )
     if info.slot_type != "logical" or info.plugin != "pgoutput":
         raise ConfigError(
@@ -435,8 +561,7 @@ def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInf
     if info.wal_status == "lost":
         raise ConfigError(
             f"replication slot {settings.slot} was invalidated (WAL removed, wal_status=lost); "
-            "rows may have been missed: recreate it with `cdc-relay drop` and `cdc-relay init`, "
-            "then reconcile the outbox"
+            f"rows may have been missed: {state.lost_slot_hint(conn, settings)}"
         )
 
 
@@ -452,10 +577,20 @@ def status(
     ``healthy`` is True only when validation passes, a relay is attached (unless
     ``require_active`` is False) and the lag is within ``max_lag_bytes``;
     ``problem`` says why not, naming a missing privilege when that is the cause.
+    Pointed at a standby it answers the failover question instead (``standby_status``).
+    ``warnings`` never make it unhealthy: they name a risk, not an outage.
     """
+    in_recovery = _in_recovery(conn)
+    if in_recovery:
+        return standby_status(conn, settings)
     info = slot_info(conn, settings.slot)
-    result: dict[str, Any] = {"slot": settings.slot, "slot_exists": info is not None}
+    result: dict[str, Any] = {
+        "role": "primary",
+        "slot": settings.slot,
+        "slot_exists": info is not None,
+    }
     problems: list[str] = []
+    warnings: list[str] = []
     if info is not None:
         lag = conn.execute(
             "SELECT pg_current_wal_lsn()::text,"
@@ -465,11 +600,14 @@ def status(
             (settings.slot,),
         ).fetchone()
         assert lag is not None
+        failover = _slot_flags(conn, settings.slot).get("failover")
         result.update(
             plugin=info.plugin,
             database=info.database,
             active=info.active,
             active_pid=info.active_pid,
+            active_client=_client_of(conn, info.active_pid),
+            failover=failover,
             confirmed_flush_lsn=info.confirmed_flush_lsn,
             restart_lsn=info.restart_lsn,
             wal_status=info.wal_status,
@@ -477,6 +615,8 @@ def status(
             lag_bytes=lag[1],
             retained_wal_bytes=lag[2],
         )
+        if failover:
+            warnings += _failover_warnings(conn, settings.slot)
         if require_active and not info.active:
             problems.append(f"no relay is attached to slot {settings.slot}")
         if max_lag_bytes is not None and lag[1] is not None and lag[1] > max_lag_bytes:
@@ -512,6 +652,123 @@ def status(
     result["healthy"] = not problems
     result["problem"] = problems[0] if problems else None
     result["problems"] = problems
+    result["warnings"] = warnings
+    return result
+
+
+def _client_of(conn: psycopg.Connection[Any], pid: int | None) -> str | None:
+    """Which relay holds the slot: its application_name and address (walsender ``pid``).
+
+    With active/standby relays this is the one streaming; the others wait for it.
+    """
+    if pid is None:
+        return None
+    row = conn.execute(
+        "SELECT application_name, coalesce(host(client_addr), 'local'), client_port"
+        " FROM pg_stat_replication WHERE pid = %s",
+        (pid,),
+    ).fetchone()
+    return None if row is None else f"{row[0]} at {row[1]}:{row[2]}"
+
+
+def _in_recovery(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
+
+
+def _slot_flags(conn: psycopg.Connection[Any], slot: str) -> dict[str, bool | None]:
+    """failover/synced/temporary of a slot; None for what this server version lacks."""
+    if conn.info.server_version < FAILOVER_MIN_VERSION:
+        row = conn.execute(
+            "SELECT temporary FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+        temporary = None if row is None else bool(row[0])
+        return {"failover": None, "synced": None, "temporary": temporary}
+    row = conn.execute(
+        "SELECT failover, synced, temporary FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return {"failover": None, "synced": None, "temporary": None}
+    return {"failover": bool(row[0]), "synced": bool(row[1]), "temporary": bool(row[2])}
+
+
+def _failover_warnings(conn: psycopg.Connection[Any], slot: str) -> list[str]:
+    """Why a failover slot on this primary could still lose or invent events at a failover."""
+    row = conn.execute("SHOW synchronized_standby_slots").fetchone()
+    names = [n.strip() for n in (row[0] if row else "").split(",") if n.strip()]
+    if not names:
+        return [
+            f"slot {slot} is a failover slot but synchronized_standby_slots is empty: the relay "
+            "may publish changes a promoted standby never received (phantom events); set "
+            "synchronized_standby_slots = '<the standby's physical slot>' on the primary"
+        ]
+    warnings = []
+    rows = conn.execute(
+        "SELECT slot_name, slot_type, active FROM pg_replication_slots WHERE slot_name = ANY(%s)",
+        (names,),
+    ).fetchall()
+    known = {name: (slot_type, active) for name, slot_type, active in rows}
+    for name in names:
+        if name not in known or known[name][0] != "physical":
+            warnings.append(
+                f"synchronized_standby_slots names {name}, which is not a physical slot here: "
+                "logical decoding waits for it"
+            )
+        elif not known[name][1]:
+            warnings.append(
+                f"standby slot {name} (synchronized_standby_slots) is not active: the relay "
+                "receives nothing until that standby streams again or the slot is removed "
+                "from synchronized_standby_slots"
+            )
+    return warnings
+
+
+def standby_status(conn: psycopg.Connection[Any], settings: Settings) -> dict[str, Any]:
+    """Whether this standby could take over: it holds a sync-ready copy of the slot.
+
+    Only ``synced AND NOT temporary`` survives promotion; a temporary copy (the
+    standby is still behind the primary's catalog xmin) is dropped when promoted,
+    and the relay would then find no slot at all.
+    """
+    flags = _slot_flags(conn, settings.slot)
+    info = slot_info(conn, settings.slot)
+    replay = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
+    ready = bool(flags["synced"]) and flags["temporary"] is False
+    result: dict[str, Any] = {
+        "role": "standby",
+        "slot": settings.slot,
+        "slot_exists": info is not None,
+        "failover": flags["failover"],
+        "synced": flags["synced"],
+        "temporary": flags["temporary"],
+        "failover_ready": ready,
+        "confirmed_flush_lsn": info.confirmed_flush_lsn if info else None,
+        "replay_lsn": replay[0] if replay else None,
+    }
+    problems: list[str] = []
+    if conn.info.server_version < FAILOVER_MIN_VERSION:
+        problems.append(
+            "this is a standby of PostgreSQL < 17: it cannot hold a copy of a logical slot, "
+            "so the relay cannot continue after a promotion (see docs/ha.md)"
+        )
+    elif info is None:
+        problems.append(
+            f"this standby holds no copy of slot {settings.slot}: create the slot with "
+            "`cdc-relay init --failover` and set sync_replication_slots = on, "
+            "hot_standby_feedback = on and dbname in primary_conninfo here"
+        )
+    elif not ready:
+        problems.append(
+            f"this standby's copy of slot {settings.slot} is not sync-ready yet (synced="
+            f"{flags['synced']}, temporary={flags['temporary']}): a temporary copy is dropped "
+            "at promotion; it becomes persistent once the relay confirms past a standby snapshot"
+            " (SELECT pg_log_standby_snapshot() on the primary)"
+        )
+    result["healthy"] = not problems
+    result["problem"] = problems[0] if problems else None
+    result["problems"] = problems
+    result["warnings"] = []
     return result
 
 
@@ -549,6 +806,66 @@ def prune_outbox(
             return total
         if progress is not None:
             progress(total)
+
+
+RETENTION_INTERVAL: Final = 60.0  # seconds between background retention passes
+RETENTION_BATCH: Final = 500  # rows per DELETE in the background
+RETENTION_PAUSE: Final = 0.05  # seconds between batches: a low rate, never a lock storm
+
+
+async def retain_outbox(
+    settings: Settings,
+    older_than: timedelta,
+    stop: asyncio.Event,
+    *,
+    interval: float = RETENTION_INTERVAL,
+    batch: int = RETENTION_BATCH,
+    pause: float = RETENTION_PAUSE,
+    on_pass: Callable[[int], None] | None = None,
+) -> None:
+    """``run --retention``: every ``interval`` seconds, prune rows older than ``older_than``.
+
+    Runs beside the stream until ``stop`` is set. Each pass uses its own short
+    connection and deletes ``batch`` rows per transaction with a pause between
+    batches, so it never holds many locks or competes with the application. A
+    failed pass is logged and retried at the next one: retention must never end
+    the relay. Safe for delivery like ``prune`` (deletes are not published);
+    ``on_pass`` gets the number of rows each pass deleted.
+    """
+    while not stop.is_set():
+        try:
+            deleted = await asyncio.to_thread(
+                _retention_pass, settings, older_than, batch, pause, stop
+            )
+        except (psycopg.Error, ConfigError, OSError) as exc:
+            log.warning(
+                "retention pass failed (retrying in %.0fs): %s", interval, one_line(str(exc))
+            )
+        else:
+            if deleted:
+                log.info("retention: deleted %d outbox row(s) older than %s", deleted, older_than)
+            if on_pass is not None:
+                on_pass(deleted)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+def _retention_pass(
+    settings: Settings, older_than: timedelta, batch: int, pause: float, stop: asyncio.Event
+) -> int:
+    query = sql.SQL(
+        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE created_at < now() - %s LIMIT %s)"
+    ).format(t=qualified(*settings.table_parts))
+    total = 0
+    with connect(settings.dsn, application_name="cdc-relay retention") as conn:
+        conn.execute("SET statement_timeout = '30s'; SET lock_timeout = '2s'")
+        while not stop.is_set():
+            deleted = conn.execute(query, (older_than, batch)).rowcount
+            total += deleted
+            if deleted < batch:
+                break
+            time.sleep(pause)
+    return total
 
 
 def drop(conn: psycopg.Connection[Any], settings: Settings, *, publication: bool) -> list[str]:

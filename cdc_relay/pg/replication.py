@@ -225,6 +225,7 @@ class ReplicationStream:
         # we are waiting for more (not stalled on our own back-pressure).
         self.last_receive = time.monotonic()
         self.waiting_for_data = False
+        self.backend_pid: int = self._pgconn.backend_pid  # our walsender, for liveness probes
 
     @classmethod
     async def connect(

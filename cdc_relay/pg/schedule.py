@@ -8,10 +8,13 @@ moved, or the server asked for a reply), and never closer together than
 Liveness: a silent partition can keep TCP up (and a middlebox may answer TCP
 keepalives), so silence while we wait for data is measured here. After a third
 of the timeout each update asks the server for a reply; after the whole
-timeout the connection is presumed dead. The effective timeout is never below
-the server's ``wal_sender_timeout`` (with a margin): a walsender decoding a
-long transaction of changes that are not ours may stay silent for about that
-long, and giving up sooner would replay the same transaction forever.
+timeout the schedule answers ``Probe``: the caller asks Postgres on a fresh
+connection whether our walsender still runs. A walsender decoding a long
+transaction of changes that are not ours stays silent for up to half its
+``wal_sender_timeout`` and does not read our reply requests meanwhile; ending
+the session then would replay the same transaction forever. If the probe
+says the walsender is alive, ``reprieve`` grants another full timeout; if the
+server does not answer, or our walsender is gone, the connection is dead.
 """
 
 from __future__ import annotations
@@ -20,14 +23,6 @@ from dataclasses import dataclass
 from typing import Final
 
 STATUS_MIN_GAP: Final = 0.02  # seconds between two status updates: no storms, ever
-WAL_SENDER_TIMEOUT_MARGIN: Final = 1.5  # effective timeout >= this x wal_sender_timeout
-
-
-def effective_pg_timeout(pg_timeout: float, wal_sender_timeout: float) -> float:
-    """``--pg-timeout``, raised to outlast the server's own silence (0 = disabled there)."""
-    if wal_sender_timeout > 0:
-        return max(pg_timeout, WAL_SENDER_TIMEOUT_MARGIN * wal_sender_timeout)
-    return pg_timeout
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,8 +33,8 @@ class Send:
 
 
 @dataclass(slots=True, frozen=True)
-class Dead:
-    """No data from Postgres for ``silent`` seconds while waiting: end the session."""
+class Probe:
+    """No data from Postgres for ``silent`` seconds while waiting: is it busy, or gone?"""
 
     silent: float
 
@@ -47,7 +42,7 @@ class Dead:
 class StatusSchedule:
     """The status timer and the Postgres liveness rule, with a fake-able clock."""
 
-    __slots__ = ("_interval", "_last_sent", "_min_gap", "_timeout")
+    __slots__ = ("_interval", "_last_sent", "_min_gap", "_reprieved_at", "_timeout")
 
     def __init__(
         self, interval: float, timeout: float, now: float, min_gap: float = STATUS_MIN_GAP
@@ -56,6 +51,7 @@ class StatusSchedule:
         self._timeout = timeout
         self._min_gap = min_gap
         self._last_sent = now - interval  # the first update may go out at once
+        self._reprieved_at = float("-inf")
 
     @property
     def timeout(self) -> float:
@@ -68,10 +64,10 @@ class StatusSchedule:
             return max(0.0, self._min_gap - since)
         return max(0.0, min(self._interval - since, self._timeout / 3))
 
-    def decide(self, now: float, *, due: bool, silent: float | None) -> Send | Dead | None:
+    def decide(self, now: float, *, due: bool, silent: float | None) -> Send | Probe | None:
         """``silent``: seconds since data last arrived while waiting for it, else None."""
-        if silent is not None and silent > self._timeout:
-            return Dead(silent)
+        if silent is not None and min(silent, now - self._reprieved_at) > self._timeout:
+            return Probe(silent)
         since = now - self._last_sent
         if since < self._min_gap:
             return None
@@ -82,3 +78,7 @@ class StatusSchedule:
 
     def sent(self, now: float) -> None:
         self._last_sent = now
+
+    def reprieve(self, now: float) -> None:
+        """The probe found Postgres alive and our walsender running: wait another timeout."""
+        self._reprieved_at = now

@@ -59,6 +59,10 @@ def _export_spans(path: str) -> None:
     exporter = ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    # What a user of Celery's instrumentation runs: it reads traceparent from the task headers.
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    CeleryInstrumentor().instrument()
 
 
 if os.environ.get("CDC_RELAY_TEST_SPANS"):

@@ -7,6 +7,7 @@ own keys. Tasks are those of ``tests.apps.celery_app``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import psycopg
 import pytest
 
@@ -62,6 +64,23 @@ class Stack:
             f"tasks {keys} did not run; worker log:\n{self.worker_log.read_text()[-3000:]}"
             f"\nrelay log:\n{self.relay.log()[-3000:]}"
         )
+
+
+async def _delete_queue(amqp_url: str, name: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+
+
+def stop(relay: RelayProcess) -> None:
+    """SIGTERM (a clean stop releases the slot at once), SIGKILL if that hangs."""
+    if relay.proc is None or relay.proc.poll() is not None:
+        return
+    try:
+        relay.terminate(timeout=15)
+    except subprocess.TimeoutExpired:
+        relay.stop_quietly()
 
 
 def _server_url(request: pytest.FixtureRequest, env: str, fixture: str, attr: str) -> str:
@@ -135,13 +154,11 @@ def stack(
             setup, relay, worker, worker_log, queue, effects, inbox_table, tmp / "spans.jsonl"
         )
     finally:
-        relay.stop_quietly()
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
+        stop(relay)
+        # SIGKILL: even a cold shutdown idles ~10 s here, and with acks_late nothing is lost.
+        worker.kill()
+        worker.wait(10)
+        asyncio.run(_delete_queue(amqp_url, queue))
         setup.cleanup()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {effects}")

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from cdc_relay.outbox import outbox_ddl as product_outbox_ddl
 from cdc_relay.router import OutboxRow
-
-ROOT = Path(__file__).resolve().parents[2]
-# The DDL moves to package data (cdc_relay/sql/); either place is the contract.
-DDL_FILES = (ROOT / "cdc_relay" / "sql" / "outbox.sql", ROOT / "sql" / "outbox.sql")
 
 
 def outbox_ddl(table: str) -> str:
-    """The outbox CREATE TABLE of the shipped DDL, for another table name."""
-    path = next(p for p in DDL_FILES if p.exists())
-    text = path.read_text()
-    match = re.search(r"CREATE TABLE IF NOT EXISTS public\.outbox \(.*?\n\);", text, re.S)
-    assert match, f"no outbox CREATE TABLE in {path}"
-    return match.group(0).replace("public.outbox", table, 1)
+    """The outbox CREATE TABLE that ``cdc-relay init`` runs, for another table name."""
+    return product_outbox_ddl(table)
 
 
 def unique_table(prefix: str = "outbox") -> str:

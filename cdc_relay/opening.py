@@ -1,0 +1,156 @@
+"""Opening a session: the slot, the startup checks, the publisher, each step bounded.
+
+The startup checks come first (one clear line for any misconfiguration). Then
+the replication connection takes the slot: while another relay holds it, this
+one stands by on that one connection (a hot standby must not open connections
+in a loop), and checks again once it has the slot, because the slot's
+confirmed position moved meanwhile. Only then does the relay connect to
+RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from cdc_relay.amqp import ExchangeError, Outcome, Publisher
+from cdc_relay.config import Settings
+from cdc_relay.core import SessionFailed
+from cdc_relay.deadletters import DeadLetterWriter
+from cdc_relay.errors import ConfigError, SlotMissing
+from cdc_relay.pg import admin
+from cdc_relay.pg.replication import (
+    SQLSTATE_PREREQUISITE_STATE,
+    SQLSTATE_UNDEFINED_OBJECT,
+    ReplicationError,
+    ReplicationStream,
+    SlotInUse,
+)
+from cdc_relay.state import StateWriter, describe_lost_slot
+
+log = logging.getLogger("cdc_relay")
+
+VALIDATE_TIMEOUT: Final = 30.0  # startup checks must answer within this
+STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slot
+# Bounded on its own (keepalives, tcp_user_timeout, statement_timeout), so the
+# validation thread ends soon after VALIDATE_TIMEOUT, not whenever the network heals.
+VALIDATION_CONNECTION: Final = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+    "application_name": "cdc-relay validation",
+}
+
+
+@dataclass(slots=True)
+class Connections:
+    """What a session has open; closing it never raises and never hangs for long."""
+
+    stream: ReplicationStream | None = None
+    publisher: Publisher | None = None
+    dead_letters: DeadLetterWriter | None = None
+    state: StateWriter | None = None
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            try:
+                await self.stream.close()
+            except Exception as exc:
+                log.debug("closing replication connection: %r", exc)
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self.dead_letters is not None:
+            await self.dead_letters.close()
+        if self.state is not None:
+            await self.state.close()
+
+
+async def open_stream(settings: Settings) -> ReplicationStream:
+    """The replication connection, with TCP keepalives so a dead peer is noticed."""
+    return await ReplicationStream.connect(
+        settings.dsn,
+        keepalive_idle=settings.tcp_keepalive_idle,
+        keepalive_interval=settings.tcp_keepalive_interval,
+        keepalive_count=settings.tcp_keepalive_count,
+    )
+
+
+async def take_slot(
+    stream: ReplicationStream, settings: Settings, stop: asyncio.Event
+) -> bool | None:
+    """START_REPLICATION; while another relay holds the slot, stand by.
+
+    Returns whether it had to stand by (the slot's position may have moved
+    meanwhile), or None if asked to stop first.
+    """
+    standing_by = False
+    while True:
+        try:
+            await stream.start(settings.slot, settings.publication, messages=True)
+            if standing_by:
+                log.info("slot %s is free: taking over", settings.slot)
+            return standing_by
+        except SlotInUse as exc:
+            if not standing_by:
+                log.info("standing by: %s", exc)
+            standing_by = True
+        except ReplicationError as exc:
+            if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
+                hint = await asyncio.to_thread(describe_lost_slot, settings)
+                error = SlotMissing if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT else ConfigError
+                raise error(
+                    f"replication slot {settings.slot} cannot be used: {exc}; {hint}"
+                ) from None
+            raise
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), random.uniform(*STANDBY_RETRY))
+        if stop.is_set():
+            return None
+
+
+async def validate(settings: Settings) -> admin.StartupFacts:
+    """Startup checks on a normal connection; a partitioned network cannot hang them."""
+
+    def check() -> admin.StartupFacts:
+        with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+            conn.execute("SET statement_timeout = '20s'")
+            return admin.validate(conn, settings)
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(check), VALIDATE_TIMEOUT)
+    except TimeoutError:
+        raise SessionFailed(f"startup checks got no answer in {VALIDATE_TIMEOUT:.0f}s") from None
+
+
+async def open_publisher(settings: Settings, on_outcome: Callable[[Outcome], None]) -> Publisher:
+    """Connect (any listed node) and declare the default exchange over that same connection."""
+    publisher = Publisher(
+        settings.amqp_urls,
+        max_in_flight=settings.max_in_flight,
+        max_in_flight_bytes=settings.max_in_flight_bytes,
+        confirm_timeout=settings.confirm_timeout,
+        heartbeat=settings.amqp_heartbeat,
+        on_outcome=on_outcome,
+    )
+    await publisher.connect()
+    try:
+        if settings.declare_exchange and settings.message_format == "event":
+            await publisher.declare_exchange(settings.exchange)
+    except ExchangeError as exc:
+        await publisher.close()
+        raise ConfigError(
+            f"{exc}; fix --exchange, or run with --no-declare if the exchange is managed "
+            "elsewhere and this user may not declare it"
+        ) from None
+    except BaseException:
+        await publisher.close()
+        raise
+    return publisher

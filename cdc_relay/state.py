@@ -1,0 +1,267 @@
+"""Where the relay last was, kept in a tiny table so ``resync`` can start from there.
+
+One row per slot in ``<outbox>_relay_state``: the commit time and end LSN of
+the newest transaction whose messages were all confirmed, when that was
+written, and whether a ``resync`` is under way. The row exists for one reader:
+after a slot is lost, ``cdc-relay resync`` without ``--since`` starts from the
+recorded commit time minus a margin (a transaction that committed later may
+have inserted its rows, with ``created_at = now()`` at its start, earlier).
+
+The trade-off, chosen: one small UPDATE every few seconds (``RECORD_INTERVAL``)
+on a row nobody else writes, against guessing ``--since`` after an outage. The
+row may lag the slot by up to that interval; lagging only means more duplicates
+on a resync, never a gap, so writes are throttled and a failed write is not a
+reason to stop streaming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from cdc_relay.config import Settings
+from cdc_relay.lsn import format_lsn
+from cdc_relay.redact import one_line
+
+log = logging.getLogger("cdc_relay")
+
+RECORD_INTERVAL: Final = 5.0  # seconds between the relay's writes of its position
+STATEMENT_TIMEOUT_MS: Final = 5000  # a locked state row must never stall the relay
+
+DDL: Final = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    slot_name           text PRIMARY KEY,
+    confirmed_commit_at timestamptz NULL,
+    confirmed_lsn       pg_lsn NULL,
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    resync_since        timestamptz NULL
+);
+"""
+
+
+def table_name(settings: Settings) -> tuple[str, str]:
+    """``<outbox>_relay_state`` next to the outbox (``public.outbox_relay_state``)."""
+    schema, table = settings.table_parts
+    return schema, f"{table[:50]}_relay_state"
+
+
+def _qualified(table: tuple[str, str]) -> sql.Composable:
+    return sql.SQL("{}.{}").format(sql.Identifier(table[0]), sql.Identifier(table[1]))
+
+
+def ddl(table: tuple[str, str]) -> sql.Composed:
+    return sql.SQL(DDL).format(table=_qualified(table))
+
+
+def create(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
+    """Create the state table if missing (``init`` and ``resync``); one report line."""
+    existed = exists(conn, table)
+    conn.execute(ddl(table))
+    name = ".".join(table)
+    return [f"relay state table {name}: {'already exists' if existed else 'created'}"]
+
+
+def exists(conn: psycopg.Connection[Any], table: tuple[str, str]) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'r'",
+        table,
+    ).fetchone()
+    return row is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayState:
+    """The state row of one slot."""
+
+    slot: str
+    confirmed_commit_at: datetime | None
+    confirmed_lsn: str | None
+    updated_at: datetime
+    resync_since: datetime | None
+
+
+def read(conn: psycopg.Connection[Any], table: tuple[str, str], slot: str) -> RelayState | None:
+    """The slot's row, or None (no row, or no state table: an older setup)."""
+    if not exists(conn, table):
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT slot_name, confirmed_commit_at, confirmed_lsn::text, updated_at, resync_since"
+            " FROM {} WHERE slot_name = %s"
+        ).format(_qualified(table)),
+        (slot,),
+    ).fetchone()
+    return None if row is None else RelayState(*row)
+
+
+async def record(
+    conn: psycopg.AsyncConnection[Any],
+    table: tuple[str, str],
+    slot: str,
+    commit_time: float,
+    lsn: int,
+) -> None:
+    """Upsert the newest fully confirmed transaction (commit time as Unix seconds, end LSN).
+
+    Never moves the row backwards: a relay that restarted from an older
+    position (or a second relay) does not undo a newer record.
+    """
+    await conn.execute(
+        sql.SQL(
+            "INSERT INTO {t} AS s (slot_name, confirmed_commit_at, confirmed_lsn, updated_at)"
+            " VALUES (%s, %s, %s::pg_lsn, now())"
+            " ON CONFLICT (slot_name) DO UPDATE SET"
+            " confirmed_commit_at = EXCLUDED.confirmed_commit_at,"
+            " confirmed_lsn = EXCLUDED.confirmed_lsn, updated_at = now()"
+            " WHERE s.confirmed_lsn IS NULL OR s.confirmed_lsn <= EXCLUDED.confirmed_lsn"
+        ).format(t=_qualified(table)),
+        (slot, datetime.fromtimestamp(commit_time, UTC), format_lsn(lsn)),
+    )
+
+
+def mark_resync(
+    conn: psycopg.Connection[Any], table: tuple[str, str], slot: str, since: datetime | None
+) -> None:
+    """Set (a resync started from ``since``) or clear (None: it finished) the resync mark.
+
+    While set, a healthy slot of that name is one an interrupted resync created,
+    which the next ``resync`` may drop without losing anything.
+    """
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {t} AS s (slot_name, resync_since) VALUES (%s, %s)"
+            " ON CONFLICT (slot_name) DO UPDATE SET resync_since = EXCLUDED.resync_since"
+        ).format(t=_qualified(table)),
+        (slot, since),
+    )
+
+
+class StateWriter:
+    """The relay's throttled writer: at most one write per ``interval`` seconds.
+
+    ``maybe_write`` is the relay's one call. A failed write (including a lost
+    connection, reopened at the next write) is logged once, counted and retried
+    at the next due time, and never raised: the state row is a convenience for
+    ``resync`` and must never end a session.
+    """
+
+    def __init__(
+        self, dsn: str, table: tuple[str, str], slot: str, interval: float = RECORD_INTERVAL
+    ) -> None:
+        self._dsn = dsn
+        self._table = table
+        self._slot = slot
+        self._interval = interval
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._last = float("-inf")
+        self._written_lsn = -1
+        self.failures = 0
+
+    def due(self, now: float, lsn: int) -> bool:
+        """A newer LSN than the last one written, and ``interval`` since the last attempt."""
+        return lsn > self._written_lsn and now - self._last >= self._interval
+
+    async def maybe_write(
+        self, now: float, commit_time: float | None, lsn: int, *, final: bool = False
+    ) -> None:
+        """Write if a commit is known, the LSN is newer and it is time (``final``: any time)."""
+        if commit_time is None or lsn <= self._written_lsn:
+            return
+        if final or self.due(now, lsn):
+            await self.write(now, commit_time, lsn)
+
+    async def write(self, now: float, commit_time: float, lsn: int) -> bool:
+        """Record the position; False (counted, the first failure logged) if it failed."""
+        self._last = now
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await _connect(self._dsn)
+            await record(self._conn, self._table, self._slot, commit_time, lsn)
+        except (psycopg.Error, OSError) as exc:
+            self.failures += 1
+            if self.failures == 1:
+                log.warning(
+                    "cannot record the relay position in %s (resync will need --since): %s",
+                    ".".join(self._table),
+                    one_line(str(exc)),
+                )
+            return False
+        self._written_lsn = lsn
+        return True
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+
+
+async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, connect_timeout=10, application_name="cdc-relay state"
+    )
+    try:
+        await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+# -- what to tell the operator when the slot is gone ------------------------------------
+
+DEFAULT_MARGIN: Final = timedelta(minutes=15)
+"""Subtracted from a recorded commit time: a transaction that committed after the
+recorded one may have started (and stamped ``created_at``) up to this much earlier."""
+
+
+def format_since(value: datetime) -> str:
+    """A ``--since`` argument that parses back to no later than ``value`` (UTC, whole seconds)."""
+    return value.astimezone(UTC).replace(microsecond=0).isoformat()
+
+
+def lost_slot_hint(conn: psycopg.Connection[Any], settings: Settings) -> str:
+    """The exact ``resync`` command for a lost slot, from the state row when there is one.
+
+    For the messages about a missing or invalidated slot (``admin.validate``, and
+    the relay when START_REPLICATION fails with 42704/55000).
+    """
+    try:
+        recorded = read(conn, table_name(settings), settings.slot)
+    except psycopg.Error:
+        recorded = None
+    if recorded is not None and recorded.confirmed_commit_at is not None:
+        slot = _slot_option(settings)
+        since = format_since(recorded.confirmed_commit_at - DEFAULT_MARGIN)
+        return (
+            f"the relay last confirmed a commit at {format_since(recorded.confirmed_commit_at)}; "
+            f"run `cdc-relay resync{slot} --since {since}` to recreate the slot and send the "
+            "outbox rows it missed"
+        )
+    return _generic_hint(settings)
+
+
+def _slot_option(settings: Settings) -> str:
+    return f" --slot {settings.slot}" if settings.slot != "cdc_relay" else ""
+
+
+def _generic_hint(settings: Settings) -> str:
+    return (
+        f"run `cdc-relay resync{_slot_option(settings)} --since TIMESTAMP` (when the relay last "
+        "delivered) to recreate the slot and send the outbox rows it missed"
+    )
+
+
+def describe_lost_slot(settings: Settings) -> str:
+    """``lost_slot_hint`` on a connection of its own; never raises (for the relay's error path)."""
+    try:
+        with psycopg.connect(settings.dsn, autocommit=True, connect_timeout=5) as conn:
+            return lost_slot_hint(conn, settings)
+    except (psycopg.Error, OSError):
+        return _generic_hint(settings)

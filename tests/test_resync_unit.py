@@ -1,0 +1,65 @@
+"""The pure parts of resync and the relay state: time parsing, slot health, write throttling."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from cdc_relay.resync import Plan, invalidation, parse_since
+from cdc_relay.state import format_since
+
+
+def test_parse_since_bare_time_is_utc() -> None:
+    assert parse_since("2026-11-28T09:00:00") == datetime(2026, 11, 28, 9, tzinfo=UTC)
+    assert parse_since("2026-11-28 09:00") == datetime(2026, 11, 28, 9, tzinfo=UTC)
+
+
+def test_parse_since_keeps_an_offset_and_z() -> None:
+    cet = parse_since("2026-11-28T10:00:00+01:00")
+    assert cet == datetime(2026, 11, 28, 9, tzinfo=UTC)
+    assert cet.utcoffset() == timedelta(hours=1)
+    assert parse_since("2026-11-28T09:00:00Z") == datetime(2026, 11, 28, 9, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01", "", "09:00 tomorrow"])
+def test_parse_since_refuses_what_is_not_iso(text: str) -> None:
+    with pytest.raises(ValueError, match="ISO 8601"):
+        parse_since(text)
+
+
+def test_format_since_round_trips_to_no_later_time() -> None:
+    value = datetime(2026, 11, 28, 10, 0, 0, 999_999, tzinfo=timezone(timedelta(hours=1)))
+    text = format_since(value)
+    assert text == "2026-11-28T09:00:00+00:00"
+    assert parse_since(text) <= value
+
+
+@pytest.mark.parametrize(
+    ("slot", "why"),
+    [
+        ({"wal_status": "reserved", "invalidation_reason": None}, None),
+        ({"wal_status": "extended"}, None),
+        ({"wal_status": "lost"}, "lost (wal_status=lost)"),
+        ({"wal_status": "reserved", "invalidation_reason": "idle_timeout"}, "invalidated"),
+        ({"wal_status": "reserved", "conflicting": True}, "invalidated (conflicting)"),
+        ({"wal_status": "reserved", "conflicting": False}, None),
+    ],
+)
+def test_invalidation_on_pg16_to_18_columns(slot: dict[str, object], why: str | None) -> None:
+    got = invalidation(slot)
+    if why is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(why)
+
+
+def test_plan_describes_drop_only_when_a_slot_exists() -> None:
+    since = datetime(2026, 11, 28, 9, tzinfo=UTC)
+    missing = Plan("s", since, "--since", "missing", False, 3).describe()
+    assert missing[0] == "replication slot s: missing: create it again"
+    assert missing[1].endswith(": 3")
+    lost = Plan("s", since, "--since", "lost (wal_status=lost)", True, 0).describe()
+    assert (
+        lost[0] == "replication slot s: lost (wal_status=lost): drop it, create it again (failover)"
+    )
