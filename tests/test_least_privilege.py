@@ -174,3 +174,32 @@ def test_admin_only_commands_say_what_is_missing(least: LeastPrivilege) -> None:
     assert code == EX_CONFIG, err
     assert "permission denied" in err and "--grant-to" in err, err
     assert err.count("\n") == 1, err
+
+
+def test_rds_replication_membership_counts_as_replication(pg_dsn: str) -> None:
+    """Amazon RDS/Aurora have no REPLICATION attribute for ordinary roles: membership in
+    ``rds_replication`` is what lets a role stream. ``init --grant-to`` must not tell such
+    a role it lacks LOGIN REPLICATION (simulated with a role of that name)."""
+    setup = Setup(pg_dsn, "amqp://unused@127.0.0.1:1/", unique_names("rds"))
+    tag = uuid.uuid4().hex[:6]
+    member, plain = f"relay_rds_{tag}", f"relay_norepl_{tag}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "DO $$ BEGIN CREATE ROLE rds_replication; EXCEPTION WHEN duplicate_object"
+            " THEN NULL; END $$"
+        )
+        for role in (member, plain):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT rds_replication TO {}").format(sql.Identifier(member)))
+    try:
+        setup.init()
+        for role, warned in ((member, False), (plain, True)):
+            code, out, err = cli("init", "--no-exchange", "--grant-to", role, *setup.cli_args())
+            assert code == 0, err
+            assert ("also needs LOGIN REPLICATION" in out) is warned, out
+    finally:
+        setup.cleanup()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for role in (member, plain):
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
