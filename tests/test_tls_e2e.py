@@ -384,3 +384,29 @@ async def test_replication_reads_batches_over_tls(deployment: Deployment, outbox
     finally:
         await stream.close()
     assert sum(sizes) / len(sizes) > 4, sizes
+
+
+@pytest.mark.asyncio
+async def test_libpq_passfile_keeps_working(
+    deployment: Deployment, outbox: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No password in the DSN: libpq finds it in ``passfile=`` or ``PGPASSFILE``."""
+    passfile = tmp_path / "pgpass"
+    passfile.touch(mode=0o600)
+    passfile.write_text(f"localhost:{deployment.pg.port}:*:{ROLE}:{PASSWORD}\n")
+    no_password = deployment.role_dsn().replace(f":{ENCODED_PASSWORD}@", "@")
+    assert PASSWORD not in no_password and ENCODED_PASSWORD not in no_password
+    names = names_args(outbox.names)
+    with_param = f"{no_password}&passfile={quote(str(passfile))}"
+    for command in (["status", "--no-require-active"], ["dead-letters", "list"]):
+        code, out = cli(*command, "--dsn", with_param, *names)
+        assert code == 0, out
+    code, out = cli("status", "--no-require-active", "--dsn", no_password, *names)
+    assert code == EX_CONFIG and "password" in out, out  # without it: refused, one line
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    settings = Settings(dsn=no_password, amqp_urls=[deployment.amqp_url()], **outbox.names)
+    relay = RelayProcess(settings, tmp_path / "relay.log", metrics_port=free_port()).start()
+    try:
+        await relay.wait_ready(60)
+    finally:
+        assert relay.stop() == 0, relay.log_tail()
