@@ -16,7 +16,8 @@ COPY deploy/constraints.txt ./deploy/constraints.txt
 COPY cdc_relay ./cdc_relay
 RUN pip install --constraint deploy/constraints.txt . \
     && cd / && rm -rf /build \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cdcrelay
+    && groupadd --system --gid 10001 cdcrelay \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cdcrelay
 
 # The metrics server must listen for the health check (and for Prometheus to scrape it).
 ENV CDC_RELAY_METRICS_PORT=9187 \
