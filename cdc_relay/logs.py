@@ -40,6 +40,9 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        # Mask each value before encoding too: JSON escapes '"' and '\\', so a password
+        # holding them no longer matches once encoded.
+        entry = {k: self._redact(v) if isinstance(v, str) else v for k, v in entry.items()}
         line = orjson.dumps(entry, default=str).decode()
         return self._redact(line)
 

@@ -25,7 +25,7 @@ import psycopg
 
 from cdc_relay import state
 from cdc_relay.acks import AckTrackerError
-from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
+from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
 from cdc_relay.core import STOP, BrokerLimits, SessionCore, SessionFailed
 from cdc_relay.deadletters import (
@@ -43,6 +43,7 @@ from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
+from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, Router
 from cdc_relay.state import StateWriter
 
@@ -137,6 +138,9 @@ class Relay:
                 # The same bytes would come again: retrying cannot help.
                 raise FatalError(f"cannot process the replication stream: {exc}") from exc
             except SESSION_ERRORS as exc:
+                rejected = _certificate_rejected(exc)
+                if rejected is not None:
+                    raise ConfigError(rejected) from None
                 log.warning("session ended: %s", _describe(exc))
             finally:
                 self.metrics.ready.set(0)
@@ -158,6 +162,26 @@ class Relay:
         s = self.settings
         ceiling = min(s.reconnect_max, s.reconnect_min * (2 ** min(attempt, 30)))
         return max(s.reconnect_min, random.uniform(0, ceiling))
+
+
+# libpq's words for a server certificate it refuses (said by the client: no SQLSTATE).
+_PG_CERTIFICATE_REJECTED: Final = ("certificate verify failed", "does not match host name")
+
+
+def _certificate_rejected(exc: BaseException) -> str | None:
+    """The error line for a refused server certificate, else None.
+
+    A wrong CA or host name fails the same way on every attempt: the operator must
+    fix the setting, so the process exits 78 instead of retrying forever.
+    """
+    if isinstance(exc, ConnectError) and exc.certificate_rejected:
+        return f"{exc}; check cacertfile and the host name in --amqp-url"
+    text = one_line(str(exc))
+    if isinstance(exc, psycopg.OperationalError) and any(
+        words in text for words in _PG_CERTIFICATE_REJECTED
+    ):
+        return f"cannot connect to Postgres: {text}; check sslrootcert and the host in --dsn"
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -209,6 +209,28 @@ def test_json_log_lines_carry_extra_fields_and_are_redacted() -> None:
     assert entry["time"].endswith("+00:00")
 
 
+def test_json_log_lines_redact_passwords_that_json_escapes() -> None:
+    """JSON escapes '"' and '\\' in a password: it must be masked before it is encoded."""
+    import logging
+
+    import orjson
+
+    from cdc_relay.logs import JsonFormatter
+    from cdc_relay.redact import Redactor
+
+    secret = 'pa"ss\\wd-1'
+    redact = Redactor()
+    redact.add_raw(secret)
+    record = logging.LogRecord(
+        "cdc_relay", logging.WARNING, __file__, 1, "auth failed: %s", (secret,), None
+    )
+    record.dsn = f"postgresql://u:{secret}@h/db"
+    line = JsonFormatter(redact).format(record)
+    entry = orjson.loads(line)
+    assert entry["message"] == "auth failed: ***" and entry["dsn"] == "postgresql://u:***@h/db"
+    assert "ss\\\\wd" not in line and 'pa\\"ss' not in line
+
+
 @pytest.mark.parametrize(
     ("given", "secret"),
     [

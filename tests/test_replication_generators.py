@@ -367,6 +367,8 @@ class FakeConnection:
         self.pgconn = pgconn
         pgconn.nonblocking = 0  # type: ignore[attr-defined]
         pgconn.socket = -1  # type: ignore[attr-defined]  # never waited on: all is buffered
+        pgconn.ssl_in_use = 0  # type: ignore[attr-defined]
+        pgconn.backend_pid = 4242  # type: ignore[attr-defined]
 
 
 @pytest.mark.asyncio

@@ -46,6 +46,9 @@ OnLost = Callable[[PublishFailed], None]
 class ConnectError(ConnectionError):
     """No node could be connected to; the message names each URL (redacted) and why."""
 
+    # Every node's certificate was rejected (wrong CA or host name): retrying cannot help.
+    certificate_rejected: bool = False
+
 
 class Connection(asyncio.Protocol):
     """A connection attempt; usable once ``open`` has returned it."""

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,15 +102,19 @@ class Publisher:
         urls = list(self._urls)
         random.shuffle(urls)
         errors: list[str] = []
+        rejected = 0
         for url in urls:
             try:
                 await self._attempt(AmqpAddress.parse(url))
             except (OSError, TimeoutError, PublishFailed, ValueError) as exc:
                 errors.append(f"{redact(url)}: {exc or type(exc).__name__}")
+                rejected += isinstance(exc, ssl.SSLCertVerificationError)
                 continue
             self.connected_url = redact(url)
             return
-        raise ConnectError("cannot connect to RabbitMQ: " + "; ".join(errors))
+        error = ConnectError("cannot connect to RabbitMQ: " + "; ".join(errors))
+        error.certificate_rejected = rejected == len(urls)
+        raise error
 
     async def _attempt(self, address: AmqpAddress) -> None:
         """One isolated attempt: a stale connection can only report to its own closure."""

