@@ -141,7 +141,7 @@ class Relay:
                 rejected = _certificate_rejected(exc)
                 if rejected is not None:
                     raise ConfigError(rejected) from None
-                log.warning("session ended: %s", _describe(exc))
+                # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
                 if session.streamed:
@@ -215,6 +215,7 @@ class Session:
         self.status_wakeup = asyncio.Event()
         self.closing = False
         self.streamed = False  # reached streaming: the slot existed and was ours
+        self.end_logged = False
 
     @property
     def made_progress(self) -> bool:
@@ -223,12 +224,23 @@ class Session:
     def fail(self, exc: BaseException) -> None:
         if not self.failure.done() and not self.closing:
             self.failure.set_exception(exc)
+            self._log_end(exc)
+
+    def _log_end(self, exc: BaseException) -> None:
+        """Say the session ended when it does: closing a partitioned peer can take seconds."""
+        if not self.end_logged and isinstance(exc, SESSION_ERRORS):
+            if _certificate_rejected(exc) is None:
+                log.warning("session ended: %s", _describe(exc))
+            self.end_logged = True
 
     # -- lifecycle --------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             await self._run()
+        except SESSION_ERRORS as exc:
+            self._log_end(exc)
+            raise
         finally:
             self.closing = True  # what our own closing causes is not a failure
             await _bounded(self.conns.close(), "closing connections")
