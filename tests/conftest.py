@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fix_pg", "tests.fix_rabbit", "tests.fix_tls", "tests.fix_ha"]
+pytest_plugins = [
+    "tests.fix_pg",
+    "tests.fix_rabbit",
+    "tests.fix_tls",
+    "tests.fix_ha",
+    "tests.fix_outbox",
+]
 
 SERVER_FIXTURES = frozenset(
     {

@@ -17,7 +17,7 @@ from psycopg.conninfo import make_conninfo
 from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, list_dead_letters
 from cdc_relay.errors import EX_CONFIG, ConfigError
 from cdc_relay.pg import admin
-from tests.harness import Setup, unique_names
+from tests.harness import Setup
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -29,14 +29,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         env=env,
     )
-
-
-@pytest.fixture
-def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("grant"))
-    setup.init()
-    yield setup
-    setup.cleanup()
 
 
 @pytest.fixture

@@ -11,47 +11,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import pytest_asyncio
 
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.harness import Consumer, Setup, wait_until
 from tests.proxy import TcpProxy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
-
-
-@pytest_asyncio.fixture
-async def outbox(pg_dsn: str, amqp_url: str) -> AsyncIterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("adv"))
-    setup.init()
-    yield setup
-    setup.cleanup()
-
-
-@pytest_asyncio.fixture
-async def consumer(outbox: Setup) -> AsyncIterator[Consumer]:
-    c = await Consumer(outbox.amqp_url, outbox.names["exchange"]).start()
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Any:
-    started: list[RelayProcess] = []
-
-    def start(setup: Setup, *extra: str, name: str = "relay") -> RelayProcess:
-        relay = RelayProcess(setup, tmp_path / f"{name}-{len(started)}.log", *extra).start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop_quietly()
 
 
 def dead_letters(setup: Setup) -> list[tuple[str | None, str]]:

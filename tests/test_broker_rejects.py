@@ -6,13 +6,11 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
 import psycopg
 import pytest
-import pytest_asyncio
 
 from devtools.amqp import declare_exchange
 from devtools.servers import free_port
@@ -22,19 +20,10 @@ from tests.harness import (
     Setup,
     metrics_text,
     parse_histogram,
-    unique_names,
     wait_until,
 )
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture
-async def outbox(pg_dsn: str, amqp_url: str) -> AsyncIterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("rej"))
-    setup.init()
-    yield setup
-    setup.cleanup()
 
 
 @pytest.fixture

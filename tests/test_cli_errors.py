@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from cdc_relay.errors import EX_CONFIG, EX_USAGE
-from tests.harness import Setup, unique_names
+from tests.harness import Setup
 
 SECRET = "Sup3rSecretPw"
 SECRET2 = "An0therS3cret"
@@ -44,14 +44,6 @@ def one_line(result: subprocess.CompletedProcess[str], code: int, *needles: str)
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture
-def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("err"))
-    setup.init()
-    yield setup
-    setup.cleanup()
 
 
 @pytest.fixture

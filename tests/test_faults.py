@@ -74,13 +74,6 @@ async def outbox(fault_pg: PostgresServer, fault_rabbit: RabbitServer) -> AsyncI
         setup.cleanup()
 
 
-@pytest_asyncio.fixture
-async def consumer(outbox: Setup) -> AsyncIterator[Consumer]:
-    c = await Consumer(outbox.amqp_url, outbox.names["exchange"]).start()
-    yield c
-    await c.close()
-
-
 @pytest.fixture
 def relays(tmp_path: Path) -> Iterator[Any]:
     started: list[RelayProcess] = []

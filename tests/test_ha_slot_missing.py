@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
 import pytest
-import pytest_asyncio
 
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.harness import Consumer, RelayProcess, Setup, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
-
-
-@pytest_asyncio.fixture
-async def outbox(pg_dsn: str, amqp_url: str) -> AsyncIterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("hamiss"))
-    setup.init()
-    yield setup
-    setup.cleanup()
 
 
 async def test_relay_waits_for_a_slot_that_vanished_after_streaming(

@@ -6,56 +6,22 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
 import pytest
-import pytest_asyncio
 
 from devtools.servers import free_port
 from tests.harness import (
     Consumer,
-    RelayProcess,
     Setup,
     metrics_text,
     parse_histogram,
-    unique_names,
     wait_until,
 )
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture
-async def outbox(pg_dsn: str, amqp_url: str) -> AsyncIterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names())
-    setup.init()
-    yield setup
-    setup.cleanup()
-
-
-@pytest_asyncio.fixture
-async def consumer(outbox: Setup) -> AsyncIterator[Consumer]:
-    c = await Consumer(outbox.amqp_url, outbox.names["exchange"]).start()
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Any:
-    started: list[RelayProcess] = []
-
-    def start(setup: Setup, *extra: str, name: str = "relay") -> RelayProcess:
-        relay = RelayProcess(setup, tmp_path / f"{name}-{len(started)}.log", *extra).start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop_quietly()
 
 
 async def test_message_mapping(outbox: Setup, consumer: Consumer, relays: Any) -> None:

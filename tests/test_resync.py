@@ -9,14 +9,12 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import pytest_asyncio
 
 from cdc_relay import state
 from cdc_relay.errors import EX_CONFIG, ConfigError
@@ -24,21 +22,6 @@ from cdc_relay.pg import admin
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("rsy"))
-    setup.init()
-    yield setup
-    setup.cleanup()
-
-
-@pytest_asyncio.fixture
-async def consumer(outbox: Setup) -> AsyncIterator[Consumer]:
-    c = await Consumer(outbox.amqp_url, outbox.names["exchange"]).start()
-    yield c
-    await c.close()
 
 
 def resync_cmd(setup: Setup, *extra: str) -> list[str]:

@@ -9,33 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
-import pytest_asyncio
 
 from cdc_relay.pg import admin
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 RETENTION = timedelta(hours=1)
-
-
-@pytest.fixture
-def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("ret"))
-    setup.init()
-    yield setup
-    setup.cleanup()
-
-
-@pytest_asyncio.fixture
-async def consumer(outbox: Setup) -> AsyncIterator[Consumer]:
-    c = await Consumer(outbox.amqp_url, outbox.names["exchange"]).start()
-    yield c
-    await c.close()
 
 
 def old_rows(outbox: Setup) -> int:

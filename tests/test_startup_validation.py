@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psycopg
-import pytest
 
 from cdc_relay.errors import EX_CONFIG
 from devtools.servers import PostgresServer
 from tests.harness import Setup, unique_names
-
-
-@pytest.fixture
-def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
-    setup = Setup(pg_dsn, amqp_url, unique_names("cfg"))
-    setup.init()
-    yield setup
-    setup.cleanup()
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
