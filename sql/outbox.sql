@@ -86,3 +86,10 @@ BEGIN
     RETURN new_id;
 END
 $fn$;
+
+-- For idempotent consumers (cdc_relay.inbox.once): the ids they processed.
+CREATE TABLE IF NOT EXISTS "public"."processed_messages" (
+    message_id   text PRIMARY KEY,
+    processed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS "processed_messages_processed_at" ON "public"."processed_messages" (processed_at);

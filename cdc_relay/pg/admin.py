@@ -22,7 +22,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cdc_relay import deadletters, state
+from cdc_relay import deadletters, inbox, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
@@ -79,6 +79,15 @@ def emit_function_ddl(table: tuple[str, str]) -> sql.Composed:
 OUTBOX_DDL = _template("outbox.sql").replace("{outbox}", "{table}")
 
 
+def _create_inbox(conn: psycopg.Connection[Any]) -> str:
+    """The processed-messages table of ``cdc_relay.inbox`` (consumers dedupe with it)."""
+    schema, name = inbox.DEFAULT_TABLE.split(".")
+    existed = table_exists(conn, schema, name)
+    conn.execute(inbox.ddl(inbox.DEFAULT_TABLE))  # type: ignore[arg-type]
+    state_word = "already exists" if existed else "created"
+    return f"table {inbox.DEFAULT_TABLE}: {state_word} (for idempotent consumers)"
+
+
 def render_sql(settings: Settings) -> str:
     """Everything ``init`` creates in SQL, as one script (``init --print-sql``)."""
     table, dl_table = settings.table_parts, settings.dead_letter_table
@@ -93,7 +102,10 @@ def render_sql(settings: Settings) -> str:
         state.ddl(state.table_name(settings)),
         functions_ddl(table),
     ]
-    return header + "\n".join(p.as_string(None).strip() + "\n" for p in parts)
+    inbox_part = "-- For idempotent consumers (cdc_relay.inbox.once): the ids they processed.\n"
+    inbox_part += inbox.ddl(inbox.DEFAULT_TABLE)
+    texts = [p.as_string(None).strip() + "\n" for p in parts]
+    return header + "\n".join([*texts, inbox_part])
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -158,6 +170,7 @@ def init(
         )
     report += deadletters.create(conn, settings.dead_letter_table)
     report += state.create(conn, state.table_name(settings))
+    report.append(_create_inbox(conn))
     report += _create_functions(conn, (schema, table), emit_only=tableless)
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
