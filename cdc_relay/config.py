@@ -30,6 +30,8 @@ __all__ = [
     "split_table_name",
 ]
 
+MIN_RETENTION = timedelta(minutes=1)
+
 # A classic queue confirms persistent messages per fsync batch: the window must
 # cover a batch or two at full speed (measured in docs/performance.md).
 DEFAULT_MAX_IN_FLIGHT = 4000
@@ -312,6 +314,13 @@ class Settings:
             raise ConfigError("no RabbitMQ URL given: set --amqp-url or CDC_RELAY_AMQP_URL")
         if any(not p for p in self.allowed_exchanges):
             raise ConfigError("--allowed-exchanges has an empty pattern")
+        if self.retention is not None and self.retention < MIN_RETENTION:
+            raise ConfigError(
+                f"--retention must be at least {MIN_RETENTION}: rows younger than that may "
+                "still be needed by `cdc-relay resync`"
+            )
+        if not self.message_prefix:
+            raise ConfigError("--message-prefix must not be empty (outbox_emit uses cdc_relay)")
         split_table_name(self.table)
         if not SLOT_NAME.fullmatch(self.slot):
             raise ConfigError(

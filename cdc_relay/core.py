@@ -317,10 +317,13 @@ class SessionCore:
                 letters.append(self._dead(seq, None, row, error.reason))
                 continue
             raise SessionFailed(f"publish of message {seq} failed: {error}")
-        if outcome.lost is not None:
-            if self.limits.learn(outcome.lost):
-                raise SessionFailed(f"{outcome.lost}; rows it refuses will be dead-lettered")
-            raise SessionFailed(str(outcome.lost))
+        lost = outcome.lost
+        if lost is not None:
+            if self.limits.learn(lost):
+                culprit = rows.get(lost.culprit_seq) if lost.culprit_seq is not None else None
+                which = f" (outbox row {culprit.id})" if culprit is not None else ""
+                raise SessionFailed(f"{lost}{which}; rows it refuses will be dead-lettered")
+            raise SessionFailed(str(lost))
         return letters
 
     def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:

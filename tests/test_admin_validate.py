@@ -44,8 +44,7 @@ def refused(conn: psycopg.Connection[Any], settings: Settings, *needles: str) ->
 def test_startup_facts(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
     facts = admin.validate(conn, outbox.settings)
     row = conn.execute(
-        "SELECT %s::regclass::oid::bigint, confirmed_flush_lsn::text,"
-        " (SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout')"
+        "SELECT %s::regclass::oid::bigint, confirmed_flush_lsn::text"
         " FROM pg_replication_slots WHERE slot_name = %s",
         (outbox.table, outbox.names["slot"]),
     ).fetchone()
@@ -53,9 +52,6 @@ def test_startup_facts(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
     assert facts.outbox_relid == row[0]
     assert facts.confirmed_flush_lsn == Lsn.parse(row[1])
     assert type(facts.confirmed_flush_lsn) is int
-    assert facts.wal_sender_timeout == row[2] / 1000  # milliseconds -> seconds
-    conn.execute("SET wal_sender_timeout = '2500ms'")  # per session, as a role setting would
-    assert admin.validate(conn, outbox.settings).wal_sender_timeout == 2.5
 
 
 def test_two_phase_slot_refused(outbox: Setup, conn: psycopg.Connection[Any]) -> None:

@@ -155,6 +155,9 @@ def test_bad_values_are_one_usage_line(args: list[str], env: dict[str, str], nee
         (["--table", "a.b.c"], "invalid --table"),
         (["--reconnect-min", "10", "--reconnect-max", "1"], "--reconnect-min"),
         (["--slot", "Bad-Name"], "invalid --slot"),
+        (["--retention", "0s"], "--retention must be at least"),
+        (["--message-prefix", ""], "--message-prefix must not be empty"),
+        (["--retention", "7d"], None),
         (["--max-in-flight", "4000"], None),
     ],
 )

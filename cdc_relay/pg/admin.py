@@ -392,7 +392,6 @@ class StartupFacts:
 
     outbox_relid: int  # the relation the publication covers: the outbox is this OID
     confirmed_flush_lsn: int  # where the slot resumes; the tracker never flushes below it
-    wal_sender_timeout: float  # seconds, 0 = disabled; bounds how long Postgres may be silent
 
 
 def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
@@ -410,14 +409,9 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     _check_slot(conn, settings, info)
     assert info is not None
     deadletters.check_writable(conn, settings.dead_letter_table)
-    row = conn.execute(
-        "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'"
-    ).fetchone()
-    timeout_ms = int(row[0]) if row else 60_000
     return StartupFacts(
         outbox_relid=relid,
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
-        wal_sender_timeout=timeout_ms / 1000,
     )
 
 
