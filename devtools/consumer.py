@@ -9,15 +9,16 @@ the benchmark's commit-to-delivery latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from devtools.amqp import declare_exchange
+from devtools.amqp import declare_exchange, queue_depth
 
 __all__ = ["ArrivalRecorder", "Consumer", "Delivery", "SeqCounter"]
 
@@ -51,31 +52,76 @@ class Consumer:
         self.queue_name = queue or f"q_{exchange}"
         self.deliveries: list[Delivery] = []
         self._no_ack = False
-        self._connection: AbstractRobustConnection | None = None
+        self._prefetch = 2000
+        self._declare: dict[str, Any] | None = None  # queue arguments when start() declares it
+        self._connection: AbstractConnection | None = None
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self, arguments: dict[str, Any] | None = None) -> Consumer:
         """Declare the exchange and the queue (with ``arguments``), bind, consume with acks."""
         assert self.exchange is not None, "start() binds to an exchange; use attach()"
         await declare_exchange(self.amqp_url, self.exchange)
-        channel = await self._open(2000)
-        queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
-        await queue.bind(self.exchange, self.binding)
-        await queue.consume(self._on_message)
+        self._declare = dict(arguments or {})
+        await self._begin()
         return self
 
     async def attach(self, no_ack: bool = False, prefetch: int = 2000) -> Consumer:
         """Consume a queue that already exists (declared passively), optionally without acks."""
-        channel = await self._open(prefetch)
-        queue = await channel.declare_queue(self.queue_name, passive=True)
-        self._no_ack = no_ack
-        await queue.consume(self._on_message, no_ack=no_ack)
+        self._no_ack, self._prefetch = no_ack, prefetch
+        await self._begin()
         return self
 
-    async def _open(self, prefetch: int) -> aio_pika.abc.AbstractChannel:
-        self._connection = await aio_pika.connect_robust(self.amqp_url, timeout=10)
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        return channel
+    async def _begin(self) -> None:
+        """Consume now (errors raise here), then keep consuming across broker restarts."""
+        closed = await self._consume()
+        self._supervisor = asyncio.create_task(self._reconnect_forever(closed))
+
+    async def _consume(self) -> asyncio.Event:
+        """One connection consuming the queue; the event fires when it or its channel closes.
+
+        The consumer reconnects by itself instead of using aio-pika's robust
+        connection: a test that restarts the broker must not depend on that
+        library's channel restore, which once left a consumer silent for good.
+        """
+        closed = asyncio.Event()
+        connection = await aio_pika.connect(self.amqp_url, timeout=10)
+        self._connection = connection
+        try:
+            connection.close_callbacks.add(lambda *_: closed.set())
+            channel = await connection.channel()
+            channel.close_callbacks.add(lambda *_: closed.set())
+            await channel.set_qos(prefetch_count=self._prefetch)
+            if self._declare is None:
+                queue = await channel.declare_queue(self.queue_name, passive=True)
+            else:
+                queue = await channel.declare_queue(
+                    self.queue_name, durable=True, arguments=self._declare or None
+                )
+                assert self.exchange is not None
+                await queue.bind(self.exchange, self.binding)
+            await queue.consume(self._on_message, no_ack=self._no_ack)
+        except BaseException:
+            await connection.close()
+            raise
+        return closed
+
+    async def _reconnect_forever(self, closed: asyncio.Event) -> None:
+        """After a lost connection, try again every half second until close()."""
+        while not self._closing:
+            await closed.wait()
+            if self._closing:
+                return
+            if self._connection is not None:
+                with contextlib.suppress(Exception):
+                    await self._connection.close()
+            while not self._closing:
+                await asyncio.sleep(0.5)
+                try:
+                    closed = await self._consume()
+                    break
+                except Exception:  # the broker is still down or booting
+                    continue
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.record(message)
@@ -112,7 +158,18 @@ class Consumer:
                 return
             await asyncio.sleep(0.05)
         missing = ids - set(self.ids())
-        raise AssertionError(f"{len(missing)} of {len(ids)} messages missing after {timeout}s")
+        raise AssertionError(
+            f"{len(missing)} of {len(ids)} messages missing after {timeout}s; "
+            f"{await self._backlog()}"
+        )
+
+    async def _backlog(self) -> str:
+        """Tell a stalled consumer (messages waiting in its queue) from a stalled publisher."""
+        try:
+            ready = await asyncio.wait_for(queue_depth(self.amqp_url, self.queue_name), 15)
+        except Exception as exc:  # diagnostics only, the assertion follows
+            return f"queue {self.queue_name} depth unknown ({exc!r})"
+        return f"{ready} ready in queue {self.queue_name}"
 
     async def settle(self, quiet: float = 1.0, timeout: float = 30) -> None:
         """Wait until no new delivery arrived for ``quiet`` seconds."""
@@ -126,8 +183,14 @@ class Consumer:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
         if self._connection is not None:
-            await self._connection.close()
+            with contextlib.suppress(Exception):
+                await self._connection.close()
             self._connection = None
 
 

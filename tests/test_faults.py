@@ -86,6 +86,8 @@ def relays(tmp_path: Path) -> Iterator[Any]:
     yield start
     for relay in started:
         relay.stop_quietly()
+        # Shown by pytest only when the test failed: what each relay said.
+        print(f"--- {relay.log_path.name} ---\n{relay.log_tail(6000)}")
 
 
 def record(name: str, verdict: Verdict) -> None:
