@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,9 +33,25 @@ __all__ = [
     "Setup",
     "metrics_text",
     "parse_histogram",
+    "run_cli",
     "unique_names",
     "wait_until",
 ]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``cdc-relay ARGS`` as a child process, with no CDC_RELAY_* variable but ``env``'s."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_relay.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def unique_names(prefix: str = "t") -> dict[str, str]:

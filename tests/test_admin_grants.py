@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,17 +16,7 @@ from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, list_dead_letter
 from cdc_relay.errors import EX_CONFIG, ConfigError
 from cdc_relay.pg import admin
 from tests.harness import Setup
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+from tests.harness import run_cli as cli
 
 
 @pytest.fixture

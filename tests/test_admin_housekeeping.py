@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,17 +12,7 @@ import pytest
 
 from cdc_relay.pg import admin
 from tests.harness import Setup, unique_names
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+from tests.harness import run_cli as cli
 
 
 @pytest.fixture

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import aio_pika
 import pytest
 
 from cdc_relay.config import EX_CONFIG
-from tests.harness import Setup, unique_names
+from tests.harness import Setup, run_cli, unique_names
 
 
 @pytest.fixture
@@ -29,12 +27,6 @@ def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
     asyncio.run(fanout())
     yield setup
     setup.cleanup()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 @pytest.mark.parametrize("command", ["init", "run"])

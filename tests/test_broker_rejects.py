@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from tests.harness import (
     Setup,
     metrics_text,
     parse_histogram,
+    run_cli,
     wait_until,
 )
 
@@ -119,12 +118,6 @@ async def test_nack_from_full_queue_is_retried_without_advancing(
     finally:
         relay.stop_quietly()
         await connection.close()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 async def test_unroutable_and_unmappable_rows_are_dead_lettered(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -16,23 +15,10 @@ import pytest
 
 from cdc_relay.errors import EX_CONFIG, EX_USAGE
 from tests.harness import Setup
+from tests.harness import run_cli as cli
 
 SECRET = "Sup3rSecretPw"
 SECRET2 = "An0therS3cret"
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
 
 
 def one_line(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 import pytest_asyncio
@@ -24,7 +25,7 @@ from devtools.consumer import SeqCounter
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, RabbitServer, free_port
 from tests.faults import Verdict, Workload, verify
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 from tests.proxy import TcpProxy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.fault]
@@ -296,10 +297,17 @@ async def test_invalidated_slot_is_a_clear_error(
             conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
             conn.execute("SELECT pg_reload_conf()")
             conn.execute("CREATE TABLE IF NOT EXISTS wal_filler (data text)")
+            fill = "INSERT INTO wal_filler SELECT repeat('x', 1000) FROM generate_series(1, 5000)"
+            conn.execute(fill)
+            conn.execute("SELECT pg_switch_wal()")
+            # Past the cap, before a checkpoint: status warns while there is time to act.
+            warned = run_cli("status", "--json", "--no-require-active", *setup.cli_args())
+            assert warned.returncode == 1, (warned.stdout, warned.stderr)
+            info = orjson.loads(warned.stdout)
+            assert info["wal_status"] == "unreserved", info
+            assert "about to be invalidated" in info["problem"], info
             for _ in range(6):
-                conn.execute(
-                    "INSERT INTO wal_filler SELECT repeat('x', 1000) FROM generate_series(1, 5000)"
-                )
+                conn.execute(fill)
                 conn.execute("SELECT pg_switch_wal()")
                 conn.execute("CHECKPOINT")
             status = conn.execute(
@@ -307,6 +315,9 @@ async def test_invalidated_slot_is_a_clear_error(
                 (setup.names["slot"],),
             ).fetchone()
             assert status is not None and status[0] == "lost", status
+        lost = run_cli("status", "--json", "--no-require-active", *setup.cli_args())
+        assert lost.returncode == 1, (lost.stdout, lost.stderr)
+        assert "was invalidated" in orjson.loads(lost.stdout)["problem"]
         relay = relays(setup)
         assert relay.proc is not None
         code = await asyncio.to_thread(relay.proc.wait, 60)

@@ -11,8 +11,6 @@ server holds must arrive, and none that it lacks (no phantom events).
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from cdc_relay.pg import admin
 from devtools.pgha import PostgresPair
 from tests.faults import Workload, verify
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
+from tests.harness import run_cli as cli
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
 
@@ -34,15 +33,6 @@ STREAMING = "streaming from slot"
 def pair() -> Iterator[PostgresPair]:
     with PostgresPair(version=17) as p:
         yield p
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def status_of(dsn: str, setup: Setup) -> dict[str, object]:

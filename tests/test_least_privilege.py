@@ -8,9 +8,6 @@ of the documentation: what works, and what fails with one clear line.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +24,7 @@ from cdc_relay.config import Settings
 from cdc_relay.errors import EX_CONFIG
 from devtools.procs import free_port
 from devtools.rabbit import RabbitServer
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +47,7 @@ class LeastPrivilege:
 
 
 def cli(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env,
-    )
+    result = run_cli(*args, timeout=90)
     return result.returncode, result.stdout, result.stderr
 
 

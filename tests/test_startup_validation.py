@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import psycopg
 
 from cdc_relay.errors import EX_CONFIG
 from devtools.servers import PostgresServer
-from tests.harness import Setup, unique_names
-
-
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.harness import Setup, run_cli, unique_names
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:

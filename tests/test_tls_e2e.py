@@ -33,7 +33,7 @@ from devtools.postgres import PostgresServer
 from devtools.procs import free_port
 from devtools.rabbit import RabbitServer
 from devtools.tls import TlsFiles
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -124,15 +124,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str]:
-    """Run ``cdc-relay`` with a clean CDC_RELAY_* environment; exit code and stdout+stderr."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**base, **(env or {})},
-    )
+    """Exit code and stdout+stderr (the secrets check reads both)."""
+    result = run_cli(*args, env=env, timeout=timeout)
     return result.returncode, result.stdout + result.stderr
 
 

@@ -8,8 +8,6 @@ The system's PostgreSQL runs the rest of the suite.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from devtools.pgbinaries import SUPPORTED
 from devtools.servers import PostgresServer
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
+from tests.harness import run_cli as cli
 
 pytestmark = [pytest.mark.integration]
 
@@ -27,12 +26,6 @@ pytestmark = [pytest.mark.integration]
 def versioned_pg(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
     with PostgresServer(version=request.param) as pg:
         yield pg
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 @pytest.mark.asyncio

@@ -606,7 +606,7 @@ def status(
         lag = conn.execute(
             "SELECT pg_current_wal_lsn()::text,"
             " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
-            " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size"
             " FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot,),
         ).fetchone()
@@ -625,7 +625,13 @@ def status(
             current_wal_lsn=lag[0],
             lag_bytes=lag[1],
             retained_wal_bytes=lag[2],
+            safe_wal_size=lag[3],
         )
+        retention = _wal_retention(settings.slot, info.wal_status, lag[2])
+        if info.wal_status == "unreserved":
+            problems.append(retention)
+        elif retention:
+            warnings.append(retention)
         if failover:
             warnings += _failover_warnings(conn, settings.slot)
         if require_active and not info.active:
@@ -665,6 +671,28 @@ def status(
     result["problems"] = problems
     result["warnings"] = warnings
     return result
+
+
+def _wal_retention(slot: str, wal_status: str | None, retained: int | None) -> str:
+    """What the slot's ``wal_status`` means for the operator ("" when nothing to say).
+
+    ``unreserved`` is an outage announced in advance: the next checkpoint removes
+    WAL the slot still needs (``lost`` is reported by validation).
+    """
+    held = f"{retained:,} bytes" if retained is not None else "more WAL than allowed"
+    if wal_status == "unreserved":
+        return (
+            f"slot {slot} is about to be invalidated (wal_status=unreserved): it holds {held} "
+            "of WAL, beyond max_slot_wal_keep_size, and the next checkpoint removes what it "
+            "still needs unless the relay catches up first; afterwards only `cdc-relay resync` "
+            "recovers (docs/recovery.md)"
+        )
+    if wal_status == "extended":
+        return (
+            f"slot {slot} holds {held} of WAL, beyond max_wal_size (wal_status=extended): "
+            "the relay is far behind or stopped; see safe_wal_size for the room left"
+        )
+    return ""
 
 
 def _client_of(conn: psycopg.Connection[Any], pid: int | None) -> str | None:
