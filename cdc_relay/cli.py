@@ -151,7 +151,9 @@ async def _declare_exchange(settings: Settings) -> str:
     from cdc_relay.amqp import ConnectError, ExchangeError, declare_exchange
 
     try:
-        result = await declare_exchange(settings.amqp_urls, settings.exchange)
+        result = await declare_exchange(
+            settings.amqp_urls, settings.exchange, timeout=settings.amqp_connect_timeout
+        )
     except ConnectError as exc:
         raise ConfigError(f"{exc}; check --amqp-url") from None
     except ExchangeError as exc:

@@ -226,6 +226,16 @@ class Settings:
             max=65535,
         ),
     )
+    amqp_connect_timeout: float = setting(
+        10.0,
+        Option(
+            "Seconds to connect to one RabbitMQ node and finish the AMQP handshake "
+            "before trying the next (a node that accepts TCP and never answers).",
+            min=0.1,
+            max=300,
+            scope=_COMMON,
+        ),
+    )
     pg_timeout: float = setting(
         30.0,
         Option(

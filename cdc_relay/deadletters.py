@@ -413,12 +413,7 @@ async def replay(
             for seq in pending:
                 outcomes.setdefault(seq, outcome.lost.reason)
 
-    publisher = Publisher(
-        settings.amqp_urls,
-        max_in_flight=100,
-        confirm_timeout=settings.confirm_timeout,
-        on_outcome=on_outcome,
-    )
+    publisher = Publisher.from_settings(settings, on_outcome, max_in_flight=100)
     try:
         await publisher.connect()
     except Exception as exc:

@@ -132,14 +132,7 @@ async def validate(settings: Settings) -> admin.StartupFacts:
 
 async def open_publisher(settings: Settings, on_outcome: Callable[[Outcome], None]) -> Publisher:
     """Connect (any listed node) and declare the default exchange over that same connection."""
-    publisher = Publisher(
-        settings.amqp_urls,
-        max_in_flight=settings.max_in_flight,
-        max_in_flight_bytes=settings.max_in_flight_bytes,
-        confirm_timeout=settings.confirm_timeout,
-        heartbeat=settings.amqp_heartbeat,
-        on_outcome=on_outcome,
-    )
+    publisher = Publisher.from_settings(settings, on_outcome)
     await publisher.connect()
     try:
         if settings.declare_exchange and settings.message_format == "event":

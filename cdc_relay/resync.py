@@ -324,14 +324,7 @@ async def _publish_snapshot(
     reader = await psycopg.AsyncConnection.connect(
         settings.dsn, connect_timeout=10, application_name="cdc-relay resync"
     )
-    publisher = Publisher(
-        settings.amqp_urls,
-        max_in_flight=settings.max_in_flight,
-        max_in_flight_bytes=settings.max_in_flight_bytes,
-        confirm_timeout=settings.confirm_timeout,
-        heartbeat=settings.amqp_heartbeat,
-        on_outcome=run.on_outcome,
-    )
+    publisher = Publisher.from_settings(settings, run.on_outcome)
     writer: DeadLetterWriter | None = None
     try:
         await reader.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)

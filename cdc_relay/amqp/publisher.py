@@ -24,7 +24,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pamqp import commands as spec
 from pamqp.body import ContentBody
@@ -36,6 +36,9 @@ from cdc_relay.amqp.replies import NOT_FOUND, PRECONDITION_FAILED, close_error
 from cdc_relay.amqp.window import ConfirmWindow, Outcome, PublishFailed
 from cdc_relay.amqp_wire import PublishEncoder
 from cdc_relay.router import Envelope
+
+if TYPE_CHECKING:
+    from cdc_relay.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,21 @@ class Publisher:
         self._topology_open = False
         self._topology_lock = asyncio.Lock()
         self.connected_url: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, on_outcome: OnOutcome, *, max_in_flight: int | None = None
+    ) -> Publisher:
+        """The relay's publisher as the settings ask (run, resync and replay alike)."""
+        return cls(
+            settings.amqp_urls,
+            max_in_flight=max_in_flight or settings.max_in_flight,
+            max_in_flight_bytes=settings.max_in_flight_bytes,
+            confirm_timeout=settings.confirm_timeout,
+            heartbeat=settings.amqp_heartbeat,
+            connect_timeout=settings.amqp_connect_timeout,
+            on_outcome=on_outcome,
+        )
 
     # -- connection ----------------------------------------------------------------
 
