@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -81,7 +82,9 @@ async def test_standby_takes_over_from_killed_and_frozen_relays(
         assert readyz(first.metrics_port or 0) == 200
         assert readyz(second.metrics_port or 0) == 503
         status = slot_status(outbox)
-        assert status["active"] is True and str(status["active_client"]).startswith("cdc-relay")
+        assert status["active"] is True, status
+        assert str(status["active_client"]).startswith(f"cdc-relay {socket.gethostname()}"), status
+        assert f":{first.pid} at " in str(status["active_client"]), status
 
         workload = Workload(outbox, total_rows=4000, rows_per_second=500, max_seconds=60).start()
         await asyncio.sleep(1.5)

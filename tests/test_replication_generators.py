@@ -10,6 +10,8 @@ sees exactly when a step would have blocked on the socket.
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
 from collections import deque
 from collections.abc import Iterable
@@ -424,3 +426,15 @@ def test_any_arrival_pattern_yields_every_frame_in_order(
         assert 1 <= len(batch) <= max_frames
         received += batch
     assert received == expected
+
+
+def test_the_relay_names_itself_by_host_and_pid_within_63_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cdc_relay.pg.replication import connection_kwargs, relay_application_name
+
+    assert connection_kwargs()["application_name"] == relay_application_name()
+    assert relay_application_name().endswith(f":{os.getpid()}")
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 200)
+    name = relay_application_name()
+    assert len(name.encode()) == 63 and name.endswith(f":{os.getpid()}")

@@ -14,7 +14,9 @@ report. Nothing polls and nothing runs in a thread.
 
 from __future__ import annotations
 
+import os
 import select
+import socket
 import time
 from typing import Any, Protocol
 
@@ -186,6 +188,16 @@ def send_copy_data(pgconn: LibpqConn, data: bytes) -> PQGen[None]:
 # -- the connection --------------------------------------------------------------------
 
 
+def relay_application_name() -> str:
+    """``cdc-relay HOST:PID``, so ``status`` tells which of several relays holds the slot.
+
+    Postgres keeps 63 bytes of it: a long host name is cut, never the pid.
+    """
+    pid = f":{os.getpid()}"
+    host = socket.gethostname().encode("ascii", "replace").decode()
+    return f"cdc-relay {host[: 63 - len('cdc-relay ') - len(pid)]}{pid}"
+
+
 def connection_kwargs(
     keepalive_idle: int = 10, keepalive_interval: int = 5, keepalive_count: int = 3
 ) -> dict[str, Any]:
@@ -194,7 +206,7 @@ def connection_kwargs(
         "replication": "database",
         "autocommit": True,
         "connect_timeout": 10,
-        "application_name": "cdc-relay",
+        "application_name": relay_application_name(),
         "keepalives": 1,
         "keepalives_idle": keepalive_idle,
         "keepalives_interval": keepalive_interval,
