@@ -31,12 +31,12 @@ import orjson
 from cdc_relay.acks import AckTracker
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.deadletters import DeadLetter, PendingDeadLetter
-from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
 from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
 from cdc_relay.router import (
     Envelope,
+    MissingColumns,
     OutboxRow,
     OutboxSchemaError,
     Router,
@@ -126,7 +126,7 @@ class SessionCore:
         self._counters = counters
         self._observe = observe_commit_to_confirm
         # relid -> reader for the outbox; None for any other relation the stream describes.
-        self._readers: dict[int, RowReader | None] = {}
+        self._readers: dict[int, RowReader | MissingColumns | None] = {}
         self._relation_names: dict[int, str] = {}
         # The row of every message published and not yet settled: a returned
         # message is dead-lettered from it.
@@ -198,7 +198,11 @@ class SessionCore:
         try:
             self._readers[event.relid] = RowReader([c.name for c in event.columns])
         except OutboxSchemaError as exc:
-            raise ConfigError(f"{self.table}: {exc}") from None
+            self._readers[event.relid] = MissingColumns(
+                tuple(c.name for c in event.columns),
+                f"{exc} when this row was written (DDL while streaming); row_data holds "
+                "the columns it had and their values",
+            )
 
     def _insert(self, event: Insert) -> Envelope | PendingDeadLetter:
         seq = self.tracker.add_message()
@@ -219,7 +223,8 @@ class SessionCore:
         try:
             row = reader.read(event.new)
         except Exception as exc:
-            return self._dead(seq, event.new, None, _reason(exc))
+            columns = reader.columns if isinstance(reader, MissingColumns) else None
+            return self._dead(seq, event.new, None, _reason(exc), columns)
         return self._route(seq, event.new, row)
 
     def _route(
@@ -358,12 +363,21 @@ class SessionCore:
     # -- dead letters -----------------------------------------------------------------
 
     def _dead(
-        self, seq: int, values: tuple[Any, ...] | None, row: Any, reason: str
+        self,
+        seq: int,
+        values: tuple[Any, ...] | None,
+        row: Any,
+        reason: str,
+        columns: tuple[str, ...] | None = None,
     ) -> PendingDeadLetter:
         if row is not None:
             data, outbox_id = row.as_dict(), row.id
         else:
             data, outbox_id = {"values": [_jsonable(v) for v in values or ()]}, None
+            if columns is not None:
+                data["columns"] = list(columns)
+                if "id" in columns and values and values[columns.index("id")] is not None:
+                    outbox_id = str(_jsonable(values[columns.index("id")]))
         letter = DeadLetter(outbox_id=outbox_id, reason=reason, row=data, lsn=self._lsn_of(seq))
         return PendingDeadLetter(seq, letter)
 

@@ -135,6 +135,25 @@ class RowReader:
             raise UnmappableRow(f"cannot read outbox row: {exc}") from None
 
 
+class MissingColumns:
+    """Reads no row: the outbox lacked required columns when these rows were written.
+
+    Stands in for a RowReader after DDL while streaming. pgoutput describes a row
+    with the table as it was then, on every replay, so refusing the stream would
+    block it for good even after the columns are back; each such row is a dead
+    letter instead (startup validation still refuses a table that lacks them now).
+    """
+
+    __slots__ = ("columns", "reason")
+
+    def __init__(self, columns: tuple[str, ...], reason: str) -> None:
+        self.columns = columns
+        self.reason = reason
+
+    def read(self, values: tuple[Any, ...]) -> OutboxRow:
+        raise UnmappableRow(self.reason)
+
+
 def _raw(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value

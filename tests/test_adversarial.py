@@ -67,6 +67,54 @@ async def test_a_renamed_or_moved_outbox_loses_no_row(
     assert dead_letters(outbox) == []
 
 
+async def test_column_ddl_while_streaming_loses_no_row_and_never_blocks(
+    outbox: Setup, consumer: Consumer, relays: Any
+) -> None:
+    """ADD/DROP/ALTER COLUMN on the outbox while streaming, even of a required column.
+
+    pgoutput describes each row with the columns the table had when it was
+    written, for ever: ending the session on a row written while a required
+    column was gone would replay the same description on every restart, even
+    after the column is back. Such rows are dead letters; the stream goes on.
+    """
+    relay = relays(outbox)
+    await relay.wait_for_log_async("streaming from slot")
+    delivered: list[str] = []
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        delivered += outbox.insert(conn, [{"event_type": "Before"}])
+        conn.execute(f"ALTER TABLE {outbox.table} ADD COLUMN note text DEFAULT 'n'")
+        delivered += outbox.insert(conn, [{"event_type": "WithExtraColumn"}])
+        conn.execute(f"ALTER TABLE {outbox.table} ALTER COLUMN event_type TYPE varchar(200)")
+        delivered += outbox.insert(conn, [{"event_type": "AfterTypeChange"}])
+        conn.execute(f"ALTER TABLE {outbox.table} DROP COLUMN note, DROP COLUMN headers")
+        delivered += [
+            str(row[0])
+            for row in conn.execute(
+                f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, event_type, payload)"
+                " VALUES ('order', '1', 'WithoutHeaders', '{}') RETURNING id"
+            ).fetchall()
+        ]
+        conn.execute(f"ALTER TABLE {outbox.table} DROP COLUMN event_type")
+        [orphan] = [
+            str(row[0])
+            for row in conn.execute(
+                f"INSERT INTO {outbox.table} (aggregate_type, aggregate_id, payload)"
+                " VALUES ('order', '1', '{}') RETURNING id"
+            ).fetchall()
+        ]
+        conn.execute(f"ALTER TABLE {outbox.table} ADD COLUMN event_type text NOT NULL DEFAULT 'x'")
+        conn.execute(f"ALTER TABLE {outbox.table} ADD COLUMN headers jsonb NOT NULL DEFAULT '{{}}'")
+        delivered += outbox.insert(conn, [{"event_type": "AfterRepair"}])
+    await consumer.wait_for(set(delivered), timeout=30)
+    assert [d.message_id for d in consumer.deliveries if d.message_id in delivered] == delivered
+    assert await wait_until(lambda: len(dead_letters(outbox)) >= 1, 15), relay.log_tail()
+    [(letter_id, reason)] = dead_letters(outbox)
+    assert letter_id == orphan, (letter_id, orphan)
+    assert "event_type" in reason, reason
+    assert relay.proc is not None and relay.proc.poll() is None, relay.log_tail()
+    assert "Traceback" not in relay.log()
+
+
 async def test_poison_rows_are_dead_lettered_and_the_stream_goes_on(
     outbox: Setup, relays: Any
 ) -> None:

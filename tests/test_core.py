@@ -13,7 +13,6 @@ import pytest
 
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
-from cdc_relay.errors import ConfigError
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
 from cdc_relay.router import Envelope, Router
 from tests.pgoutput_encoder import encode
@@ -287,11 +286,22 @@ def test_unpublishable_envelope_becomes_a_dead_letter() -> None:
     assert core.tracker.flush_lsn == 0x2030
 
 
-def test_a_non_outbox_schema_is_a_configuration_error() -> None:
+def test_rows_written_while_required_columns_were_gone_are_dead_letters() -> None:
+    """DDL while streaming: the Relation of then lacks columns; later rows flow again."""
     core, _ = make_core()
     columns = (Column(1, "id", 25, -1), Column(0, "payload", 25, -1))
-    with pytest.raises(ConfigError, match="lacks column"):
-        core.receive(xlog(Relation(OUTBOX, "public", "outbox", "d", columns)))
+    feed(core, xlog(Relation(OUTBOX, "public", "outbox", "d", columns)), begin(0x2000))
+    dead = core.receive(xlog(Insert(OUTBOX, (b"00000000-0000-0000-0000-000000000007", b"{}"))))
+    assert isinstance(dead, PendingDeadLetter) and dead.seq == 1
+    letter = dead.letter
+    assert "lacks column(s): aggregate_type, aggregate_id, event_type" in letter.reason
+    assert letter.outbox_id == "00000000-0000-0000-0000-000000000007"
+    assert letter.row == {
+        "values": ["00000000-0000-0000-0000-000000000007", "{}"],
+        "columns": ["id", "payload"],
+    }
+    feed(core, commit(0x2000, 0x2030), relation(), begin(0x3000))
+    assert isinstance(core.receive(insert(2)), Envelope)  # the table is whole again
 
 
 # -- commit-to-confirm latency (was CommitClock; now the core's per-transaction records) --
