@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import env, pgside, polling, relayrun, report
+from bench import env, pgside, polling, relayrun, report, tls
 from bench.broker import broker_ceiling
 from bench.env import CpuMeter, Phase, log
 from cdc_relay.config import DEFAULT_MAX_IN_FLIGHT
@@ -68,8 +68,8 @@ class Bench:
         return {
             "bench": os.getpid(),
             "postgres": self.pg.postmaster_pid,
-            "rabbitmq": self.roots.get("rabbitmq"),
             "relay": relayrun.running_relay_pid(),
+            **self.roots,  # rabbitmq, and the TLS-only pair while the tls step runs
         }
 
     async def settle(self) -> dict[str, float]:
@@ -163,6 +163,13 @@ class Bench:
                 "peak_rss",
                 f"cdc-relay peak RSS relaying one {z['big']:,}-row transaction",
                 self._peak_rss,
+            )
+            t = tls.QUICK if self.quick else tls.FULL
+            await self.step(
+                "tls",
+                f"cdc-relay over TLS ({tls.BOTH}) and plain: {t['rows']:,}-row drain,"
+                f" {t['rate']:,} rows/s and bursts",
+                self._tls,
             )
         finally:
             with Phase("stopping the servers", measure=False):
@@ -273,6 +280,36 @@ class Bench:
         finally:
             await asyncio.to_thread(pgside.drop_outbox, settings)
 
+    async def _tls(self, phase: Phase) -> dict[str, Any]:
+        """verify-full / amqps next to plain / plain, same functions and sizes as bench.tls.
+
+        The plain side is this bench's own servers; only a TLS-only pair is started,
+        and its processes are named in the CPU split so they do not count as "other".
+        """
+        sizes = dict(tls.QUICK if self.quick else tls.FULL)
+        async with tls.tls_only_servers(self.workdir) as (pg_tls, mq_tls):
+            self.roots.update(postgres_tls=pg_tls.postmaster_pid, rabbitmq_tls=mq_tls.beam_pid)
+            try:
+                phase.restart_cpu()
+                chosen = tls.targets(self.pg, self.mq, pg_tls, mq_tls)
+                measured = await tls.compare(
+                    [chosen[tls.PLAIN], chosen[tls.BOTH]], sizes, self.workdir
+                )
+            finally:
+                phase.measure_cpu()  # while the TLS pair still runs
+                self.roots.pop("postgres_tls", None)
+                self.roots.pop("rabbitmq_tls", None)
+        result: dict[str, Any] = {
+            "label": tls.BOTH,
+            "sizes": sizes,
+            "plain": measured[tls.PLAIN],
+            "tls": measured[tls.BOTH],
+        }
+        failed = [f"{label}: {r['error']}" for label, r in measured.items() if "error" in r]
+        if failed:
+            result["error"] = "; ".join(failed)
+        return result
+
 
 def best_of(*candidates: dict[str, Any]) -> dict[str, Any]:
     """The fastest ceiling run (an error only if all failed), noting every rate and window."""
@@ -293,6 +330,9 @@ def _drain_timeout(rows: int) -> float:
 def _summary(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"FAILED {result['error'][:200]}"
+    if "tls" in result and "plain" in result:
+        d, p = result["tls"]["drain"], result["plain"]["drain"]
+        return f"TLS {d['rows_per_s']:,.0f} rows/s, plain {p['rows_per_s']:,.0f} rows/s"
     for key, unit in (("msgs_per_s", "msg/s"), ("rows_per_s", "rows/s")):
         if key in result and "p50_ms" not in result:
             extra = (

@@ -181,6 +181,11 @@ class Phase:
             self._last_note = now
             log(f"  {self.title}: {text} ({now - self.started:.1f}s)")
 
+    def restart_cpu(self) -> None:
+        """Measure CPU from now on: setup such as starting servers is not the measurement."""
+        if self.meter and self.measure:
+            self._before = self.meter.snapshot()
+
     def measure_cpu(self) -> dict[str, float]:
         """CPU use since the phase started (call before stopping its processes)."""
         if self.meter and self._before:

@@ -6,8 +6,11 @@ runs the relay with each of the four combinations. For each: the drain rate of a
 backlog of single-row transactions with the relay's CPU per message, and the
 relay's own commit-to-confirm histogram (``/metrics``) under a paced writer and
 under bursts of back-to-back commits (where a reader stalled on bytes OpenSSL had
-already decrypted would show up in p99). Prints a markdown table; kept out of
-``make bench`` because it needs four servers.
+already decrypted would show up in p99). Prints a markdown table.
+
+``make bench`` measures two of the combinations (verify-full / amqps and the
+plain / plain baseline) with the same functions (``tls_only_servers``,
+``targets``, ``compare``), on its own plain servers and a TLS-only pair.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +34,17 @@ import psycopg
 from bench.env import Phase, log, proc_cpu_seconds
 from bench.pgside import LSN_SLACK, SlotWatch, drop_outbox, drop_slots, init_outbox, new_settings
 from bench.pgside import make_backlog as make_pg_backlog
-from bench.relayrun import COMMIT_TO_CONFIRM, histogram_result, run_writer
+from bench.relayrun import COMMIT_TO_CONFIRM, histogram_result, run_writer, start_relay
 from cdc_relay.amqp import declare_exchange
-from cdc_relay.config import Settings
 from devtools import amqp
-from devtools.procs import free_port
-from devtools.relayproc import RelayProcess
 from devtools.servers import PostgresServer, RabbitServer
 from devtools.tls import make_tls_files
 
 FULL = {"rows": 50_000, "rate": 2000, "seconds": 10.0, "bursts": 40, "burst": 200}
 QUICK = {"rows": 10_000, "rate": 1000, "seconds": 5.0, "bursts": 15, "burst": 200}
 BURST_GAP = 0.25  # seconds between bursts: the stream goes quiet, then a burst lands
+PLAIN = "plain / plain"
+BOTH = "verify-full / amqps"  # the combination `make bench` measures next to PLAIN
 
 
 @dataclass(frozen=True)
@@ -67,16 +71,6 @@ async def topology(target: Target, exchange: str, queue: str) -> None:
         await declared.bind(exchange, "#")
 
 
-def relay(settings: Settings, workdir: Path) -> RelayProcess:
-    return RelayProcess(
-        settings,
-        workdir / f"relay-{settings.slot}.log",
-        log_level="WARNING",
-        stats_interval=None,
-        metrics_port=free_port(),
-    ).start()
-
-
 async def drain(target: Target, rows: int, workdir: Path) -> dict[str, float]:
     """Seconds from /readyz to the slot confirmed past a backlog of ``rows`` 1-row commits."""
     settings = new_settings(target.dsn, target.amqp_url, "tlsdrain")
@@ -84,7 +78,7 @@ async def drain(target: Target, rows: int, workdir: Path) -> dict[str, float]:
     await asyncio.to_thread(drop_slots, target.dsn, backlog.ceiling_slot)
     queue = f"q_{settings.exchange}"
     await topology(target, settings.exchange, queue)
-    proc = relay(settings, workdir)
+    proc = start_relay(settings, workdir)
     watch = SlotWatch(target.dsn, settings.slot)
     try:
         await proc.wait_ready()
@@ -104,7 +98,12 @@ async def drain(target: Target, rows: int, workdir: Path) -> dict[str, float]:
         await asyncio.to_thread(backlog.drop)
     if queued < rows:
         raise RuntimeError(f"only {queued} of {rows} messages queued")
-    return {"rows_per_s": rows / seconds, "cpu_us_per_msg": cpu / rows * 1e6}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "cpu_us_per_msg": cpu / rows * 1e6,
+    }
 
 
 def burst_writer(dsn: str, table: str, bursts: int, size: int) -> int:
@@ -127,7 +126,7 @@ async def latency(target: Target, sizes: dict[str, Any], workdir: Path) -> dict[
     await asyncio.to_thread(init_outbox, settings)
     queue = f"q_{settings.exchange}"
     await topology(target, settings.exchange, queue)
-    proc = relay(settings, workdir)
+    proc = start_relay(settings, workdir)
     result: dict[str, Any] = {}
     try:
         await proc.wait_ready()
@@ -187,36 +186,76 @@ def table(results: dict[str, dict[str, Any]], sizes: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def run(sizes: dict[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
-    files = make_tls_files(workdir / "pki")
-    servers = [PostgresServer(), PostgresServer(ssl=files), RabbitServer(), RabbitServer(tls=files)]
-    results: dict[str, dict[str, Any]] = {}
+@asynccontextmanager
+async def running(*servers: PostgresServer | RabbitServer) -> AsyncIterator[None]:
+    """Start the servers in parallel; remove every one at the end, after a failed start too."""
     try:
-        with Phase("starting plain and TLS-only Postgres and RabbitMQ", measure=False):
-            await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
-        pg, pg_tls, mq, mq_tls = servers
-        assert isinstance(pg, PostgresServer) and isinstance(pg_tls, PostgresServer)
-        assert isinstance(mq, RabbitServer) and isinstance(mq_tls, RabbitServer)
-        targets = [
-            Target("plain / plain", pg.dsn, mq.amqp_url),
-            Target("verify-full / plain", pg_tls.dsn, mq.amqp_url),
-            Target("plain / amqps", pg.dsn, mq_tls.amqp_url),
-            Target("verify-full / amqps", pg_tls.dsn, mq_tls.amqp_url),
-        ]
-        for target in targets:
-            with Phase(f"{target.label}: drain, paced and bursty latency", measure=False):
-                try:
-                    results[target.label] = {
-                        "drain": await drain(target, sizes["rows"], workdir),
-                        "latency": await latency(target, sizes, workdir),
-                    }
-                except Exception as exc:
-                    results[target.label] = {"error": f"{type(exc).__name__}: {exc}"}
-                    log(f"  failed: {exc}")
+        with Phase(f"starting {len(servers)} throwaway servers", measure=False):
+            started = await asyncio.gather(
+                *(asyncio.to_thread(s.start) for s in servers), return_exceptions=True
+            )
+        for outcome in started:  # raised only once every start has finished
+            if isinstance(outcome, BaseException):
+                raise outcome
+        yield
     finally:
         for server in servers:
             server.cleanup()
-    return results
+
+
+@asynccontextmanager
+async def tls_only_servers(workdir: Path) -> AsyncIterator[tuple[PostgresServer, RabbitServer]]:
+    """A TLS-only Postgres and RabbitMQ with fresh trustme certificates, all removed after."""
+    pki = workdir / "pki"
+    files = make_tls_files(pki)
+    pg, mq = PostgresServer(ssl=files), RabbitServer(tls=files)
+    try:
+        async with running(pg, mq):
+            yield pg, mq
+    finally:
+        shutil.rmtree(pki, ignore_errors=True)
+
+
+def targets(
+    pg: PostgresServer, mq: RabbitServer, pg_tls: PostgresServer, mq_tls: RabbitServer
+) -> dict[str, Target]:
+    """The four combinations of a plain and a TLS-only server of each kind, by label."""
+    return {
+        t.label: t
+        for t in (
+            Target(PLAIN, pg.dsn, mq.amqp_url),
+            Target("verify-full / plain", pg_tls.dsn, mq.amqp_url),
+            Target("plain / amqps", pg.dsn, mq_tls.amqp_url),
+            Target(BOTH, pg_tls.dsn, mq_tls.amqp_url),
+        )
+    }
+
+
+async def measure(target: Target, sizes: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Drain, then paced and bursty latency; a failure is recorded so the next one still runs."""
+    with Phase(f"{target.label}: drain, paced and bursty latency", measure=False):
+        try:
+            return {
+                "drain": await drain(target, sizes["rows"], workdir),
+                "latency": await latency(target, sizes, workdir),
+            }
+        except Exception as exc:
+            log(f"  failed: {exc}")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+async def compare(
+    chosen: list[Target], sizes: dict[str, Any], workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """Each combination measured the same way, one right after the other."""
+    return {target.label: await measure(target, sizes, workdir) for target in chosen}
+
+
+async def run(sizes: dict[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """All four combinations: a plain and a TLS-only server of each kind."""
+    pg, mq = PostgresServer(), RabbitServer()
+    async with tls_only_servers(workdir) as (pg_tls, mq_tls), running(pg, mq):
+        return await compare(list(targets(pg, mq, pg_tls, mq_tls).values()), sizes, workdir)
 
 
 def main() -> None:
