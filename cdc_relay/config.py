@@ -35,6 +35,7 @@ MIN_RETENTION = timedelta(minutes=1)
 # A classic queue confirms persistent messages per fsync batch: the window must
 # cover a batch or two at full speed (measured in docs/performance.md).
 DEFAULT_MAX_IN_FLIGHT = 4000
+DEFAULT_MESSAGE_PREFIX = "cdc_relay"  # of the messages <table>_emit writes and run publishes
 MiB = 1024 * 1024
 # Postgres' own rule for slot names (ReplicationSlotValidateName).
 SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
@@ -186,9 +187,11 @@ class Settings:
         ),
     )
     message_prefix: str = setting(
-        "cdc_relay",
+        DEFAULT_MESSAGE_PREFIX,
         Option(
-            "Prefix of the transactional logical messages (outbox_emit) to publish as rows.",
+            "Prefix of the outbox_emit messages: init writes it into <table>_emit, run "
+            "publishes the messages that carry it. One per outbox of a database.",
+            scope=_COMMON,
         ),
     )
     status_interval: float = setting(

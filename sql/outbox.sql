@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_relay_state" (
 -- <table>_enqueue and <table>_emit: outbox_enqueue and outbox_emit for the
 -- default table). outbox_enqueue inserts an outbox row in the caller's transaction (it is
 -- published once that transaction commits); outbox_emit writes the same row as
--- a transactional logical decoding message (prefix 'cdc_relay') instead, which
+-- a transactional logical decoding message instead (its prefix is init's
+-- --message-prefix, 'cdc_relay' by default: run the relay with the same one), which
 -- needs no table, no cleanup and no vacuum. Both return the message id.
 -- payload and headers travel as the text of their jsonb values, so a message's
 -- body is byte for byte what a table row with the same payload gives.

@@ -7,6 +7,8 @@ transaction, and an idle outbox must not pin WAL while other tables change.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -193,3 +195,64 @@ async def test_idle_tableless_slot_advances_while_other_tables_change(
             assert await wait_until(lambda: tableless.confirmed_lag() < 100_000, 30)
         finally:
             conn.execute(f"DROP TABLE {tableless.table}_busy")
+
+
+@pytest.mark.asyncio
+async def test_two_outboxes_in_one_database_keep_their_emitted_messages_apart(
+    pg_dsn: str, amqp_url: str, tmp_path: Path
+) -> None:
+    """Every slot decodes every logical message: the prefix init writes keeps them apart."""
+    setups = [Setup(pg_dsn, amqp_url, unique_names(tag)) for tag in ("emta", "emtb")]
+    relays: list[RelayProcess] = []
+    consumers: list[Consumer] = []
+    try:
+        for setup in setups:
+            setup.settings.message_prefix = f"cdc_relay_{setup.names['slot'][-8:]}"
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                admin.init(conn, setup.settings, create_table=False)
+            consumers.append(await consumer_for(setup))
+            relay = RelayProcess(
+                setup,
+                tmp_path / f"{setup.names['slot']}.log",
+                "--message-prefix",
+                setup.settings.message_prefix,
+            ).start()
+            await relay.wait_for_log_async("streaming from slot")
+            relays.append(relay)
+        sent: list[list[str]] = [[], []]
+        with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.cursor() as cur:
+            for i in range(3):
+                for n, setup in enumerate(setups):
+                    sent[n].append(emit(cur, setup, f"{n}-{i}", {"outbox": n}))
+        for n, consumer in enumerate(consumers):
+            await consumer.wait_for(set(sent[n]), timeout=30)
+        await asyncio.sleep(1)  # a message that crossed over would have arrived by now
+        for n, consumer in enumerate(consumers):
+            assert sorted(consumer.ids()) == sorted(sent[n]), (n, consumer.ids(), sent)
+    finally:
+        for consumer in consumers:
+            await consumer.close()
+        for relay in relays:
+            relay.stop_quietly()
+        for setup in setups:
+            setup.cleanup()
+            drop_functions(setup)
+
+
+def test_a_relay_whose_prefix_the_emit_function_does_not_write_is_refused(
+    tableless: Setup,
+) -> None:
+    settings = dataclasses.replace(tableless.settings, message_prefix="someone_else")
+    with psycopg.connect(tableless.dsn, autocommit=True) as conn:
+        with pytest.raises(ConfigError) as refused:
+            admin.validate(conn, settings)
+        assert "prefix 'cdc_relay' but --message-prefix is 'someone_else'" in str(refused.value)
+        assert "--message-prefix cdc_relay" in str(refused.value)
+        # A function of the user's own (no emit call init would write) is not second-guessed.
+        conn.execute(f"DROP FUNCTION {emit_name(tableless)}")
+        conn.execute(
+            f"CREATE OR REPLACE FUNCTION {emit_name(tableless)}() RETURNS int"
+            " LANGUAGE sql AS 'SELECT 1'"
+        )
+        admin.validate(conn, settings)
+        conn.execute(f"DROP FUNCTION {emit_name(tableless)}()")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay import deadletters, inbox, state
-from cdc_relay.config import Settings
+from cdc_relay.config import DEFAULT_MESSAGE_PREFIX, Settings
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
 from cdc_relay.redact import Redactor, one_line
@@ -55,24 +56,29 @@ def function_names(table: tuple[str, str]) -> tuple[str, str]:
     return f"{prefix}_enqueue", f"{prefix}_emit"
 
 
-def functions_ddl(table: tuple[str, str]) -> sql.Composed:
-    """The enqueue/emit functions in the outbox's schema, inserting into that table."""
+def functions_ddl(table: tuple[str, str], prefix: str = DEFAULT_MESSAGE_PREFIX) -> sql.Composed:
+    """The enqueue/emit functions in the outbox's schema; emit writes messages with ``prefix``.
+
+    Each outbox of a database needs its own prefix: every slot decodes every
+    logical message, and a relay publishes those with its --message-prefix.
+    """
     schema = table[0]
     enqueue, emit = function_names(table)
     return sql.SQL(_template("functions.sql")).format(
         outbox=qualified(*table),
         enqueue=qualified(schema, enqueue),
         emit=qualified(schema, emit),
+        prefix=sql.Literal(prefix),
     )
 
 
-def emit_function_ddl(table: tuple[str, str]) -> sql.Composed:
+def emit_function_ddl(table: tuple[str, str], prefix: str = DEFAULT_MESSAGE_PREFIX) -> sql.Composed:
     """Only the emit function: a table-less outbox has no table for ``_enqueue`` to insert into."""
     schema = table[0]
     _, emit = function_names(table)
     template = _template("functions.sql")
     statement = template[template.index("CREATE OR REPLACE FUNCTION {emit}") :]
-    return sql.SQL(statement).format(emit=qualified(schema, emit))
+    return sql.SQL(statement).format(emit=qualified(schema, emit), prefix=sql.Literal(prefix))
 
 
 # Kept for bench/polling.py: the outbox DDL as a psycopg template with {table}.
@@ -100,7 +106,7 @@ def render_sql(settings: Settings) -> str:
         outbox_ddl(table),
         deadletters.ddl(dl_table),
         state.ddl(state.table_name(settings)),
-        functions_ddl(table),
+        functions_ddl(table, settings.message_prefix),
     ]
     inbox_part = "-- For idempotent consumers (cdc_relay.inbox.once): the ids they processed.\n"
     inbox_part += inbox.ddl(inbox.DEFAULT_TABLE)
@@ -171,7 +177,7 @@ def init(
     report += deadletters.create(conn, settings.dead_letter_table)
     report += state.create(conn, state.table_name(settings))
     report.append(_create_inbox(conn))
-    report += _create_functions(conn, (schema, table), emit_only=tableless)
+    report += _create_functions(conn, (schema, table), settings.message_prefix, emit_only=tableless)
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
         report.append(f"publication {settings.publication}: already exists")
@@ -247,7 +253,11 @@ def _create_slot(conn: psycopg.Connection[Any], slot: str, *, failover: bool) ->
 
 
 def _create_functions(
-    conn: psycopg.Connection[Any], table: tuple[str, str], *, emit_only: bool = False
+    conn: psycopg.Connection[Any],
+    table: tuple[str, str],
+    prefix: str,
+    *,
+    emit_only: bool = False,
 ) -> list[str]:
     names = function_names(table)[1:] if emit_only else function_names(table)
 
@@ -261,7 +271,7 @@ def _create_functions(
         return {name: src for name, src in rows}
 
     before = sources()
-    conn.execute(emit_function_ddl(table) if emit_only else functions_ddl(table))
+    conn.execute(emit_function_ddl(table, prefix) if emit_only else functions_ddl(table, prefix))
     after = sources()
     report = []
     for name in names:
@@ -405,6 +415,7 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     else:
         relid, relkind = rel
         _check_publication(conn, settings, relkind)
+    _check_emit_prefix(conn, settings)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
@@ -413,6 +424,33 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         outbox_relid=relid,
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
     )
+
+
+_EMIT_PREFIX = re.compile(r"pg_logical_emit_message\(\s*true\s*,\s*'((?:[^']|'')*)'")
+
+
+def _check_emit_prefix(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """``<table>_emit`` must write the prefix this relay publishes, or its messages go nowhere.
+
+    A function init did not write (no recognisable emit call) is the user's own: not checked.
+    """
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    rows = conn.execute(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (schema, emit),
+    ).fetchall()
+    calls = (m for (source,) in rows for m in _EMIT_PREFIX.finditer(source))
+    prefixes = {m.group(1).replace("''", "'") for m in calls}
+    if prefixes and settings.message_prefix not in prefixes:
+        written = sorted(prefixes)[0]
+        raise ConfigError(
+            f"{schema}.{emit} writes messages with prefix {written!r} but --message-prefix is "
+            f"{settings.message_prefix!r}, so its messages would never be published: run with "
+            f"--message-prefix {written}, or run `cdc-relay init --message-prefix "
+            f"{settings.message_prefix}` to rewrite the function"
+        )
 
 
 def check_outbox_table(conn: psycopg.Connection[Any], settings: Settings) -> tuple[int, str] | None:

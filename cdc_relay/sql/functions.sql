@@ -2,7 +2,8 @@
 -- <table>_enqueue and <table>_emit: outbox_enqueue and outbox_emit for the
 -- default table). outbox_enqueue inserts an outbox row in the caller's transaction (it is
 -- published once that transaction commits); outbox_emit writes the same row as
--- a transactional logical decoding message (prefix 'cdc_relay') instead, which
+-- a transactional logical decoding message instead (its prefix is init's
+-- --message-prefix, 'cdc_relay' by default: run the relay with the same one), which
 -- needs no table, no cleanup and no vacuum. Both return the message id.
 -- payload and headers travel as the text of their jsonb values, so a message's
 -- body is byte for byte what a table row with the same payload gives.
@@ -37,7 +38,7 @@ AS $fn$
 DECLARE
     new_id uuid := gen_random_uuid();
 BEGIN
-    PERFORM pg_logical_emit_message(true, 'cdc_relay', jsonb_build_object(
+    PERFORM pg_logical_emit_message(true, {prefix}, jsonb_build_object(
         'id', new_id,
         'aggregate_type', $1,
         'aggregate_id', $2,
