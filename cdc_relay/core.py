@@ -125,7 +125,8 @@ class SessionCore:
         self.message_prefix = message_prefix
         self._counters = counters
         self._observe = observe_commit_to_confirm
-        # relid -> reader for the outbox; None for any other relation the stream describes.
+        # relid -> reader for the outbox (MissingColumns while it lacked required columns);
+        # None for any other relation the stream describes.
         self._readers: dict[int, RowReader | MissingColumns | None] = {}
         self._relation_names: dict[int, str] = {}
         # The row of every message published and not yet settled: a returned
