@@ -52,6 +52,14 @@ class SessionFailed(Exception):
     """Something ended the session; the next one replays from the slot."""
 
 
+class PublishRefused(SessionFailed):
+    """The broker nacked (or returned, under ``--on-unroutable fail``) a message.
+
+    The channel lives on: the acks of the messages published before it can
+    still arrive and be reported before the session ends.
+    """
+
+
 class _Stop:
     """Sentinel answer: a stop was requested and the stream is at a transaction boundary."""
 
@@ -322,7 +330,7 @@ class SessionCore:
             if error.returned and self.dead_letter_unroutable and row is not None:
                 letters.append(self._dead(seq, None, row, error.reason))
                 continue
-            raise SessionFailed(f"publish of message {seq} failed: {error}")
+            raise PublishRefused(f"publish of message {seq} failed: {error}")
         lost = outcome.lost
         if lost is not None:
             if self.limits.learn(lost):

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from cdc_relay.deadline import within
+
 log = logging.getLogger(__name__)
 
 # Fine below 25 ms, where a healthy relay lives; coarse above, where a backlog
@@ -158,8 +160,8 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+            request = await within(reader.readline(), 5)
+            while (await within(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = request.decode("latin-1").split()
             path = parts[1] if len(parts) > 1 else "/"

@@ -11,7 +11,6 @@ RabbitMQ.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from cdc_relay.amqp import ExchangeError, Outcome, Publisher
 from cdc_relay.config import Settings
 from cdc_relay.core import SessionFailed
 from cdc_relay.deadletters import DeadLetterWriter
+from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.pg import admin
 from cdc_relay.pg.replication import (
@@ -110,8 +110,7 @@ async def take_slot(
                     f"replication slot {settings.slot} cannot be used: {exc}; {hint}"
                 ) from None
             raise
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), random.uniform(*STANDBY_RETRY))
+        await event_within(stop, random.uniform(*STANDBY_RETRY))
         if stop.is_set():
             return None
 
@@ -125,7 +124,7 @@ async def validate(settings: Settings) -> admin.StartupFacts:
             return admin.validate(conn, settings)
 
     try:
-        return await asyncio.wait_for(asyncio.to_thread(check), VALIDATE_TIMEOUT)
+        return await within(asyncio.to_thread(check), VALIDATE_TIMEOUT)
     except TimeoutError:
         raise SessionFailed(f"startup checks got no answer in {VALIDATE_TIMEOUT:.0f}s") from None
 

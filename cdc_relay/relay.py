@@ -27,13 +27,14 @@ from cdc_relay import state
 from cdc_relay.acks import AckTrackerError
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.core import STOP, BrokerLimits, SessionCore, SessionFailed
+from cdc_relay.core import STOP, BrokerLimits, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import (
     DeadLetterSink,
     DeadLetterWriteFailed,
     DeadLetterWriter,
     PendingDeadLetter,
 )
+from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
@@ -58,6 +59,9 @@ SLOT_MISSING_GRACE: Final = 20.0
 SLOT_MISSING_RETRY: Final = (0.5, 1.5)
 STATE_CHECK_INTERVAL: Final = 1.0  # the state writer itself writes at most every few seconds
 FINAL_STATUS_TIMEOUT: Final = 2.0
+# After a nack, at most this long (and never more than --confirm-timeout) for the
+# acks of the messages published before it.
+SETTLE_AFTER_REFUSAL: Final = 5.0
 
 # Exceptions that end a session and are retried; anything else is a bug or a
 # configuration error and ends the process.
@@ -154,8 +158,7 @@ class Relay:
             attempt += 1
             self.metrics.reconnects.inc()
             log.info("reconnecting in %.1fs", delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+            await event_within(self._stop, delay)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, never below the minimum."""
@@ -301,9 +304,9 @@ class Session:
             await self._stop_cleanly(pump, publisher, core, sink)
             status.cancel()
             await asyncio.gather(status, return_exceptions=True)
-            await asyncio.wait_for(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
+            await within(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
+                await within(
                     conns.state.maybe_write(
                         time.monotonic(),
                         core.confirmed_commit_time,
@@ -315,6 +318,8 @@ class Session:
             log.info("stopped; confirmed position %s", format_lsn(core.tracker.flush_lsn))
         finally:
             stop_wait.cancel()
+            if isinstance(self._failure_exception(), PublishRefused) and not self.abort.is_set():
+                await self._settle_after_refusal(pump, publisher)
             tasks = [pump, status, *helpers]
             for task in tasks:
                 task.cancel()
@@ -323,7 +328,7 @@ class Session:
             # next one does not replay it (best effort: the link may be gone).
             if not self.stop.is_set() and core.status_due:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
+                    await within(self._send_status(stream, core), FINAL_STATUS_TIMEOUT)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """Whatever ends a session task ends the session (the pump returns only at STOP)."""
@@ -338,6 +343,26 @@ class Session:
     def _raise_failure(self) -> None:
         if self.failure.done():
             self.failure.result()
+
+    def _failure_exception(self) -> BaseException | None:
+        if self.failure.done() and not self.failure.cancelled():
+            return self.failure.exception()
+        return None
+
+    async def _settle_after_refusal(self, pump: asyncio.Task[None], publisher: Publisher) -> None:
+        """After a nack, take the acks of what was published before it, then end.
+
+        RabbitMQ nacks a refused message at once but acks persistent ones only
+        after its fsync, so the nack usually overtakes them. Ending the session
+        at the nack would replay what the broker took; into a bounded queue
+        (``x-overflow: reject-publish``) the same tail would be refused again,
+        for ever. Nothing new is published meanwhile.
+        """
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        wait = min(self.settings.confirm_timeout, SETTLE_AFTER_REFUSAL)
+        with contextlib.suppress(Exception):
+            await publisher.wait_confirmed(wait)
 
     async def _stop_cleanly(
         self,
@@ -455,8 +480,7 @@ class Session:
         while True:
             wait = schedule.wait_time(time.monotonic(), due=core.status_due)
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), wait)
+                await event_within(wakeup, wait)
             wakeup.clear()
             now = time.monotonic()
             silent = now - stream.last_receive if stream.waiting_for_data else None
@@ -510,6 +534,6 @@ class Session:
 async def _bounded(awaitable: Awaitable[Any], what: str, timeout: float = 10.0) -> None:
     """Cleanup must never hang a relay that is trying to recover."""
     try:
-        await asyncio.wait_for(awaitable, timeout)
+        await within(awaitable, timeout)
     except TimeoutError:
         log.error("%s took longer than %.0fs; abandoning it", what, timeout)

@@ -98,7 +98,15 @@ async def test_nack_from_full_queue_is_retried_without_advancing(
         flush_before = outbox.confirmed_flush()
         ids, wal_after = commit_rows_with_lsns(outbox, 6, one_per_txn=True)
         relay.wait_for_log("nacked by broker", timeout=30)
-        await asyncio.sleep(0.5)
+        # The broker nacks the third row at once but acks the two it took only after
+        # its fsync: the session waits for those acks and reports them before it
+        # ends, or every later session would replay them into the full queue and be
+        # refused the same way (a livelock CI once hit for 90 s).
+        assert await wait_until(lambda: outbox.confirmed_flush() > wal_after[0], 10), (
+            outbox.confirmed_flush(),
+            wal_after,
+            relay.log_tail(),
+        )
         # Only what the broker took (two rows) may be flushed, never the rest.
         assert outbox.confirmed_flush() <= wal_after[1]
         # Drain the queue as a consumer would: everything arrives eventually.

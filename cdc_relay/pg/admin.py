@@ -10,7 +10,6 @@ the dead-letter table's DDL belongs to ``cdc_relay.deadletters``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -25,6 +24,7 @@ from psycopg import sql
 
 from cdc_relay import deadletters, inbox, state
 from cdc_relay.config import DEFAULT_MESSAGE_PREFIX, Settings
+from cdc_relay.deadline import event_within
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
 from cdc_relay.redact import Redactor, one_line
@@ -923,8 +923,7 @@ async def retain_outbox(
                 log.info("retention: deleted %d outbox row(s) older than %s", deleted, older_than)
             if on_pass is not None:
                 on_pass(deleted)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+        await event_within(stop, interval)
 
 
 def _retention_pass(
