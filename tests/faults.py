@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 import psycopg
 
-from tests.harness import Consumer, Setup
+from devtools.metrics import readyz
+from devtools.servers import RabbitServer
+from tests.harness import Consumer, Setup, wait_until
 
 
 @dataclass
@@ -149,3 +151,19 @@ async def verify(setup: Setup, consumer: Consumer, timeout: float = 120) -> Verd
         duplicates=sum(c - 1 for c in counts.values()),
         seconds_to_catch_up=caught_up,
     )
+
+
+async def bounce_broker(rabbit: RabbitServer, metrics_port: int, times: int) -> None:
+    """Stop and start the broker ``times`` times while a relay with /readyz on the port runs.
+
+    Readiness must drop during each outage and come back after it.
+    """
+    for _ in range(times):
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(rabbit.stop)
+        ready = await wait_until(lambda: readyz(metrics_port) == 503, 15)
+        assert ready, "readiness missed the outage"
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(rabbit.start)
+        back = await wait_until(lambda: readyz(metrics_port) == 200, 60)
+        assert back, "relay did not come back"

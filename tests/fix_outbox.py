@@ -47,3 +47,5 @@ def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     yield start
     for relay in started:
         relay.stop_quietly()
+        # Shown by pytest only when the test failed: what each relay said.
+        print(f"--- {relay.log_path.name} ---\n{relay.log_tail(6000)}")

@@ -12,7 +12,6 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,7 +21,8 @@ import pytest_asyncio
 from cdc_relay.pg import admin
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, RabbitServer, free_port
-from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
+from tests.faults import bounce_broker
+from tests.harness import Consumer, Setup, unique_names, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.fault]
 
@@ -59,20 +59,6 @@ async def consumer(tableless: Setup) -> AsyncIterator[Consumer]:
     c = await Consumer(tableless.amqp_url, tableless.names["exchange"]).start()
     yield c
     await c.close()
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Any]:
-    started: list[RelayProcess] = []
-
-    def start(setup: Setup, *extra: str) -> RelayProcess:
-        relay = RelayProcess(setup, tmp_path / f"relay-{len(started)}.log", *extra).start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop_quietly()
 
 
 class EmitWorkload:
@@ -158,12 +144,6 @@ async def test_tableless_broker_stopped_and_started_twice(
     relays(tableless, "--metrics-port", str(port), "--confirm-timeout", "5", "--heartbeat", "2")
     assert await wait_until(lambda: readyz(port) == 200, 30)
     workload = EmitWorkload(tableless, total=5000, per_second=800).start()
-    for _ in range(2):
-        await asyncio.sleep(1.5)
-        await asyncio.to_thread(emit_rabbit.stop)
-        assert await wait_until(lambda: readyz(port) == 503, 15), "readiness missed the outage"
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(emit_rabbit.start)
-        assert await wait_until(lambda: readyz(port) == 200, 60), "relay did not come back"
+    await bounce_broker(emit_rabbit, port, 2)
     await workload.wait()
     await verify(workload, consumer)

@@ -24,7 +24,7 @@ from devtools.amqp import queue_depth
 from devtools.consumer import SeqCounter
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, RabbitServer, free_port
-from tests.faults import Verdict, Workload, verify
+from tests.faults import Verdict, Workload, bounce_broker, verify
 from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 from tests.proxy import TcpProxy
 
@@ -75,22 +75,6 @@ async def outbox(fault_pg: PostgresServer, fault_rabbit: RabbitServer) -> AsyncI
         setup.cleanup()
 
 
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Any]:
-    started: list[RelayProcess] = []
-
-    def start(setup: Setup, *extra: str) -> RelayProcess:
-        relay = RelayProcess(setup, tmp_path / f"relay-{len(started)}.log", *extra).start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop_quietly()
-        # Shown by pytest only when the test failed: what each relay said.
-        print(f"--- {relay.log_path.name} ---\n{relay.log_tail(6000)}")
-
-
 def record(name: str, verdict: Verdict) -> None:
     VERDICTS.append(verdict.row(name))
     print(verdict.row(name))
@@ -120,13 +104,7 @@ async def test_broker_stopped_and_started_three_times(
     relays(outbox, "--metrics-port", str(port), "--confirm-timeout", "5", "--heartbeat", "2")
     assert await wait_until(lambda: readyz(port) == 200, 30)
     workload = Workload(outbox, total_rows=15_000, rows_per_second=1500).start()
-    for _ in range(3):
-        await asyncio.sleep(1.5)
-        await asyncio.to_thread(fault_rabbit.stop)
-        assert await wait_until(lambda: readyz(port) == 503, 15), "readiness missed the outage"
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(fault_rabbit.start)
-        assert await wait_until(lambda: readyz(port) == 200, 60), "relay did not come back"
+    await bounce_broker(fault_rabbit, port, 3)
     await workload.wait()
     record("broker stop/start x3", await verify(outbox, consumer))
 
