@@ -164,7 +164,7 @@ async def _declare_exchange(settings: Settings) -> str:
 
 
 @main.command()
-@settings_options("common", "run")
+@settings_options("common", "publish", "run")
 def run(**kwargs: Any) -> None:
     """Stream outbox inserts to RabbitMQ until stopped (SIGTERM/SIGINT drain and exit 0)."""
     from cdc_relay import logs
@@ -318,7 +318,7 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
 
 
 @dead_letters.command("replay")
-@settings_options("common")
+@settings_options("common", "publish")
 @click.option("--id", "ids", multiple=True, type=int, help="Replay only these (repeatable).")
 def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     """Publish pending dead letters again (confirmed ones are marked replayed)."""
@@ -380,7 +380,7 @@ class Since(click.ParamType):
 
 
 @main.command()
-@settings_options("common", "run")
+@settings_options("common", "publish", "run")
 @click.option(
     "--since",
     type=Since(),

@@ -8,7 +8,6 @@ ranges to values that did not come through the CLI.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -16,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
-from cdc_relay.router import FORMATS
+from cdc_relay.router import DEFAULT_EXCHANGE_PATTERN, FORMATS, exchange_allowed
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -47,7 +46,9 @@ BROKER_MAX_MESSAGE_SIZE = 512 * MiB
 class Option:
     """How one setting appears on the command line and in the environment.
 
-    ``scope`` is "common" (every command that connects) or "run" (only ``run``).
+    ``scope`` is "common" (every command that connects), "publish" (every
+    command that publishes: ``run``, ``resync``, ``dead-letters replay``, so
+    one policy applies to all three) or "run" (``run`` and ``resync``).
     ``value_type`` is only needed when the default (None) does not tell it.
     """
 
@@ -104,6 +105,7 @@ def split_table_name(name: str) -> tuple[str, str]:
 
 
 _COMMON = "common"
+_PUBLISH = "publish"
 _SECONDS = 86_400.0  # no timeout or interval above a day is a sensible setting
 
 
@@ -258,6 +260,7 @@ class Settings:
         128 * MiB,
         Option(
             "Bodies larger than this are dead-lettered (must not exceed the broker's limit).",
+            scope=_PUBLISH,
             min=1,
             max=BROKER_MAX_MESSAGE_SIZE,
         ),
@@ -267,8 +270,11 @@ class Settings:
         default_factory=list,
         metadata={
             "cli": Option(
-                "Comma-separated glob patterns of exchanges rows may name "
-                "(empty: any); other rows are dead-lettered.",
+                "Comma-separated glob patterns of the exchanges messages may go to, the "
+                f"configured --exchange included (empty: any); {DEFAULT_EXCHANGE_PATTERN} "
+                "allows the default exchange (Celery tasks without an exchange); other rows "
+                "are dead-lettered.",
+                scope=_PUBLISH,
                 metavar="PATTERNS",
             )
         },
@@ -277,7 +283,8 @@ class Settings:
         False,
         Option(
             "Let rows carry CC/BCC headers (sender-selected routing); "
-            "by default such rows are dead-lettered."
+            "by default such rows are dead-lettered.",
+            scope=_PUBLISH,
         ),
     )
     metrics_port: int | None = setting(
@@ -327,6 +334,15 @@ class Settings:
             raise ConfigError("no RabbitMQ URL given: set --amqp-url or CDC_RELAY_AMQP_URL")
         if any(not p for p in self.allowed_exchanges):
             raise ConfigError("--allowed-exchanges has an empty pattern")
+        default = self.exchange if self.message_format == "event" else ""
+        if not self.exchange_allowed(default):
+            what = f"--exchange {default!r}" if default else "the default exchange ''"
+            add = default or DEFAULT_EXCHANGE_PATTERN
+            raise ConfigError(
+                f"{what} is not allowed by --allowed-exchanges "
+                f"({', '.join(self.allowed_exchanges)}): every row without an exchange would "
+                f"be dead-lettered; add {add} to --allowed-exchanges"
+            )
         if self.retention is not None and self.retention < MIN_RETENTION:
             raise ConfigError(
                 f"--retention must be at least {MIN_RETENTION}: rows younger than that may "
@@ -342,9 +358,8 @@ class Settings:
             )
 
     def exchange_allowed(self, exchange: str) -> bool:
-        """May a row publish to this exchange? (``--allowed-exchanges``; empty: any)."""
-        patterns = self.allowed_exchanges
-        return not patterns or any(fnmatch.fnmatchcase(exchange, p) for p in patterns)
+        """May a message go to this exchange? (``--allowed-exchanges``: the router's rule)."""
+        return exchange_allowed(self.allowed_exchanges, exchange)
 
 
 def option_of(name: str) -> Option:

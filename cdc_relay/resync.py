@@ -244,21 +244,10 @@ class _Run:
     def envelope(self, row: OutboxRow) -> Envelope | None:
         """The envelope, or None when the row became a dead letter (same rules as the stream)."""
         try:
-            envelope = self.router.route(row)
-            size = len(envelope.body)
-            reason = None
-            if size > self.settings.max_message_size:
-                reason = (
-                    f"message body of {size} bytes exceeds the maximum message size "
-                    f"{self.settings.max_message_size} (--max-message-size or the broker's "
-                    "max_message_size)"
-                )
+            return self.router.route(row)  # the one policy: exchanges, CC/BCC, size
         except Exception as exc:
-            reason = mapping_reason(exc)
-        if reason is None:
-            return envelope
-        self.dead(row, reason)
-        return None
+            self.dead(row, mapping_reason(exc))
+            return None
 
     def dead(self, row: OutboxRow, reason: str) -> None:
         self.letters.append(DeadLetter(row.id, reason, row.as_dict(), self.lsn))
@@ -354,7 +343,7 @@ async def _publish_snapshot(
                 row = _row(values)
                 envelope = run.envelope(row)
                 if envelope is not None and (
-                    refused := await _exchange_refusal(publisher, envelope.exchange, exchanges)
+                    refused := await publisher.exchange_refusal(envelope.exchange, exchanges)
                 ):
                     run.dead(row, refused)
                     envelope = None
@@ -391,27 +380,6 @@ async def _publish_snapshot(
         if writer is not None:
             await writer.close()
         await reader.close()  # ends the read-only transaction
-
-
-async def _exchange_refusal(
-    publisher: Publisher, exchange: str, known: dict[str, str | None]
-) -> str | None:
-    """Why the broker would refuse publishes to ``exchange`` (missing, forbidden), or None.
-
-    The stream learns this from a channel close and dead-letters the row when it
-    comes again; a resync has no second pass, so it asks once per exchange
-    (a passive declare on the topology channel, never the confirm channel).
-    """
-    if exchange == "" or exchange in known:
-        return known.get(exchange)
-    why: str | None = None
-    try:
-        if not await publisher.declare_exchange(exchange, passive=True):
-            why = "404 NOT_FOUND (no such exchange)"
-    except ExchangeError as exc:
-        why = str(exc)
-    known[exchange] = None if why is None else f"exchange {exchange!r} refused by the broker: {why}"
-    return known[exchange]
 
 
 async def _store(writer: DeadLetterWriter, run: _Run) -> None:

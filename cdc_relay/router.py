@@ -52,6 +52,9 @@ TASK_AGGREGATE_TYPE = "celery.task"
 # Names RabbitMQ reads as sender-selected distribution: a row could route copies
 # to any queue the relay may write to, so they are refused unless allowed.
 SENDER_SELECTED_HEADERS = ("CC", "BCC")
+# How --allowed-exchanges names the default exchange "" (every queue by its name):
+# no glob matches it, so a list of named exchanges never lets a row reach any queue.
+DEFAULT_EXCHANGE_PATTERN = "(default)"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OUTBOX_COLUMNS = (
     "id",
@@ -241,9 +244,12 @@ class _AnyPayload:
 class Router:
     """Turns outbox rows into envelopes with the relay's configured defaults.
 
-    ``allowed_exchanges`` (glob patterns, empty = any) bounds the exchanges a
-    row may name; the configured defaults are the operator's and are not
-    checked. ``CC``/``BCC`` headers are refused unless ``allow_cc_headers``.
+    The one publishing policy of every command that publishes (``run``,
+    ``resync``, ``dead-letters replay``): ``allowed_exchanges`` (see
+    ``exchange_allowed``; empty = any) bounds the exchange each message actually
+    goes to, after defaults, the default exchange ``""`` of a Celery task
+    included; ``CC``/``BCC`` headers are refused unless ``allow_cc_headers``;
+    a body over ``max_message_size`` (None: no limit) is refused.
     """
 
     def __init__(
@@ -253,6 +259,7 @@ class Router:
         message_format: str = "event",
         allowed_exchanges: Sequence[str] = (),
         allow_cc_headers: bool = False,
+        max_message_size: int | None = None,
     ) -> None:
         if message_format not in FORMATS:
             raise ValueError(f"unknown message format {message_format!r}; use one of {FORMATS}")
@@ -267,10 +274,8 @@ class Router:
         self.routing_key_template = routing_key_template
         self.message_format = message_format
         self.allowed_exchanges = tuple(allowed_exchanges)
-        self._exchange_patterns = tuple(
-            re.compile(fnmatch.translate(p)) for p in self.allowed_exchanges
-        )
         self.allow_cc_headers = allow_cc_headers
+        self.max_message_size = max_message_size
         # The default template is so common that it gets a fast path.
         self._fast_template = fields == ["aggregate_type", "event_type"] and (
             routing_key_template == "{aggregate_type}.{event_type}"
@@ -285,16 +290,29 @@ class Router:
             settings.message_format,
             allowed_exchanges=settings.allowed_exchanges,
             allow_cc_headers=settings.allow_cc_headers,
+            max_message_size=settings.max_message_size,
         )
 
     def route(self, row: OutboxRow) -> Envelope:
+        """The envelope for this row, or UnmappableRow (one line) if the policy refuses it."""
+        envelope = self._envelope(row)
+        self._check_exchange(envelope.exchange)
+        limit = self.max_message_size
+        if limit is not None and len(envelope.body) > limit:
+            raise UnmappableRow(
+                f"message body of {len(envelope.body)} bytes exceeds the maximum message size "
+                f"{limit} (--max-message-size or the broker's max_message_size)"
+            )
+        return envelope
+
+    def _envelope(self, row: OutboxRow) -> Envelope:
         if not row.id:
             raise UnmappableRow("empty message id: consumers and returns need one")
         headers = _headers(row)
         if headers and not self.allow_cc_headers:
             _refuse_sender_selected(headers)
-        if row.exchange is not None:
-            self._check_exchange(row.exchange)
+        if row.exchange is not None and not EXCHANGE_NAME.match(row.exchange):
+            raise UnmappableRow(f"invalid exchange name {row.exchange[:140]!r}")
         if self.message_format == "celery" or row.aggregate_type == TASK_AGGREGATE_TYPE:
             return _celery_envelope(row, headers)
         routing_key = row.routing_key
@@ -362,12 +380,27 @@ class Router:
             raise ValueError(f"invalid routing-key template {template!r}: {exc}") from None
 
     def _check_exchange(self, exchange: str) -> None:
-        if not EXCHANGE_NAME.match(exchange):
-            raise UnmappableRow(f"invalid exchange name {exchange[:140]!r}")
-        patterns = self._exchange_patterns
-        if patterns and not any(p.match(exchange) for p in patterns):
+        if not exchange_allowed(self.allowed_exchanges, exchange):
             allowed = ", ".join(self.allowed_exchanges)
-            raise UnmappableRow(f"exchange {exchange!r} is not allowed (allowed: {allowed})")
+            what = "the default exchange ''" if exchange == "" else f"exchange {exchange!r}"
+            hint = f"; list {DEFAULT_EXCHANGE_PATTERN} to allow it" if exchange == "" else ""
+            raise UnmappableRow(f"{what} is not allowed (allowed: {allowed}){hint}")
+
+
+def exchange_allowed(patterns: Sequence[str], exchange: str) -> bool:
+    """May a message go to ``exchange`` under ``--allowed-exchanges`` ``patterns``?
+
+    Empty: any exchange. Otherwise case-sensitive glob patterns (as exchange
+    names are); the default exchange ``""`` matches only the pattern
+    ``(default)``, never a glob: ``*`` means every named exchange, and a
+    Celery task without an exchange must not reach any queue by name unless
+    the operator said so.
+    """
+    if not patterns:
+        return True
+    if exchange == "":
+        return DEFAULT_EXCHANGE_PATTERN in patterns
+    return any(fnmatch.fnmatchcase(exchange, p) for p in patterns)
 
 
 def check_headers(headers: dict[str, Any]) -> None:

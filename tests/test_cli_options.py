@@ -67,7 +67,7 @@ def test_each_option_reads_its_env_var() -> None:
         "CDC_RELAY_FORMAT": "celery",
         "CDC_RELAY_HEARTBEAT": "0",
         "CDC_RELAY_MAX_IN_FLIGHT_BYTES": "1000",
-        "CDC_RELAY_ALLOWED_EXCHANGES": "orders.*, billing",
+        "CDC_RELAY_ALLOWED_EXCHANGES": "orders.*, billing, (default)",
         "CDC_RELAY_ALLOW_CC_HEADERS": "true",
         "CDC_RELAY_DECLARE": "false",
         "CDC_RELAY_AMQP_URL": "amqp://a@h1/,amqp://a@h2/",
@@ -80,7 +80,7 @@ def test_each_option_reads_its_env_var() -> None:
         0,
         1000,
     )
-    assert s.allowed_exchanges == ["orders.*", "billing"]
+    assert s.allowed_exchanges == ["orders.*", "billing", "(default)"]
     assert s.allow_cc_headers is True
     assert s.declare_exchange is False
     assert s.amqp_urls == ["amqp://a@h1/", "amqp://a@h2/"]
@@ -89,6 +89,31 @@ def test_each_option_reads_its_env_var() -> None:
     assert not s.exchange_allowed("billing2")
     assert Settings().exchange_allowed("anything")
     assert parse(cli.run, ["--no-declare"]).declare_exchange is False
+
+
+@pytest.mark.parametrize("command", ["run", "resync", "replay"])
+def test_every_publishing_command_reads_the_one_policy(command: str) -> None:
+    """--allowed-exchanges was a `run` option only: replay published to amq.topic (issue 16)."""
+    cmd = cli.dead_letters_replay if command == "replay" else getattr(cli, command)
+    env = {
+        "CDC_RELAY_ALLOWED_EXCHANGES": "outbox, (default)",
+        "CDC_RELAY_ALLOW_CC_HEADERS": "true",
+        "CDC_RELAY_MAX_MESSAGE_SIZE": "4096",
+    }
+    s = parse(cmd, [], env)
+    assert s.allowed_exchanges == ["outbox", "(default)"]
+    assert (s.allow_cc_headers, s.max_message_size) == (True, 4096)
+    assert s.exchange_allowed("") and not s.exchange_allowed("amq.topic")
+    s = parse(cmd, ["--allowed-exchanges", "outbox", "--max-message-size", "10"])
+    assert (s.allowed_exchanges, s.max_message_size) == (["outbox"], 10)
+    assert not s.exchange_allowed("")
+
+
+def test_a_default_exchange_the_policy_refuses_is_one_line() -> None:
+    result = invoke("run", "--exchange", "events", "--allowed-exchanges", "orders.*")
+    assert_one_line(result, EX_CONFIG, "--exchange 'events' is not allowed", "add events")
+    result = invoke("dead-letters", "replay", "--format", "celery", "--allowed-exchanges", "outbox")
+    assert_one_line(result, EX_CONFIG, "default exchange '' is not allowed", "(default)")
 
 
 def test_sql_file_is_generated_from_the_package_data() -> None:

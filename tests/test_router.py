@@ -20,6 +20,7 @@ from pamqp import encode as pamqp_encode
 from cdc_relay.amqp_wire import encode_table
 from cdc_relay.router import (
     CELERY_REPR_MAXSIZE,
+    DEFAULT_EXCHANGE_PATTERN,
     MAX_HEADER_DEPTH,
     MAX_NESTED_KEY_BYTES,
     TASK_AGGREGATE_TYPE,
@@ -31,6 +32,7 @@ from cdc_relay.router import (
     UnmappableRow,
     _fallback_repr,
     _header_value_size,
+    exchange_allowed,
     parse_timestamptz,
 )
 
@@ -898,11 +900,11 @@ def test_fallback_repr_keeps_celerys_bounds() -> None:
 
 
 def test_allowed_exchanges_are_glob_patterns_for_row_exchanges() -> None:
-    router = Router(exchange="outbox", allowed_exchanges=["orders.*", "audit"])
+    router = Router(exchange="outbox", allowed_exchanges=["orders.*", "audit", "outbox"])
     assert router.route(row(exchange="orders.eu")).exchange == "orders.eu"
     assert router.route(row(exchange="audit")).exchange == "audit"
-    assert router.route(row()).exchange == "outbox"  # the configured default is the operator's
-    for bad in ("amq.topic", "auditx", "", "orders"):
+    assert router.route(row()).exchange == "outbox"
+    for bad in ("amq.topic", "auditx", "", "orders", "Audit"):
         with pytest.raises(UnmappableRow, match="not allowed"):
             router.route(row(exchange=bad))
     with pytest.raises(UnmappableRow, match="not allowed"):
@@ -913,6 +915,49 @@ def test_allowed_exchanges_are_glob_patterns_for_row_exchanges() -> None:
 
 def test_no_allowed_exchanges_means_any_valid_name() -> None:
     assert Router().route(row(exchange="amq.topic")).exchange == "amq.topic"
+    assert Router().route(task_row({"args": []}, exchange=None)).exchange == ""
+
+
+def test_the_policy_checks_the_exchange_actually_used_not_only_a_named_one() -> None:
+    """The configured default exchange is checked like a row's own (issue 16)."""
+    router = Router(exchange="events", allowed_exchanges=["orders.*"])
+    with pytest.raises(UnmappableRow, match="exchange 'events' is not allowed"):
+        router.route(row())
+    assert router.route(row(exchange="orders.eu")).exchange == "orders.eu"
+
+
+def test_a_celery_task_to_the_default_exchange_is_checked() -> None:
+    """A task row without an exchange goes to "" (any queue by name): refused unless listed.
+
+    It used to pass unchecked, because only an exchange the row names was checked.
+    """
+    task = task_row({"args": [1], "kwargs": {}}, exchange=None, routing_key="payments")
+    for patterns in (["outbox"], ["*"], ["outbox", "amq.*"]):
+        router = Router(allowed_exchanges=patterns)
+        with pytest.raises(UnmappableRow, match=r"default exchange '' is not allowed.*\(default\)"):
+            router.route(task)
+        with pytest.raises(UnmappableRow, match="default exchange"):
+            Router(message_format="celery", allowed_exchanges=patterns).route(
+                row(payload=CELERY_PAYLOAD)
+            )
+    allowed = Router(allowed_exchanges=["outbox", DEFAULT_EXCHANGE_PATTERN])
+    env = allowed.route(task)
+    assert (env.exchange, env.routing_key) == ("", "payments")
+    # "(default)" admits the default exchange only, not any named one.
+    with pytest.raises(UnmappableRow, match="'celery' is not allowed"):
+        allowed.route(task_row({"args": []}, exchange="celery"))
+    assert exchange_allowed([DEFAULT_EXCHANGE_PATTERN], "")
+    assert not exchange_allowed(["*"], "") and exchange_allowed(["*"], "amq.topic")
+    assert exchange_allowed([], "")
+
+
+def test_a_body_over_the_size_limit_is_refused_by_the_router() -> None:
+    """The size limit is part of the one policy (resync and replay had none or their own)."""
+    payload = b'{"k": "' + b"x" * 100 + b'"}'
+    assert Router(max_message_size=len(payload)).route(row(payload=payload)).body == payload
+    with pytest.raises(UnmappableRow, match="exceeds the maximum message size 100"):
+        Router(max_message_size=100).route(row(payload=payload))
+    assert Router().route(row(payload=payload)).body == payload  # None: no limit
 
 
 @pytest.mark.parametrize("name", ["CC", "BCC"])

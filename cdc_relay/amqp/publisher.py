@@ -345,6 +345,27 @@ class Publisher:
                 raise _exchange_error(name, kind, exc) from None
             return True
 
+    async def exchange_refusal(self, exchange: str, known: dict[str, str | None]) -> str | None:
+        """Why the broker would refuse publishes to ``exchange`` (missing, forbidden), or None.
+
+        A refused publish closes the confirm channel; a one-pass publisher
+        (``resync``, ``dead-letters replay``) asks first, once per exchange
+        (``known`` remembers the answers), with a passive declare on the
+        topology channel. The default exchange ``""`` always exists.
+        """
+        if exchange == "" or exchange in known:
+            return known.get(exchange)
+        why: str | None = None
+        try:
+            if not await self.declare_exchange(exchange, passive=True):
+                why = "404 NOT_FOUND (no such exchange)"
+        except ExchangeError as exc:
+            why = str(exc)
+        known[exchange] = (
+            None if why is None else f"exchange {exchange!r} refused by the broker: {why}"
+        )
+        return known[exchange]
+
     # -- closing ---------------------------------------------------------------------
 
     async def close(self) -> None:
