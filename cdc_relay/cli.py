@@ -321,13 +321,21 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
 @settings_options("common", "publish")
 @click.option("--id", "ids", multiple=True, type=int, help="Replay only these (repeatable).")
 def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
-    """Publish pending dead letters again (confirmed ones are marked replayed)."""
+    """Publish pending dead letters again, once per outbox row (confirmed ones are marked).
+
+    Applies --allowed-exchanges, --allow-cc-headers and --max-message-size like
+    run; one replay at a time per dead-letter table; a second run after success
+    publishes nothing.
+    """
     from cdc_relay.deadletters import replay
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
     with admin.connect(settings.dsn) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
+    if not results:
+        click.echo("nothing to replay: no pending dead letters", err=True)
+        return
     failed = 0
     for record, error in results:
         if error is None:
