@@ -6,6 +6,7 @@ Real Postgres, real RabbitMQ, the real ``cdc-relay`` processes (resync and run).
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -13,12 +14,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import psycopg
 import pytest
 
 from cdc_relay import state
 from cdc_relay.errors import EX_CONFIG, ConfigError
 from cdc_relay.pg import admin
+from devtools.amqp import queue_depth
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 pytestmark = pytest.mark.asyncio
@@ -327,3 +330,48 @@ async def test_relay_records_its_position_and_resync_needs_no_since(
         await consumer.wait_for(set(delivered + missed))
     finally:
         relay.stop_quietly()
+
+
+async def test_resync_applies_the_exchange_policy_to_the_exchange_actually_used(
+    outbox: Setup, consumer: Consumer
+) -> None:
+    """A Celery task without an exchange went to the default exchange unchecked (issue 16)."""
+    leak = f"q_leak_{outbox.names['slot']}"
+    connection = await aio_pika.connect(outbox.amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(leak, auto_delete=False)
+        await queue.bind("amq.topic", "#")
+        since = since_now()
+        ok = insert(outbox, 1, "ok")
+        with psycopg.connect(outbox.dsn) as conn:
+            outbox.insert(conn, [{"exchange": "amq.topic"}])
+            outbox.insert(
+                conn,
+                [{"aggregate_type": "celery.task", "payload": {"args": []}, "routing_key": leak}],
+            )
+            conn.commit()
+        drop_slot(outbox)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            resync_cmd(outbox, "--since", since),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+            env={**os.environ, "CDC_RELAY_ALLOWED_EXCHANGES": outbox.names["exchange"]},
+        )
+        assert done.returncode == 0, done.stderr
+        assert "1 confirmed by the broker, 2 dead-lettered" in done.stdout, done.stdout
+        await consumer.wait_for(set(ok))
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            reasons = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT reason FROM {outbox.table}_dead_letter ORDER BY id"
+                ).fetchall()
+            ]
+        assert len(reasons) == 2 and "exchange 'amq.topic' is not allowed" in reasons[0], reasons
+        assert "default exchange '' is not allowed" in reasons[1], reasons
+        assert await queue_depth(outbox.amqp_url, leak) == 0
+        await channel.queue_delete(leak)
