@@ -6,9 +6,10 @@ The relay moves the slot past a dead-lettered row only after ``write`` returned,
 so a write that cannot finish must fail in bounded time (it ends the session and
 the row comes again), never hang while ``/readyz`` says all is well.
 
-Replay publishes with confirms and mandatory, and marks a row replayed only
-after the broker confirmed it: a crash in between replays it again (at least
-once, like the relay itself). Rows that still cannot be routed stay pending.
+Replay publishes with confirms and mandatory, under the router's one policy,
+and marks a row replayed only after the broker confirmed it: a crash in between
+replays it again (at least once, like the relay itself). Rows that still cannot
+be routed stay pending, alone; one message per outbox row; one replay at a time.
 """
 
 from __future__ import annotations
