@@ -5,6 +5,13 @@ misconfiguration into one ConfigError line naming the fix, because a relay
 that streams nothing without saying why is the worst failure an outbox can have.
 The DDL is package data (``cdc_relay/sql/*.sql``), read here and nowhere else;
 the dead-letter table's DDL belongs to ``cdc_relay.deadletters``.
+
+Emitted messages (``<table>_emit``) have the outbox table's trust boundary.
+The existence of ``<table>_emit_key`` records that an outbox uses them: the
+relay must read that key anyway to check each message's HMAC, so one fact
+decides both whether ``run`` asks pgoutput for logical messages and what it
+accepts; a flag elsewhere could disagree with it. The key is checked in the
+core (pure) because any role may call ``pg_logical_emit_message``.
 """
 
 from __future__ import annotations
