@@ -105,6 +105,18 @@ def main() -> None:
     help="Grant this existing LOGIN REPLICATION role what run, status and dead-letters need.",
 )
 @click.option(
+    "--emit",
+    is_flag=True,
+    help="Create <table>_emit and its signing key (emitted messages): callable only by its "
+    "owner and the --grant-emit-to roles. Always for a table-less outbox.",
+)
+@click.option(
+    "--grant-emit-to",
+    metavar="ROLE",
+    multiple=True,
+    help="Let this existing role call <table>_emit (implies --emit; repeatable).",
+)
+@click.option(
     "--failover",
     is_flag=True,
     help="Create the slot as a failover slot (PostgreSQL 17+) that standbys keep a copy of.",
@@ -114,6 +126,8 @@ def init(
     no_table: bool,
     no_exchange: bool,
     grant_to: str | None,
+    emit: bool,
+    grant_emit_to: tuple[str, ...],
     failover: bool,
     print_sql: bool,
     **kwargs: Any,
@@ -131,7 +145,13 @@ def init(
     with admin.connect(settings.dsn) as conn:
         try:
             lines = admin.init(
-                conn, settings, create_table=not no_table, grant_to=grant_to, failover=failover
+                conn,
+                settings,
+                create_table=not no_table,
+                grant_to=grant_to,
+                failover=failover,
+                emit=emit,
+                grant_emit_to=grant_emit_to,
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(

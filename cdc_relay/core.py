@@ -21,6 +21,8 @@ the slot's confirmed position so that a session never reports less.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +119,7 @@ class SessionCore:
         max_message_size: int,
         dead_letter_unroutable: bool = True,
         message_prefix: str = "cdc_relay",
+        emit_key: bytes | None = None,
         limits: BrokerLimits | None = None,
         counters: Any = None,
         observe_commit_to_confirm: Callable[[float], None] | None = None,
@@ -131,6 +134,7 @@ class SessionCore:
             self.max_message_size = min(max_message_size, self.limits.max_message_size)
         self.dead_letter_unroutable = dead_letter_unroutable
         self.message_prefix = message_prefix
+        self.emit_key = emit_key
         self._counters = counters
         self._observe = observe_commit_to_confirm
         # relid -> reader for the outbox (MissingColumns while it lacked required columns);
@@ -275,8 +279,11 @@ class SessionCore:
                 "bypass the commit (use pg_logical_emit_message(true, ...), i.e. outbox_emit)",
             )
         seq = tracker.add_message()
+        body = authenticated(event.content, self.emit_key)
+        if body is None:
+            return self._dead(seq, (event.content,), None, EMIT_AUTH_FAILED)
         try:
-            row = _row_from_message(event.content)
+            row = _row_from_message(body)
         except Exception as exc:
             return self._dead(seq, (event.content,), None, _reason(exc))
         return self._route(seq, (event.content,), row)
@@ -423,6 +430,26 @@ class SessionCore:
 
 _MESSAGE_FIELDS: Final = ("id", "aggregate_type", "aggregate_id", "event_type")
 
+EMIT_AUTH_FAILED: Final = (
+    "emitted message failed authentication: not signed with the outbox's emit key "
+    "(written by pg_logical_emit_message directly, not by the emit function); not published"
+)
+MAC_HEX_SIZE: Final = 64  # hex HMAC-SHA256 in front of the JSON the emit function writes
+
+
+def authenticated(content: bytes, key: bytes | None) -> bytes | None:
+    """The JSON of a message the emit function signed, or None when the signature fails.
+
+    Any role may call ``pg_logical_emit_message`` with our prefix; only the
+    emit function (SECURITY DEFINER) can read the key, so a valid HMAC-SHA256
+    proves the message came through it. Without a key nothing is authentic.
+    """
+    if key is None or len(content) < MAC_HEX_SIZE:
+        return None
+    body = content[MAC_HEX_SIZE:]
+    expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode("ascii")
+    return body if hmac.compare_digest(expected, content[:MAC_HEX_SIZE]) else None
+
 
 def _row_from_message(content: bytes) -> OutboxRow:
     """The JSON object ``outbox_emit`` writes, as the row the table would have held.
@@ -471,6 +498,7 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
+    "EMIT_AUTH_FAILED",
     "STOP",
     "BrokerLimits",
     "PendingDeadLetter",

@@ -84,17 +84,19 @@ async def open_stream(settings: Settings) -> ReplicationStream:
 
 
 async def take_slot(
-    stream: ReplicationStream, settings: Settings, stop: asyncio.Event
+    stream: ReplicationStream, settings: Settings, stop: asyncio.Event, *, messages: bool
 ) -> bool | None:
     """START_REPLICATION; while another relay holds the slot, stand by.
 
+    ``messages`` (the outbox uses emitted messages: validation found its key)
+    asks pgoutput for logical messages; without it no role's message is even sent.
     Returns whether it had to stand by (the slot's position may have moved
     meanwhile), or None if asked to stop first.
     """
     standing_by = False
     while True:
         try:
-            await stream.start(settings.slot, settings.publication, messages=True)
+            await stream.start(settings.slot, settings.publication, messages=messages)
             if standing_by:
                 log.info("slot %s is free: taking over", settings.slot)
             return standing_by

@@ -254,11 +254,14 @@ class Session:
         s, conns = self.settings, self.conns
         conns.stream = stream = await open_stream(s)
         facts = await validate(s)  # one clear line for any misconfiguration, before the slot
-        stood_by = await take_slot(stream, s, self.stop)
+        messages = facts.emit_key is not None
+        stood_by = await take_slot(stream, s, self.stop, messages=messages)
         if stood_by is None:
             return  # asked to stop while standing by
         if stood_by:  # the slot moved while another relay held it; now it cannot move
             facts = await validate(s)
+            if (facts.emit_key is not None) != messages:
+                raise SessionFailed("emitted messages were enabled or removed meanwhile")
         self.core = core = SessionCore(
             outbox_relid=facts.outbox_relid,
             table=s.table,
@@ -267,6 +270,7 @@ class Session:
             max_message_size=s.max_message_size,
             dead_letter_unroutable=s.on_unroutable == "deadletter",
             message_prefix=s.message_prefix,
+            emit_key=facts.emit_key,
             limits=self.limits,
             counters=self.metrics,
             observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,

@@ -33,15 +33,10 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_relay_state" (
     resync_since        timestamptz NULL
 );
 
--- Application helpers `cdc-relay init` creates next to the outbox table (named
--- <table>_enqueue and <table>_emit: outbox_enqueue and outbox_emit for the
--- default table). outbox_enqueue inserts an outbox row in the caller's transaction (it is
--- published once that transaction commits); outbox_emit writes the same row as
--- a transactional logical decoding message instead (its prefix is init's
--- --message-prefix, 'cdc_relay' by default: run the relay with the same one), which
--- needs no table, no cleanup and no vacuum. Both return the message id.
--- payload and headers travel as the text of their jsonb values, so a message's
--- body is byte for byte what a table row with the same payload gives.
+-- The application helper `cdc-relay init` creates next to the outbox table
+-- (<table>_enqueue: outbox_enqueue for the default table). It inserts an outbox
+-- row in the caller's transaction (published once that transaction commits) and
+-- returns the message id; callers need INSERT on the table, like any insert.
 CREATE OR REPLACE FUNCTION "public"."outbox_enqueue"(
     aggregate_type text,
     aggregate_id text,
@@ -59,6 +54,33 @@ AS $fn$
     RETURNING id
 $fn$;
 
+-- Only for emitted messages (outbox_emit): leave this part out unless the application
+-- emits; the relay asks for logical messages only when the key table exists. Then
+-- GRANT EXECUTE ON FUNCTION public.outbox_emit TO <the roles that emit>, and SELECT on the
+-- key table to the relay's role (what `init --grant-emit-to/--grant-to` do).
+-- Emitted messages (`cdc-relay init --grant-emit-to ROLE`, or a table-less outbox):
+-- <table>_emit (outbox_emit for the default table) writes an outbox row as a
+-- transactional logical decoding message instead of a table row (its prefix is
+-- init's --message-prefix, 'cdc_relay' by default: run the relay with the same
+-- one), which needs no table, no cleanup and no vacuum; it returns the message id.
+-- payload and headers travel as the text of their jsonb values, so a message's
+-- body is byte for byte what a table row with the same payload gives.
+-- Any role may call pg_logical_emit_message, so the function signs each message
+-- with HMAC-SHA256 under a random key that only its owner and the relay's role
+-- (init --grant-to) can read, and the relay dead-letters every message whose
+-- signature does not verify. EXECUTE is granted only to the roles named.
+CREATE TABLE IF NOT EXISTS "public"."outbox_emit_key" (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    key bytea NOT NULL CHECK (length(key) = 64)
+);
+REVOKE ALL ON "public"."outbox_emit_key" FROM PUBLIC;
+-- 64 bytes holding 488 random bits from the server's strong random source (gen_random_uuid).
+INSERT INTO "public"."outbox_emit_key" (key)
+SELECT decode(replace(
+    gen_random_uuid()::text || gen_random_uuid()::text
+    || gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex')
+ON CONFLICT DO NOTHING;
+
 CREATE OR REPLACE FUNCTION "public"."outbox_emit"(
     aggregate_type text,
     aggregate_id text,
@@ -68,12 +90,17 @@ CREATE OR REPLACE FUNCTION "public"."outbox_emit"(
     exchange text DEFAULT NULL,
     routing_key text DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     new_id uuid := gen_random_uuid();
+    body bytea;
+    k bytea;
+    inner_key bytea;
+    outer_key bytea;
 BEGIN
-    PERFORM pg_logical_emit_message(true, 'cdc_relay', jsonb_build_object(
+    body := convert_to(jsonb_build_object(
         'id', new_id,
         'aggregate_type', $1,
         'aggregate_id', $2,
@@ -83,10 +110,21 @@ BEGIN
         'exchange', $6,
         'routing_key', $7,
         'created_at', now()
-    )::text);
+    )::text, 'UTF8');
+    SELECT t.key INTO STRICT k FROM "public"."outbox_emit_key" t;
+    inner_key := k;
+    outer_key := k;
+    FOR i IN 0..63 LOOP
+        inner_key := set_byte(inner_key, i, get_byte(k, i) # 54);
+        outer_key := set_byte(outer_key, i, get_byte(k, i) # 92);
+    END LOOP;
+    -- content: the hex HMAC-SHA256 of the JSON text, then the JSON text
+    PERFORM pg_logical_emit_message(true, 'cdc_relay', encode(
+        sha256(outer_key || sha256(inner_key || body)), 'hex') || convert_from(body, 'UTF8'));
     RETURN new_id;
 END
 $fn$;
+REVOKE EXECUTE ON FUNCTION "public"."outbox_emit"(text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
 
 -- For idempotent consumers (cdc_relay.inbox.once): the ids they processed.
 CREATE TABLE IF NOT EXISTS "public"."processed_messages" (

@@ -81,9 +81,9 @@ class Setup:
     def table(self) -> str:
         return self.names["table"]
 
-    def init(self) -> list[str]:
+    def init(self, **options: Any) -> list[str]:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            return admin.init(conn, self.settings)
+            return admin.init(conn, self.settings, **options)
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception), psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -96,6 +96,8 @@ class Setup:
             conn.execute(f"DROP TABLE IF EXISTS {self.table}")
             conn.execute(f"DROP TABLE IF EXISTS {self.table}_dead_letter")
             conn.execute(f"DROP TABLE IF EXISTS {self.table}_relay_state")
+            keys = admin.emit_key_table(self.settings.table_parts)
+            conn.execute(f'DROP TABLE IF EXISTS "{keys[0]}"."{keys[1]}"')
 
     def cli_args(self) -> list[str]:
         return cli_args(self.settings)

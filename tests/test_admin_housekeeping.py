@@ -10,6 +10,7 @@ import orjson
 import psycopg
 import pytest
 
+from cdc_relay import core
 from cdc_relay.pg import admin
 from tests.harness import Setup, unique_names
 from tests.harness import run_cli as cli
@@ -106,7 +107,10 @@ def test_enqueue_function_inserts_an_outbox_row(
 def test_emit_function_writes_a_transactional_logical_message(
     outbox: Setup, conn: psycopg.Connection[Any]
 ) -> None:
+    admin.init(conn, outbox.settings, emit=True)
     _, emit = admin.function_names(outbox.settings.table_parts)
+    key = admin.read_emit_key(conn, outbox.settings)
+    assert key is not None
     slot = f"td_{uuid.uuid4().hex[:8]}"
     # not temporary: Postgres drops a temporary slot on any error in its session
     conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
@@ -131,7 +135,10 @@ def test_emit_function_writes_a_transactional_logical_message(
     messages = [c for c in changes if c.startswith("message:")]
     assert len(messages) == 1, changes  # the rolled-back one was never decoded
     assert "transactional: 1 prefix: cdc_relay" in messages[0]
-    body = orjson.loads(messages[0].split("content:", 1)[1])
+    content = messages[0].split("content:", 1)[1].encode()
+    signed = core.authenticated(content, key)  # the emit function signs with the key
+    assert signed is not None and core.authenticated(content, bytes(64)) is None
+    body = orjson.loads(signed)
     assert body["id"] == str(row[0])
     assert (body["aggregate_type"], body["aggregate_id"], body["event_type"]) == (
         "order",

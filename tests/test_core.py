@@ -6,13 +6,23 @@ wrapped in walsender CopyData framing written here from the protocol docs.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 import orjson
 import pytest
 
 from cdc_relay.amqp import Outcome, PublishFailed
-from cdc_relay.core import STOP, BrokerLimits, PendingDeadLetter, SessionCore, SessionFailed
+from cdc_relay.core import (
+    EMIT_AUTH_FAILED,
+    STOP,
+    BrokerLimits,
+    PendingDeadLetter,
+    SessionCore,
+    SessionFailed,
+    authenticated,
+)
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
 from cdc_relay.router import Envelope, Router
 from tests.pgoutput_encoder import encode
@@ -77,8 +87,17 @@ class Latencies(list[float]):
         self.append(seconds)
 
 
+EMIT_KEY = bytes(range(64))
+
+
+def sign(body: bytes, key: bytes = EMIT_KEY) -> bytes:
+    """What the emit function writes: the hex HMAC-SHA256 of the JSON, then the JSON."""
+    return hmac.new(key, body, hashlib.sha256).hexdigest().encode() + body
+
+
 def make_core(start_flush: int = 0, **kwargs: Any) -> tuple[SessionCore, Latencies]:
     latencies = Latencies()
+    kwargs.setdefault("emit_key", EMIT_KEY)
     core = SessionCore(
         outbox_relid=OUTBOX,
         table="public.outbox",
@@ -363,7 +382,7 @@ def emitted(
         "created_at": "2026-11-28T09:40:00.123456+00:00",
         **extra,
     }
-    return xlog(LogicalMessage(transactional, 0x2010, prefix, orjson.dumps(content)))
+    return xlog(LogicalMessage(transactional, 0x2010, prefix, sign(orjson.dumps(content))))
 
 
 def test_an_emitted_message_maps_exactly_like_a_row_in_statement_order() -> None:
@@ -402,8 +421,35 @@ def test_a_non_transactional_message_is_refused_and_holds_the_flush_until_stored
 
 def test_an_unreadable_emitted_message_is_a_dead_letter() -> None:
     core, _ = make_core()
-    [dead] = transaction(
-        core, 0x2000, xlog(LogicalMessage(True, 0x2010, "cdc_relay", b"{not json"))
-    )
+    content = sign(b"{not json")
+    [dead] = transaction(core, 0x2000, xlog(LogicalMessage(True, 0x2010, "cdc_relay", content)))
     assert isinstance(dead, PendingDeadLetter)
-    assert dead.letter.row["values"] == ["{not json"]
+    assert dead.letter.row["values"] == [content.decode()]
+
+
+def test_an_emitted_message_not_signed_with_the_key_is_dead_lettered_never_published() -> None:
+    """Any role may call pg_logical_emit_message with our prefix: only the key tells ours."""
+    body = orjson.dumps({"id": "00000000-0000-0000-0000-000000000009", "aggregate_type": "o",
+                         "aggregate_id": "1", "event_type": "Forged", "payload": "{}"})  # fmt: skip
+    other = body.replace(b"Forged", b"Forgex")
+    forgeries = [
+        body,  # unsigned, as the old emit function wrote them
+        sign(body, bytes(64)),  # signed with another key
+        sign(other)[:64] + body,  # a real signature of another message
+        sign(body)[:-1],  # truncated
+        b"0" * 10,  # too short to hold a signature
+    ]
+    core, _ = make_core()
+    actions = transaction(
+        core, 0x2000, *(xlog(LogicalMessage(True, 0x2010, "cdc_relay", f)) for f in forgeries)
+    )
+    assert all(isinstance(a, PendingDeadLetter) for a in actions), actions
+    assert {a.letter.reason for a in actions} == {EMIT_AUTH_FAILED}
+    assert [a.letter.row["values"] for a in actions] == [[f.decode()] for f in forgeries]
+    # Without a key (the outbox does not use emitted messages) nothing is authentic.
+    keyless, _ = make_core(emit_key=None)
+    [action] = transaction(
+        keyless, 0x2000, xlog(LogicalMessage(True, 0x2010, "cdc_relay", sign(body)))
+    )
+    assert isinstance(action, PendingDeadLetter) and action.letter.reason == EMIT_AUTH_FAILED
+    assert authenticated(sign(body), EMIT_KEY) == body

@@ -57,7 +57,7 @@ def tableless(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
 @pytest.fixture
 def outbox(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
     setup = Setup(pg_dsn, amqp_url, unique_names("emx"))
-    setup.init()
+    setup.init(emit=True)
     yield setup
     setup.cleanup()
     drop_functions(setup)

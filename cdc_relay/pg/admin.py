@@ -5,6 +5,13 @@ misconfiguration into one ConfigError line naming the fix, because a relay
 that streams nothing without saying why is the worst failure an outbox can have.
 The DDL is package data (``cdc_relay/sql/*.sql``), read here and nowhere else;
 the dead-letter table's DDL belongs to ``cdc_relay.deadletters``.
+
+Emitted messages (``<table>_emit``) have the outbox table's trust boundary.
+The existence of ``<table>_emit_key`` records that an outbox uses them: the
+relay must read that key anyway to check each message's HMAC, so one fact
+decides both whether ``run`` asks pgoutput for logical messages and what it
+accepts; a flag elsewhere could disagree with it. The key is checked in the
+core (pure) because any role may call ``pg_logical_emit_message``.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.resources import files
@@ -56,29 +63,41 @@ def function_names(table: tuple[str, str]) -> tuple[str, str]:
     return f"{prefix}_enqueue", f"{prefix}_emit"
 
 
-def functions_ddl(table: tuple[str, str], prefix: str = DEFAULT_MESSAGE_PREFIX) -> sql.Composed:
-    """The enqueue/emit functions in the outbox's schema; emit writes messages with ``prefix``.
+def emit_key_table(table: tuple[str, str]) -> tuple[str, str]:
+    """``<table>_emit_key`` next to the outbox: the key emitted messages are signed with.
 
-    Each outbox of a database needs its own prefix: every slot decodes every
-    logical message, and a relay publishes those with its --message-prefix.
+    Its existence is how ``init`` records "this outbox uses emitted messages":
+    ``run`` asks pgoutput for logical messages only then (one fact, in the
+    database, that the relay must read anyway to check the signatures).
     """
-    schema = table[0]
-    enqueue, emit = function_names(table)
+    return table[0], f"{table[1][:50]}_emit_key"
+
+
+def enqueue_function_ddl(table: tuple[str, str]) -> sql.Composed:
+    """``<table>_enqueue`` (package data cdc_relay/sql/functions.sql)."""
+    enqueue = function_names(table)[0]
     return sql.SQL(_template("functions.sql")).format(
-        outbox=qualified(*table),
-        enqueue=qualified(schema, enqueue),
-        emit=qualified(schema, emit),
-        prefix=sql.Literal(prefix),
+        outbox=qualified(*table), enqueue=qualified(table[0], enqueue)
     )
 
 
 def emit_function_ddl(table: tuple[str, str], prefix: str = DEFAULT_MESSAGE_PREFIX) -> sql.Composed:
-    """Only the emit function: a table-less outbox has no table for ``_enqueue`` to insert into."""
-    schema = table[0]
-    _, emit = function_names(table)
-    template = _template("functions.sql")
-    statement = template[template.index("CREATE OR REPLACE FUNCTION {emit}") :]
-    return sql.SQL(statement).format(emit=qualified(schema, emit), prefix=sql.Literal(prefix))
+    """The emit key table and ``<table>_emit`` (signing, SECURITY DEFINER, no PUBLIC EXECUTE).
+
+    Each outbox of a database needs its own prefix: every slot decodes every
+    logical message, and a relay publishes those with its --message-prefix.
+    """
+    emit = function_names(table)[1]
+    return sql.SQL(_template("emit.sql")).format(
+        keys=qualified(*emit_key_table(table)),
+        emit=qualified(table[0], emit),
+        prefix=sql.Literal(prefix),
+    )
+
+
+def functions_ddl(table: tuple[str, str], prefix: str = DEFAULT_MESSAGE_PREFIX) -> sql.Composed:
+    """Both application functions: enqueue, then the emit key table and emit."""
+    return sql.Composed([enqueue_function_ddl(table), emit_function_ddl(table, prefix)])
 
 
 # Kept for bench/polling.py: the outbox DDL as a psycopg template with {table}.
@@ -106,12 +125,20 @@ def render_sql(settings: Settings) -> str:
         outbox_ddl(table),
         deadletters.ddl(dl_table),
         state.ddl(state.table_name(settings)),
-        functions_ddl(table, settings.message_prefix),
+        enqueue_function_ddl(table),
     ]
+    emit_fn = ".".join((table[0], function_names(table)[1]))
+    emit_part = (
+        "-- Only for emitted messages (outbox_emit): leave this part out unless the application\n"
+        "-- emits; the relay asks for logical messages only when the key table exists. Then\n"
+        f"-- GRANT EXECUTE ON FUNCTION {emit_fn} TO <the roles that emit>, and SELECT on the\n"
+        "-- key table to the relay's role (what `init --grant-emit-to/--grant-to` do).\n"
+    )
+    emit_part += emit_function_ddl(table, settings.message_prefix).as_string(None).strip() + "\n"
     inbox_part = "-- For idempotent consumers (cdc_relay.inbox.once): the ids they processed.\n"
     inbox_part += inbox.ddl(inbox.DEFAULT_TABLE)
     texts = [p.as_string(None).strip() + "\n" for p in parts]
-    return header + "\n".join([*texts, inbox_part])
+    return header + "\n".join([*texts, emit_part, inbox_part])
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -151,11 +178,16 @@ def init(
     create_table: bool = True,
     grant_to: str | None = None,
     failover: bool = False,
+    emit: bool = False,
+    grant_emit_to: Sequence[str] = (),
 ) -> list[str]:
     """Create what is missing; return one line per object saying created or already there.
 
     With ``failover`` the slot is created as a failover slot (PostgreSQL 17+), which
     a standby with ``sync_replication_slots`` keeps a copy of (see docs/ha.md).
+    The emit function and its key exist only where asked (``emit``, ``grant_emit_to``),
+    for a table-less outbox, or where they already are: the relay asks for
+    logical messages only then, and only ``grant_emit_to`` roles may call it.
     """
     settings.check()  # e.g. an invalid slot name, before anything is created
     check_wal_level(conn)
@@ -177,7 +209,22 @@ def init(
     report += deadletters.create(conn, settings.dead_letter_table)
     report += state.create(conn, state.table_name(settings))
     report.append(_create_inbox(conn))
-    report += _create_functions(conn, (schema, table), settings.message_prefix, emit_only=tableless)
+    keys = emit_key_table((schema, table))
+    enqueue_name, emit_name = function_names((schema, table))
+    use_emit = emit or bool(grant_emit_to) or tableless or table_exists(conn, *keys)
+    if not tableless:
+        enqueue = enqueue_function_ddl((schema, table))
+        report += _create_functions(conn, (schema, table), enqueue, enqueue_name)
+    if use_emit:
+        existed = table_exists(conn, *keys)
+        emit_ddl = emit_function_ddl((schema, table), settings.message_prefix)
+        report += _create_functions(conn, (schema, table), emit_ddl, emit_name)
+        report.append(
+            f"emit key table {'.'.join(keys)}: {'already exists' if existed else 'created'}"
+            " (readable only by its owner and the relay's role)"
+        )
+    elif _unsigned_emit_function(conn, settings) is not None:
+        report.append(f"warning: {_unsigned_emit_hint(settings)}")
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
         report.append(f"publication {settings.publication}: already exists")
@@ -203,6 +250,8 @@ def init(
     report.append(_create_slot(conn, settings.slot, failover=failover))
     if grant_to is not None:
         report += grant(conn, settings, grant_to)
+    for role in grant_emit_to:
+        report += grant_emit(conn, settings, role)
     return report
 
 
@@ -253,25 +302,22 @@ def _create_slot(conn: psycopg.Connection[Any], slot: str, *, failover: bool) ->
 
 
 def _create_functions(
-    conn: psycopg.Connection[Any],
-    table: tuple[str, str],
-    prefix: str,
-    *,
-    emit_only: bool = False,
+    conn: psycopg.Connection[Any], table: tuple[str, str], ddl: sql.Composed, name: str
 ) -> list[str]:
-    names = function_names(table)[1:] if emit_only else function_names(table)
+    """Apply ``ddl``, which defines function ``name``; one line: created, there or updated."""
+    names = [name]
 
     def sources() -> dict[str, str]:
         rows = conn.execute(
-            "SELECT p.proname, p.prosrc FROM pg_proc p"
-            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            "SELECT p.proname, p.prosrc || p.prosecdef::text || coalesce(p.proconfig::text, '')"
+            " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
             " WHERE n.nspname = %s AND p.proname = ANY(%s)",
-            (table[0], list(names)),
+            (table[0], names),
         ).fetchall()
         return {name: src for name, src in rows}
 
     before = sources()
-    conn.execute(emit_function_ddl(table, prefix) if emit_only else functions_ddl(table, prefix))
+    conn.execute(ddl)
     after = sources()
     report = []
     for name in names:
@@ -335,6 +381,14 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
                 f"SELECT, INSERT, UPDATE on {st_schema}.{st_table}",
             )
         )
+    keys = emit_key_table(settings.table_parts)
+    if table_exists(conn, *keys):
+        grants.append(
+            (
+                sql.SQL("GRANT SELECT ON {} TO {}").format(qualified(*keys), r),
+                f"SELECT on {'.'.join(keys)} (to check emitted messages)",
+            )
+        )
     if dl_schema != schema:
         grants.insert(
             0,
@@ -360,6 +414,25 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
             f"ALTER ROLE {role} LOGIN REPLICATION"
         )
     return report
+
+
+EMIT_SIGNATURE: Final = "(text, text, text, jsonb, jsonb, text, text)"
+
+
+def grant_emit(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[str]:
+    """Let ``role`` call ``<table>_emit``: the same trust as INSERT on the outbox table."""
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+        raise ConfigError(f"role {role} does not exist (--grant-emit-to); CREATE ROLE {role}")
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    r = sql.Identifier(role)
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), r))
+    conn.execute(
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}" + EMIT_SIGNATURE + " TO {}").format(
+            qualified(schema, emit), r
+        )
+    )
+    return [f"granted to {role}: USAGE on schema {schema}, EXECUTE on {schema}.{emit}"]
 
 
 def check_wal_level(conn: psycopg.Connection[Any]) -> None:
@@ -402,6 +475,9 @@ class StartupFacts:
 
     outbox_relid: int  # the relation the publication covers: the outbox is this OID
     confirmed_flush_lsn: int  # where the slot resumes; the tracker never flushes below it
+    # The key <table>_emit signs messages with; None: the outbox does not use emitted
+    # messages, and the relay does not ask pgoutput for logical messages at all.
+    emit_key: bytes | None = None
 
 
 def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
@@ -416,6 +492,7 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         relid, relkind = rel
         _check_publication(conn, settings, relkind)
     _check_emit_prefix(conn, settings)
+    emit_key = read_emit_key(conn, settings, tableless=rel is None)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
@@ -423,6 +500,65 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     return StartupFacts(
         outbox_relid=relid,
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
+        emit_key=emit_key,
+    )
+
+
+EMIT_KEY_SIZE: Final = 64  # bytes: one SHA-256 block, so HMAC uses the key as it is
+
+
+def read_emit_key(
+    conn: psycopg.Connection[Any], settings: Settings, *, tableless: bool = False
+) -> bytes | None:
+    """The emit key, or None when the outbox does not use emitted messages.
+
+    An emit function of an older cdc-relay (EXECUTE for PUBLIC, unsigned
+    messages) is refused rather than ignored: its messages would be lost
+    silently, and publishing them would let any role publish anything.
+    """
+    if _unsigned_emit_function(conn, settings) is not None:
+        raise ConfigError(_unsigned_emit_hint(settings))
+    keys = emit_key_table(settings.table_parts)
+    name = ".".join(keys)
+    if not table_exists(conn, *keys):
+        if tableless:
+            raise ConfigError(
+                f"table-less outbox without its emit key table {name}: run "
+                "`cdc-relay init --no-table --grant-emit-to ROLE` (the roles that emit)"
+            )
+        return None
+    try:
+        row = conn.execute(sql.SQL("SELECT key FROM {}").format(qualified(*keys))).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigError(
+            _missing_privilege(conn, f"SELECT on {name}, the key emitted messages are checked with")
+        ) from None
+    if row is None or len(row[0]) != EMIT_KEY_SIZE:
+        raise ConfigError(f"emit key table {name} holds no valid key: run `cdc-relay init --emit`")
+    return bytes(row[0])
+
+
+def _unsigned_emit_function(conn: psycopg.Connection[Any], settings: Settings) -> str | None:
+    """The name of an init-written ``<table>_emit`` that does not sign its messages, if any."""
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    rows = conn.execute(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (schema, emit),
+    ).fetchall()
+    unsigned = [s for (s,) in rows if _EMIT_PREFIX.search(s) and "sha256(" not in s]
+    return f"{schema}.{emit}" if unsigned else None
+
+
+def _unsigned_emit_hint(settings: Settings) -> str:
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    return (
+        f"{schema}.{emit} is the emit function of an older cdc-relay (any role may call it, "
+        "its messages are not signed), so the relay no longer publishes its messages: run "
+        "`cdc-relay init --grant-emit-to ROLE` (the roles that emit) to replace it, or "
+        f"DROP FUNCTION {schema}.{emit} if nothing emits"
     )
 
 
@@ -704,11 +840,52 @@ def status(
         problems.insert(0, str(exc))
     except psycopg.errors.InsufficientPrivilege as exc:
         problems.insert(0, _missing_privilege(conn, one_line(str(exc))))
+    warnings += emit_warnings(conn, settings)
     result["healthy"] = not problems
     result["problem"] = problems[0] if problems else None
     result["problems"] = problems
     result["warnings"] = warnings
     return result
+
+
+def emit_warnings(conn: psycopg.Connection[Any], settings: Settings) -> list[str]:
+    """What the relay cannot enforce about emitted messages (only where the outbox uses them)."""
+    keys = emit_key_table(settings.table_parts)
+    if not table_exists(conn, *keys):
+        return []
+    schema = settings.table_parts[0]
+    emit = f"{schema}.{function_names(settings.table_parts)[1]}"
+    key_name = ".".join(keys)
+    row = conn.execute(
+        "SELECT (SELECT bool_or(has_function_privilege('public', p.oid, 'EXECUTE'))"
+        "        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        "        WHERE n.nspname = %s AND p.proname = %s),"
+        " has_table_privilege('public', %s::regclass, 'SELECT'),"
+        " (SELECT bool_or(has_function_privilege('public', oid, 'EXECUTE')) FROM pg_proc"
+        "  WHERE proname = 'pg_logical_emit_message')",
+        (schema, function_names(settings.table_parts)[1], sql.Identifier(*keys).as_string(conn)),
+    ).fetchone()
+    emit_public, key_public, raw_public = row if row is not None else (False, False, False)
+    warnings = []
+    if emit_public:
+        warnings.append(
+            f"{emit} is executable by PUBLIC: any role can publish through the relay; "
+            f"REVOKE EXECUTE ON FUNCTION {emit} FROM PUBLIC and grant it with "
+            "`cdc-relay init --grant-emit-to ROLE`"
+        )
+    if key_public:
+        warnings.append(
+            f"the emit key table {key_name} is readable by PUBLIC: any role can sign messages; "
+            f"REVOKE ALL ON {key_name} FROM PUBLIC, then replace the key (docs/operations.md)"
+        )
+    if raw_public:
+        warnings.append(
+            f"any role may call pg_logical_emit_message: the relay dead-letters messages with "
+            f"prefix {settings.message_prefix!r} that {emit} did not sign (never publishes "
+            "them), but cannot stop them filling the dead-letter table; REVOKE EXECUTE on "
+            "pg_logical_emit_message FROM PUBLIC if nothing else needs it"
+        )
+    return warnings
 
 
 def _wal_retention(slot: str, wal_status: str | None, retained: int | None) -> str:
