@@ -16,7 +16,9 @@ What one dead letter stores is bounded (``bounded_row``): a text field of
 of the UTF-8 text>}`` and its name is listed in ``row_data["truncated"]`` (e.g.
 ``["payload"]``, or ``["values[3]"]`` for an unreadable row). The outbox table
 still holds the whole row, so a replay must re-read such a row from there (and
-check the hash) or refuse it; it must never publish the prefix. The writer
+check the hash) or refuse it; it must never publish the prefix. A row the
+server refuses to store all the same (a data error) is stored as ``{"unstorable":
+<the error>}``, to be re-read from the outbox table likewise. The writer
 sends rows as binary ``COPY`` data: no escaping, memory in proportion to what
 is stored, so one row full of quotes or control characters cannot stall the
 event loop or exhaust memory.
@@ -77,6 +79,8 @@ CLIENT_MARGIN = 5.0
 FIELD_LIMIT = 64 * 1024
 PREFIX_CHARS = 1024
 REASON_CHARS = 2000  # reasons come from us or the broker; a bound all the same
+# The server refused what a row holds (SQLSTATE class 22, or 54: too complex/large).
+REFUSED_DATA = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 def qualified(schema: str, table: str) -> sql.Composable:
@@ -191,6 +195,18 @@ class DeadLetter:
         self.reason = _no_nul(reason)
         self.row = bounded_row(self.row)
 
+    def unstorable(self, exc: BaseException) -> DeadLetter:
+        """This dead letter without its row, for a row the server refuses to store.
+
+        ``row_data`` is then ``{"unstorable": <the error>}``: the outbox table
+        still holds the row; a replay cannot read it from here and says so.
+        """
+        primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
+        text = one_line(primary or str(exc))[:500]
+        return DeadLetter(
+            self.outbox_id, self.reason, {"unstorable": f"{type(exc).__name__}: {text}"}, self.lsn
+        )
+
 
 def _no_nul(text: str) -> str:
     # Postgres text cannot hold NUL, and jsonb refuses the \u0000 escape.
@@ -297,21 +313,37 @@ class DeadLetterWriter:
         return cls(conn, table)
 
     async def write(self, items: Sequence[DeadLetter]) -> None:
-        """Store all items in one statement (one binary COPY, all or nothing)."""
+        """Store all items in one statement (one binary COPY, all or nothing).
+
+        If the server refuses what a row holds (not the table, not the link), the
+        items go one by one and a refused one is stored without its row: one odd
+        row must not stop the stream for ever. Such a retry may store an item
+        twice if the session ends half-way (at least once, like everything else).
+        """
         if not items:
             return
         try:
             async with asyncio.timeout(STATEMENT_TIMEOUT + CLIENT_MARGIN):
-                async with self._conn.cursor() as cur, cur.copy(self._copy) as copy:
-                    await copy.write(_COPY_HEADER)
+                try:
+                    await self._copy_in(items)
+                except REFUSED_DATA:
                     for letter in items:
-                        await copy.write(copy_tuple(letter))
-                    await copy.write(_COPY_TRAILER)
+                        try:
+                            await self._copy_in((letter,))
+                        except REFUSED_DATA as exc:
+                            await self._copy_in((letter.unstorable(exc),))
         except TimeoutError:
             await self.close()
             raise TimeoutError(
                 f"dead-letter write got no answer in {STATEMENT_TIMEOUT + CLIENT_MARGIN:g}s"
             ) from None
+
+    async def _copy_in(self, items: Sequence[DeadLetter]) -> None:
+        async with self._conn.cursor() as cur, cur.copy(self._copy) as copy:
+            await copy.write(_COPY_HEADER)
+            for letter in items:
+                await copy.write(copy_tuple(letter))
+            await copy.write(_COPY_TRAILER)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
