@@ -10,13 +10,32 @@ Replay publishes with confirms and mandatory, under the router's one policy,
 and marks a row replayed only after the broker confirmed it: a crash in between
 replays it again (at least once, like the relay itself). Rows that still cannot
 be routed stay pending, alone; one message per outbox row; one replay at a time.
+
+What one dead letter stores is bounded (``bounded_row``): a text field of
+``row_data`` over ``FIELD_LIMIT`` bytes (UTF-8) is replaced by an object
+``{"prefix": <first PREFIX_CHARS characters>, "size": <bytes>, "sha256": <hex
+of the UTF-8 text>}`` and its name is listed in ``row_data["truncated"]`` (e.g.
+``["payload"]``, or ``["values[3]"]`` for an unreadable row). The outbox table
+still holds the whole row, so a replay re-reads such a row from there by its id
+or refuses it; it never publishes the prefix. A row the
+server refuses to store all the same (a data error) is stored as ``{"unstorable":
+<the error>}``, to be re-read from the outbox table likewise. The writer
+sends rows as binary ``COPY`` data: no escaping, memory in proportion to what
+is stored, so one row full of quotes or control characters cannot stall the
+event loop or exhaust memory.
+
+A dead-letter table that is missing or not writable ends the session like a
+lock does; the relay retries with its backoff and heals once the grant or the
+table is back (see ``DeadLettersUnwritable``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +75,13 @@ LOCK_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 10
 # Client-side margin over statement_timeout, for a server that cannot even answer.
 CLIENT_MARGIN = 5.0
+# What one dead letter stores: a text field over FIELD_LIMIT bytes keeps its first
+# PREFIX_CHARS characters, its size and its sha256 (the outbox table has the rest).
+FIELD_LIMIT = 64 * 1024
+PREFIX_CHARS = 1024
+REASON_CHARS = 2000  # reasons come from us or the broker; a bound all the same
+# The server refused what a row holds (SQLSTATE class 22, or 54: too complex/large).
+REFUSED_DATA = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 def qualified(schema: str, table: str) -> sql.Composable:
@@ -99,14 +125,27 @@ def _outbox_id_type(conn: psycopg.Connection[Any], table: tuple[str, str]) -> st
     return row[0] or "missing"
 
 
+class DeadLettersUnwritable(ConfigError):
+    """The dead-letter table is missing or this role cannot write it.
+
+    At a first start it is a setting to fix: exit 78 at once. Once this process
+    has seen the table writable (a relay that ran, a standby that checked before
+    standing by), the relay retries it like a lock, with its backoff: a revoked
+    grant or a dropped table is fixed while it runs, and nothing is lost meanwhile
+    (the slot does not move past a row whose dead letter is not stored).
+    """
+
+
 def check_writable(conn: psycopg.Connection[Any], table: tuple[str, str]) -> None:
-    """Raise ConfigError (one line) unless the current role can store dead letters here."""
+    """Raise DeadLettersUnwritable (one line) unless this role can store dead letters here."""
     name = ".".join(table)
     kind = _outbox_id_type(conn, table)
     if kind is None:
-        raise ConfigError(f"dead-letter table {name} does not exist; run `cdc-relay init`")
+        raise DeadLettersUnwritable(
+            f"dead-letter table {name} does not exist; run `cdc-relay init`"
+        )
     if kind != "text":
-        raise ConfigError(
+        raise DeadLettersUnwritable(
             f"dead-letter table {name} has outbox_id {kind}, not text (a non-uuid id could not "
             "be stored); run `cdc-relay init` to migrate it"
         )
@@ -133,7 +172,7 @@ def check_writable(conn: psycopg.Connection[Any], table: tuple[str, str]) -> Non
         if not ok
     ]
     if missing:
-        raise ConfigError(
+        raise DeadLettersUnwritable(
             f"role {user} cannot write dead letters: it lacks {', '.join(missing)}; "
             f"run `cdc-relay init --grant-to {user}` as an admin"
         )
@@ -141,12 +180,33 @@ def check_writable(conn: psycopg.Connection[Any], table: tuple[str, str]) -> Non
 
 @dataclass(slots=True)
 class DeadLetter:
-    """One row that can never be published."""
+    """One row that can never be published; what it stores is bounded on construction."""
 
     outbox_id: str | None
     reason: str
     row: dict[str, Any]
     lsn: int
+
+    def __post_init__(self) -> None:
+        if self.outbox_id is not None:
+            self.outbox_id = _no_nul(self.outbox_id)
+        reason = self.reason
+        if len(reason) > REASON_CHARS:
+            reason = reason[:REASON_CHARS] + "..."
+        self.reason = _no_nul(reason)
+        self.row = bounded_row(self.row)
+
+    def unstorable(self, exc: BaseException) -> DeadLetter:
+        """This dead letter without its row, for a row the server refuses to store.
+
+        ``row_data`` is then ``{"unstorable": <the error>}``: the outbox table
+        still holds the row; a replay cannot read it from here and says so.
+        """
+        primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
+        text = one_line(primary or str(exc))[:500]
+        return DeadLetter(
+            self.outbox_id, self.reason, {"unstorable": f"{type(exc).__name__}: {text}"}, self.lsn
+        )
 
 
 def _no_nul(text: str) -> str:
@@ -154,14 +214,79 @@ def _no_nul(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+def bounded_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with each text field over FIELD_LIMIT bytes replaced (see the module docstring).
+
+    Top-level text fields and the texts of top-level lists (an unreadable row's
+    ``values``) are bounded; rows hold nothing deeper. NULs become U+FFFD.
+    """
+    truncated: list[str] = []
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, str):
+            out[key] = _bounded_text(value, key, truncated)
+        elif isinstance(value, list):
+            out[key] = [
+                _bounded_text(v, f"{key}[{i}]", truncated) if isinstance(v, str) else v
+                for i, v in enumerate(value)
+            ]
+        else:
+            out[key] = value
+    if truncated:
+        out["truncated"] = truncated
+    return out
+
+
+def _bounded_text(text: str, name: str, truncated: list[str]) -> Any:
+    """The text itself (NUL-free), or its prefix, size and hash when it is over the bound."""
+    if len(text) <= FIELD_LIMIT // 4:  # at most 4 bytes a character: surely within
+        return _no_nul(text)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= FIELD_LIMIT:
+        return _no_nul(text)
+    truncated.append(name)
+    return {
+        "prefix": _no_nul(text[:PREFIX_CHARS]),
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+# PGCOPY binary format: signature, flags, header extension length; a tuple is its
+# field count, then each field's length (-1 for NULL) and bytes; -1 ends the data.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+_NULL = struct.pack("!i", -1)
+_JSONB_VERSION = b"\x01"
+
+
+def copy_tuple(letter: DeadLetter) -> bytes:
+    """One dead letter as a binary COPY tuple: (outbox_id text, reason text, row_data jsonb,
+    lsn pg_lsn). Binary, so nothing is escaped: the cost is the size of the data."""
+    try:
+        row = orjson.dumps(letter.row)
+    except (TypeError, ValueError) as exc:  # never a crash loop over one odd value
+        text = one_line(str(exc))[:200]
+        row = orjson.dumps({"unserializable": f"{type(exc).__name__}: {text}"})
+    fields = [
+        None if letter.outbox_id is None else letter.outbox_id.encode(),
+        letter.reason.encode(),
+        _JSONB_VERSION + row,
+        struct.pack("!Q", letter.lsn),
+    ]
+    parts = [struct.pack("!h", len(fields))]
+    for field in fields:
+        parts.append(_NULL if field is None else struct.pack("!i", len(field)) + field)
+    return b"".join(parts)
+
+
 class DeadLetterWriter:
     """The relay's one connection for dead letters: bounded statements, one round trip."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], table: tuple[str, str]) -> None:
         self._conn = conn
-        self._insert = sql.SQL(
-            "INSERT INTO {} (outbox_id, reason, row_data, lsn)"
-            " SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::pg_lsn[])"
+        self._copy = sql.SQL(
+            "COPY {} (outbox_id, reason, row_data, lsn) FROM STDIN (FORMAT BINARY)"
         ).format(qualified(*table))
 
     @classmethod
@@ -189,23 +314,37 @@ class DeadLetterWriter:
         return cls(conn, table)
 
     async def write(self, items: Sequence[DeadLetter]) -> None:
-        """Store all items in one transaction and one round trip (one INSERT ... unnest)."""
+        """Store all items in one statement (one binary COPY, all or nothing).
+
+        If the server refuses what a row holds (not the table, not the link), the
+        items go one by one and a refused one is stored without its row: one odd
+        row must not stop the stream for ever. Such a retry may store an item
+        twice if the session ends half-way (at least once, like everything else).
+        """
         if not items:
             return
-        params = (
-            [None if d.outbox_id is None else _no_nul(d.outbox_id) for d in items],
-            [_no_nul(d.reason) for d in items],
-            [orjson.dumps(d.row).decode().replace("\\u0000", "\\ufffd") for d in items],
-            [format_lsn(d.lsn) for d in items],
-        )
         try:
             async with asyncio.timeout(STATEMENT_TIMEOUT + CLIENT_MARGIN):
-                await self._conn.execute(self._insert, params)
+                try:
+                    await self._copy_in(items)
+                except REFUSED_DATA:
+                    for letter in items:
+                        try:
+                            await self._copy_in((letter,))
+                        except REFUSED_DATA as exc:
+                            await self._copy_in((letter.unstorable(exc),))
         except TimeoutError:
             await self.close()
             raise TimeoutError(
                 f"dead-letter write got no answer in {STATEMENT_TIMEOUT + CLIENT_MARGIN:g}s"
             ) from None
+
+    async def _copy_in(self, items: Sequence[DeadLetter]) -> None:
+        async with self._conn.cursor() as cur, cur.copy(self._copy) as copy:
+            await copy.write(_COPY_HEADER)
+            for letter in items:
+                await copy.write(copy_tuple(letter))
+            await copy.write(_COPY_TRAILER)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -214,6 +353,21 @@ class DeadLetterWriter:
 
 class DeadLetterWriteFailed(Exception):
     """Storing dead letters failed (a lock, a timeout, a lost connection): the session ends."""
+
+
+def write_failure(exc: BaseException) -> str:
+    """One line for a failed dead-letter write: what happened and, if an operator can, the fix."""
+    text = one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        fix = "grant it: run `cdc-relay init --grant-to <relay role>` as an admin; "
+    elif isinstance(exc, psycopg.errors.UndefinedTable):
+        fix = "create it: run `cdc-relay init`; "
+    else:
+        fix = ""
+    return (
+        f"cannot store dead letters ({type(exc).__name__}: {text}); {fix}"
+        "retrying, nothing is lost: the rows are read again from the slot"
+    )
 
 
 @dataclass(slots=True)
@@ -281,11 +435,7 @@ class DeadLetterSink:
                 try:
                     await self._writer.write([p.letter for p in batch])
                 except (psycopg.Error, OSError, TimeoutError) as exc:
-                    text = one_line(str(exc)) or type(exc).__name__
-                    raise DeadLetterWriteFailed(
-                        f"dead-letter write failed ({type(exc).__name__}: {text}); "
-                        "the rows are read again from the slot"
-                    ) from None
+                    raise DeadLetterWriteFailed(write_failure(exc)) from None
                 for pending in batch:
                     letter = pending.letter
                     log.warning(

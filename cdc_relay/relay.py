@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import psycopg
@@ -30,6 +30,7 @@ from cdc_relay.config import Settings
 from cdc_relay.core import STOP, BrokerLimits, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import (
     DeadLetterSink,
+    DeadLettersUnwritable,
     DeadLetterWriteFailed,
     DeadLetterWriter,
     PendingDeadLetter,
@@ -84,6 +85,9 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty()
+        # Why dead letters cannot be stored now (one line naming the fix), else None:
+        # set when a session ends over it, cleared when a session streams again.
+        self.dead_letter_problem: str | None = None
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
 
@@ -112,15 +116,29 @@ class Relay:
     async def _run_sessions(self) -> None:
         attempt = 0
         streamed = False  # some session of this process has streamed from the slot
+        checked = False  # some session of this process passed the startup checks
         missing_since: float | None = None
         while not self._stop.is_set():
             started = time.monotonic()
             session = Session(
-                self.settings, self.metrics, self.router, self.limits, self._stop, self._abort
+                self.settings,
+                self.metrics,
+                self.router,
+                self.limits,
+                self._stop,
+                self._abort,
+                on_dead_letters=self._dead_letters_report,
             )
             try:
                 await session.run()
                 return  # a session only returns normally when asked to stop
+            except DeadLettersUnwritable as exc:
+                if not (checked or session.checked):
+                    raise  # a first start: a setting to fix, say so at once (exit 78)
+                # It was writable before (a grant revoked, the table dropped, or a
+                # standby taking over): retry like a lock until it is fixed.
+                self._dead_letters_report(str(exc))
+                log.warning("session ended: %s (retrying)", exc)
             except SlotMissing as exc:
                 if not streamed:
                     raise  # never streamed: a wrong --slot or --dsn, say so at once
@@ -145,9 +163,12 @@ class Relay:
                 rejected = _certificate_rejected(exc)
                 if rejected is not None:
                     raise ConfigError(rejected) from None
+                if isinstance(exc, DeadLetterWriteFailed):
+                    self._dead_letters_report(str(exc))
                 # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
+                checked = checked or session.checked
                 if session.streamed:
                     streamed, missing_since = True, None
             if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
@@ -159,6 +180,9 @@ class Relay:
             self.metrics.reconnects.inc()
             log.info("reconnecting in %.1fs", delay)
             await event_within(self._stop, delay)
+
+    def _dead_letters_report(self, problem: str | None) -> None:
+        self.dead_letter_problem = problem
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, never below the minimum."""
@@ -204,6 +228,7 @@ class Session:
         limits: BrokerLimits,
         stop: asyncio.Event,
         abort: asyncio.Event,
+        on_dead_letters: Callable[[str | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -218,6 +243,8 @@ class Session:
         self.status_wakeup = asyncio.Event()
         self.closing = False
         self.streamed = False  # reached streaming: the slot existed and was ours
+        self.checked = False  # the startup checks passed once (the dead-letter table too)
+        self.on_dead_letters = on_dead_letters  # told None once dead letters can be stored
         self.end_logged = False
 
     @property
@@ -254,6 +281,7 @@ class Session:
         s, conns = self.settings, self.conns
         conns.stream = stream = await open_stream(s)
         facts = await validate(s)  # one clear line for any misconfiguration, before the slot
+        self.checked = True
         messages = facts.emit_key is not None
         stood_by = await take_slot(stream, s, self.stop, messages=messages)
         if stood_by is None:
@@ -289,6 +317,8 @@ class Session:
         )
         self.metrics.ready.set(1)
         self.streamed = True
+        if self.on_dead_letters is not None:
+            self.on_dead_letters(None)  # the checks found the dead-letter table writable
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
         status = asyncio.create_task(self._status_loop(stream, core), name="cdc-relay-status")
         helpers = [

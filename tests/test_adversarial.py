@@ -195,7 +195,7 @@ async def test_a_lock_on_the_dead_letter_table_fails_in_bounded_time_then_recove
         locker.execute(f"LOCK TABLE {outbox.table}_dead_letter IN ACCESS EXCLUSIVE MODE")
         with psycopg.connect(outbox.dsn, autocommit=True) as conn:
             [bad] = outbox.insert(conn, [{"event_type": "TooBig", "payload": {"x": "y" * 2000}}])
-        await relay.wait_for_log_async("dead-letter write failed", timeout=40)
+        await relay.wait_for_log_async("cannot store dead letters", timeout=40)
         locker.rollback()
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         [good] = outbox.insert(conn, [{"event_type": "AfterLock"}])

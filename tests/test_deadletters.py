@@ -102,3 +102,42 @@ def test_list_mark_and_prune(outbox: Setup) -> None:
         assert pruned == 1
         left = deadletters.list_dead_letters(conn, table, include_replayed=True)
         assert sorted(r.outbox_id for r in left) == sorted(f"id{i}" for i in range(1, 7))
+
+
+@pytest.mark.asyncio
+async def test_a_row_the_server_refuses_is_stored_without_its_row_and_the_rest_whole(
+    outbox: Setup,
+) -> None:
+    """One row whose data Postgres refuses must not fail the batch (and the stream) for ever."""
+    dl = f"{outbox.table}_dead_letter"
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        # A real refusal with a data error's SQLSTATE, for rows that hold "refuse".
+        conn.execute(
+            f"CREATE FUNCTION {dl}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF NEW.row_data ? 'refuse' THEN"
+            " RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {dl}"
+            f" FOR EACH ROW EXECUTE FUNCTION {dl}_refuse()"
+        )
+    writer = await DeadLetterWriter.connect(outbox.dsn, outbox.settings.dead_letter_table)
+    try:
+        await writer.write(
+            [
+                DeadLetter("a", "r", {"id": "a"}, 1),
+                DeadLetter("b", "r", {"id": "b", "refuse": "x"}, 2),
+                DeadLetter("c", "r", {"id": "c"}, 3),
+            ]
+        )
+    finally:
+        await writer.close()
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TRIGGER refuse ON {dl}")
+            conn.execute(f"DROP FUNCTION {dl}_refuse()")
+    assert stored(outbox) == [
+        ("a", "r", {"id": "a"}, "0/1"),
+        ("b", "r", {"unstorable": "NumericValueOutOfRange: value out of range"}, "0/2"),
+        ("c", "r", {"id": "c"}, "0/3"),
+    ]
