@@ -26,6 +26,7 @@ import psycopg
 from cdc_relay import state
 from cdc_relay.acks import AckTrackerError
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
+from cdc_relay.backoff import reconnect_delay
 from cdc_relay.config import Settings
 from cdc_relay.core import STOP, BrokerLimits, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import (
@@ -115,6 +116,7 @@ class Relay:
         missing_since: float | None = None
         while not self._stop.is_set():
             started = time.monotonic()
+            refused = False  # the session ended on a broker refusal (a nack)
             session = Session(
                 self.settings, self.metrics, self.router, self.limits, self._stop, self._abort
             )
@@ -145,6 +147,7 @@ class Relay:
                 rejected = _certificate_rejected(exc)
                 if rejected is not None:
                     raise ConfigError(rejected) from None
+                refused = isinstance(exc, PublishRefused)
                 # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
@@ -152,7 +155,7 @@ class Relay:
                     streamed, missing_since = True, None
             if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
                 attempt = 0
-            delay = self._backoff(attempt)
+            delay = self._backoff(attempt, refused)
             if missing_since is not None:
                 delay = random.uniform(*SLOT_MISSING_RETRY)  # the slot may appear any moment
             attempt += 1
@@ -160,11 +163,12 @@ class Relay:
             log.info("reconnecting in %.1fs", delay)
             await event_within(self._stop, delay)
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter, never below the minimum."""
+    def _backoff(self, attempt: int, refused: bool) -> float:
+        """Exponential backoff with full jitter; capped after a refusal (backoff.py says why)."""
         s = self.settings
-        ceiling = min(s.reconnect_max, s.reconnect_min * (2 ** min(attempt, 30)))
-        return max(s.reconnect_min, random.uniform(0, ceiling))
+        return reconnect_delay(
+            attempt, s.reconnect_min, s.reconnect_max, refused=refused, uniform=random.uniform
+        )
 
 
 # libpq's words for a server certificate it refuses (said by the client: no SQLSTATE).
