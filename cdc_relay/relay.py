@@ -28,7 +28,15 @@ from cdc_relay.acks import AckTrackerError
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.backoff import reconnect_delay
 from cdc_relay.config import Settings
-from cdc_relay.core import STOP, BrokerLimits, PublishRefused, SessionCore, SessionFailed
+from cdc_relay.core import (
+    RECHECK_INTERVAL,
+    STOP,
+    BrokerLimits,
+    PublishRefused,
+    Recheck,
+    SessionCore,
+    SessionFailed,
+)
 from cdc_relay.deadletters import (
     DeadLetterSink,
     DeadLetterWriteFailed,
@@ -84,7 +92,7 @@ class Relay:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.router = Router.from_settings(settings)
-        self.limits = BrokerLimits.empty()
+        self.limits = BrokerLimits.empty(settings.exchange)
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
 
@@ -276,6 +284,7 @@ class Session:
             observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
         )
         conns.publisher = publisher = await open_publisher(s, self._on_outcome)
+        self.limits.connected()  # what an earlier connection was refused is asked again
         conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
         conns.state = StateWriter(s.dsn, state.table_name(s), s.slot)
@@ -428,6 +437,8 @@ class Session:
                 action = receive(frame)
                 if action is None:
                     continue
+                if type(action) is Recheck:
+                    action = await self._recheck(publisher, core, action)
                 if type(action) is Envelope:
                     try:
                         await publish(core.last_seq, action)
@@ -441,6 +452,38 @@ class Session:
                 await sink.put(action)  # waits while the sink is full
             if core.status_due:
                 self.status_wakeup.set()
+
+    async def _recheck(
+        self, publisher: Publisher, core: SessionCore, recheck: Recheck
+    ) -> Envelope | PendingDeadLetter:
+        """A remembered refusal would dead-letter this row: ask the broker again if it is time.
+
+        The decision (when, and what the answer means) is ``BrokerLimits``'s; this
+        only performs the trial publish (``Publisher.try_publish`` says what it proves).
+        """
+        limits, envelope = self.limits, recheck.envelope
+        exchange, size, now = envelope.exchange, len(envelope.body), time.monotonic()
+        if limits.recheck_due(exchange, size, now):
+            try:
+                error = await publisher.try_publish(envelope)
+            except UnpublishableMessage:
+                pass  # no answer to learn from; the remembered refusal stands
+            else:
+                if limits.rechecked(exchange, size, error, now):
+                    log.info(
+                        "the broker takes publishes to exchange %r again (a trial publish, "
+                        "rolled back): no longer dead-lettering on its earlier refusal",
+                        exchange,
+                    )
+                elif error is not None:
+                    log.warning(
+                        "the broker still refuses publishes to exchange %r (%s): its rows are "
+                        "dead-lettered; asking again in %.0fs",
+                        exchange,
+                        error,
+                        RECHECK_INTERVAL,
+                    )
+        return core.rechecked(recheck)
 
     # -- broker outcomes and stored dead letters -------------------------------------
 
