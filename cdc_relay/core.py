@@ -25,7 +25,7 @@ import hashlib
 import hmac
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -74,36 +74,131 @@ class _Stop:
 STOP: Final = _Stop()
 
 
+# A remembered refusal is asked again (a trial publish, relay.py) at most this often
+# before it dead-letters a row: a deleted exchange re-created, or a write permission
+# restored after a credential rotation, is noticed within seconds.
+RECHECK_INTERVAL: Final = 5.0
+
+
 @dataclass(slots=True)
 class BrokerLimits:
-    """What earlier sessions learned the broker refuses; lives as long as the process.
+    """What the broker refused, until a re-check shows it takes such publishes again.
 
     A publish to a missing (404) or forbidden (403) exchange, or a body over the
     broker's ``max_message_size`` (406), closes the channel: the session ends
     and the same rows come again. Remembering the refusal turns the replayed
-    row into a dead letter instead of an endless retry.
+    row into a dead letter instead of an endless retry. But refusals heal (an
+    exchange re-created, a permission restored, a limit raised), so before a
+    remembered refusal dead-letters a row the relay asks the broker again, at
+    most every ``RECHECK_INTERVAL`` seconds and at once on a new connection,
+    and forgets the refusal when the broker takes the publish.
+
+    The relay's own ``--exchange`` is never remembered: every row without an
+    exchange of its own goes there, so its refusal is an outage (the session
+    fails and retries), not a reason to dead-letter everything.
+
+    Pure: the clock is passed in by the caller.
     """
 
-    refused_exchanges: dict[str, str]
+    own_exchange: str | None = None
+    refused_exchanges: dict[str, str] = field(default_factory=dict)
     max_message_size: int | None = None
+    # When each refusal was last asked again (monotonic seconds); absent: due now.
+    _checked: dict[str, float] = field(default_factory=dict)
+    _size_checked: float | None = None
 
     @classmethod
-    def empty(cls) -> BrokerLimits:
-        return cls({})
+    def empty(cls, own_exchange: str | None = None) -> BrokerLimits:
+        return cls(own_exchange)
 
     def learn(self, error: PublishFailed) -> bool:
-        """Record what a channel-closing refusal says; True if it named something."""
+        """Record what a channel-closing refusal says; True if it named something to remember."""
         learned = False
-        if error.refused_exchange is not None:
-            self.refused_exchanges[error.refused_exchange] = error.reason
+        exchange = error.refused_exchange
+        if exchange is not None and exchange != self.own_exchange:
+            self.refused_exchanges[exchange] = error.reason
             learned = True
         if error.broker_max_message_size is not None:
             self.max_message_size = error.broker_max_message_size
             learned = True
         return learned
 
+    def refuses(self) -> bool:
+        """Anything remembered at all (the cheap test on the hot path)."""
+        return bool(self.refused_exchanges) or self.max_message_size is not None
 
-Action = Envelope | PendingDeadLetter | _Stop | None
+    def refusal(self, exchange: str, size: int) -> str | None:
+        """Why a publish of ``size`` body bytes to ``exchange`` was refused before, if it was."""
+        why = self.refused_exchanges.get(exchange)
+        if why is not None:
+            return f"exchange {exchange!r} refused by the broker: {why}"
+        limit = self.max_message_size
+        if limit is not None and size > limit:
+            return (
+                f"message body of {size} bytes exceeds the broker's max_message_size {limit} "
+                "(it closed the channel on a larger one)"
+            )
+        return None
+
+    def recheck_due(self, exchange: str, size: int, now: float) -> bool:
+        """A refusal this publish meets was not asked again for ``RECHECK_INTERVAL`` seconds."""
+        if exchange in self.refused_exchanges:
+            checked = self._checked.get(exchange)
+            if checked is None or now - checked >= RECHECK_INTERVAL:
+                return True
+        limit = self.max_message_size
+        if limit is not None and size > limit:
+            checked = self._size_checked
+            return checked is None or now - checked >= RECHECK_INTERVAL
+        return False
+
+    def rechecked(self, exchange: str, size: int, error: PublishFailed | None, now: float) -> bool:
+        """The broker's answer to a trial publish; True if a refusal was forgotten.
+
+        ``error`` None: it took the publish, so neither the exchange nor the size
+        refuses it any more. Otherwise what the refusal names is remembered again.
+        """
+        if error is None:
+            forgot = self.refused_exchanges.pop(exchange, None) is not None
+            self._checked.pop(exchange, None)
+            if self.max_message_size is not None and size > self.max_message_size:
+                self.max_message_size = self._size_checked = None
+                forgot = True
+            return forgot
+        self.learn(error)
+        for name in (exchange, error.refused_exchange):
+            if name is not None and name in self.refused_exchanges:
+                self._checked[name] = now
+        if self.max_message_size is not None and size > self.max_message_size:
+            self._size_checked = now
+        return False
+
+    def connected(self) -> None:
+        """A new connection: every remembered refusal is due to be asked again.
+
+        The broker announces none of these limits, so what an earlier connection
+        learned is checked on this one before it dead-letters anything.
+        """
+        self._checked.clear()
+        self._size_checked = None
+
+
+@dataclass(slots=True)
+class Recheck:
+    """Answer: a remembered refusal would dead-letter this envelope; ask the broker first.
+
+    The caller tries the publish (``BrokerLimits.recheck_due`` says whether it
+    is time to), records the answer with ``BrokerLimits.rechecked`` and hands
+    this back to ``SessionCore.rechecked``, which publishes or dead-letters.
+    """
+
+    seq: int
+    envelope: Envelope
+    values: tuple[Any, ...]
+    row: OutboxRow
+
+
+Action = Envelope | PendingDeadLetter | Recheck | _Stop | None
 
 
 class SessionCore:
@@ -130,8 +225,6 @@ class SessionCore:
         self.tracker = AckTracker(start_flush)
         self.limits = limits or BrokerLimits.empty()
         self.max_message_size = max_message_size
-        if self.limits.max_message_size is not None:
-            self.max_message_size = min(max_message_size, self.limits.max_message_size)
         self.dead_letter_unroutable = dead_letter_unroutable
         self.message_prefix = message_prefix
         self.emit_key = emit_key
@@ -217,7 +310,7 @@ class SessionCore:
                 "the columns it had and their values",
             )
 
-    def _insert(self, event: Insert) -> Envelope | PendingDeadLetter:
+    def _insert(self, event: Insert) -> Envelope | PendingDeadLetter | Recheck:
         seq = self.tracker.add_message()
         reader = self._readers.get(event.relid)
         if reader is None:
@@ -242,7 +335,7 @@ class SessionCore:
 
     def _route(
         self, seq: int, values: tuple[Any, ...], row: OutboxRow
-    ) -> Envelope | PendingDeadLetter:
+    ) -> Envelope | PendingDeadLetter | Recheck:
         try:
             envelope = self.router.route(row)
             reason = self._refusal(envelope)
@@ -250,12 +343,26 @@ class SessionCore:
             reason = _reason(exc)
         if reason is not None:
             return self._dead(seq, values, row, reason)
+        limits = self.limits
+        if limits.refuses() and limits.refusal(envelope.exchange, len(envelope.body)):
+            return Recheck(seq, envelope, values, row)
+        return self._publishing(seq, row, envelope)
+
+    def rechecked(self, recheck: Recheck) -> Envelope | PendingDeadLetter:
+        """After the broker was asked again: publish, or dead-letter if it still refuses."""
+        envelope = recheck.envelope
+        why = self.limits.refusal(envelope.exchange, len(envelope.body))
+        if why is not None:
+            return self._dead(recheck.seq, recheck.values, recheck.row, why)
+        return self._publishing(recheck.seq, recheck.row, envelope)
+
+    def _publishing(self, seq: int, row: OutboxRow, envelope: Envelope) -> Envelope:
         self._rows[seq] = row
         if self._counters is not None:
             self._counters.published.inc()
         return envelope
 
-    def _message(self, event: LogicalMessage) -> Envelope | PendingDeadLetter:
+    def _message(self, event: LogicalMessage) -> Envelope | PendingDeadLetter | Recheck:
         """``outbox_emit``: a transactional message is a row without a table.
 
         A non-transactional one would be published whether or not its
@@ -289,17 +396,13 @@ class SessionCore:
         return self._route(seq, (event.content,), row)
 
     def _refusal(self, envelope: Envelope) -> str | None:
-        """Why the broker would refuse this envelope for good, if an earlier answer tells."""
+        """Why this envelope can never be published: over --max-message-size."""
         size = len(envelope.body)
         if size > self.max_message_size:
             return (
                 f"message body of {size} bytes exceeds the maximum message size "
-                f"{self.max_message_size} (--max-message-size or the broker's max_message_size)"
+                f"{self.max_message_size} (--max-message-size)"
             )
-        refused = self.limits.refused_exchanges
-        if refused and envelope.exchange in refused:
-            why = refused[envelope.exchange]
-            return f"exchange {envelope.exchange!r} refused by the broker: {why}"
         return None
 
     def _commit(self, event: Commit) -> _Stop | None:
@@ -502,6 +605,7 @@ __all__ = [
     "STOP",
     "BrokerLimits",
     "PendingDeadLetter",
+    "Recheck",
     "SessionCore",
     "SessionFailed",
 ]

@@ -26,8 +26,17 @@ import psycopg
 from cdc_relay import state
 from cdc_relay.acks import AckTrackerError
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
+from cdc_relay.backoff import reconnect_delay
 from cdc_relay.config import Settings
-from cdc_relay.core import STOP, BrokerLimits, PublishRefused, SessionCore, SessionFailed
+from cdc_relay.core import (
+    RECHECK_INTERVAL,
+    STOP,
+    BrokerLimits,
+    PublishRefused,
+    Recheck,
+    SessionCore,
+    SessionFailed,
+)
 from cdc_relay.deadletters import (
     DeadLetterSink,
     DeadLettersUnwritable,
@@ -84,7 +93,7 @@ class Relay:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.router = Router.from_settings(settings)
-        self.limits = BrokerLimits.empty()
+        self.limits = BrokerLimits.empty(settings.exchange)
         # Why dead letters cannot be stored now (one line naming the fix), else None:
         # set when a session ends over it, cleared when a session streams again.
         self.dead_letter_problem: str | None = None
@@ -120,6 +129,7 @@ class Relay:
         missing_since: float | None = None
         while not self._stop.is_set():
             started = time.monotonic()
+            refused = False  # the session ended on a broker refusal (a nack)
             session = Session(
                 self.settings,
                 self.metrics,
@@ -165,6 +175,7 @@ class Relay:
                     raise ConfigError(rejected) from None
                 if isinstance(exc, DeadLetterWriteFailed):
                     self._dead_letters_report(str(exc))
+                refused = isinstance(exc, PublishRefused)
                 # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
@@ -173,7 +184,7 @@ class Relay:
                     streamed, missing_since = True, None
             if time.monotonic() - started > HEALTHY_SESSION_SECONDS or session.made_progress:
                 attempt = 0
-            delay = self._backoff(attempt)
+            delay = self._backoff(attempt, refused)
             if missing_since is not None:
                 delay = random.uniform(*SLOT_MISSING_RETRY)  # the slot may appear any moment
             attempt += 1
@@ -184,11 +195,12 @@ class Relay:
     def _dead_letters_report(self, problem: str | None) -> None:
         self.dead_letter_problem = problem
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter, never below the minimum."""
+    def _backoff(self, attempt: int, refused: bool) -> float:
+        """Exponential backoff with full jitter; capped after a refusal (backoff.py says why)."""
         s = self.settings
-        ceiling = min(s.reconnect_max, s.reconnect_min * (2 ** min(attempt, 30)))
-        return max(s.reconnect_min, random.uniform(0, ceiling))
+        return reconnect_delay(
+            attempt, s.reconnect_min, s.reconnect_max, refused=refused, uniform=random.uniform
+        )
 
 
 # libpq's words for a server certificate it refuses (said by the client: no SQLSTATE).
@@ -304,6 +316,7 @@ class Session:
             observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
         )
         conns.publisher = publisher = await open_publisher(s, self._on_outcome)
+        self.limits.connected()  # what an earlier connection was refused is asked again
         conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
         conns.state = StateWriter(s.dsn, state.table_name(s), s.slot)
@@ -458,6 +471,8 @@ class Session:
                 action = receive(frame)
                 if action is None:
                     continue
+                if type(action) is Recheck:
+                    action = await self._recheck(publisher, core, action)
                 if type(action) is Envelope:
                     try:
                         await publish(core.last_seq, action)
@@ -471,6 +486,38 @@ class Session:
                 await sink.put(action)  # waits while the sink is full
             if core.status_due:
                 self.status_wakeup.set()
+
+    async def _recheck(
+        self, publisher: Publisher, core: SessionCore, recheck: Recheck
+    ) -> Envelope | PendingDeadLetter:
+        """A remembered refusal would dead-letter this row: ask the broker again if it is time.
+
+        The decision (when, and what the answer means) is ``BrokerLimits``'s; this
+        only performs the trial publish (``Publisher.try_publish`` says what it proves).
+        """
+        limits, envelope = self.limits, recheck.envelope
+        exchange, size, now = envelope.exchange, len(envelope.body), time.monotonic()
+        if limits.recheck_due(exchange, size, now):
+            try:
+                error = await publisher.try_publish(envelope)
+            except UnpublishableMessage:
+                pass  # no answer to learn from; the remembered refusal stands
+            else:
+                if limits.rechecked(exchange, size, error, now):
+                    log.info(
+                        "the broker takes publishes to exchange %r again (a trial publish, "
+                        "rolled back): no longer dead-lettering on its earlier refusal",
+                        exchange,
+                    )
+                elif error is not None:
+                    log.warning(
+                        "the broker still refuses publishes to exchange %r (%s): its rows are "
+                        "dead-lettered; asking again in %.0fs",
+                        exchange,
+                        error,
+                        RECHECK_INTERVAL,
+                    )
+        return core.rechecked(recheck)
 
     # -- broker outcomes and stored dead letters -------------------------------------
 

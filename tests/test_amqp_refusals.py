@@ -17,6 +17,7 @@ import pytest
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, declare_exchange
 from cdc_relay.amqp.replies import broker_max_message_size, close_error, refused_exchange
 from cdc_relay.router import Envelope
+from devtools.amqp import delete_topology, queue_depth, topology
 
 # Captured from RabbitMQ 3.10 (the session broker) and 3.13/4.0 release texts.
 NOT_FOUND = "NOT_FOUND - no exchange 'orders.v2' in vhost '/'"
@@ -126,3 +127,54 @@ async def test_body_over_the_broker_limit_reports_the_limit_and_its_publish(
     assert error.reply_code == 406
     assert error.broker_max_message_size == small_max_message_size
     assert error.culprit_seq == 2
+
+
+# -- trial publishes: the re-check of a remembered refusal ------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_trial_publish_answers_like_a_real_one_and_delivers_nothing(
+    rabbit_server: Any, small_max_message_size: int
+) -> None:
+    """Missing exchange, then present; over the size limit; the confirm channel unharmed."""
+    exchange = f"trial-{uuid.uuid4().hex[:6]}"
+    queue = f"q_{exchange}"
+    outcomes: list[Outcome] = []
+    publisher = Publisher([rabbit_server.amqp_url], max_in_flight=10, on_outcome=outcomes.append)
+    await publisher.connect()
+    try:
+        missing = await publisher.try_publish(envelope(exchange, 1))
+        assert missing is not None and missing.refused_exchange == exchange
+        await topology(rabbit_server.amqp_url, exchange, queue)
+        assert await publisher.try_publish(envelope(exchange, 2)) is None
+        too_big = await publisher.try_publish(envelope(exchange, 3, b"x" * 20_000))
+        assert too_big is not None
+        assert too_big.broker_max_message_size == small_max_message_size
+        assert await queue_depth(rabbit_server.amqp_url, queue) == 0  # rolled back, not routed
+        await publisher.publish(4, envelope(exchange, 4))  # the confirm channel lives on
+        assert await publisher.wait_confirmed(10)
+        assert [o.confirmed for o in outcomes] == [[4]]
+        assert await queue_depth(rabbit_server.amqp_url, queue) == 1
+    finally:
+        await publisher.close()
+        await delete_topology(rabbit_server.amqp_url, queue, exchange)
+
+
+@pytest.mark.asyncio
+async def test_a_trial_publish_sees_a_write_permission_a_passive_declare_cannot(
+    rabbit_server: Any, limited_user: tuple[str, str]
+) -> None:
+    url, allowed = limited_user
+    forbidden = f"forbidden-{uuid.uuid4().hex[:6]}"
+    await declare_exchange([rabbit_server.amqp_url], allowed)
+    await declare_exchange([rabbit_server.amqp_url], forbidden)
+    publisher = Publisher([url], max_in_flight=10, on_outcome=lambda _: None)
+    await publisher.connect()
+    try:
+        assert await publisher.declare_exchange(forbidden, passive=True)  # no permission needed
+        refused = await publisher.try_publish(envelope(forbidden, 1))
+        assert refused is not None and refused.reply_code == 403
+        assert refused.refused_exchange == forbidden
+        assert await publisher.try_publish(envelope(allowed, 2)) is None
+    finally:
+        await publisher.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cdc_relay.amqp.window import ConfirmWindow, Outcome, PublishFailed
@@ -34,6 +34,16 @@ def test_multiple_ack_skips_what_single_acks_already_settled() -> None:
     assert window.ack(2, multiple=False).confirmed == [102]
     assert window.ack(4, multiple=True).confirmed == [101, 103, 104]
     assert window.empty
+
+
+def test_a_multiple_ack_ending_before_an_out_of_order_ack_leaves_no_settled_front() -> None:
+    """The confirm timeout runs from the oldest unsettled publish, never from a settled one."""
+    window = window_with(4)
+    assert window.ack(3, multiple=False).confirmed == [103]
+    assert window.ack(2, multiple=True).confirmed == [101, 102]
+    assert window.in_flight == 1 and window.oldest_sent_at == 4.0
+    assert window.ack(4, multiple=False).confirmed == [104]
+    assert window.empty and window.oldest_sent_at is None
 
 
 def test_nack_multiple_fails_each_and_confirms_none() -> None:
@@ -175,6 +185,8 @@ events = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(events)
+@example([("add", 1)] * 4 + [("ack", 3, False), ("ack", 2, True)])  # front settled earlier
+@example([("add", 1)] * 4 + [("nack", 3, False), ("ack", 2, True)])
 def test_window_matches_a_simple_model(script: list[tuple]) -> None:
     """Every publish is settled at most once, with the verdict the model gives it."""
     window = ConfirmWindow(1000, 10**9)

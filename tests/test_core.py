@@ -16,9 +16,11 @@ import pytest
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.core import (
     EMIT_AUTH_FAILED,
+    RECHECK_INTERVAL,
     STOP,
     BrokerLimits,
     PendingDeadLetter,
+    Recheck,
     SessionCore,
     SessionFailed,
     authenticated,
@@ -265,21 +267,73 @@ def test_a_nack_or_a_lost_connection_ends_the_session() -> None:
         core.settle(Outcome([], [], PublishFailed("AMQP connection lost")), COMMIT_UNIX)
 
 
+def refused(exchange: str, code: int = 404) -> PublishFailed:
+    """The channel close a publish to a missing (404) or forbidden (403) exchange causes."""
+    error = PublishFailed(f"channel closed: {code} no exchange '{exchange}'", reply_code=code)
+    error.refused_exchange = exchange
+    return error
+
+
 def test_a_refused_exchange_is_remembered_and_its_rows_are_dead_lettered_next_session() -> None:
-    limits = BrokerLimits.empty()
+    limits = BrokerLimits.empty("outbox")
     core, _ = make_core(limits=limits)
     feed(core, relation())
     transaction(core, 0x2000, insert(1, exchange=b"nope"))
-    lost = PublishFailed("channel closed: 404 NOT_FOUND - no exchange 'nope'", reply_code=404)
-    lost.refused_exchange = "nope"
+    lost = refused("nope")
     lost.culprit_seq = 1  # filled in by the confirm window
     with pytest.raises(SessionFailed, match=r"outbox row 0+-0+-0+-0+-0+1\).*dead-lettered"):
         core.settle(Outcome([], [], lost), COMMIT_UNIX)
     replay, _ = make_core(limits=limits)
     feed(replay, relation())
-    bad, good = transaction(replay, 0x2000, insert(1, exchange=b"nope"), insert(2))
+    recheck, good = transaction(replay, 0x2000, insert(1, exchange=b"nope"), insert(2))
+    assert isinstance(recheck, Recheck) and isinstance(good, Envelope)
+    assert limits.recheck_due("nope", 10, now=100.0)
+    limits.rechecked("nope", 10, refused("nope"), now=100.0)  # the broker still refuses it
+    bad = replay.rechecked(recheck)
     assert isinstance(bad, PendingDeadLetter) and "nope" in bad.letter.reason
-    assert isinstance(good, Envelope)
+    assert bad.letter.lsn == 0x2000
+
+
+def test_a_remembered_refusal_is_asked_again_every_few_seconds_and_forgotten_when_healed() -> None:
+    """Deleting an exchange once, or revoking a permission for seconds, must not last for ever."""
+    limits = BrokerLimits.empty("outbox")
+    assert limits.learn(refused("orders", 403)) and not limits.recheck_due("other", 10, 0.0)
+    assert limits.recheck_due("orders", 10, now=50.0)  # never asked since it was learned
+    limits.rechecked("orders", 10, refused("orders", 403), now=50.0)
+    assert not limits.recheck_due("orders", 10, now=50.0 + RECHECK_INTERVAL - 0.1)
+    assert limits.recheck_due("orders", 10, now=50.0 + RECHECK_INTERVAL)
+    limits.connected()  # a new connection: due at once
+    assert limits.recheck_due("orders", 10, now=50.1)
+    assert limits.rechecked("orders", 10, None, now=51.0)  # the broker took the trial publish
+    assert limits.refusal("orders", 10) is None and not limits.refuses()
+
+    core, _ = make_core(limits=limits)
+    feed(core, relation())
+    limits.learn(refused("orders"))
+    [recheck] = transaction(core, 0x2000, insert(1, exchange=b"orders"))
+    assert isinstance(recheck, Recheck)
+    limits.rechecked("orders", 10, None, now=60.0)
+    envelope = core.rechecked(recheck)
+    assert isinstance(envelope, Envelope) and envelope.exchange == "orders"
+    assert core.settle(Outcome([1], [], None), COMMIT_UNIX) == []
+    assert core.tracker.flush_lsn == 0x2030
+
+
+def test_the_relays_own_exchange_is_never_remembered_as_refused() -> None:
+    """Every row without its own exchange goes there: a refusal is an outage, so retry."""
+    limits = BrokerLimits.empty("outbox")
+    core, _ = make_core(limits=limits)
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1))
+    lost = refused("outbox")
+    lost.culprit_seq = 1
+    with pytest.raises(SessionFailed) as failed:
+        core.settle(Outcome([], [], lost), COMMIT_UNIX)
+    assert "dead-lettered" not in str(failed.value)
+    assert not limits.refuses()
+    replay, _ = make_core(limits=limits)
+    feed(replay, relation())
+    assert isinstance(transaction(replay, 0x2000, insert(1))[0], Envelope)
 
 
 def test_a_body_over_the_brokers_limit_is_dead_lettered_after_the_broker_said_so() -> None:
@@ -289,8 +343,16 @@ def test_a_body_over_the_brokers_limit_is_dead_lettered_after_the_broker_said_so
     assert limits.learn(lost)
     core, _ = make_core(limits=limits)
     feed(core, relation())
-    [dead] = transaction(core, 0x2000, insert(1, payload=b'{"much": "too long"}'))
+    [recheck] = transaction(core, 0x2000, insert(1, payload=b'{"much": "too long"}'))
+    assert isinstance(recheck, Recheck) and limits.recheck_due("outbox", 200, now=1.0)
+    limits.rechecked("outbox", 200, lost, now=1.0)
+    assert not limits.recheck_due("outbox", 200, now=2.0)
+    dead = core.rechecked(recheck)
     assert isinstance(dead, PendingDeadLetter) and "exceeds" in dead.letter.reason
+    limits.connected()  # the limit is asked again on each connection
+    assert limits.recheck_due("outbox", 200, now=2.0)
+    assert limits.rechecked("outbox", 200, None, now=2.0)  # raised since: forgotten
+    assert limits.max_message_size is None
 
 
 def test_unpublishable_envelope_becomes_a_dead_letter() -> None:

@@ -34,7 +34,12 @@ from cdc_relay.amqp.address import AmqpAddress, redact
 from cdc_relay.amqp.connection import ConnectError, Connection
 from cdc_relay.amqp.replies import NOT_FOUND, PRECONDITION_FAILED, close_error
 from cdc_relay.amqp.window import ConfirmWindow, Outcome, PublishFailed
-from cdc_relay.amqp_wire import PublishEncoder
+from cdc_relay.amqp_wire import (
+    PublishEncoder,
+    encode_content,
+    encode_method_publish,
+    encode_properties,
+)
 from cdc_relay.router import Envelope
 
 if TYPE_CHECKING:
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = 1  # the confirm channel: publishes only
 TOPOLOGY_CHANNEL = 2  # declarations, so a refused one never closes the confirm channel
+TRIAL_CHANNEL = 3  # trial publishes (``try_publish``), opened and closed for each
 WATCH_INTERVAL = 0.5  # seconds between confirm-timeout checks
 
 OnOutcome = Callable[[Outcome], None]
@@ -222,8 +228,9 @@ class Publisher:
             self._settled.set()
             self._on_outcome(outcome)
 
-    def _on_return(self, _channel: int, value: spec.Basic.Return) -> None:
-        self._returning = value
+    def _on_return(self, channel: int, value: spec.Basic.Return) -> None:
+        if channel == CHANNEL:  # a trial publish is not mandatory; never mix channels anyway
+            self._returning = value
 
     def _on_content_header(self, _channel: int, value: ContentHeader) -> None:
         if self._returning is None:
@@ -259,7 +266,7 @@ class Publisher:
     def _on_channel_close(self, channel: int, value: spec.Channel.Close) -> None:
         if channel == CHANNEL:
             self._lose(close_error("channel", value.reply_code, value.reply_text))
-        else:
+        elif channel == TOPOLOGY_CHANNEL:
             self._topology_open = False
 
     # -- publishing ------------------------------------------------------------------
@@ -365,6 +372,58 @@ class Publisher:
             None if why is None else f"exchange {exchange!r} refused by the broker: {why}"
         )
         return known[exchange]
+
+    async def try_publish(self, envelope: Envelope) -> PublishFailed | None:
+        """Would the broker take this publish now? Ask with a publish that is rolled back.
+
+        The re-check of a remembered refusal (core.BrokerLimits). A passive
+        exchange.declare would prove only that the exchange exists: RabbitMQ
+        checks no permission for it, so it cannot see a write permission revoked
+        and restored, nor a message size limit. A basic.publish inside tx.select
+        meets every check a real one meets (exchange exists, write and topic
+        permission, message size) when it arrives, and tx.rollback discards it
+        unrouted, so no consumer sees it. It goes on its own channel, opened and
+        closed here, so a refusal (which closes that channel) never touches the
+        confirm channel; not mandatory, so no basic.return can come.
+
+        Returns None if the broker took it, else the refusal (naming the exchange
+        or the size limit). Raises PublishFailed if the connection is gone or does
+        not answer within the confirm timeout, UnpublishableMessage if the
+        envelope cannot be encoded.
+        """
+        if self._error is not None:
+            raise self._error
+        conn = self._conn
+        if conn is None:
+            raise PublishFailed("publisher is not connected")
+        try:
+            flags, properties = encode_properties(envelope)
+            data = encode_method_publish(
+                TRIAL_CHANNEL, envelope.exchange, envelope.routing_key, False
+            ) + encode_content(TRIAL_CHANNEL, flags, properties, envelope.body, conn.frame_max)
+        except Exception as exc:
+            raise UnpublishableMessage(f"cannot encode message: {exc!r}"[:500]) from exc
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await conn.open_channel(TRIAL_CHANNEL)
+                await conn.rpc(TRIAL_CHANNEL, spec.Tx.Select(), spec.Tx.SelectOk)
+                conn.write(data)
+                try:
+                    await conn.rpc(TRIAL_CHANNEL, spec.Tx.Rollback(), spec.Tx.RollbackOk)
+                except PublishFailed as exc:
+                    if conn.error is not None or exc.reply_code is None:
+                        raise  # the connection, not the channel
+                    return exc  # the broker closed the trial channel: still refused
+                await conn.rpc(
+                    TRIAL_CHANNEL,
+                    spec.Channel.Close(200, "trial publish rolled back", 0, 0),
+                    spec.Channel.CloseOk,
+                )
+        except TimeoutError:
+            raise PublishFailed(
+                f"no answer to a trial publish within {self._confirm_timeout:g}s"
+            ) from None
+        return None
 
     # -- closing ---------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ class ConfirmWindow:
                     confirmed.append(seq)
                 else:
                     outcome.failed.append((seq, state or error))  # type: ignore[arg-type]
-            self._first_tag = tag + 1
+            self._first_tag = self._drop_settled_front(tag + 1)
             self._unsettled -= settled
             self._bytes -= released
             return outcome
@@ -257,12 +257,22 @@ class ConfirmWindow:
         if tag == first:
             entries.popleft()
             marks.pop(tag, None)
-            first = tag + 1
-            while entries and marks.get(first) is _SETTLED:  # settled out of order earlier
-                entries.popleft()
-                del marks[first]
-                first += 1
-            self._first_tag = first
+            self._first_tag = self._drop_settled_front(tag + 1)
         else:
             marks[tag] = _SETTLED
         return outcome
+
+    def _drop_settled_front(self, first: int) -> int:
+        """Drop entries at the front settled out of order earlier; returns the new first tag.
+
+        Whatever settles the front (a single ack of it, or a multiple ack ending just
+        before an entry acked on its own) must leave an unsettled entry there:
+        ``oldest_sent_at``, and so the confirm timeout, read the front.
+        """
+        entries = self._entries
+        marks = self._marks
+        while marks and entries and marks.get(first) is _SETTLED:
+            entries.popleft()
+            del marks[first]
+            first += 1
+        return first
