@@ -238,6 +238,26 @@ class _AnyPayload:
         return format("x", spec)
 
 
+def _check_format_spec(template: str, spec: str) -> None:
+    """Refuse a width or precision over MAX_ROUTING_KEY_BYTES, and nested fields in a spec.
+
+    ``{id!r:>99999999999}`` died with a MemoryError while rendering; no key
+    longer than 255 bytes can be published anyway, so a larger number is a
+    mistake. A nested field (``{id:>{aggregate_id}}``) would take the width
+    from each row, so it is refused too.
+    """
+    if "{" in spec or "}" in spec:
+        raise ValueError(
+            f"invalid routing-key template {template!r}: a format spec cannot hold a field"
+        )
+    for number in re.findall(r"\d+", spec):
+        if int(number) > MAX_ROUTING_KEY_BYTES:
+            raise ValueError(
+                f"invalid routing-key template {template!r}: width or precision {number} "
+                f"over {MAX_ROUTING_KEY_BYTES} (the longest routing key)"
+            )
+
+
 class Router:
     """Turns outbox rows into envelopes with the relay's configured defaults.
 
@@ -262,6 +282,9 @@ class Router:
             raise ValueError(
                 f"invalid routing-key template {routing_key_template!r}: {exc}"
             ) from None
+        for _, field, spec, _ in parsed:
+            if field is not None and spec:
+                _check_format_spec(routing_key_template, spec)
         fields = [f for _, f, _, _ in parsed if f]
         self.exchange = exchange
         self.routing_key_template = routing_key_template

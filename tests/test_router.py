@@ -946,6 +946,8 @@ def test_lowercase_cc_is_an_ordinary_header() -> None:
         "{payload[items][0]}.{event_type}",
         "{{literal}}",
         "{aggregate_id:>5}",
+        "{id!r:>255.255}",
+        "{aggregate_id:0>9}",
     ],
 )
 def test_check_template_accepts_renderable_templates(template: str) -> None:
@@ -965,6 +967,11 @@ def test_check_template_accepts_renderable_templates(template: str) -> None:
         ("{aggregate_id:d}", "template"),
         ("{payload.region}", "template"),
         ("{aggregate_id!z}", "template"),
+        # A MemoryError while rendering, before widths were bounded:
+        ("{id!r:>99999999999}", "width or precision 99999999999 over 255"),
+        ("{aggregate_id:256}", "width or precision 256 over 255"),
+        ("{payload[a]:.1000000000}", "width or precision 1000000000"),
+        ("{id:>{aggregate_id}}", "a format spec cannot hold a field"),
     ],
 )
 def test_check_template_refuses_with_one_line(template: str, message: str) -> None:
