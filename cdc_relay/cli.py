@@ -317,6 +317,7 @@ def dead_letters() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> None:
     """List dead letters (pending ones unless --all)."""
+    from cdc_relay import logs
     from cdc_relay.deadletters import list_dead_letters, record_as_json
     from cdc_relay.pg import admin
 
@@ -330,9 +331,9 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
             click.echo(record_as_json(record).decode())
         else:
             state = f"replayed {record.replayed_at}" if record.replayed_at else "pending"
-            click.echo(
-                f"{record.id}\t{record.outbox_id}\t{record.created_at}\t{state}\t{record.reason}"
-            )
+            fields = (record.id, record.outbox_id, record.created_at, state, record.reason)
+            # Row values are escaped: a newline or tab in one must not forge a line or a column.
+            click.echo("\t".join(logs.escape_controls(str(field)) for field in fields))
     if not as_json:
         click.echo(f"{len(records)} dead letter(s)", err=True)
 

@@ -47,15 +47,37 @@ class JsonFormatter(logging.Formatter):
         return self._redact(line)
 
 
+def _control_escapes() -> dict[int, str]:
+    table = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+    table.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line breaks to some readers
+    return table
+
+
+_CONTROL_ESCAPES = _control_escapes()
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: control characters as ``\\n``, ``\\x1b`` and the like.
+
+    Row values (ids, routing keys, dead-letter reasons) reach text output; a
+    newline in one forged a whole log line, an ESC could rewrite the terminal.
+    Backslashes are left as they are, so escaping twice changes nothing and
+    ordinary text (Windows paths, regexes) reads as written.
+    """
+    return text.translate(_CONTROL_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """The default format, redacted."""
+    """The default format, redacted, one line per record (tracebacks included)."""
 
     def __init__(self, redact: Callable[[str], str]) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        return self._redact(super().format(record))
+        # Redact first: a secret holding a control character still matches.
+        return escape_controls(self._redact(super().format(record)))
 
 
 def setup(level: str, fmt: str, redact: Callable[[str], str]) -> None:

@@ -138,16 +138,38 @@ class Metrics:
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz (process alive) and /readyz (streaming)."""
+    """Serves /metrics, /healthz (process alive) and /readyz (streaming).
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    The port is reachable by anything that can reach the pod, so a client gets
+    one deadline for its whole request (not one per line: a header every 3 s
+    held a connection forever), at most ``max_request_bytes`` of request (431
+    beyond, instead of an asyncio traceback), and at most ``max_connections``
+    at once (a 503 beyond, instead of an unbounded number of held sockets).
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        *,
+        request_deadline: float = 5.0,
+        max_connections: int = 64,
+        max_request_bytes: int = 64 * 1024,
+    ) -> None:
         self.metrics = metrics
         self.host = host
         self.port = port
+        self.request_deadline = request_deadline
+        self.max_connections = max_connections
+        self.max_request_bytes = max_request_bytes
+        self._open = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=self.max_request_bytes
+        )
         sockets = self._server.sockets
         if sockets:
             self.port = sockets[0].getsockname()[1]
@@ -158,33 +180,63 @@ class MetricsServer:
             self._server.close()
             await self._server.wait_closed()
 
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The request line, after the headers; None when the request is too large."""
+        request = b""
+        size = 0
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # one line over the stream limit
+                return None
+            size += len(line)
+            if size > self.max_request_bytes:
+                return None
+            if not request:
+                request = line
+            elif line in (b"\r\n", b"\n"):
+                return request
+            if not line or not line.endswith(b"\n"):
+                return request  # EOF
+
+    def _respond(self, request: bytes) -> tuple[str, bytes, str]:
+        parts = request.decode("latin-1").split()
+        path = parts[1] if len(parts) > 1 else "/"
+        if path == "/metrics":
+            return "200 OK", self.metrics.render(), CONTENT_TYPE_LATEST
+        if path == "/healthz":
+            return "200 OK", b"ok\n", "text/plain"
+        if path == "/readyz":
+            if self.metrics.ready._value.get():
+                return "200 OK", b"ready\n", "text/plain"
+            return "503 Service Unavailable", b"not ready\n", "text/plain"
+        return "404 Not Found", b"not found\n", "text/plain"
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
-            request = await within(reader.readline(), 5)
-            while (await within(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1] if len(parts) > 1 else "/"
-            if path == "/metrics":
-                status, body, ctype = "200 OK", self.metrics.render(), CONTENT_TYPE_LATEST
-            elif path == "/healthz":
-                status, body, ctype = "200 OK", b"ok\n", "text/plain"
-            elif path == "/readyz":
-                if self.metrics.ready._value.get():
-                    status, body, ctype = "200 OK", b"ready\n", "text/plain"
-                else:
-                    status, body, ctype = "503 Service Unavailable", b"not ready\n", "text/plain"
+            if self._open > self.max_connections:
+                status, body, ctype = "503 Service Unavailable", b"busy\n", "text/plain"
             else:
-                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+                request = await within(self._read_request(reader), self.request_deadline)
+                if request is None:
+                    status, body, ctype = (
+                        "431 Request Header Fields Too Large",
+                        b"request too large\n",
+                        "text/plain",
+                    )
+                else:
+                    status, body, ctype = self._respond(request)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
-            await writer.drain()
+            await within(writer.drain(), self.request_deadline)
         except (TimeoutError, ConnectionError):
             pass
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await within(writer.wait_closed(), 1)

@@ -12,11 +12,13 @@ fix the call.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -241,6 +243,26 @@ class _AnyPayload:
         return format("x", spec)
 
 
+def _check_format_spec(template: str, spec: str) -> None:
+    """Refuse a width or precision over MAX_ROUTING_KEY_BYTES, and nested fields in a spec.
+
+    ``{id!r:>99999999999}`` died with a MemoryError while rendering; no key
+    longer than 255 bytes can be published anyway, so a larger number is a
+    mistake. A nested field (``{id:>{aggregate_id}}``) would take the width
+    from each row, so it is refused too.
+    """
+    if "{" in spec or "}" in spec:
+        raise ValueError(
+            f"invalid routing-key template {template!r}: a format spec cannot hold a field"
+        )
+    for number in re.findall(r"\d+", spec):
+        if int(number) > MAX_ROUTING_KEY_BYTES:
+            raise ValueError(
+                f"invalid routing-key template {template!r}: width or precision {number} "
+                f"over {MAX_ROUTING_KEY_BYTES} (the longest routing key)"
+            )
+
+
 class Router:
     """Turns outbox rows into envelopes with the relay's configured defaults.
 
@@ -269,6 +291,9 @@ class Router:
             raise ValueError(
                 f"invalid routing-key template {routing_key_template!r}: {exc}"
             ) from None
+        for _, field, spec, _ in parsed:
+            if field is not None and spec:
+                _check_format_spec(routing_key_template, spec)
         fields = [f for _, f, _, _ in parsed if f]
         self.exchange = exchange
         self.routing_key_template = routing_key_template
@@ -479,7 +504,57 @@ def _headers(row: OutboxRow) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UnmappableRow(f"headers must be a JSON object, got {type(value).__name__}")
     check_headers(value)
+    if any(_holds_float(item) for item in value.values()):
+        _check_exact_numbers(raw)
     return value
+
+
+def _holds_float(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is dict:
+        return any(_holds_float(item) for item in value.values())
+    if kind is list:
+        return any(_holds_float(item) for item in value)
+    return False
+
+
+def _check_exact_numbers(raw: bytes) -> None:
+    """Refuse a JSON number that a double would change: orjson silently turned
+    ``-9223372036854775809`` into ``-9.223372036854776e+18``.
+
+    The rule: the double, printed in its shortest form (``repr``), must be the
+    number the JSON text wrote. That keeps ``0.1``, ``1.5`` and ``1e3`` (every
+    JSON reader maps them to the same double, and printing it gives them back)
+    and refuses only numbers that arrive as another number, such as
+    ``9007199254740993.0`` or ``1e-400``. "The text's exact decimal equals the
+    double" would refuse ``0.1`` and nearly every fraction. Integers that
+    orjson read as doubles (outside 64 bits) meet the int64 rule instead. Only
+    headers holding a float are parsed a second time, exactly.
+    """
+    exact = json.loads(raw, parse_float=Decimal)
+    for key, value in exact.items():
+        _check_exact(key, value)
+
+
+def _check_exact(key: str, value: Any) -> None:
+    kind = type(value)
+    if kind is Decimal:
+        double = float(value)
+        if Decimal(repr(double)) != value:
+            raise UnmappableRow(
+                f"header {key!r}: number {value} has no exact double (it would arrive as"
+                f" {double!r})"
+            )
+    elif kind is int:
+        _header_value_size(key, value, 1)  # the int64 rule, with its message
+    elif kind is dict:
+        for item in value.values():
+            _check_exact(key, item)
+    elif kind is list:
+        for item in value:
+            _check_exact(key, item)
 
 
 def _refuse_sender_selected(headers: dict[str, Any]) -> None:

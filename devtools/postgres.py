@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import math
 import os
 import shutil
@@ -63,10 +64,35 @@ def _postmaster_pid(data_dir: Path) -> int | None:
     return pid
 
 
+def _postmasters_by_cmdline(data_dir: Path) -> list[int]:
+    """Live processes started as ``postgres -D data_dir``, found from /proc.
+
+    A postmaster that pg_ctl forked but that has not yet written postmaster.pid
+    (pg_ctl killed mid-start by a signal to our process group, or timed out) is
+    invisible to the pid file; before this scan, cleanup then removed the
+    directory and left that postmaster running.
+    """
+    wanted = os.fsencode(str(data_dir))
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = cmdline(int(entry.name))
+        if args is None:
+            continue
+        pairs = itertools.pairwise(args.split(b"\0"))
+        if (b"-D", wanted) in pairs and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def kill_postgres(data_dir: Path) -> list[int]:
     """SIGKILL the postmaster of ``data_dir`` and every backend; return survivors."""
+    pids = set(_postmasters_by_cmdline(data_dir))
     pid = _postmaster_pid(data_dir)
-    return [] if pid is None else kill_tree([pid])
+    if pid is not None:
+        pids.add(pid)
+    return kill_tree(sorted(pids)) if pids else []
 
 
 def pg_bindir() -> Path:

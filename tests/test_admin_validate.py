@@ -81,6 +81,23 @@ def test_renamed_optional_column_refused(outbox: Setup, conn: psycopg.Connection
     refused(conn, outbox.settings, "lacks column(s) routing_key", "renamed")
 
 
+def test_generated_mapped_column_refused(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
+    """pgoutput never sends a generated column: its values would be silently ignored."""
+    conn.execute(f"ALTER TABLE {outbox.table} DROP COLUMN routing_key")
+    conn.execute(
+        f"ALTER TABLE {outbox.table} ADD COLUMN routing_key text"
+        " GENERATED ALWAYS AS ('rk.' || event_type) STORED"
+    )
+    refused(conn, outbox.settings, "generated column(s) routing_key", "logical replication")
+
+
+def test_an_unmapped_generated_column_is_fine(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        f"ALTER TABLE {outbox.table} ADD COLUMN note text GENERATED ALWAYS AS (event_type) STORED"
+    )
+    admin.validate(conn, outbox.settings)
+
+
 def test_partitioned_outbox_needs_publish_via_root(pg_dsn: str) -> None:
     names = unique_names("part")
     setup = Setup(pg_dsn, "amqp://guest:guest@127.0.0.1:1/", names)

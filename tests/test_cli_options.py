@@ -177,6 +177,8 @@ def test_bad_values_are_one_usage_line(args: list[str], env: dict[str, str], nee
         (["--routing-key", "{"], "invalid --routing-key"),
         (["--routing-key", "{aggregate_type}.{nope}"], "unknown field {nope}"),
         (["--routing-key", "{event_type:d}"], "cannot be rendered"),
+        (["--routing-key", "{id!r:>99999999999}"], "width or precision 99999999999"),
+        (["--routing-key", "{payload[x]:.999999}"], "width or precision 999999"),
         (["--table", "a.b.c"], "invalid --table"),
         (["--reconnect-min", "10", "--reconnect-max", "1"], "--reconnect-min"),
         (["--slot", "Bad-Name"], "invalid --slot"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -191,6 +192,54 @@ def test_servers_do_not_outlive_a_killed_python_process() -> None:
     base_dir, pid = result.stdout.split()
     wait_for(lambda: not pid_alive(int(pid)), 15, "the orphaned postmaster to die")
     wait_for(lambda: not Path(base_dir).exists(), 15, "the temp dir to be removed")
+
+
+@pytest.mark.integration
+def test_pg_cleanup_kills_a_postmaster_missing_from_the_pid_file() -> None:
+    """A postmaster whose pid file is not (yet) readable, as when pg_ctl is killed
+    mid-start, must not outlive cleanup() while its directory is removed."""
+    server = PostgresServer()
+    try:
+        server.start()
+        pid_file = server.data_dir / "postmaster.pid"
+        pid = int(pid_file.read_text().split()[0])
+        pid_file.rename(server.base_dir / "postmaster.pid.hidden")
+        assert not server.is_running()
+    finally:
+        server.cleanup()
+    assert not server.base_dir.exists()
+    wait_for(lambda: not pid_alive(pid), 5, "the hidden postmaster to die")
+
+
+@pytest.mark.integration
+def test_sigterm_to_devtools_servers_stops_both_servers() -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devtools.servers"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line and "# up in" not in line:
+            line = proc.stderr.readline()
+        assert "# up in" in line, line
+        pg_dir = Path(line.split("postgres in ")[1].split(",")[0])
+        mq_dir = Path(line.split(" in ")[-1].split(")")[0])
+        postmaster = int((pg_dir / "data" / "postmaster.pid").read_text().split()[0])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert not pid_alive(postmaster)
+    assert not pg_dir.exists() and not mq_dir.exists()
 
 
 # --------------------------------------------------------------------------- RabbitMQ

@@ -360,6 +360,50 @@ def test_headers_at_the_wire_limits_are_fine(headers: bytes) -> None:
     assert_on_the_wire(env)
 
 
+@pytest.mark.parametrize(
+    ("headers", "changed_to"),
+    [
+        (b'{"n": -9223372036854775809}', "int64"),  # was -9.223372036854776e+18
+        (b'{"n": 18446744073709551616}', "int64"),  # was 1.8446744073709552e+19
+        (b'{"n": 9007199254740993.0}', "9007199254740992.0"),
+        (b'{"n": 1.00000000000000000001}', "1.0"),
+        (b'{"n": 1e-400}', "0.0"),
+        (b'{"ok": 0.5, "n": {"x": [1, 0.30000000000000000001]}}', "0.3"),
+    ],
+)
+def test_header_numbers_a_double_would_change_are_unmappable(
+    headers: bytes, changed_to: str
+) -> None:
+    """Before, these arrived silently as another number; now the row is dead-lettered."""
+    for route in (
+        lambda: Router().route(row(headers=headers)),
+        lambda: celery_route(headers=headers),
+    ):
+        with pytest.raises(UnmappableRow, match="header 'n'") as info:
+            route()
+        assert changed_to in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("headers", "value"),
+    [
+        (b'{"n": 0.1}', 0.1),  # not the exact decimal, but the double every reader makes
+        (b'{"n": 1.5}', 1.5),
+        (b'{"n": 1e3}', 1000.0),
+        (b'{"n": 1E-3}', 0.001),
+        (b'{"n": 2.5e-310}', 2.5e-310),
+        (b'{"n": -0.0}', -0.0),
+        (b'{"n": 9007199254740992.0}', 9007199254740992.0),
+        (b'{"n": 1.7976931348623157e308}', 1.7976931348623157e308),
+        (b'{"n": [0.1, {"m": 123.456}]}', [0.1, {"m": 123.456}]),
+    ],
+)
+def test_header_numbers_a_double_holds_pass_unchanged(headers: bytes, value: object) -> None:
+    env = Router().route(row(headers=headers))
+    assert env.headers["n"] == value
+    assert_on_the_wire(env)
+
+
 def test_event_type_and_id_must_fit_a_short_string() -> None:
     """``type`` and ``message_id`` are AMQP short strings (255 bytes)."""
     with pytest.raises(UnmappableRow, match="event_type"):
@@ -991,6 +1035,8 @@ def test_lowercase_cc_is_an_ordinary_header() -> None:
         "{payload[items][0]}.{event_type}",
         "{{literal}}",
         "{aggregate_id:>5}",
+        "{id!r:>255.255}",
+        "{aggregate_id:0>9}",
     ],
 )
 def test_check_template_accepts_renderable_templates(template: str) -> None:
@@ -1010,6 +1056,11 @@ def test_check_template_accepts_renderable_templates(template: str) -> None:
         ("{aggregate_id:d}", "template"),
         ("{payload.region}", "template"),
         ("{aggregate_id!z}", "template"),
+        # A MemoryError while rendering, before widths were bounded:
+        ("{id!r:>99999999999}", "width or precision 99999999999 over 255"),
+        ("{aggregate_id:256}", "width or precision 256 over 255"),
+        ("{payload[a]:.1000000000}", "width or precision 1000000000"),
+        ("{id:>{aggregate_id}}", "a format spec cannot hold a field"),
     ],
 )
 def test_check_template_refuses_with_one_line(template: str, message: str) -> None:

@@ -642,20 +642,30 @@ def _check_encoding(conn: psycopg.Connection[Any]) -> None:
 
 
 def _check_columns(conn: psycopg.Connection[Any], relid: int, name: str) -> None:
-    """Every outbox column by its name: a renamed optional column would silently vanish."""
-    present = {
-        r[0]
-        for r in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
-            " AND NOT attisdropped",
-            (relid,),
-        ).fetchall()
-    }
+    """Every outbox column by its name: a renamed optional column would silently vanish.
+
+    A generated column (``GENERATED ALWAYS AS (...)``) is refused too: pgoutput
+    leaves generated columns out of every row, so a generated ``routing_key``
+    passed this check and was silently ignored.
+    """
+    rows = conn.execute(
+        "SELECT attname, attgenerated <> '' FROM pg_attribute WHERE attrelid = %s"
+        " AND attnum > 0 AND NOT attisdropped",
+        (relid,),
+    ).fetchall()
+    present = {r[0] for r in rows}
     missing = [c for c in OUTBOX_COLUMNS if c not in present]
     if missing:
         raise ConfigError(
             f"outbox table {name} lacks column(s) {', '.join(missing)} (renamed or dropped?); "
             "the relay needs every column of `cdc-relay init --print-sql`"
+        )
+    generated = [c for c in OUTBOX_COLUMNS if (c, True) in rows]
+    if generated:
+        raise ConfigError(
+            f"outbox table {name} has generated column(s) {', '.join(generated)}: logical "
+            "replication does not send generated columns, so the relay would never see their "
+            "values; make them plain columns and set them in the INSERT"
         )
 
 
