@@ -31,12 +31,15 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
-from cdc_relay.state import StateWriter, describe_lost_slot
+from cdc_relay.state import ResyncUnderWay, StateWriter, describe_lost_slot, resync_holder
 
 log = logging.getLogger("cdc_relay")
 
 VALIDATE_TIMEOUT: Final = 30.0  # startup checks must answer within this
 STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slot
+# Seconds between checks while a resync runs: each check is a full validation on a
+# new connection, and a resync takes minutes.
+RESYNC_RETRY: Final = (2.0, 4.0)
 # Bounded on its own (keepalives, tcp_user_timeout, statement_timeout), so the
 # validation thread ends soon after VALIDATE_TIMEOUT, not whenever the network heals.
 VALIDATION_CONNECTION: Final = {
@@ -103,6 +106,13 @@ async def take_slot(
                 log.info("standing by: %s", exc)
             standing_by = True
         except ReplicationError as exc:
+            if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT:
+                holder = await asyncio.to_thread(_resync_holder, settings)
+                if holder is not None:  # it dropped the slot and is creating it again
+                    raise SessionFailed(
+                        f"replication slot {settings.slot} is being recreated by a resync "
+                        f"(pid {holder}); standing by until it has finished"
+                    ) from None
             if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
                 hint = await asyncio.to_thread(describe_lost_slot, settings)
                 error = SlotMissing if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT else ConfigError
@@ -111,6 +121,41 @@ async def take_slot(
                 ) from None
             raise
         await event_within(stop, random.uniform(*STANDBY_RETRY))
+        if stop.is_set():
+            return None
+
+
+def _resync_holder(settings: Settings) -> int | None:
+    """The pid of a resync of the slot running now; None also when that cannot be asked."""
+    try:
+        with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+            return resync_holder(conn, settings.slot)
+    except Exception:  # the caller reports the missing slot instead
+        return None
+
+
+async def validate_when_no_resync(
+    settings: Settings, stop: asyncio.Event
+) -> admin.StartupFacts | None:
+    """``validate``, standing by while a resync of the slot is under way (None: asked to stop).
+
+    A standby that waits and takes over once the resync finished is what a
+    supervisor expects; an interrupted resync is a ConfigError (exit 78 naming
+    the command), because no process is going to finish it.
+    """
+    waiting_since: float | None = None
+    while True:
+        try:
+            facts = await validate(settings)
+        except ResyncUnderWay as exc:
+            if waiting_since is None:
+                log.warning("standing by: %s", exc)
+                waiting_since = asyncio.get_running_loop().time()
+        else:
+            if waiting_since is not None:
+                log.info("the resync of slot %s has finished: going on", settings.slot)
+            return facts
+        await event_within(stop, random.uniform(*RESYNC_RETRY))
         if stop.is_set():
             return None
 

@@ -38,7 +38,14 @@ from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
-from cdc_relay.opening import Connections, open_publisher, open_stream, take_slot, validate
+from cdc_relay.opening import (
+    Connections,
+    open_publisher,
+    open_stream,
+    take_slot,
+    validate,
+    validate_when_no_resync,
+)
 from cdc_relay.pg import admin
 from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
@@ -46,7 +53,7 @@ from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, Router
-from cdc_relay.state import StateWriter
+from cdc_relay.state import ResyncUnderWay, StateWriter
 
 log = logging.getLogger("cdc_relay")
 
@@ -253,12 +260,18 @@ class Session:
     async def _run(self) -> None:
         s, conns = self.settings, self.conns
         conns.stream = stream = await open_stream(s)
-        facts = await validate(s)  # one clear line for any misconfiguration, before the slot
+        # One clear line for any misconfiguration, before the slot; waits out a resync.
+        if await validate_when_no_resync(s, self.stop) is None:
+            return  # asked to stop while a resync ran
         stood_by = await take_slot(stream, s, self.stop)
         if stood_by is None:
             return  # asked to stop while standing by
-        if stood_by:  # the slot moved while another relay held it; now it cannot move
+        # Again now that the slot is ours: its position moved while another relay held
+        # it, and a resync may have started (and left its new slot idle) meanwhile.
+        try:
             facts = await validate(s)
+        except ResyncUnderWay as exc:
+            raise SessionFailed(f"{exc}; releasing the slot") from None
         self.core = core = SessionCore(
             outbox_relid=facts.outbox_relid,
             table=s.table,

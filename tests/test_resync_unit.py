@@ -6,8 +6,16 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from cdc_relay.config import Settings
+from cdc_relay.errors import ConfigError
 from cdc_relay.resync import Plan, invalidation, parse_since
-from cdc_relay.state import format_since
+from cdc_relay.state import (
+    RelayState,
+    ResyncUnderWay,
+    format_since,
+    resync_lock_key,
+    resync_problem,
+)
 
 
 def test_parse_since_bare_time_is_utc() -> None:
@@ -63,3 +71,28 @@ def test_plan_describes_drop_only_when_a_slot_exists() -> None:
     assert (
         lost[0] == "replication slot s: lost (wal_status=lost): drop it, create it again (failover)"
     )
+
+
+def _recorded(since: datetime | None) -> RelayState:
+    now = datetime(2026, 11, 28, 9, tzinfo=UTC)
+    return RelayState("s1", now, "0/10", now, since)
+
+
+def test_resync_problem_under_way_waits_interrupted_names_the_command() -> None:
+    settings = Settings(slot="s1")
+    since = datetime(2026, 11, 28, 8, 30, 0, 500, tzinfo=UTC)
+    assert resync_problem(settings, None, None) is None
+    assert resync_problem(settings, _recorded(None), None) is None
+    running = resync_problem(settings, _recorded(since), 4242)
+    assert isinstance(running, ResyncUnderWay) and "pid 4242" in str(running)
+    stopped = resync_problem(settings, _recorded(since), None)
+    assert type(stopped) is ConfigError
+    assert "`cdc-relay resync --slot s1 --since 2026-11-28T08:30:00+00:00`" in str(stopped)
+    assert "let it stream" not in str(stopped)
+
+
+def test_resync_lock_key_is_two_non_negative_int4() -> None:
+    for slot in ("cdc_relay", "s1", "a" * 63):
+        key1, key2 = resync_lock_key(slot)
+        assert 0 <= key1 < 2**31 and 0 <= key2 < 2**31
+    assert resync_lock_key("a") != resync_lock_key("b")

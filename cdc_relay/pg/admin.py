@@ -416,6 +416,8 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         relid, relkind = rel
         _check_publication(conn, settings, relkind)
     _check_emit_prefix(conn, settings)
+    # Before the slot: a resync under way has no slot (or an idle new one) for a while.
+    state.check_no_resync(conn, settings)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
