@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import psycopg
+
 from cdc_relay.amqp import ExchangeError, Outcome, Publisher
 from cdc_relay.config import Settings
 from cdc_relay.core import SessionFailed
@@ -31,7 +33,16 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
-from cdc_relay.state import ResyncUnderWay, StateWriter, describe_lost_slot, resync_holder
+from cdc_relay.state import (
+    Position,
+    ResyncUnderWay,
+    StateWriter,
+    describe_lost_slot,
+    read,
+    recorded_position,
+    resync_holder,
+    table_name,
+)
 
 log = logging.getLogger("cdc_relay")
 
@@ -87,9 +98,9 @@ async def open_stream(settings: Settings) -> ReplicationStream:
 
 
 async def take_slot(
-    stream: ReplicationStream, settings: Settings, stop: asyncio.Event
+    stream: ReplicationStream, settings: Settings, stop: asyncio.Event, start_lsn: int = 0
 ) -> bool | None:
-    """START_REPLICATION; while another relay holds the slot, stand by.
+    """START_REPLICATION (at ``start_lsn`` or the slot's position); stand by while it is busy.
 
     Returns whether it had to stand by (the slot's position may have moved
     meanwhile), or None if asked to stop first.
@@ -97,7 +108,7 @@ async def take_slot(
     standing_by = False
     while True:
         try:
-            await stream.start(settings.slot, settings.publication, messages=True)
+            await stream.start(settings.slot, settings.publication, start_lsn, messages=True)
             if standing_by:
                 log.info("slot %s is free: taking over", settings.slot)
             return standing_by
@@ -158,6 +169,25 @@ async def validate_when_no_resync(
         await event_within(stop, random.uniform(*RESYNC_RETRY))
         if stop.is_set():
             return None
+
+
+def _read_recorded(settings: Settings) -> Position | None:
+    with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+        conn.execute("SET statement_timeout = '5s'")
+        return recorded_position(read(conn, table_name(settings), settings.slot))
+
+
+async def recorded(settings: Settings) -> Position | None:
+    """The state row's confirmed position; None when there is none or it cannot be read.
+
+    Only ever a shortcut (the slot's own position is always safe), so a failure
+    to read it costs duplicates, never a session.
+    """
+    try:
+        return await within(asyncio.to_thread(_read_recorded, settings), VALIDATE_TIMEOUT)
+    except (psycopg.Error, ConfigError, OSError, TimeoutError) as exc:
+        log.debug("cannot read the recorded position: %r", exc)
+        return None
 
 
 async def validate(settings: Settings) -> admin.StartupFacts:

@@ -42,6 +42,7 @@ from cdc_relay.opening import (
     Connections,
     open_publisher,
     open_stream,
+    recorded,
     take_slot,
     validate,
     validate_when_no_resync,
@@ -53,7 +54,7 @@ from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, Router
-from cdc_relay.state import ResyncUnderWay, StateWriter
+from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
 
 log = logging.getLogger("cdc_relay")
 
@@ -91,6 +92,8 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty()
+        # Where this process's sessions confirmed up to: the next one starts there.
+        self.confirmed = PositionBox()
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
 
@@ -123,7 +126,13 @@ class Relay:
         while not self._stop.is_set():
             started = time.monotonic()
             session = Session(
-                self.settings, self.metrics, self.router, self.limits, self._stop, self._abort
+                self.settings,
+                self.metrics,
+                self.router,
+                self.limits,
+                self._stop,
+                self._abort,
+                self.confirmed,
             )
             try:
                 await session.run()
@@ -200,6 +209,24 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip()}"
 
 
+class PositionBox:
+    """The highest position a session of this process confirmed, kept between sessions."""
+
+    def __init__(self) -> None:
+        self.position: Position | None = None
+
+    def keep(self, position: Position) -> None:
+        if (
+            self.position is None
+            or position.lsn >= self.position.lsn
+            or (
+                (position.system_identifier, position.timeline)
+                != (self.position.system_identifier, self.position.timeline)
+            )
+        ):
+            self.position = position
+
+
 class Session:
     """One replication stream, one publisher, one dead-letter sink, and the core between them."""
 
@@ -211,6 +238,7 @@ class Session:
         limits: BrokerLimits,
         stop: asyncio.Event,
         abort: asyncio.Event,
+        confirmed: PositionBox | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -218,6 +246,8 @@ class Session:
         self.limits = limits
         self.stop = stop
         self.abort = abort
+        self.confirmed = confirmed or PositionBox()
+        self.wal: tuple[str, int] | None = None  # (system identifier, timeline) streamed from
         self.conns = Connections()
         self.core: SessionCore | None = None
         self.sink: DeadLetterSink | None = None
@@ -253,6 +283,9 @@ class Session:
             raise
         finally:
             self.closing = True  # what our own closing causes is not a failure
+            if self.core is not None and self.wal is not None:
+                flush = self.core.tracker.flush_lsn
+                self.confirmed.keep(Position(flush, *self.wal))
             await _bounded(self.conns.close(), "closing connections")
             if self.failure.done() and not self.failure.cancelled():
                 self.failure.exception()  # retrieved: it was raised or superseded
@@ -263,7 +296,10 @@ class Session:
         # One clear line for any misconfiguration, before the slot; waits out a resync.
         if await validate_when_no_resync(s, self.stop) is None:
             return  # asked to stop while a resync ran
-        stood_by = await take_slot(stream, s, self.stop)
+        system, timeline, wal_end = await stream.identify_system()
+        known = [p for p in (self.confirmed.position, await recorded(s)) if p is not None]
+        start = start_position(known, system, timeline, wal_end)
+        stood_by = await take_slot(stream, s, self.stop, start)
         if stood_by is None:
             return  # asked to stop while standing by
         # Again now that the slot is ours: its position moved while another relay held
@@ -272,11 +308,14 @@ class Session:
             facts = await validate(s)
         except ResyncUnderWay as exc:
             raise SessionFailed(f"{exc}; releasing the slot") from None
+        self.wal = (system, timeline)
+        # The server starts at max(start, the slot's saved position); so does the tracker.
+        start_flush = max(start, facts.confirmed_flush_lsn)
         self.core = core = SessionCore(
             outbox_relid=facts.outbox_relid,
             table=s.table,
             router=self.router,
-            start_flush=facts.confirmed_flush_lsn,
+            start_flush=start_flush,
             max_message_size=s.max_message_size,
             dead_letter_unroutable=s.on_unroutable == "deadletter",
             message_prefix=s.message_prefix,
@@ -287,15 +326,21 @@ class Session:
         conns.publisher = publisher = await open_publisher(s, self._on_outcome)
         conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
-        conns.state = StateWriter(s.dsn, state.table_name(s), s.slot)
+        conns.state = StateWriter(s.dsn, state.table_name(s), s.slot, system_identifier=system)
         log.info(
             "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
             s.publication,
-            format_lsn(facts.confirmed_flush_lsn),
+            format_lsn(start_flush),
             publisher.connected_url,
-            extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
+            extra={"slot": s.slot, "lsn": format_lsn(start_flush)},
         )
+        if start > facts.confirmed_flush_lsn:
+            log.info(
+                "started past the slot's saved position %s: %s was confirmed already",
+                format_lsn(facts.confirmed_flush_lsn),
+                format_lsn(start),
+            )
         self.metrics.ready.set(1)
         self.streamed = True
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")

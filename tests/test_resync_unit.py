@@ -10,11 +10,14 @@ from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.resync import Plan, invalidation, parse_since
 from cdc_relay.state import (
+    Position,
     RelayState,
     ResyncUnderWay,
     format_since,
+    recorded_position,
     resync_lock_key,
     resync_problem,
+    start_position,
 )
 
 
@@ -96,3 +99,25 @@ def test_resync_lock_key_is_two_non_negative_int4() -> None:
         key1, key2 = resync_lock_key(slot)
         assert 0 <= key1 < 2**31 and 0 <= key2 < 2**31
     assert resync_lock_key("a") != resync_lock_key("b")
+
+
+def test_start_position_uses_only_positions_of_this_wal() -> None:
+    own = Position(0x5000, "sys1", 1)  # a session of this process, on timeline 1
+    row = Position(0x4000, "sys1", None)  # the state row: any timeline of sys1
+    assert start_position([own, row], "sys1", 1, 0x9000) == 0x5000
+    # Promoted standby (timeline 2): the session's position may be past its WAL's fork.
+    assert start_position([own, row], "sys1", 2, 0x9000) == 0x4000
+    # Another system (a restored dump): its positions mean nothing here.
+    assert start_position([own, row], "sys2", 1, 0x9000) == 0
+    # Never past the server's end of WAL.
+    assert start_position([own, row], "sys1", 1, 0x4800) == 0x4000
+    assert start_position([], "sys1", 1, 0x9000) == 0
+
+
+def test_recorded_position_needs_the_system_identifier() -> None:
+    now = datetime(2026, 11, 28, 9, tzinfo=UTC)
+    assert recorded_position(RelayState("s1", now, "0/10", now, None)) is None
+    assert recorded_position(RelayState("s1", now, "0/10", now, None, "7")) == Position(
+        0x10, "7", None
+    )
+    assert recorded_position(None) is None
