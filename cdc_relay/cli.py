@@ -131,7 +131,12 @@ def init(
     with admin.connect(settings.dsn) as conn:
         try:
             lines = admin.init(
-                conn, settings, create_table=not no_table, grant_to=grant_to, failover=failover
+                conn,
+                settings,
+                create_table=not no_table,
+                grant_to=grant_to,
+                failover=failover,
+                progress=lambda line: click.echo(line, err=True),
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(

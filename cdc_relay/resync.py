@@ -42,6 +42,7 @@ from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg import admin
 from cdc_relay.pg.replication import ReplicationStream
+from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, OutboxRow, Router
 from cdc_relay.state import DEFAULT_MARGIN
@@ -356,7 +357,13 @@ async def _execute_locked(
             progress(f"resync: dropped replication slot {plan.slot} ({plan.old_slot})")
     stream = await ReplicationStream.connect(settings.dsn)
     try:
-        consistent, snapshot = await stream.create_slot_with_snapshot(plan.slot)
+        with SlotCreationWatch(
+            settings.dsn,
+            f"resync: creating replication slot {plan.slot}",
+            progress,
+            exclude_pid=stream.backend_pid,
+        ):
+            consistent, snapshot = await stream.create_slot_with_snapshot(plan.slot)
         progress(
             f"resync: created replication slot {plan.slot} at {format_lsn(consistent)}; "
             f"publishing rows since {plan.since.astimezone(UTC).isoformat()} from its snapshot"

@@ -8,6 +8,7 @@ import pytest
 
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
+from cdc_relay.pg.slotwait import Blocker, describe
 from cdc_relay.resync import Plan, invalidation, parse_since
 from cdc_relay.state import (
     Position,
@@ -121,3 +122,17 @@ def test_recorded_position_needs_the_system_identifier() -> None:
         0x10, "7", None
     )
     assert recorded_position(None) is None
+
+
+def test_describe_names_pids_and_gids() -> None:
+    line = describe(
+        "init: creating replication slot s",
+        [Blocker(42, None, "idle in transaction", 12), Blocker(None, "g1", None, 30)],
+        10.0,
+    )
+    assert line == (
+        "init: creating replication slot s: waiting 10s for 2 transaction(s) that started "
+        "before it to end: pid 42 (idle in transaction, transaction 12s old), prepared "
+        "transaction 'g1' (prepared 30s ago: COMMIT PREPARED or ROLLBACK PREPARED it)"
+    )
+    assert "none visible" in describe("init", [], 5.0)

@@ -27,6 +27,7 @@ from cdc_relay.config import DEFAULT_MESSAGE_PREFIX, Settings
 from cdc_relay.deadline import event_within
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
+from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import OUTBOX_COLUMNS
 
@@ -151,8 +152,12 @@ def init(
     create_table: bool = True,
     grant_to: str | None = None,
     failover: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
     """Create what is missing; return one line per object saying created or already there.
+
+    ``progress`` gets a line every few seconds while the slot's creation waits
+    for older transactions to end (``pg.slotwait``).
 
     With ``failover`` the slot is created as a failover slot (PostgreSQL 17+), which
     a standby with ``sync_replication_slots`` keeps a copy of (see docs/ha.md).
@@ -200,7 +205,13 @@ def init(
         )
         report.append(f"publication {settings.publication}: created (inserts of {schema}.{table})")
 
-    report.append(_create_slot(conn, settings.slot, failover=failover))
+    with SlotCreationWatch(
+        settings.dsn,
+        f"init: creating replication slot {settings.slot}",
+        progress,
+        exclude_pid=conn.info.backend_pid,
+    ):
+        report.append(_create_slot(conn, settings.slot, failover=failover))
     if grant_to is not None:
         report += grant(conn, settings, grant_to)
     return report
