@@ -16,6 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cdc_relay import state
+from cdc_relay.lsn import Lsn
 from devtools.servers import PostgresServer
 from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
 
@@ -71,6 +73,46 @@ async def test_fast_restart_with_an_open_transaction_replays_at_most_the_window(
         duplicates = sum(n for i, n in replayed.items() if i in set(ids))
         print(f"{restartable_pg.version or 15}: {duplicates} of {ROWS} rows sent again")
         assert duplicates <= WINDOW, f"{duplicates} rows replayed after a restart"
+
+        # The relay process dies too: the next one starts from the state row.
+        pinning.close()  # ended by the restart
+        pinning = psycopg.connect(setup.dsn)
+        pinning.execute("SELECT txid_current()")
+        more: list[str] = []
+        with psycopg.connect(setup.dsn) as conn:
+            for batch in range(ROWS // 50):
+                more += setup.insert(conn, [{"aggregate_id": f"m{batch}-{i}"} for i in range(50)])
+                conn.commit()
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            assert row is not None
+            last_commit = Lsn.parse(row[0])
+        await consumer.wait_for(set(more), timeout=60)
+        table = state.table_name(setup.settings)
+
+        def recorded_all() -> bool:
+            with psycopg.connect(setup.dsn, autocommit=True) as conn:
+                row = state.read(conn, table, setup.names["slot"])
+            return (
+                row is not None
+                and row.confirmed_lsn is not None
+                and Lsn.parse(row.confirmed_lsn) >= last_commit - 4096  # others write WAL too
+            )
+
+        assert await wait_until(recorded_all, 30)
+        relay.kill()
+        before = len(consumer.ids())
+        await asyncio.to_thread(restartable_pg.restart, "fast")
+        relay = RelayProcess(setup, tmp_path / "relay2.log", "--max-in-flight", str(WINDOW))
+        relay.start()
+        await relay.wait_for_log_async("streaming from slot", 60)
+        with psycopg.connect(setup.dsn) as conn:
+            last = setup.insert(conn, [{"aggregate_id": f"last-{i}"} for i in range(10)])
+            conn.commit()
+        await consumer.wait_for(set(last), timeout=60)
+        replayed = Counter(consumer.ids()[before:])
+        duplicates = sum(n for i, n in replayed.items() if i in set(ids + more))
+        print(f"{restartable_pg.version or 15}, new process: {duplicates} rows sent again")
+        assert duplicates <= WINDOW, f"{duplicates} rows replayed after a relay+server restart"
     finally:
         relay.stop_quietly()
         pinning.close()
