@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,7 @@ import pytest
 
 from cdc_relay import state
 from cdc_relay.errors import EX_CONFIG
+from cdc_relay.pg.replication import ReplicationStream
 from tests.harness import Consumer, RelayProcess, Setup, run_cli
 from tests.test_resync import drop_slot, insert, resync_cmd, since_now
 
@@ -138,3 +140,30 @@ async def test_relay_stands_by_while_a_resync_runs_and_a_second_resync_is_one_li
         if first.poll() is None:
             first.kill()
             first.wait()
+
+
+async def test_resync_refusal_for_a_held_slot_of_an_unfinished_resync_never_says_let_it_stream(
+    outbox: Setup,
+) -> None:
+    """A relay of an older version may hold such a slot: the one line says to stop it."""
+    since = datetime(2026, 11, 28, 9, 15, 15, tzinfo=UTC)
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        state.create(conn, state.table_name(outbox.settings))
+        state.mark_resync(conn, state.table_name(outbox.settings), outbox.names["slot"], since)
+    holder = await ReplicationStream.connect(outbox.dsn)
+    try:
+        await holder.start(outbox.names["slot"], outbox.names["publication"])
+        done = await asyncio.to_thread(
+            subprocess.run,
+            resync_cmd(outbox, "--since", "2026-11-28T09:00:00+00:00"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        await holder.close()
+    assert done.returncode == EX_CONFIG, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not finish" in lines[0], done.stderr
+    assert "stop every relay on the slot" in lines[0] and "let it stream" not in lines[0]
+    assert "--since 2026-11-28T09:15:15+00:00" in lines[0]
