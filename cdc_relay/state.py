@@ -297,19 +297,31 @@ def resync_problem(
     return None
 
 
-def check_no_resync(conn: psycopg.Connection[Any], settings: Settings) -> None:
-    """Raise ResyncUnderWay or ConfigError when a resync is under way or was interrupted."""
+def check_no_resync(conn: psycopg.Connection[Any], settings: Settings) -> ConfigError | None:
+    """Raise ResyncUnderWay or ConfigError when a resync is under way or was interrupted.
+
+    A role that may not read the state table gets the error returned, for the
+    caller to raise after its other checks (a missing grant is reported in the
+    order validation finds them); the lock alone still makes a relay wait.
+    """
+    unreadable: ConfigError | None = None
     try:
         recorded = read(conn, table_name(settings), settings.slot)
     except psycopg.errors.InsufficientPrivilege:
-        name = ".".join(table_name(settings))
-        raise ConfigError(
-            f"cannot read {name} (whether a resync of slot {settings.slot} is unfinished): "
-            f"run `cdc-relay init --grant-to <the relay's role>` as an admin"
-        ) from None
+        row = conn.execute("SELECT current_user").fetchone()
+        user = row[0] if row else "this role"
+        recorded, unreadable = (
+            None,
+            ConfigError(
+                f"role {user} lacks SELECT on {'.'.join(table_name(settings))} (it tells whether "
+                f"a resync of slot {settings.slot} is unfinished); run `cdc-relay init --grant-to "
+                f"{user}` as an admin"
+            ),
+        )
     problem = resync_problem(settings, recorded, resync_holder(conn, settings.slot))
     if problem is not None:
         raise problem
+    return unreadable
 
 
 class StateWriter:

@@ -428,11 +428,13 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         _check_publication(conn, settings, relkind)
     _check_emit_prefix(conn, settings)
     # Before the slot: a resync under way has no slot (or an idle new one) for a while.
-    state.check_no_resync(conn, settings)
+    unreadable = state.check_no_resync(conn, settings)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
     deadletters.check_writable(conn, settings.dead_letter_table)
+    if unreadable is not None:
+        raise unreadable
     return StartupFacts(
         outbox_relid=relid,
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
