@@ -154,16 +154,16 @@ async def validate_when_no_resync(
     supervisor expects; an interrupted resync is a ConfigError (exit 78 naming
     the command), because no process is going to finish it.
     """
-    waiting_since: float | None = None
+    waiting = False
     while True:
         try:
             facts = await validate(settings)
         except ResyncUnderWay as exc:
-            if waiting_since is None:
+            if not waiting:
                 log.warning("standing by: %s", exc)
-                waiting_since = asyncio.get_running_loop().time()
+                waiting = True
         else:
-            if waiting_since is not None:
+            if waiting:
                 log.info("the resync of slot %s has finished: going on", settings.slot)
             return facts
         await event_within(stop, random.uniform(*RESYNC_RETRY))
