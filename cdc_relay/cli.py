@@ -152,6 +152,7 @@ def init(
                 failover=failover,
                 emit=emit,
                 grant_emit_to=grant_emit_to,
+                progress=lambda line: click.echo(line, err=True),
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(

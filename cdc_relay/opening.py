@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import psycopg
+
 from cdc_relay.amqp import ExchangeError, Outcome, Publisher
 from cdc_relay.config import Settings
 from cdc_relay.core import SessionFailed
@@ -31,12 +33,24 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
-from cdc_relay.state import StateWriter, describe_lost_slot
+from cdc_relay.state import (
+    Position,
+    ResyncUnderWay,
+    StateWriter,
+    describe_lost_slot,
+    read,
+    recorded_position,
+    resync_holder,
+    table_name,
+)
 
 log = logging.getLogger("cdc_relay")
 
 VALIDATE_TIMEOUT: Final = 30.0  # startup checks must answer within this
 STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slot
+# Seconds between checks while a resync runs: each check is a full validation on a
+# new connection, and a resync takes minutes.
+RESYNC_RETRY: Final = (2.0, 4.0)
 # Bounded on its own (keepalives, tcp_user_timeout, statement_timeout), so the
 # validation thread ends soon after VALIDATE_TIMEOUT, not whenever the network heals.
 VALIDATION_CONNECTION: Final = {
@@ -84,9 +98,14 @@ async def open_stream(settings: Settings) -> ReplicationStream:
 
 
 async def take_slot(
-    stream: ReplicationStream, settings: Settings, stop: asyncio.Event, *, messages: bool
+    stream: ReplicationStream,
+    settings: Settings,
+    stop: asyncio.Event,
+    start_lsn: int = 0,
+    *,
+    messages: bool,
 ) -> bool | None:
-    """START_REPLICATION; while another relay holds the slot, stand by.
+    """START_REPLICATION (at ``start_lsn`` or the slot's position); stand by while it is busy.
 
     ``messages`` (the outbox uses emitted messages: validation found its key)
     asks pgoutput for logical messages; without it no role's message is even sent.
@@ -96,7 +115,7 @@ async def take_slot(
     standing_by = False
     while True:
         try:
-            await stream.start(settings.slot, settings.publication, messages=messages)
+            await stream.start(settings.slot, settings.publication, start_lsn, messages=messages)
             if standing_by:
                 log.info("slot %s is free: taking over", settings.slot)
             return standing_by
@@ -105,6 +124,13 @@ async def take_slot(
                 log.info("standing by: %s", exc)
             standing_by = True
         except ReplicationError as exc:
+            if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT:
+                holder = await asyncio.to_thread(_resync_holder, settings)
+                if holder is not None:  # it dropped the slot and is creating it again
+                    raise SessionFailed(
+                        f"replication slot {settings.slot} is being recreated by a resync "
+                        f"(pid {holder}); standing by until it has finished"
+                    ) from None
             if exc.sqlstate in (SQLSTATE_UNDEFINED_OBJECT, SQLSTATE_PREREQUISITE_STATE):
                 hint = await asyncio.to_thread(describe_lost_slot, settings)
                 error = SlotMissing if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT else ConfigError
@@ -115,6 +141,60 @@ async def take_slot(
         await event_within(stop, random.uniform(*STANDBY_RETRY))
         if stop.is_set():
             return None
+
+
+def _resync_holder(settings: Settings) -> int | None:
+    """The pid of a resync of the slot running now; None also when that cannot be asked."""
+    try:
+        with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+            return resync_holder(conn, settings.slot)
+    except Exception:  # the caller reports the missing slot instead
+        return None
+
+
+async def validate_when_no_resync(
+    settings: Settings, stop: asyncio.Event
+) -> admin.StartupFacts | None:
+    """``validate``, standing by while a resync of the slot is under way (None: asked to stop).
+
+    A standby that waits and takes over once the resync finished is what a
+    supervisor expects; an interrupted resync is a ConfigError (exit 78 naming
+    the command), because no process is going to finish it.
+    """
+    waiting = False
+    while True:
+        try:
+            facts = await validate(settings)
+        except ResyncUnderWay as exc:
+            if not waiting:
+                log.warning("standing by: %s", exc)
+                waiting = True
+        else:
+            if waiting:
+                log.info("the resync of slot %s has finished: going on", settings.slot)
+            return facts
+        await event_within(stop, random.uniform(*RESYNC_RETRY))
+        if stop.is_set():
+            return None
+
+
+def _read_recorded(settings: Settings) -> Position | None:
+    with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+        conn.execute("SET statement_timeout = '5s'")
+        return recorded_position(read(conn, table_name(settings), settings.slot))
+
+
+async def recorded(settings: Settings) -> Position | None:
+    """The state row's confirmed position; None when there is none or it cannot be read.
+
+    Only ever a shortcut (the slot's own position is always safe), so a failure
+    to read it costs duplicates, never a session.
+    """
+    try:
+        return await within(asyncio.to_thread(_read_recorded, settings), VALIDATE_TIMEOUT)
+    except (psycopg.Error, ConfigError, OSError, TimeoutError) as exc:
+        log.debug("cannot read the recorded position: %r", exc)
+        return None
 
 
 async def validate(settings: Settings) -> admin.StartupFacts:

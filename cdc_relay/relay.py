@@ -48,7 +48,15 @@ from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
-from cdc_relay.opening import Connections, open_publisher, open_stream, take_slot, validate
+from cdc_relay.opening import (
+    Connections,
+    open_publisher,
+    open_stream,
+    recorded,
+    take_slot,
+    validate,
+    validate_when_no_resync,
+)
 from cdc_relay.pg import admin
 from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
@@ -56,7 +64,7 @@ from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, Router
-from cdc_relay.state import StateWriter
+from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
 
 log = logging.getLogger("cdc_relay")
 
@@ -97,6 +105,8 @@ class Relay:
         # Why dead letters cannot be stored now (one line naming the fix), else None:
         # set when a session ends over it, cleared when a session streams again.
         self.dead_letter_problem: str | None = None
+        # Where this process's sessions confirmed up to: the next one starts there.
+        self.confirmed = PositionBox()
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
 
@@ -137,6 +147,7 @@ class Relay:
                 self.limits,
                 self._stop,
                 self._abort,
+                self.confirmed,
                 on_dead_letters=self._dead_letters_report,
             )
             try:
@@ -229,6 +240,24 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip()}"
 
 
+class PositionBox:
+    """The highest position a session of this process confirmed, kept between sessions."""
+
+    def __init__(self) -> None:
+        self.position: Position | None = None
+
+    def keep(self, position: Position) -> None:
+        if (
+            self.position is None
+            or position.lsn >= self.position.lsn
+            or (
+                (position.system_identifier, position.timeline)
+                != (self.position.system_identifier, self.position.timeline)
+            )
+        ):
+            self.position = position
+
+
 class Session:
     """One replication stream, one publisher, one dead-letter sink, and the core between them."""
 
@@ -240,6 +269,7 @@ class Session:
         limits: BrokerLimits,
         stop: asyncio.Event,
         abort: asyncio.Event,
+        confirmed: PositionBox | None = None,
         on_dead_letters: Callable[[str | None], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -248,6 +278,8 @@ class Session:
         self.limits = limits
         self.stop = stop
         self.abort = abort
+        self.confirmed = confirmed or PositionBox()
+        self.wal: tuple[str, int] | None = None  # (system identifier, timeline) streamed from
         self.conns = Connections()
         self.core: SessionCore | None = None
         self.sink: DeadLetterSink | None = None
@@ -285,6 +317,9 @@ class Session:
             raise
         finally:
             self.closing = True  # what our own closing causes is not a failure
+            if self.core is not None and self.wal is not None:
+                flush = self.core.tracker.flush_lsn
+                self.confirmed.keep(Position(flush, *self.wal))
             await _bounded(self.conns.close(), "closing connections")
             if self.failure.done() and not self.failure.cancelled():
                 self.failure.exception()  # retrieved: it was raised or superseded
@@ -292,21 +327,34 @@ class Session:
     async def _run(self) -> None:
         s, conns = self.settings, self.conns
         conns.stream = stream = await open_stream(s)
-        facts = await validate(s)  # one clear line for any misconfiguration, before the slot
+        # One clear line for any misconfiguration, before the slot; waits out a resync.
+        facts = await validate_when_no_resync(s, self.stop)
+        if facts is None:
+            return  # asked to stop while a resync ran
         self.checked = True
         messages = facts.emit_key is not None
-        stood_by = await take_slot(stream, s, self.stop, messages=messages)
+        system, timeline, wal_end = await stream.identify_system()
+        known = [p for p in (self.confirmed.position, await recorded(s)) if p is not None]
+        start = start_position(known, system, timeline, wal_end)
+        stood_by = await take_slot(stream, s, self.stop, start, messages=messages)
         if stood_by is None:
             return  # asked to stop while standing by
-        if stood_by:  # the slot moved while another relay held it; now it cannot move
+        # Again now that the slot is ours: its position moved while another relay held
+        # it, and a resync may have started (and left its new slot idle) meanwhile.
+        try:
             facts = await validate(s)
-            if (facts.emit_key is not None) != messages:
-                raise SessionFailed("emitted messages were enabled or removed meanwhile")
+        except ResyncUnderWay as exc:
+            raise SessionFailed(f"{exc}; releasing the slot") from None
+        if (facts.emit_key is not None) != messages:
+            raise SessionFailed("emitted messages were enabled or removed meanwhile")
+        self.wal = (system, timeline)
+        # The server starts at max(start, the slot's saved position); so does the tracker.
+        start_flush = max(start, facts.confirmed_flush_lsn)
         self.core = core = SessionCore(
             outbox_relid=facts.outbox_relid,
             table=s.table,
             router=self.router,
-            start_flush=facts.confirmed_flush_lsn,
+            start_flush=start_flush,
             max_message_size=s.max_message_size,
             dead_letter_unroutable=s.on_unroutable == "deadletter",
             message_prefix=s.message_prefix,
@@ -319,15 +367,21 @@ class Session:
         self.limits.connected()  # what an earlier connection was refused is asked again
         conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
-        conns.state = StateWriter(s.dsn, state.table_name(s), s.slot)
+        conns.state = StateWriter(s.dsn, state.table_name(s), s.slot, system_identifier=system)
         log.info(
             "streaming from slot %s (publication %s, confirmed position %s) to %s",
             s.slot,
             s.publication,
-            format_lsn(facts.confirmed_flush_lsn),
+            format_lsn(start_flush),
             publisher.connected_url,
-            extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
+            extra={"slot": s.slot, "lsn": format_lsn(start_flush)},
         )
+        if start > facts.confirmed_flush_lsn:
+            log.info(
+                "started past the slot's saved position %s: %s was confirmed already",
+                format_lsn(facts.confirmed_flush_lsn),
+                format_lsn(start),
+            )
         self.metrics.ready.set(1)
         self.streamed = True
         if self.on_dead_letters is not None:

@@ -42,6 +42,7 @@ from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg import admin
 from cdc_relay.pg.replication import ReplicationStream
+from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import one_line
 from cdc_relay.router import Envelope, OutboxRow, Router
 from cdc_relay.state import DEFAULT_MARGIN
@@ -150,10 +151,25 @@ def plan(
     check_writable(conn, settings.dead_letter_table)
     slot = settings.slot
     recorded = state.read(conn, state.table_name(settings), slot)
+    holder = state.resync_holder(conn, slot)
+    if holder is not None:
+        raise ConfigError(
+            f"another resync of replication slot {slot} is under way (pid {holder}): "
+            "wait for it to finish (one resync at a time)"
+        )
+    unfinished = recorded is not None and recorded.resync_since is not None
     old = _slot_row(conn, slot)
     if old is None:
         old_slot = "missing"
     else:
+        if old.get("active") and unfinished:
+            assert recorded is not None and recorded.resync_since is not None
+            raise ConfigError(
+                f"replication slot {slot} is in use by pid {old.get('active_pid')}, but the "
+                "resync that created it did not finish, so that relay may skip rows of its "
+                "snapshot: stop every relay on the slot, then run "
+                f"`{state.resync_command(settings, recorded.resync_since)}`"
+            )
         if old.get("active"):
             raise ConfigError(
                 f"replication slot {slot} is in use by pid {old.get('active_pid')}; resync "
@@ -165,7 +181,7 @@ def plan(
         why = invalidation(old)
         if why is not None:
             old_slot = why
-        elif recorded is not None and recorded.resync_since is not None:
+        elif unfinished:
             old_slot = "left by an interrupted resync"
         else:
             raise ConfigError(
@@ -272,13 +288,55 @@ async def execute(
     """Drop and recreate the slot, publish the snapshot's rows since ``plan.since``."""
     started = time.monotonic()
     state_table = state.table_name(settings)
+    # Held until the end: relays stand by while it is held, and see an interrupted
+    # resync (the mark without the lock) once this connection is gone.
+    with admin.connect(settings.dsn, application_name="cdc-relay resync") as lock:
+        _lock_resync(lock, plan.slot)
+        return await _execute_locked(settings, plan, state_table, started, progress)
+
+
+def _lock_resync(conn: psycopg.Connection[Any], slot: str) -> None:
+    """Take the resync's advisory lock, or say (one line) which resync holds it."""
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(%s, %s)", state.resync_lock_key(slot)
+    ).fetchone()
+    if not (row and row[0]):
+        holder = state.resync_holder(conn, slot)
+        raise ConfigError(
+            f"another resync of replication slot {slot} is under way (pid {holder}): "
+            "wait for it to finish (one resync at a time)"
+        )
+
+
+async def _execute_locked(
+    settings: Settings,
+    plan: Plan,
+    state_table: tuple[str, str],
+    started: float,
+    progress: Callable[[str], None],
+) -> Summary:
     with admin.connect(settings.dsn) as conn:
         state.create(conn, state_table)
+        previous = state.read(conn, state_table, plan.slot)
+        if plan.old_slot == "missing" and _slot_row(conn, plan.slot) is not None:
+            raise ConfigError(
+                f"replication slot {plan.slot} was created meanwhile (by another resync or "
+                "init?): run the command again to see what it would do now"
+            )
         state.mark_resync(conn, state_table, plan.slot, plan.since)
         if plan.old_slot != "missing":
+            progress(
+                f"resync: dropping replication slot {plan.slot} ({plan.old_slot}) first: "
+                "slot names are unique and a slot cannot be renamed, so the new one can only "
+                "be created once the old one is gone"
+            )
             try:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (plan.slot,))
             except psycopg.errors.ObjectInUse:
+                # Nothing was dropped: the slot is the relay's again, not an unfinished resync's.
+                state.mark_resync(
+                    conn, state_table, plan.slot, previous.resync_since if previous else None
+                )
                 raise ConfigError(
                     f"replication slot {plan.slot} became active; resync refuses while a relay "
                     "holds it"
@@ -288,7 +346,13 @@ async def execute(
             progress(f"resync: dropped replication slot {plan.slot} ({plan.old_slot})")
     stream = await ReplicationStream.connect(settings.dsn)
     try:
-        consistent, snapshot = await stream.create_slot_with_snapshot(plan.slot)
+        with SlotCreationWatch(
+            settings.dsn,
+            f"resync: creating replication slot {plan.slot}",
+            progress,
+            exclude_pid=stream.backend_pid,
+        ):
+            consistent, snapshot = await stream.create_slot_with_snapshot(plan.slot)
         progress(
             f"resync: created replication slot {plan.slot} at {format_lsn(consistent)}; "
             f"publishing rows since {plan.since.astimezone(UTC).isoformat()} from its snapshot"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -26,7 +27,8 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.config import Settings
-from cdc_relay.lsn import format_lsn
+from cdc_relay.errors import ConfigError
+from cdc_relay.lsn import Lsn, format_lsn
 from cdc_relay.redact import one_line
 
 log = logging.getLogger("cdc_relay")
@@ -40,9 +42,14 @@ CREATE TABLE IF NOT EXISTS {table} (
     confirmed_commit_at timestamptz NULL,
     confirmed_lsn       pg_lsn NULL,
     updated_at          timestamptz NOT NULL DEFAULT now(),
-    resync_since        timestamptz NULL
+    resync_since        timestamptz NULL,
+    system_identifier   text NULL
 );
 """
+# Tables created before system_identifier existed get it from init or resync.
+ADD_SYSTEM_IDENTIFIER: Final = (
+    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS system_identifier text NULL"
+)
 
 
 def table_name(settings: Settings) -> tuple[str, str]:
@@ -63,8 +70,19 @@ def create(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
     """Create the state table if missing (``init`` and ``resync``); one report line."""
     existed = exists(conn, table)
     conn.execute(ddl(table))
+    if existed and not _has_column(conn, table, "system_identifier"):
+        conn.execute(sql.SQL(ADD_SYSTEM_IDENTIFIER).format(table=_qualified(table)))
     name = ".".join(table)
     return [f"relay state table {name}: {'already exists' if existed else 'created'}"]
+
+
+def _has_column(conn: psycopg.Connection[Any], table: tuple[str, str], column: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s"
+        " AND NOT attisdropped",
+        (_qualified(table).as_string(conn), column),
+    ).fetchone()
+    return row is not None
 
 
 def exists(conn: psycopg.Connection[Any], table: tuple[str, str]) -> bool:
@@ -85,6 +103,7 @@ class RelayState:
     confirmed_lsn: str | None
     updated_at: datetime
     resync_since: datetime | None
+    system_identifier: str | None = None  # of the server whose WAL confirmed_lsn is in
 
 
 def read(conn: psycopg.Connection[Any], table: tuple[str, str], slot: str) -> RelayState | None:
@@ -93,12 +112,60 @@ def read(conn: psycopg.Connection[Any], table: tuple[str, str], slot: str) -> Re
         return None
     row = conn.execute(
         sql.SQL(
-            "SELECT slot_name, confirmed_commit_at, confirmed_lsn::text, updated_at, resync_since"
-            " FROM {} WHERE slot_name = %s"
+            "SELECT slot_name, confirmed_commit_at, confirmed_lsn::text, updated_at, resync_since,"
+            " to_jsonb(s) ->> 'system_identifier' FROM {} s WHERE slot_name = %s"
         ).format(_qualified(table)),
         (slot,),
     ).fetchone()
     return None if row is None else RelayState(*row)
+
+
+# -- where a session starts streaming ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """An LSN up to which every message was confirmed by the broker, and whose WAL it is in."""
+
+    lsn: int
+    system_identifier: str
+    timeline: int | None  # None: valid on any timeline of the system (the state row's)
+
+
+def start_position(
+    known: list[Position], system_identifier: str, timeline: int, wal_end: int
+) -> int:
+    """The highest known confirmed position that is safe to pass to START_REPLICATION (0: none).
+
+    Before PostgreSQL 17 a logical slot's confirmed position is saved at shutdown
+    only if its restart_lsn moved, which any open transaction prevents: a fast
+    restart rewound it to the last checkpoint (measured on 15/16: every row since
+    the relay started, sent again). The server starts at max(this, the slot's own).
+
+    A position is used only on the WAL it was measured in, and never past the
+    server's end of WAL: on the same system a slot created again later starts
+    after every earlier position (its consistent point is past the WAL then
+    written), so the slot's own position wins. Another system (a restored dump)
+    has unrelated positions. A session's own position is tied to its timeline,
+    since a promoted standby's WAL may end before it and then diverge; the state
+    row's may be used on any timeline, because the write that recorded it comes
+    after it in the same WAL, so a server that has the row has that WAL.
+    """
+    usable = [
+        p.lsn
+        for p in known
+        if p.system_identifier == system_identifier
+        and (p.timeline is None or p.timeline == timeline)
+        and p.lsn <= wal_end
+    ]
+    return max(usable, default=0)
+
+
+def recorded_position(recorded: RelayState | None) -> Position | None:
+    """The state row's position, when it says which system it belongs to."""
+    if recorded is None or recorded.confirmed_lsn is None or not recorded.system_identifier:
+        return None
+    return Position(int(Lsn.parse(recorded.confirmed_lsn)), recorded.system_identifier, None)
 
 
 async def record(
@@ -107,22 +174,40 @@ async def record(
     slot: str,
     commit_time: float,
     lsn: int,
+    system_identifier: str | None = None,
 ) -> None:
     """Upsert the newest fully confirmed transaction (commit time as Unix seconds, end LSN).
 
     Never moves the row backwards: a relay that restarted from an older
-    position (or a second relay) does not undo a newer record.
+    position (or a second relay) does not undo a newer record, unless the row
+    is another system's (a restored dump), whose positions mean nothing here.
+    Without ``system_identifier`` (a table older than that column) it is not written.
     """
+    if system_identifier is None:
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {t} AS s (slot_name, confirmed_commit_at, confirmed_lsn, updated_at)"
+                " VALUES (%s, %s, %s::pg_lsn, now())"
+                " ON CONFLICT (slot_name) DO UPDATE SET"
+                " confirmed_commit_at = EXCLUDED.confirmed_commit_at,"
+                " confirmed_lsn = EXCLUDED.confirmed_lsn, updated_at = now()"
+                " WHERE s.confirmed_lsn IS NULL OR s.confirmed_lsn <= EXCLUDED.confirmed_lsn"
+            ).format(t=_qualified(table)),
+            (slot, datetime.fromtimestamp(commit_time, UTC), format_lsn(lsn)),
+        )
+        return
     await conn.execute(
         sql.SQL(
-            "INSERT INTO {t} AS s (slot_name, confirmed_commit_at, confirmed_lsn, updated_at)"
-            " VALUES (%s, %s, %s::pg_lsn, now())"
+            "INSERT INTO {t} AS s (slot_name, confirmed_commit_at, confirmed_lsn, updated_at,"
+            " system_identifier) VALUES (%s, %s, %s::pg_lsn, now(), %s)"
             " ON CONFLICT (slot_name) DO UPDATE SET"
             " confirmed_commit_at = EXCLUDED.confirmed_commit_at,"
-            " confirmed_lsn = EXCLUDED.confirmed_lsn, updated_at = now()"
+            " confirmed_lsn = EXCLUDED.confirmed_lsn, updated_at = now(),"
+            " system_identifier = EXCLUDED.system_identifier"
             " WHERE s.confirmed_lsn IS NULL OR s.confirmed_lsn <= EXCLUDED.confirmed_lsn"
+            " OR s.system_identifier IS DISTINCT FROM EXCLUDED.system_identifier"
         ).format(t=_qualified(table)),
-        (slot, datetime.fromtimestamp(commit_time, UTC), format_lsn(lsn)),
+        (slot, datetime.fromtimestamp(commit_time, UTC), format_lsn(lsn), system_identifier),
     )
 
 
@@ -143,6 +228,102 @@ def mark_resync(
     )
 
 
+# -- a resync under way, or one that was interrupted ------------------------------------
+
+RESYNC_LOCK_CLASS: Final = 0x63647273  # "cdrs": the first key of every resync's advisory lock
+
+
+def resync_lock_key(slot: str) -> tuple[int, int]:
+    """The two int4 keys of the session advisory lock a resync of ``slot`` holds.
+
+    Non-negative, so that pg_locks (which shows them as oids) shows the same numbers.
+    """
+    return RESYNC_LOCK_CLASS, zlib.crc32(slot.encode()) & 0x7FFFFFFF
+
+
+def resync_holder(conn: psycopg.Connection[Any], slot: str) -> int | None:
+    """The pid of the resync of ``slot`` running now (it holds the lock), or None.
+
+    The lock, not the state row, tells "under way" from "interrupted": Postgres
+    releases it when the resync's connection ends, however the process died.
+    """
+    key1, key2 = resync_lock_key(slot)
+    row = conn.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid = %s::oid AND objid = %s::oid AND objsubid = 2",
+        (key1, key2),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+class ResyncUnderWay(ConfigError):
+    """A resync of the slot runs now: a relay stands by until it finished."""
+
+
+def resync_command(settings: Settings, since: datetime) -> str:
+    """The exact command that finishes an interrupted resync (from where it started)."""
+    return f"cdc-relay resync{_slot_option(settings)} --since {format_since(since)}"
+
+
+def resync_problem(
+    settings: Settings, recorded: RelayState | None, holder: int | None
+) -> ResyncUnderWay | ConfigError | None:
+    """Why no relay may stream from the slot now, or None (decided from the row and the lock).
+
+    While a resync reads its snapshot, its new slot is idle, and a relay that
+    took it would confirm past the rows the snapshot has not sent yet; if the
+    resync then died, rerunning it would be refused (the slot is in use) and
+    those rows would never be sent. So: under way, wait; interrupted, rerun it.
+    """
+    if holder is not None:
+        since = (
+            ""
+            if recorded is None or recorded.resync_since is None
+            else (f" from {format_since(recorded.resync_since)}")
+        )
+        return ResyncUnderWay(
+            f"a resync of replication slot {settings.slot}{since} is under way (pid {holder}): "
+            "no relay may stream from the slot until it has finished"
+        )
+    if recorded is not None and recorded.resync_since is not None:
+        command = resync_command(settings, recorded.resync_since)
+        return ConfigError(
+            f"replication slot {settings.slot} was created by a resync that did not finish "
+            "(none runs now): rows of its snapshot may never have been sent, and streaming "
+            f"from the slot would skip them for good; run `{command}`"
+            " (it drops this slot and sends everything again), then start the relay"
+        )
+    return None
+
+
+def check_no_resync(conn: psycopg.Connection[Any], settings: Settings) -> ConfigError | None:
+    """Raise ResyncUnderWay or ConfigError when a resync is under way or was interrupted.
+
+    A role that may not read the state table gets the error returned, for the
+    caller to raise after its other checks (a missing grant is reported in the
+    order validation finds them); the lock alone still makes a relay wait.
+    """
+    unreadable: ConfigError | None = None
+    try:
+        recorded = read(conn, table_name(settings), settings.slot)
+    except psycopg.errors.InsufficientPrivilege:
+        row = conn.execute("SELECT current_user").fetchone()
+        user = row[0] if row else "this role"
+        recorded, unreadable = (
+            None,
+            ConfigError(
+                f"role {user} lacks SELECT on {'.'.join(table_name(settings))} (it tells whether "
+                f"a resync of slot {settings.slot} is unfinished); run `cdc-relay init --grant-to "
+                f"{user}` as an admin"
+            ),
+        )
+    problem = resync_problem(settings, recorded, resync_holder(conn, settings.slot))
+    if problem is not None:
+        raise problem
+    return unreadable
+
+
 class StateWriter:
     """The relay's throttled writer: at most one write per ``interval`` seconds.
 
@@ -153,11 +334,17 @@ class StateWriter:
     """
 
     def __init__(
-        self, dsn: str, table: tuple[str, str], slot: str, interval: float = RECORD_INTERVAL
+        self,
+        dsn: str,
+        table: tuple[str, str],
+        slot: str,
+        interval: float = RECORD_INTERVAL,
+        system_identifier: str | None = None,
     ) -> None:
         self._dsn = dsn
         self._table = table
         self._slot = slot
+        self._system_identifier = system_identifier
         self._interval = interval
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._last = float("-inf")
@@ -183,7 +370,13 @@ class StateWriter:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await _connect(self._dsn)
-            await record(self._conn, self._table, self._slot, commit_time, lsn)
+            try:
+                await record(
+                    self._conn, self._table, self._slot, commit_time, lsn, self._system_identifier
+                )
+            except psycopg.errors.UndefinedColumn:  # a table older than system_identifier
+                self._system_identifier = None
+                await record(self._conn, self._table, self._slot, commit_time, lsn)
         except (psycopg.Error, OSError) as exc:
             self.failures += 1
             if self.failures == 1:

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_relay_state" (
     confirmed_commit_at timestamptz NULL,
     confirmed_lsn       pg_lsn NULL,
     updated_at          timestamptz NOT NULL DEFAULT now(),
-    resync_since        timestamptz NULL
+    resync_since        timestamptz NULL,
+    system_identifier   text NULL
 );
 
 -- The application helper `cdc-relay init` creates next to the outbox table

@@ -34,6 +34,7 @@ from cdc_relay.config import DEFAULT_MESSAGE_PREFIX, Settings
 from cdc_relay.deadline import event_within
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
+from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import OUTBOX_COLUMNS
 
@@ -180,8 +181,12 @@ def init(
     failover: bool = False,
     emit: bool = False,
     grant_emit_to: Sequence[str] = (),
+    progress: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
     """Create what is missing; return one line per object saying created or already there.
+
+    ``progress`` gets a line every few seconds while the slot's creation waits
+    for older transactions to end (``pg.slotwait``).
 
     With ``failover`` the slot is created as a failover slot (PostgreSQL 17+), which
     a standby with ``sync_replication_slots`` keeps a copy of (see docs/ha.md).
@@ -247,7 +252,13 @@ def init(
         )
         report.append(f"publication {settings.publication}: created (inserts of {schema}.{table})")
 
-    report.append(_create_slot(conn, settings.slot, failover=failover))
+    with SlotCreationWatch(
+        settings.dsn,
+        f"init: creating replication slot {settings.slot}",
+        progress,
+        exclude_pid=conn.info.backend_pid,
+    ):
+        report.append(_create_slot(conn, settings.slot, failover=failover))
     if grant_to is not None:
         report += grant(conn, settings, grant_to)
     for role in grant_emit_to:
@@ -493,10 +504,14 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         _check_publication(conn, settings, relkind)
     _check_emit_prefix(conn, settings)
     emit_key = read_emit_key(conn, settings, tableless=rel is None)
+    # Before the slot: a resync under way has no slot (or an idle new one) for a while.
+    unreadable = state.check_no_resync(conn, settings)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
     deadletters.check_writable(conn, settings.dead_letter_table)
+    if unreadable is not None:
+        raise unreadable
     return StartupFacts(
         outbox_relid=relid,
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),

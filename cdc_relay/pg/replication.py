@@ -271,6 +271,17 @@ class ReplicationStream:
         value = results[0].get_value(0, 0)
         return value.decode() if value is not None else ""
 
+    async def identify_system(self) -> tuple[str, int, int]:
+        """(system identifier, timeline, end of WAL): whose WAL a position belongs to."""
+        results = await self._run(execute(self._pgconn, b"IDENTIFY_SYSTEM"))
+        if len(results) != 1 or results[0].status != TUPLES_OK or results[0].ntuples != 1:
+            raise _result_error(results[0] if results else None, "IDENTIFY_SYSTEM failed")
+        values = [results[0].get_value(0, i) for i in range(3)]
+        if any(v is None for v in values):
+            raise ReplicationError("IDENTIFY_SYSTEM returned no system identifier")
+        system, timeline, xlogpos = (v.decode() for v in values if v is not None)
+        return system, int(timeline), Lsn.parse(xlogpos)
+
     async def create_slot_with_snapshot(self, slot: str) -> tuple[int, str]:
         """Create a logical (pgoutput) slot and export a snapshot of its consistent point.
 
