@@ -180,7 +180,7 @@ def init(
     report += _create_functions(conn, (schema, table), settings.message_prefix, emit_only=tableless)
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
-        report.append(f"publication {settings.publication}: already exists")
+        report.append(_cover_outbox(conn, settings, tableless))
     elif tableless:
         # Empty: pgoutput still sends logical messages, and validation accepts it.
         conn.execute(
@@ -204,6 +204,42 @@ def init(
     if grant_to is not None:
         report += grant(conn, settings, grant_to)
     return report
+
+
+def _cover_outbox(conn: psycopg.Connection[Any], settings: Settings, tableless: bool) -> str:
+    """An existing publication made to cover the outbox; its one report line.
+
+    A dropped and recreated outbox leaves the publication without it (Postgres
+    removes a dropped table from its publications), and its rows would then be
+    skipped without a word: init adds it back, or names the statement to run.
+    """
+    pub, (schema, table) = settings.publication, settings.table_parts
+    if tableless or _exists(
+        conn,
+        "SELECT 1 FROM pg_publication_tables WHERE pubname = %s"
+        " AND schemaname = %s AND tablename = %s",
+        pub,
+        schema,
+        table,
+    ):
+        return f"publication {pub}: already exists"
+    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+        sql.Identifier(pub), qualified(schema, table)
+    )
+    text = statement.as_string(conn)
+    if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s AND puballtables", pub):
+        raise ConfigError(
+            f"publication {pub} is FOR ALL TABLES; the relay needs one limited to "
+            f"{schema}.{table}: DROP PUBLICATION {pub}, then run `cdc-relay init` again"
+        )
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigError(
+            f"publication {pub} does not cover {schema}.{table} and this role may not add "
+            f"it: run {text} as the publication's owner"
+        ) from None
+    return f"publication {pub}: added {schema}.{table} (the publication did not cover it)"
 
 
 FAILOVER_MIN_VERSION = 170000  # failover slots and slot synchronization: PostgreSQL 17
