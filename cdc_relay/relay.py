@@ -19,6 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import psycopg
@@ -36,6 +37,16 @@ from cdc_relay.deadletters import (
 )
 from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
+from cdc_relay.health import (
+    DRIFT_CHECK_INTERVAL,
+    DRIFT_KEY,
+    FlushWatch,
+    Problems,
+    drift_since,
+    judge_drift,
+    republish_hint,
+    since_when,
+)
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import Connections, open_publisher, open_stream, take_slot, validate
@@ -62,6 +73,7 @@ FINAL_STATUS_TIMEOUT: Final = 2.0
 # After a nack, at most this long (and never more than --confirm-timeout) for the
 # acks of the messages published before it.
 SETTLE_AFTER_REFUSAL: Final = 5.0
+DRIFT_CHECK_TIMEOUT: Final = 5.0  # statement_timeout of the drift check's side connection
 
 # Exceptions that end a session and are retried; anything else is a bug or a
 # configuration error and ends the process.
@@ -84,6 +96,7 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty()
+        self.problems = Problems()
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
 
@@ -94,6 +107,19 @@ class Relay:
                 log.warning("second stop request: exiting now; unconfirmed rows will be resent")
             self._abort.set()
         self._stop.set()
+
+    def report_problem(self, key: str, text: str) -> None:
+        """Say what is wrong (``key`` names the part: ``dead-letters``, ``resync``, ...).
+
+        The state writer persists it within a second into the state row, where
+        ``cdc-relay status`` shows it and turns unhealthy; reporting again keeps
+        the start time. Any part of the relay may call this, from the event loop.
+        """
+        self.problems.report(key, text)
+
+    def clear_problem(self, key: str) -> None:
+        """That part is well again (a no-op if it reported nothing)."""
+        self.problems.clear(key)
 
     async def run(self) -> None:
         retention = None
@@ -116,7 +142,13 @@ class Relay:
         while not self._stop.is_set():
             started = time.monotonic()
             session = Session(
-                self.settings, self.metrics, self.router, self.limits, self._stop, self._abort
+                self.settings,
+                self.metrics,
+                self.router,
+                self.limits,
+                self._stop,
+                self._abort,
+                problems=self.problems,
             )
             try:
                 await session.run()
@@ -204,6 +236,7 @@ class Session:
         limits: BrokerLimits,
         stop: asyncio.Event,
         abort: asyncio.Event,
+        problems: Problems | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -211,6 +244,7 @@ class Session:
         self.limits = limits
         self.stop = stop
         self.abort = abort
+        self.problems = problems if problems is not None else Problems()
         self.conns = Connections()
         self.core: SessionCore | None = None
         self.sink: DeadLetterSink | None = None
@@ -283,6 +317,7 @@ class Session:
             publisher.connected_url,
             extra={"slot": s.slot, "lsn": format_lsn(facts.confirmed_flush_lsn)},
         )
+        self.problems.clear(DRIFT_KEY)  # validation just found the publication covering it
         self.metrics.ready.set(1)
         self.streamed = True
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
@@ -291,6 +326,7 @@ class Session:
             asyncio.create_task(sink.run(), name="cdc-relay-dead-letters"),
             asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
             asyncio.create_task(self._state_loop(core, conns.state), name="cdc-relay-state"),
+            asyncio.create_task(self._drift_loop(core, facts.outbox_relid), name="cdc-relay-drift"),
         ]
         for task in (pump, status, *helpers):
             task.add_done_callback(self._task_done)
@@ -503,12 +539,84 @@ class Session:
                 schedule.sent(now)
 
     async def _state_loop(self, core: SessionCore, writer: StateWriter) -> None:
-        """Record where the relay is (throttled in state.py), for `resync` without --since."""
+        """Record where the relay is and what is wrong (throttled in state.py).
+
+        The position is for `resync` without --since; the health (problems, a
+        blocked broker, a flush that waits) for `status` in another process.
+        """
+        publisher = self.conns.publisher
+        watch = FlushWatch()
+        blocked_since: datetime | None = None
         while True:
             await asyncio.sleep(STATE_CHECK_INTERVAL)
-            await writer.maybe_write(
-                time.monotonic(), core.confirmed_commit_time, core.tracker.flush_lsn
-            )
+            now = time.monotonic()
+            await writer.maybe_write(now, core.confirmed_commit_time, core.tracker.flush_lsn)
+            wall = datetime.now(UTC)
+            blocked = publisher is not None and publisher.blocked
+            blocked_since = since_when(blocked, blocked_since, wall)
+            waiting = watch.update(core.tracker.flush_lsn, core.tracker.unconfirmed, wall)
+            problem, problem_since = self.problems.summary()
+            await writer.maybe_report(now, (problem, problem_since, blocked_since, waiting))
+
+    async def _drift_loop(self, core: SessionCore, outbox_relid: int) -> None:
+        """Catch the outbox leaving the publication while streaming: its rows would be skipped.
+
+        Every few seconds on a side connection with a statement timeout; a failed
+        look is retried at the next one (it must never end the session). A drift
+        is said at ERROR, turns readiness and `status` red, and names the fix.
+        """
+        s = self.settings
+        since: datetime | None = None
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                await asyncio.sleep(DRIFT_CHECK_INTERVAL)
+                try:
+                    if conn is None or conn.closed:
+                        conn = await _side_connection(s.dsn, "cdc-relay drift check")
+                    relid, covered = await within(
+                        admin.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
+                    )
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    log.debug("publication check failed (retrying): %s", one_line(str(exc)))
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    continue
+                first_seen = drift_since(core.confirmed_commit_time, time.time())
+                drift = judge_drift(
+                    publication=s.publication,
+                    table=".".join(s.table_parts),
+                    started_relid=outbox_relid,
+                    current_relid=relid,
+                    covered=covered,
+                    since=since or first_seen,
+                    slot=s.slot,
+                )
+                if drift is None or drift.end_session:
+                    if since is not None:
+                        log.error(
+                            "publication %s covers the outbox again; rows committed since "
+                            "about %s were not published: %s",
+                            s.publication,
+                            since.isoformat(),
+                            republish_hint(s.slot, since),
+                        )
+                        self.problems.clear(DRIFT_KEY)
+                        self.metrics.ready.set(1)
+                        since = None
+                    if drift is not None:
+                        raise SessionFailed(drift.message)
+                    continue
+                since = since or first_seen
+                if self.problems.get(DRIFT_KEY) != drift.message:
+                    log.error("%s", drift.message)
+                self.problems.report(DRIFT_KEY, drift.message)
+                self.metrics.ready.set(0)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     async def _stats_loop(self, core: SessionCore) -> None:
         interval = self.settings.stats_interval
@@ -529,6 +637,20 @@ class Session:
                 },
             )
             last, last_t = count, now
+
+
+async def _side_connection(dsn: str, name: str) -> psycopg.AsyncConnection[Any]:
+    """A short-statement autocommit connection: a locked catalog must never stall a check."""
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, connect_timeout=10, application_name=name
+    )
+    try:
+        timeout_ms = int(DRIFT_CHECK_TIMEOUT * 1000)
+        await conn.execute(f"SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def _bounded(awaitable: Awaitable[Any], what: str, timeout: float = 10.0) -> None:

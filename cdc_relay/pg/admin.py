@@ -114,15 +114,48 @@ def render_sql(settings: Settings) -> str:
     return header + "\n".join([*texts, inbox_part])
 
 
-def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    """An autocommit admin connection; a failure is one ConfigError line, never the DSN."""
+# The CLI's bounds for commands that only read (``status``, ``dead-letters list``): a
+# table locked by a VACUUM FULL or a migration makes them answer, not queue behind it
+# (measured before: `status` still waiting after 90 s, its query queued after the kill).
+READ_STATEMENT_TIMEOUT: Final = 10.0
+READ_LOCK_TIMEOUT: Final = 5.0
+
+
+def connect(
+    dsn: str,
+    *,
+    statement_timeout: float | None = None,
+    lock_timeout: float | None = None,
+    **kwargs: Any,
+) -> psycopg.Connection[Any]:
+    """An autocommit admin connection; a failure is one ConfigError line, never the DSN.
+
+    With timeouts (seconds) every statement ends within them on the server too,
+    so a killed client leaves no query queued behind a lock.
+    """
     redact = Redactor([dsn])
     try:
-        return psycopg.connect(dsn, autocommit=True, **{"connect_timeout": 10, **kwargs})
+        conn = psycopg.connect(dsn, autocommit=True, **{"connect_timeout": 10, **kwargs})
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
         raise ConfigError(
             f"cannot connect to Postgres ({redact(one_line(str(exc)) or repr(exc))}); check --dsn"
         ) from None
+    for name, value in (("statement_timeout", statement_timeout), ("lock_timeout", lock_timeout)):
+        if value is not None:
+            conn.execute(sql.SQL("SET {} = {}").format(sql.SQL(name), int(value * 1000)))
+    return conn
+
+
+TIMEOUT_ERRORS: Final = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
+
+
+def could_not_read(what: str, exc: psycopg.Error) -> str:
+    """One line for a read that hit a lock or statement timeout (a lock held by DDL?)."""
+    why = "it is locked" if isinstance(exc, psycopg.errors.LockNotAvailable) else "it timed out"
+    return (
+        f"could not read {what}: {why} ({one_line(str(exc))}); a VACUUM FULL, a migration "
+        "or another long lock holds it (see pg_locks)"
+    )
 
 
 def _exists(conn: psycopg.Connection[Any], query: str, *params: Any) -> bool:
@@ -619,6 +652,27 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
         )
 
 
+async def look_at_outbox(
+    conn: psycopg.AsyncConnection[Any], settings: Settings
+) -> tuple[int | None, bool]:
+    """(the OID now named like the outbox or None, whether the publication covers it).
+
+    The relay's drift check (``health.judge_drift``) asks this every few seconds;
+    pg_publication_tables also answers for FOR ALL TABLES and partition roots.
+    """
+    schema, table = settings.table_parts
+    cur = await conn.execute(
+        "SELECT (SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+        " AND c.relkind IN ('r', 'p')), EXISTS (SELECT 1 FROM pg_publication_tables"
+        " WHERE pubname = %s AND schemaname = %s AND tablename = %s)",
+        (schema, table, settings.publication, schema, table),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return (None if row[0] is None else int(row[0])), bool(row[1])
+
+
 def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
     if info is None:
         raise SlotMissing(
@@ -656,6 +710,7 @@ def status(
     *,
     require_active: bool = True,
     max_lag_bytes: int | None = None,
+    max_stall: timedelta | None = None,
 ) -> dict[str, Any]:
     """What an operator asks first: is it streaming, how far behind, how much WAL is held.
 
@@ -676,6 +731,7 @@ def status(
     }
     problems: list[str] = []
     warnings: list[str] = []
+    health = _relay_health(conn, settings, problems)
     if info is not None:
         lag = conn.execute(
             "SELECT pg_current_wal_lsn()::text,"
@@ -709,7 +765,7 @@ def status(
         if failover:
             warnings += _failover_warnings(conn, settings.slot)
         if require_active and not info.active:
-            problems.append(f"no relay is attached to slot {settings.slot}")
+            problems.append(_not_attached(settings.slot, health))
         if max_lag_bytes is not None and lag[1] is not None and lag[1] > max_lag_bytes:
             problems.append(f"lag {lag[1]} bytes exceeds --max-lag-bytes {max_lag_bytes}")
     pub_tables = conn.execute(
@@ -734,6 +790,10 @@ def status(
         except psycopg.errors.InsufficientPrivilege:
             result["dead_letters_pending"] = None
             problems.append(_missing_privilege(conn, f"SELECT on {dl_schema}.{dl_table}"))
+        except TIMEOUT_ERRORS as exc:
+            result["dead_letters_pending"] = None
+            problems.append(could_not_read(f"dead-letter table {dl_schema}.{dl_table}", exc))
+    problems += _relay_reports(health, max_stall)
     try:
         validate(conn, settings)
     except ConfigError as exc:
@@ -745,6 +805,64 @@ def status(
     result["problems"] = problems
     result["warnings"] = warnings
     return result
+
+
+def _relay_health(
+    conn: psycopg.Connection[Any], settings: Settings, problems: list[str]
+) -> state.RelayHealth | None:
+    """What the running relay last reported in its state row (None: nothing fresh to read)."""
+    table = state.table_name(settings)
+    try:
+        health = state.read_health(conn, table, settings.slot)
+    except psycopg.errors.InsufficientPrivilege:
+        return None  # an older grant: status still answers from the catalogs
+    except TIMEOUT_ERRORS as exc:
+        problems.append(could_not_read(f"relay state table {'.'.join(table)}", exc))
+        return None
+    return health if health is not None and health.fresh else None
+
+
+def _not_attached(slot: str, health: state.RelayHealth | None) -> str:
+    """The slot is inactive: say so, unless a relay reported recently (between sessions)."""
+    if health is None or health.age is None:
+        return f"no relay is attached to slot {slot}"
+    said = f"{health.problem}" if health.problem else "between sessions, reconnecting"
+    return (
+        f"no relay holds slot {slot} right now, but a relay reported "
+        f"{health.age.total_seconds():.0f}s ago: {said}"
+    )
+
+
+DEFAULT_MAX_STALL: Final = timedelta(seconds=120)
+"""``status --max-stall``: longer than a slow broker's confirm (--confirm-timeout,
+30 s by default) plus a session's reconnect backoff (up to 30 s), so a healthy relay
+that just recovered is not called stalled, yet short enough for a cron probe to
+page within a few minutes of a broker alarm."""
+
+
+def _relay_reports(health: state.RelayHealth | None, max_stall: timedelta | None) -> list[str]:
+    """The running relay's own trouble, as status problems (it cannot be seen in the catalogs)."""
+    if health is None:
+        return []
+    found = []
+    if health.problem:
+        since = state.format_since(health.problem_since) if health.problem_since else "?"
+        found.append(f"the relay reports (since {since}): {health.problem}")
+    if health.broker_blocked_since is not None:
+        found.append(
+            "RabbitMQ has blocked the relay's connection since "
+            f"{state.format_since(health.broker_blocked_since)} (a memory or disk alarm): "
+            "nothing is delivered until it clears (rabbitmq-diagnostics alarms)"
+        )
+    if max_stall is not None and health.waiting_since is not None and health.age is not None:
+        assert health.heartbeat_at is not None
+        waited = health.heartbeat_at + health.age - health.waiting_since
+        if waited > max_stall:
+            found.append(
+                f"the relay's confirmed position has not moved for {waited.total_seconds():.0f}s "
+                f"with messages waiting (--max-stall {max_stall.total_seconds():.0f}s)"
+            )
+    return found
 
 
 def _wal_retention(slot: str, wal_status: str | None, retained: int | None) -> str:
