@@ -22,6 +22,7 @@ from devtools.servers import free_port
 from tests.harness import Consumer, RelayProcess, Setup, run_cli, wait_until
 
 pytestmark = [pytest.mark.integration]
+async_test = pytest.mark.asyncio
 
 
 def status(outbox: Setup, *extra: str) -> tuple[int, str, str, float]:
@@ -101,6 +102,7 @@ def test_status_reports_a_flush_that_does_not_move(outbox: Setup) -> None:
     assert code == 0, out
 
 
+@async_test
 async def test_the_outbox_leaving_its_publication_is_said_and_turns_readiness_red(
     outbox: Setup, relays: Callable[..., RelayProcess]
 ) -> None:
@@ -124,6 +126,7 @@ async def test_the_outbox_leaving_its_publication_is_said_and_turns_readiness_re
         assert await wait_until(lambda: status(outbox)[0] == 0, 15)
 
 
+@async_test
 async def test_a_recreated_outbox_is_adopted(
     outbox: Setup, relays: Callable[..., RelayProcess], consumer: Consumer
 ) -> None:
@@ -146,6 +149,7 @@ async def test_a_recreated_outbox_is_adopted(
     assert listed.stderr.strip().endswith("0 dead letter(s)"), listed.stderr
 
 
+@async_test
 async def test_a_broker_alarm_makes_status_unhealthy(
     outbox: Setup, relays: Callable[..., RelayProcess], rabbit_server: RabbitServer
 ) -> None:
