@@ -153,7 +153,8 @@ def could_not_read(what: str, exc: psycopg.Error) -> str:
     """One line for a read that hit a lock or statement timeout (a lock held by DDL?)."""
     why = "it is locked" if isinstance(exc, psycopg.errors.LockNotAvailable) else "it timed out"
     return (
-        f"could not read {what}: {why} ({one_line(str(exc))}); a VACUUM FULL, a migration "
+        f"could not read {what}: {why} ({exc.diag.message_primary or one_line(str(exc))}); "
+        "a VACUUM FULL, a migration "
         "or another long lock holds it (see pg_locks)"
     )
 
