@@ -32,6 +32,12 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_relay_state" (
     updated_at          timestamptz NOT NULL DEFAULT now(),
     resync_since        timestamptz NULL
 );
+ALTER TABLE "public"."outbox_relay_state"
+    ADD COLUMN IF NOT EXISTS problem              text NULL,
+    ADD COLUMN IF NOT EXISTS problem_since        timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS broker_blocked_since timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS waiting_since        timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS heartbeat_at         timestamptz NULL;
 
 -- Application helpers `cdc-relay init` creates next to the outbox table (named
 -- <table>_enqueue and <table>_emit: outbox_enqueue and outbox_emit for the
