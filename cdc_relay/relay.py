@@ -73,6 +73,7 @@ FINAL_STATUS_TIMEOUT: Final = 2.0
 # After a nack, at most this long (and never more than --confirm-timeout) for the
 # acks of the messages published before it.
 SETTLE_AFTER_REFUSAL: Final = 5.0
+SESSION_KEY: Final = "session"  # the problem key of a session that ended, until one is healthy
 DRIFT_CHECK_TIMEOUT: Final = 5.0  # statement_timeout of the drift check's side connection
 
 # Exceptions that end a session and are retried; anything else is a bug or a
@@ -177,6 +178,9 @@ class Relay:
                 rejected = _certificate_rejected(exc)
                 if rejected is not None:
                     raise ConfigError(rejected) from None
+                # Persisted by the next session's state writer: `status` then says a
+                # relay is running and why it keeps reconnecting, not "no relay".
+                self.problems.report(SESSION_KEY, f"the last session ended: {_describe(exc)}")
                 # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
@@ -545,11 +549,14 @@ class Session:
         blocked broker, a flush that waits) for `status` in another process.
         """
         publisher = self.conns.publisher
+        started = time.monotonic()
         watch = FlushWatch()
         blocked_since: datetime | None = None
         while True:
             await asyncio.sleep(STATE_CHECK_INTERVAL)
             now = time.monotonic()
+            if core.made_progress or now - started > HEALTHY_SESSION_SECONDS:
+                self.problems.clear(SESSION_KEY)
             await writer.maybe_write(now, core.confirmed_commit_time, core.tracker.flush_lsn)
             wall = datetime.now(UTC)
             blocked = publisher is not None and publisher.blocked

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import psycopg
 import pytest
 
@@ -172,3 +173,34 @@ async def test_a_broker_alarm_makes_status_unhealthy(
         rabbit_server.ctl("set_vm_memory_high_watermark", "0.4")
     await relay.wait_for_log_async("RabbitMQ unblocked the connection", 30)
     assert await wait_until(lambda: status(outbox)[0] == 0, 20, interval=1)
+
+
+@async_test
+async def test_status_says_a_relay_runs_while_its_dead_letter_writes_fail(
+    outbox: Setup, relays: Callable[..., RelayProcess]
+) -> None:
+    """Before: "no relay is attached" while the relay was running and retrying."""
+    relay = relays(outbox)
+    await relay.wait_for_log_async("streaming from slot")
+    dl = ".".join(outbox.settings.dead_letter_table)
+    with psycopg.connect(outbox.dsn) as locker:
+        locker.execute(f"LOCK TABLE {dl} IN ACCESS EXCLUSIVE MODE")
+        with psycopg.connect(outbox.dsn) as conn:
+            outbox.insert(conn, [{"headers": ["not", "an", "object"]}])  # a dead letter
+            conn.commit()
+        await relay.wait_for_log_async("dead-letter write failed", 30)
+
+        def reported() -> list[str]:
+            done = run_cli("status", "--json", *outbox.cli_args(), timeout=60)
+            problems: list[str] = orjson.loads(done.stdout)["problems"]
+            return [p for p in problems if p.startswith("the relay reports")]
+
+        deadline = time.monotonic() + 60
+        found = await asyncio.to_thread(reported)
+        while not any("lock timeout" in p for p in found) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            found = await asyncio.to_thread(reported)
+        assert any("lock timeout" in p for p in found), found
+        locker.rollback()
+    # Once the dead letter is stored, the relay says nothing is wrong any more.
+    assert await wait_until(lambda: status(outbox)[0] == 0, 40, interval=1)
