@@ -66,6 +66,13 @@ class RelayCli(click.Group):
             fail(exc.format_message() + hint, exc.exit_code)
         except RelayError as exc:
             fail(str(exc), exc.exit_code)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            # The command's statement or lock timeout: a lock held by someone else, not a setting.
+            fail(
+                f"Postgres: {exc.diag.message_primary or exc} [SQLSTATE {exc.sqlstate}]; "
+                "a VACUUM FULL, a migration or another long lock is in the way (see pg_locks)",
+                1,
+            )
         except psycopg.Error as exc:
             sqlstate = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
             hint = ""
@@ -286,7 +293,11 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         for line in admin.drop(conn, settings, publication=drop_publication):
             click.echo(line)
 
@@ -300,7 +311,11 @@ def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         total = admin.prune_outbox(
             conn,
             settings,
@@ -360,7 +375,11 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
     failed = 0
     for record, error in results:
@@ -386,7 +405,11 @@ def dead_letters_prune(
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         total = deadletters.prune(
             conn,
             settings.dead_letter_table,

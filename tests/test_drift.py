@@ -57,6 +57,12 @@ def test_status_and_dead_letters_list_answer_while_the_dead_letter_table_is_lock
         assert listed.returncode == 1
         [line] = listed.stderr.strip().splitlines()
         assert line.startswith(f"cdc-relay: error: could not read dead-letter table {dl}: ")
+        started = time.monotonic()
+        pruned = run_cli("dead-letters", "prune", "--older-than", "1d", *outbox.cli_args())
+        assert time.monotonic() - started < 15
+        assert pruned.returncode == 1
+        [line] = pruned.stderr.strip().splitlines()
+        assert "canceling statement due to lock timeout [SQLSTATE 55P03]" in line, line
         assert backends_waiting(outbox.dsn, f"FROM {dl}") == 0
         locker.rollback()
     code, out, _err, _took = status(outbox, "--no-require-active")

@@ -119,6 +119,10 @@ def render_sql(settings: Settings) -> str:
 # (measured before: `status` still waiting after 90 s, its query queued after the kill).
 READ_STATEMENT_TIMEOUT: Final = 10.0
 READ_LOCK_TIMEOUT: Final = 5.0
+# Commands that change little at a time (drop, prune, dead-letters replay/prune): the
+# same lock bound, and statements that may run longer. Not init or resync: creating a
+# slot waits for every running transaction, which a lock timeout would turn into a failure.
+WRITE_STATEMENT_TIMEOUT: Final = 60.0
 
 
 def connect(
