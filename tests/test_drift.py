@@ -210,3 +210,22 @@ async def test_status_says_a_relay_runs_while_its_dead_letter_writes_fail(
         locker.rollback()
     # Once the dead letter is stored, the relay says nothing is wrong any more.
     assert await wait_until(lambda: status(outbox)[0] == 0, 40, interval=1)
+
+
+@async_test
+async def test_a_relay_on_an_older_state_table_streams_without_reporting(
+    outbox: Setup, relays: Callable[..., RelayProcess], consumer: Consumer
+) -> None:
+    table = ".".join(state.table_name(outbox.settings))
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        for column in state.HEALTH_COLUMNS:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    relay = relays(outbox)
+    await relay.wait_for_log_async("lacks the health columns", 30)
+    with psycopg.connect(outbox.dsn) as conn:
+        ids = outbox.insert(conn, [{"event_type": "OldStateTable"}])
+        conn.commit()
+    await consumer.wait_for(set(ids))
+    code, out, _err, _took = status(outbox)
+    assert code == 0, out
+    assert relay.log().count("lacks the health columns") == 1
