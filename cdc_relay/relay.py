@@ -55,7 +55,7 @@ from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
-from cdc_relay.redact import one_line
+from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import Envelope, Router
 from cdc_relay.state import StateWriter
 
@@ -330,8 +330,13 @@ class Session:
             asyncio.create_task(sink.run(), name="cdc-relay-dead-letters"),
             asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
             asyncio.create_task(self._state_loop(core, conns.state), name="cdc-relay-state"),
-            asyncio.create_task(self._drift_loop(core, facts.outbox_relid), name="cdc-relay-drift"),
         ]
+        if facts.outbox_relid:  # a table-less outbox has no table to leave the publication
+            helpers.append(
+                asyncio.create_task(
+                    self._drift_loop(core, facts.outbox_relid), name="cdc-relay-drift"
+                )
+            )
         for task in (pump, status, *helpers):
             task.add_done_callback(self._task_done)
         stop_wait = asyncio.create_task(self.stop.wait())
@@ -549,6 +554,8 @@ class Session:
         blocked broker, a flush that waits) for `status` in another process.
         """
         publisher = self.conns.publisher
+        # The row is read by other processes and roles: no password of ours goes there.
+        redact = Redactor([self.settings.dsn, *self.settings.amqp_urls])
         started = time.monotonic()
         watch = FlushWatch()
         blocked_since: datetime | None = None
@@ -563,6 +570,8 @@ class Session:
             blocked_since = since_when(blocked, blocked_since, wall)
             waiting = watch.update(core.tracker.flush_lsn, core.tracker.unconfirmed, wall)
             problem, problem_since = self.problems.summary()
+            if problem is not None:
+                problem = redact(problem)
             await writer.maybe_report(now, (problem, problem_since, blocked_since, waiting))
 
     async def _drift_loop(self, core: SessionCore, outbox_relid: int) -> None:
