@@ -86,7 +86,8 @@ def judge_drift(
     if current_relid != started_relid and covered:
         return Drift(
             f"outbox table {table} was recreated (OID {started_relid} -> {current_relid}): "
-            "starting a new session to validate and adopt it",
+            "starting a new session to validate and adopt it; if rows were written to it "
+            f"before it joined publication {publication}, {republish_hint(slot, since)}",
             end_session=True,
         )
     if covered:
@@ -108,6 +109,66 @@ def republish_hint(slot: str, since: datetime) -> str:
         f"`cdc-relay resync{slot_option} --since {format_since(since)}` (consumers dedupe "
         "the repeats)"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DriftStep:
+    """What the relay does after one look: say, report or clear, maybe end the session."""
+
+    error: str | None = None  # a line to log at ERROR (a new drift, or the end of one)
+    problem: str | None = None  # drifting: report this (readiness 0); None: not drifting
+    ended: bool = False  # a drift just ended: clear the problem, readiness 1
+    end_session: str | None = None  # adopt a recreated outbox: end the session with this
+
+
+class DriftWatch:
+    """One session's drift state: when the drift began, and what was said about it.
+
+    Each ``observe`` is one look at the catalogs; the relay performs the step.
+    A drift is said once (and again only when it changes); when it ends, the
+    rows it skipped are named with the command that republishes them.
+    """
+
+    def __init__(self, *, publication: str, table: str, slot: str, outbox_relid: int) -> None:
+        self.publication = publication
+        self.table = table
+        self.slot = slot
+        self.outbox_relid = outbox_relid
+        self.since: datetime | None = None
+        self._said: str | None = None
+
+    def observe(
+        self,
+        current_relid: int | None,
+        covered: bool,
+        confirmed_commit_time: float | None,
+        now: float,
+    ) -> DriftStep:
+        since = self.since or drift_since(confirmed_commit_time, now)
+        drift = judge_drift(
+            publication=self.publication,
+            table=self.table,
+            started_relid=self.outbox_relid,
+            current_relid=current_relid,
+            covered=covered,
+            since=since,
+            slot=self.slot,
+        )
+        if drift is not None and not drift.end_session:
+            self.since = since
+            error = None if drift.message == self._said else drift.message
+            self._said = drift.message
+            return DriftStep(error=error, problem=drift.message)
+        end_session = drift.message if drift is not None else None
+        if self.since is None:
+            return DriftStep(end_session=end_session)
+        error = (
+            f"publication {self.publication} covers the outbox again; rows committed since "
+            f"about {format_since(self.since)} were not published: "
+            + republish_hint(self.slot, self.since)
+        )
+        self.since, self._said = None, None
+        return DriftStep(error=error, ended=True, end_session=end_session)
 
 
 def drift_since(confirmed_commit_time: float | None, now: float) -> datetime:

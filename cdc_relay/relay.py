@@ -40,11 +40,9 @@ from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.health import (
     DRIFT_CHECK_INTERVAL,
     DRIFT_KEY,
+    DriftWatch,
     FlushWatch,
     Problems,
-    drift_since,
-    judge_drift,
-    republish_hint,
     since_when,
 )
 from cdc_relay.lsn import format_lsn
@@ -582,8 +580,14 @@ class Session:
         is said at ERROR, turns readiness and `status` red, and names the fix.
         """
         s = self.settings
-        since: datetime | None = None
+        watch = DriftWatch(
+            publication=s.publication,
+            table=".".join(s.table_parts),
+            slot=s.slot,
+            outbox_relid=outbox_relid,
+        )
         conn: psycopg.AsyncConnection[Any] | None = None
+        failures = 0
         try:
             while True:
                 await asyncio.sleep(DRIFT_CHECK_INTERVAL)
@@ -594,41 +598,31 @@ class Session:
                         admin.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
                     )
                 except (psycopg.Error, OSError, TimeoutError) as exc:
-                    log.debug("publication check failed (retrying): %s", one_line(str(exc)))
+                    failures += 1
+                    log.log(
+                        logging.WARNING if failures == 1 else logging.DEBUG,
+                        "cannot check that publication %s covers the outbox (retrying every "
+                        "%.0fs): %s",
+                        s.publication,
+                        DRIFT_CHECK_INTERVAL,
+                        one_line(str(exc)) or type(exc).__name__,
+                    )
                     if conn is not None:
                         await conn.close()
                     conn = None
                     continue
-                first_seen = drift_since(core.confirmed_commit_time, time.time())
-                drift = judge_drift(
-                    publication=s.publication,
-                    table=".".join(s.table_parts),
-                    started_relid=outbox_relid,
-                    current_relid=relid,
-                    covered=covered,
-                    since=since or first_seen,
-                    slot=s.slot,
-                )
-                if drift is None or drift.end_session:
-                    if since is not None:
-                        log.error(
-                            "publication %s covers the outbox again; rows committed since "
-                            "about %s were not published: %s",
-                            s.publication,
-                            since.isoformat(),
-                            republish_hint(s.slot, since),
-                        )
-                        self.problems.clear(DRIFT_KEY)
-                        self.metrics.ready.set(1)
-                        since = None
-                    if drift is not None:
-                        raise SessionFailed(drift.message)
-                    continue
-                since = since or first_seen
-                if self.problems.get(DRIFT_KEY) != drift.message:
-                    log.error("%s", drift.message)
-                self.problems.report(DRIFT_KEY, drift.message)
-                self.metrics.ready.set(0)
+                failures = 0
+                step = watch.observe(relid, covered, core.confirmed_commit_time, time.time())
+                if step.error is not None:
+                    log.error("%s", step.error)
+                if step.problem is not None:
+                    self.problems.report(DRIFT_KEY, step.problem)
+                    self.metrics.ready.set(0)
+                elif step.ended:
+                    self.problems.clear(DRIFT_KEY)
+                    self.metrics.ready.set(1)
+                if step.end_session is not None:
+                    raise SessionFailed(step.end_session)
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from cdc_relay.health import FlushWatch, Problems, drift_since, judge_drift, since_when
+from cdc_relay.health import (
+    DriftStep,
+    DriftWatch,
+    FlushWatch,
+    Problems,
+    drift_since,
+    judge_drift,
+    since_when,
+)
 
 T0 = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
 
@@ -89,3 +97,34 @@ def test_since_when_keeps_the_first_time() -> None:
     first = since_when(True, None, T0)
     assert since_when(True, first, T0 + timedelta(seconds=9)) == T0
     assert since_when(False, first, T0 + timedelta(seconds=10)) is None
+
+
+def watch() -> DriftWatch:
+    return DriftWatch(publication="pub", table="public.outbox", slot="s1", outbox_relid=100)
+
+
+def test_a_drift_is_said_once_then_its_end_names_the_skipped_rows() -> None:
+    w, commit = watch(), T0.timestamp()
+    assert w.observe(100, True, commit, commit + 60) == DriftStep()
+    first = w.observe(100, False, commit, commit + 60)
+    assert first.error is not None and first.error == first.problem
+    assert "since about 2026-12-01T09:45:00+00:00" in first.error
+    # Later looks keep the first start (the confirmed commit moved on meanwhile) and stay quiet.
+    again = w.observe(100, False, commit + 600, commit + 900)
+    assert again.error is None and again.problem == first.problem
+    ended = w.observe(100, True, commit + 600, commit + 905)
+    assert ended.ended and ended.problem is None and ended.end_session is None
+    assert ended.error is not None and "covers the outbox again" in ended.error
+    assert "--since 2026-12-01T09:45:00+00:00" in ended.error
+    assert w.observe(100, True, commit + 600, commit + 910).error is None
+
+
+def test_a_recreated_outbox_ends_the_session_and_names_rows_written_before_it_joined() -> None:
+    w, commit = watch(), T0.timestamp()
+    dropped = w.observe(None, False, commit, commit + 5)
+    assert dropped.problem is not None and "was dropped" in dropped.problem
+    waiting = w.observe(200, False, commit, commit + 10)
+    assert waiting.error is not None and "ADD TABLE public.outbox" in waiting.error
+    adopt = w.observe(200, True, commit, commit + 15)
+    assert adopt.ended and adopt.end_session is not None
+    assert "OID 100 -> 200" in adopt.end_session and "resync --slot s1" in adopt.end_session
