@@ -358,6 +358,8 @@ class Session:
                     ),
                     FINAL_STATUS_TIMEOUT,
                 )
+            with contextlib.suppress(TimeoutError):
+                await within(conns.state.retire(), FINAL_STATUS_TIMEOUT)
             log.info("stopped; confirmed position %s", format_lsn(core.tracker.flush_lsn))
         finally:
             stop_wait.cancel()

@@ -305,6 +305,20 @@ class StateWriter:
             return
         self._health_written = health
 
+    async def retire(self) -> None:
+        """A clean stop: no relay reports any more (``status`` must not hear a stopped one)."""
+        if not self.reports_health or self._conn is None or self._conn.closed:
+            return
+        with contextlib.suppress(psycopg.Error, OSError):
+            await self._conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET problem = NULL, problem_since = NULL,"
+                    " broker_blocked_since = NULL, waiting_since = NULL, heartbeat_at = NULL"
+                    " WHERE slot_name = %s"
+                ).format(_qualified(self._table)),
+                (self._slot,),
+            )
+
     async def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):

@@ -229,3 +229,25 @@ async def test_a_relay_on_an_older_state_table_streams_without_reporting(
     code, out, _err, _took = status(outbox)
     assert code == 0, out
     assert relay.log().count("lacks the health columns") == 1
+
+
+@async_test
+async def test_a_relay_that_stopped_cleanly_is_not_heard_any_more(
+    outbox: Setup, relays: Callable[..., RelayProcess]
+) -> None:
+    table = ".".join(state.table_name(outbox.settings))
+
+    def heartbeat() -> object:
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                f"SELECT heartbeat_at FROM {table} WHERE slot_name = %s", (outbox.settings.slot,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    relay = relays(outbox)
+    await relay.wait_for_log_async("streaming from slot")
+    assert await wait_until(lambda: heartbeat() is not None, 10)
+    assert relay.stop() == 0
+    assert heartbeat() is None
+    code, out, _err, _took = status(outbox)
+    assert code == 1 and f"no relay is attached to slot {outbox.settings.slot}" in out, out
