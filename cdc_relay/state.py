@@ -7,6 +7,11 @@ after a slot is lost, ``cdc-relay resync`` without ``--since`` starts from the
 recorded commit time minus a margin (a transaction that committed later may
 have inserted its rows, with ``created_at = now()`` at its start, earlier).
 
+A second reader since issue 16: ``cdc-relay status`` (another process, often
+another host) reads the running relay's health from the same row: its
+problems, since when RabbitMQ blocks it, since when its flush has waited,
+and a heartbeat that says the report is current (``HEALTH_COLUMNS``).
+
 The trade-off, chosen: one small UPDATE every few seconds (``RECORD_INTERVAL``)
 on a row nobody else writes, against guessing ``--since`` after an outage. The
 row may lag the slot by up to that interval; lagging only means more duplicates
