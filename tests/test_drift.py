@@ -91,7 +91,7 @@ def test_status_says_what_a_running_relay_reports(outbox: Setup) -> None:
     code, out, _err, _took = status(outbox)
     assert code == 1
     assert "no relay is attached" not in out
-    assert f"but a relay reported 0s ago: {failing}" in out or "reported 1s ago" in out
+    assert re.search(rf"but a relay reported \ds ago: {re.escape(failing)}", out), out
     assert f"the relay reports (since {state.format_since(now)}): {failing}" in out
     # A relay that stopped saying anything a while ago is not believed.
     write_health(outbox, heartbeat_at=now - timedelta(minutes=5))
