@@ -66,6 +66,13 @@ class RelayCli(click.Group):
             fail(exc.format_message() + hint, exc.exit_code)
         except RelayError as exc:
             fail(str(exc), exc.exit_code)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            # The command's statement or lock timeout: a lock held by someone else, not a setting.
+            fail(
+                f"Postgres: {exc.diag.message_primary or exc} [SQLSTATE {exc.sqlstate}]; "
+                "a VACUUM FULL, a migration or another long lock is in the way (see pg_locks)",
+                1,
+            )
         except psycopg.Error as exc:
             sqlstate = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
             hint = ""
@@ -253,14 +260,39 @@ async def _run(settings: Settings) -> None:
     default=None,
     help="Unhealthy when the slot's confirmed position is further behind than this.",
 )
-def status(as_json: bool, require_active: bool, max_lag_bytes: int | None, **kwargs: Any) -> None:
-    """Slot, lag and publication; exit 0 only when healthy, 1 otherwise."""
+@click.option(
+    "--max-stall",
+    type=Duration(),
+    default="120s",
+    show_default=True,
+    help="Unhealthy when the relay's confirmed position has not moved for this long "
+    "with messages waiting (a blocked broker, lost confirms).",
+)
+def status(
+    as_json: bool,
+    require_active: bool,
+    max_lag_bytes: int | None,
+    max_stall: timedelta,
+    **kwargs: Any,
+) -> None:
+    """Slot, lag, publication and the relay's own report; exit 0 only when healthy, 1 otherwise.
+
+    Every query is bounded (a locked table is reported, not waited for).
+    """
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.READ_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         info = admin.status(
-            conn, settings, require_active=require_active, max_lag_bytes=max_lag_bytes
+            conn,
+            settings,
+            require_active=require_active,
+            max_lag_bytes=max_lag_bytes,
+            max_stall=max_stall,
         )
     if as_json:
         click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
@@ -282,7 +314,11 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         for line in admin.drop(conn, settings, publication=drop_publication):
             click.echo(line)
 
@@ -296,7 +332,11 @@ def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         total = admin.prune_outbox(
             conn,
             settings,
@@ -323,10 +363,19 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
-        records = list_dead_letters(
-            conn, settings.dead_letter_table, include_replayed=include_replayed
-        )
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.READ_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
+        try:
+            records = list_dead_letters(
+                conn, settings.dead_letter_table, include_replayed=include_replayed
+            )
+        except admin.TIMEOUT_ERRORS as exc:
+            table = ".".join(settings.dead_letter_table)
+            fail(admin.could_not_read(f"dead-letter table {table}", exc), 1)
+            return
     for record in records:
         if as_json:
             click.echo(record_as_json(record).decode())
@@ -353,7 +402,11 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
     if not results:
         click.echo("nothing to replay: no pending dead letters", err=True)
@@ -382,7 +435,11 @@ def dead_letters_prune(
     from cdc_relay.pg import admin
 
     settings = settings_from(**kwargs)
-    with admin.connect(settings.dsn) as conn:
+    with admin.connect(
+        settings.dsn,
+        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=admin.READ_LOCK_TIMEOUT,
+    ) as conn:
         total = deadletters.prune(
             conn,
             settings.dead_letter_table,

@@ -234,6 +234,9 @@ class SessionCore:
         # None for any other relation the stream describes.
         self._readers: dict[int, RowReader | MissingColumns | None] = {}
         self._relation_names: dict[int, str] = {}
+        # Column names of every other relation: its rows' dead letters keep them, so a
+        # recreated outbox's rows (a new OID until the next session) can be replayed.
+        self._other_columns: dict[int, tuple[str, ...]] = {}
         # The row of every message published and not yet settled: a returned
         # message is dead-lettered from it.
         self._rows: dict[int, Any] = {}
@@ -300,6 +303,7 @@ class SessionCore:
         self._relation_names[event.relid] = f"{event.namespace or 'pg_catalog'}.{event.name}"
         if event.relid != self.outbox_relid:
             self._readers[event.relid] = None
+            self._other_columns[event.relid] = tuple(c.name for c in event.columns)
             return
         try:
             self._readers[event.relid] = RowReader([c.name for c in event.columns])
@@ -319,12 +323,14 @@ class SessionCore:
                     f"Insert for relation {event.relid} before its Relation message"
                 )
             name = self._relation_names.get(event.relid, str(event.relid))
+            columns = self._other_columns.get(event.relid)
             return self._dead(
                 seq,
                 event.new,
-                None,
+                _read_if_outbox(columns or (), event.new),
                 f"insert into {name} (OID {event.relid}), which is not the outbox {self.table} "
                 f"(OID {self.outbox_relid}): the publication must cover only the outbox",
+                columns,
             )
         try:
             row = reader.read(event.new)
@@ -580,6 +586,19 @@ def _row_from_message(content: bytes) -> OutboxRow:
         routing_key if isinstance(routing_key, str) else None,
         created_at if isinstance(created_at, str) else None,
     )
+
+
+def _read_if_outbox(columns: tuple[str, ...], values: tuple[Any, ...]) -> OutboxRow | None:
+    """The row as an outbox row when its relation has the outbox's columns (replayable as is).
+
+    A dropped and recreated outbox has a new OID, so until the next session
+    validates and adopts it, its rows arrive as "not the outbox"; stored this
+    way, ``dead-letters replay`` publishes them.
+    """
+    try:
+        return RowReader(columns).read(values)
+    except (OutboxSchemaError, UnmappableRow):
+        return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,7 +18,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import psycopg
@@ -46,6 +47,14 @@ from cdc_relay.deadletters import (
 )
 from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
+from cdc_relay.health import (
+    DRIFT_CHECK_INTERVAL,
+    DRIFT_KEY,
+    DriftWatch,
+    FlushWatch,
+    Problems,
+    since_when,
+)
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import (
@@ -62,7 +71,7 @@ from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
-from cdc_relay.redact import one_line
+from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import Envelope, Router
 from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
 
@@ -80,6 +89,8 @@ FINAL_STATUS_TIMEOUT: Final = 2.0
 # After a nack, at most this long (and never more than --confirm-timeout) for the
 # acks of the messages published before it.
 SETTLE_AFTER_REFUSAL: Final = 5.0
+SESSION_KEY: Final = "session"  # the problem key of a session that ended, until one is healthy
+DRIFT_CHECK_TIMEOUT: Final = 5.0  # statement_timeout of the drift check's side connection
 
 # Exceptions that end a session and are retried; anything else is a bug or a
 # configuration error and ends the process.
@@ -102,9 +113,7 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty(settings.exchange)
-        # Why dead letters cannot be stored now (one line naming the fix), else None:
-        # set when a session ends over it, cleared when a session streams again.
-        self.dead_letter_problem: str | None = None
+        self.problems = Problems()
         # Where this process's sessions confirmed up to: the next one starts there.
         self.confirmed = PositionBox()
         self._stop = asyncio.Event()
@@ -117,6 +126,19 @@ class Relay:
                 log.warning("second stop request: exiting now; unconfirmed rows will be resent")
             self._abort.set()
         self._stop.set()
+
+    def report_problem(self, key: str, text: str) -> None:
+        """Say what is wrong (``key`` names the part: ``dead-letters``, ``resync``, ...).
+
+        The state writer persists it within a second into the state row, where
+        ``cdc-relay status`` shows it and turns unhealthy; reporting again keeps
+        the start time. Any part of the relay may call this, from the event loop.
+        """
+        self.problems.report(key, text)
+
+    def clear_problem(self, key: str) -> None:
+        """That part is well again (a no-op if it reported nothing)."""
+        self.problems.clear(key)
 
     async def run(self) -> None:
         retention = None
@@ -148,7 +170,7 @@ class Relay:
                 self._stop,
                 self._abort,
                 self.confirmed,
-                on_dead_letters=self._dead_letters_report,
+                problems=self.problems,
             )
             try:
                 await session.run()
@@ -158,7 +180,7 @@ class Relay:
                     raise  # a first start: a setting to fix, say so at once (exit 78)
                 # It was writable before (a grant revoked, the table dropped, or a
                 # standby taking over): retry like a lock until it is fixed.
-                self._dead_letters_report(str(exc))
+                self.problems.report(SESSION_KEY, f"the last session ended: {exc}")
                 log.warning("session ended: %s (retrying)", exc)
             except SlotMissing as exc:
                 if not streamed:
@@ -184,9 +206,10 @@ class Relay:
                 rejected = _certificate_rejected(exc)
                 if rejected is not None:
                     raise ConfigError(rejected) from None
-                if isinstance(exc, DeadLetterWriteFailed):
-                    self._dead_letters_report(str(exc))
                 refused = isinstance(exc, PublishRefused)
+                # Persisted by the next session's state writer: `status` then says a
+                # relay is running and why it keeps reconnecting, not "no relay".
+                self.problems.report(SESSION_KEY, f"the last session ended: {_describe(exc)}")
                 # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
@@ -202,9 +225,6 @@ class Relay:
             self.metrics.reconnects.inc()
             log.info("reconnecting in %.1fs", delay)
             await event_within(self._stop, delay)
-
-    def _dead_letters_report(self, problem: str | None) -> None:
-        self.dead_letter_problem = problem
 
     def _backoff(self, attempt: int, refused: bool) -> float:
         """Exponential backoff with full jitter; capped after a refusal (backoff.py says why)."""
@@ -270,7 +290,7 @@ class Session:
         stop: asyncio.Event,
         abort: asyncio.Event,
         confirmed: PositionBox | None = None,
-        on_dead_letters: Callable[[str | None], None] | None = None,
+        problems: Problems | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -280,6 +300,7 @@ class Session:
         self.abort = abort
         self.confirmed = confirmed or PositionBox()
         self.wal: tuple[str, int] | None = None  # (system identifier, timeline) streamed from
+        self.problems = problems if problems is not None else Problems()
         self.conns = Connections()
         self.core: SessionCore | None = None
         self.sink: DeadLetterSink | None = None
@@ -288,7 +309,6 @@ class Session:
         self.closing = False
         self.streamed = False  # reached streaming: the slot existed and was ours
         self.checked = False  # the startup checks passed once (the dead-letter table too)
-        self.on_dead_letters = on_dead_letters  # told None once dead letters can be stored
         self.end_logged = False
 
     @property
@@ -382,10 +402,9 @@ class Session:
                 format_lsn(facts.confirmed_flush_lsn),
                 format_lsn(start),
             )
+        self.problems.clear(DRIFT_KEY)  # validation just found the publication covering it
         self.metrics.ready.set(1)
         self.streamed = True
-        if self.on_dead_letters is not None:
-            self.on_dead_letters(None)  # the checks found the dead-letter table writable
         pump = asyncio.create_task(self._pump(stream, publisher, core), name="cdc-relay-pump")
         status = asyncio.create_task(self._status_loop(stream, core), name="cdc-relay-status")
         helpers = [
@@ -393,6 +412,12 @@ class Session:
             asyncio.create_task(self._stats_loop(core), name="cdc-relay-stats"),
             asyncio.create_task(self._state_loop(core, conns.state), name="cdc-relay-state"),
         ]
+        if facts.outbox_relid:  # a table-less outbox has no table to leave the publication
+            helpers.append(
+                asyncio.create_task(
+                    self._drift_loop(core, facts.outbox_relid), name="cdc-relay-drift"
+                )
+            )
         for task in (pump, status, *helpers):
             task.add_done_callback(self._task_done)
         stop_wait = asyncio.create_task(self.stop.wait())
@@ -416,6 +441,8 @@ class Session:
                     ),
                     FINAL_STATUS_TIMEOUT,
                 )
+            with contextlib.suppress(TimeoutError):
+                await within(conns.state.retire(), FINAL_STATUS_TIMEOUT)
             log.info("stopped; confirmed position %s", format_lsn(core.tracker.flush_lsn))
         finally:
             stop_wait.cancel()
@@ -638,12 +665,87 @@ class Session:
                 schedule.sent(now)
 
     async def _state_loop(self, core: SessionCore, writer: StateWriter) -> None:
-        """Record where the relay is (throttled in state.py), for `resync` without --since."""
+        """Record where the relay is and what is wrong (throttled in state.py).
+
+        The position is for `resync` without --since; the health (problems, a
+        blocked broker, a flush that waits) for `status` in another process.
+        """
+        publisher = self.conns.publisher
+        # The row is read by other processes and roles: no password of ours goes there.
+        redact = Redactor([self.settings.dsn, *self.settings.amqp_urls])
+        started = time.monotonic()
+        watch = FlushWatch()
+        blocked_since: datetime | None = None
         while True:
             await asyncio.sleep(STATE_CHECK_INTERVAL)
-            await writer.maybe_write(
-                time.monotonic(), core.confirmed_commit_time, core.tracker.flush_lsn
-            )
+            now = time.monotonic()
+            if core.made_progress or now - started > HEALTHY_SESSION_SECONDS:
+                self.problems.clear(SESSION_KEY)
+            await writer.maybe_write(now, core.confirmed_commit_time, core.tracker.flush_lsn)
+            wall = datetime.now(UTC)
+            blocked = publisher is not None and publisher.blocked
+            blocked_since = since_when(blocked, blocked_since, wall)
+            waiting = watch.update(core.tracker.flush_lsn, core.tracker.unconfirmed, wall)
+            problem, problem_since = self.problems.summary()
+            if problem is not None:
+                problem = redact(problem)
+            await writer.maybe_report(now, (problem, problem_since, blocked_since, waiting))
+
+    async def _drift_loop(self, core: SessionCore, outbox_relid: int) -> None:
+        """Catch the outbox leaving the publication while streaming: its rows would be skipped.
+
+        Every few seconds on a side connection with a statement timeout; a failed
+        look is retried at the next one (it must never end the session). A drift
+        is said at ERROR, turns readiness and `status` red, and names the fix.
+        """
+        s = self.settings
+        watch = DriftWatch(
+            publication=s.publication,
+            table=".".join(s.table_parts),
+            slot=s.slot,
+            outbox_relid=outbox_relid,
+        )
+        conn: psycopg.AsyncConnection[Any] | None = None
+        failures = 0
+        try:
+            while True:
+                await asyncio.sleep(DRIFT_CHECK_INTERVAL)
+                try:
+                    if conn is None or conn.closed:
+                        conn = await _side_connection(s.dsn, "cdc-relay drift check")
+                    relid, covered = await within(
+                        admin.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
+                    )
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    failures += 1
+                    log.log(
+                        logging.WARNING if failures == 1 else logging.DEBUG,
+                        "cannot check that publication %s covers the outbox (retrying every "
+                        "%.0fs): %s",
+                        s.publication,
+                        DRIFT_CHECK_INTERVAL,
+                        one_line(str(exc)) or type(exc).__name__,
+                    )
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    continue
+                failures = 0
+                step = watch.observe(relid, covered, core.confirmed_commit_time, time.time())
+                if step.error is not None:
+                    log.error("%s", step.error)
+                if step.problem is not None:
+                    self.problems.report(DRIFT_KEY, step.problem)
+                    self.metrics.ready.set(0)
+                elif step.ended:
+                    self.problems.clear(DRIFT_KEY)
+                    self.metrics.ready.set(1)
+                if step.end_session is not None:
+                    raise SessionFailed(step.end_session)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     async def _stats_loop(self, core: SessionCore) -> None:
         interval = self.settings.stats_interval
@@ -664,6 +766,20 @@ class Session:
                 },
             )
             last, last_t = count, now
+
+
+async def _side_connection(dsn: str, name: str) -> psycopg.AsyncConnection[Any]:
+    """A short-statement autocommit connection: a locked catalog must never stall a check."""
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, connect_timeout=10, application_name=name
+    )
+    try:
+        timeout_ms = int(DRIFT_CHECK_TIMEOUT * 1000)
+        await conn.execute(f"SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def _bounded(awaitable: Awaitable[Any], what: str, timeout: float = 10.0) -> None:

@@ -7,6 +7,11 @@ after a slot is lost, ``cdc-relay resync`` without ``--since`` starts from the
 recorded commit time minus a margin (a transaction that committed later may
 have inserted its rows, with ``created_at = now()`` at its start, earlier).
 
+A second reader since issue 16: ``cdc-relay status`` (another process, often
+another host) reads the running relay's health from the same row: its
+problems, since when RabbitMQ blocks it, since when its flush has waited,
+and a heartbeat that says the report is current (``HEALTH_COLUMNS``).
+
 The trade-off, chosen: one small UPDATE every few seconds (``RECORD_INTERVAL``)
 on a row nobody else writes, against guessing ``--since`` after an outage. The
 row may lag the slot by up to that interval; lagging only means more duplicates
@@ -45,11 +50,30 @@ CREATE TABLE IF NOT EXISTS {table} (
     resync_since        timestamptz NULL,
     system_identifier   text NULL
 );
+ALTER TABLE {table}
+    ADD COLUMN IF NOT EXISTS problem              text NULL,
+    ADD COLUMN IF NOT EXISTS problem_since        timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS broker_blocked_since timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS waiting_since        timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS heartbeat_at         timestamptz NULL;
 """
 # Tables created before system_identifier existed get it from init or resync.
 ADD_SYSTEM_IDENTIFIER: Final = (
     "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS system_identifier text NULL"
 )
+
+# The running relay's trouble, for `status` in another process: what is wrong
+# (``problem``), since when the broker blocks it, since when its flush position
+# has not moved with messages unconfirmed (``waiting_since``), and when it last
+# said so (``heartbeat_at``: older than HEARTBEAT_STALE means no relay is saying).
+HEALTH_COLUMNS: Final = (
+    "problem",
+    "problem_since",
+    "broker_blocked_since",
+    "waiting_since",
+    "heartbeat_at",
+)
+HEARTBEAT_STALE: Final = timedelta(seconds=60)
 
 
 def table_name(settings: Settings) -> tuple[str, str]:
@@ -211,6 +235,46 @@ async def record(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RelayHealth:
+    """What the running relay last reported in its state row."""
+
+    problem: str | None
+    problem_since: datetime | None
+    broker_blocked_since: datetime | None
+    waiting_since: datetime | None
+    heartbeat_at: datetime | None
+    age: timedelta | None  # now() - heartbeat_at, by the server's clock
+
+    @property
+    def fresh(self) -> bool:
+        """A relay wrote this recently: its problems are current, not a dead relay's."""
+        return self.age is not None and self.age <= HEARTBEAT_STALE
+
+
+def read_health(
+    conn: psycopg.Connection[Any], table: tuple[str, str], slot: str
+) -> RelayHealth | None:
+    """The relay's last report, or None (no row, or a table from before these columns)."""
+    if not exists(conn, table):
+        return None
+    present = conn.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname = ANY(%s)"
+        " AND NOT attisdropped",
+        (_qualified(table).as_string(conn), list(HEALTH_COLUMNS)),
+    ).fetchone()
+    if present is None or present[0] < len(HEALTH_COLUMNS):
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT problem, problem_since, broker_blocked_since, waiting_since, heartbeat_at,"
+            " now() - heartbeat_at FROM {} WHERE slot_name = %s"
+        ).format(_qualified(table)),
+        (slot,),
+    ).fetchone()
+    return None if row is None else RelayHealth(*row)
+
+
 def mark_resync(
     conn: psycopg.Connection[Any], table: tuple[str, str], slot: str, since: datetime | None
 ) -> None:
@@ -324,6 +388,10 @@ def check_no_resync(conn: psycopg.Connection[Any], settings: Settings) -> Config
     return unreadable
 
 
+# (problem, problem_since, broker_blocked_since, waiting_since) as the relay sees them now.
+Health = tuple[str | None, datetime | None, datetime | None, datetime | None]
+
+
 class StateWriter:
     """The relay's throttled writer: at most one write per ``interval`` seconds.
 
@@ -350,6 +418,9 @@ class StateWriter:
         self._last = float("-inf")
         self._written_lsn = -1
         self.failures = 0
+        self.reports_health = True
+        self._health_written: Health | None = None
+        self._health_last = float("-inf")
 
     def due(self, now: float, lsn: int) -> bool:
         """A newer LSN than the last one written, and ``interval`` since the last attempt."""
@@ -388,6 +459,64 @@ class StateWriter:
             return False
         self._written_lsn = lsn
         return True
+
+    async def maybe_report(self, now: float, health: Health) -> None:
+        """Persist the relay's health when it changed, else as a heartbeat every ``interval``.
+
+        A state table from before the health columns (no ``init`` since the
+        upgrade) disables this once, with one warning: streaming goes on.
+        """
+        if not self.reports_health:
+            return
+        if health == self._health_written and now - self._health_last < self._interval:
+            return
+        self._health_last = now
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await _connect(self._dsn)
+            await self._conn.execute(
+                sql.SQL(
+                    "INSERT INTO {t} AS s (slot_name, problem, problem_since,"
+                    " broker_blocked_since, waiting_since, heartbeat_at)"
+                    " VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (slot_name) DO UPDATE SET"
+                    " problem = EXCLUDED.problem, problem_since = EXCLUDED.problem_since,"
+                    " broker_blocked_since = EXCLUDED.broker_blocked_since,"
+                    " waiting_since = EXCLUDED.waiting_since, heartbeat_at = now()"
+                ).format(t=_qualified(self._table)),
+                (self._slot, *health),
+            )
+        except psycopg.errors.UndefinedColumn:
+            self.reports_health = False
+            log.warning(
+                "%s lacks the health columns: `cdc-relay status` cannot see this relay's "
+                "problems until `cdc-relay init` adds them",
+                ".".join(self._table),
+            )
+            return
+        except (psycopg.Error, OSError) as exc:
+            self.failures += 1
+            if self.failures == 1:
+                log.warning(
+                    "cannot record the relay's health in %s: %s",
+                    ".".join(self._table),
+                    one_line(str(exc)),
+                )
+            return
+        self._health_written = health
+
+    async def retire(self) -> None:
+        """A clean stop: no relay reports any more (``status`` must not hear a stopped one)."""
+        if not self.reports_health or self._conn is None or self._conn.closed:
+            return
+        with contextlib.suppress(psycopg.Error, OSError):
+            await self._conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET problem = NULL, problem_since = NULL,"
+                    " broker_blocked_since = NULL, waiting_since = NULL, heartbeat_at = NULL"
+                    " WHERE slot_name = %s"
+                ).format(_qualified(self._table)),
+                (self._slot,),
+            )
 
     async def close(self) -> None:
         if self._conn is not None:

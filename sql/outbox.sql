@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_relay_state" (
     resync_since        timestamptz NULL,
     system_identifier   text NULL
 );
+ALTER TABLE "public"."outbox_relay_state"
+    ADD COLUMN IF NOT EXISTS problem              text NULL,
+    ADD COLUMN IF NOT EXISTS problem_since        timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS broker_blocked_since timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS waiting_since        timestamptz NULL,
+    ADD COLUMN IF NOT EXISTS heartbeat_at         timestamptz NULL;
 
 -- The application helper `cdc-relay init` creates next to the outbox table
 -- (<table>_enqueue: outbox_enqueue for the default table). It inserts an outbox

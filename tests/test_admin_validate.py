@@ -175,3 +175,41 @@ def test_init_refuses_an_invalid_slot_name(outbox: Setup, conn: psycopg.Connecti
     settings = Settings(**{**outbox.names, "slot": "Bad-Slot"}, dsn=outbox.dsn)
     with pytest.raises(ConfigError, match="invalid --slot 'Bad-Slot'"):
         admin.init(conn, settings)
+
+
+def test_init_adds_a_recreated_outbox_to_its_publication(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    """Issue 16: after DROP TABLE outbox, init said "publication: already exists" and
+    left the new table out of it, so its rows were never published."""
+    conn.execute(f"DROP TABLE {outbox.table}")
+    report = admin.init(conn, outbox.settings)
+    pub, table = outbox.settings.publication, outbox.table
+    assert f"publication {pub}: added {table} (the publication did not cover it)" in report
+    admin.validate(conn, outbox.settings)
+    again = admin.init(conn, outbox.settings)
+    assert f"publication {pub}: already exists" in again
+
+
+def test_init_names_the_statement_when_it_may_not_add_the_outbox(
+    outbox: Setup, conn: psycopg.Connection[Any], pg_dsn: str
+) -> None:
+    pub, (_, table) = outbox.settings.publication, outbox.settings.table_parts
+    role = f"{table}_owner"
+    conn.execute(f"ALTER PUBLICATION {pub} DROP TABLE {table}")
+    conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+        conn.execute(f"ALTER TABLE {table} OWNER TO {role}")
+        dsn = make_conninfo(pg_dsn, user=role, password="pw")
+        with psycopg.connect(dsn, autocommit=True) as owner, pytest.raises(ConfigError) as info:
+            admin._cover_outbox(owner, outbox.settings, tableless=False)
+        assert str(info.value) == (
+            f"publication {pub} does not cover public.{table} and this role may not add it: "
+            f'run ALTER PUBLICATION "{pub}" ADD TABLE "public"."{table}" as the '
+            "publication's owner"
+        )
+    finally:
+        conn.execute(f"ALTER TABLE {table} OWNER TO CURRENT_USER")
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}")
+        conn.execute(f"DROP ROLE {role}")

@@ -25,6 +25,7 @@ from cdc_relay.core import (
     SessionFailed,
     authenticated,
 )
+from cdc_relay.deadletters import DeadLetterRecord, row_from_record
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
 from cdc_relay.router import Envelope, Router
 from tests.pgoutput_encoder import encode
@@ -178,6 +179,28 @@ def test_an_insert_into_another_published_table_is_a_dead_letter_not_a_skip() ->
     assert core.tracker.flush_lsn == 0  # the dead letter is not stored yet
     core.stored([2], COMMIT_UNIX)
     assert core.tracker.flush_lsn == 0x2030
+
+
+def test_a_recreated_outboxs_rows_are_dead_letters_that_replay_can_read() -> None:
+    """Issue 16: a dropped and recreated outbox has a new OID until the next session;
+    its rows' dead letters kept values without names, which replay could not read."""
+    core, _ = make_core()
+    feed(core, relation(), relation(OTHER, name="outbox"))
+    (letter,) = transaction(core, 0x2000, insert(7, relid=OTHER))
+    assert isinstance(letter, PendingDeadLetter) and "not the outbox" in letter.letter.reason
+    assert letter.letter.outbox_id == "00000000-0000-0000-0000-000000000007"
+    record = DeadLetterRecord(1, None, "", letter.letter.row, "0/2000", "", None)
+    row = row_from_record(record)
+    assert (row.aggregate_id, row.event_type, row.payload) == ("7", "OrderCreated", b'{"n": 7}')
+
+
+def test_a_foreign_tables_dead_letters_keep_its_column_names() -> None:
+    core, _ = make_core()
+    columns = (Column(1, "sku", 25, -1), Column(0, "qty", 23, -1))
+    feed(core, relation(), xlog(Relation(OTHER, "public", "stock", "d", columns)))
+    (letter,) = transaction(core, 0x2000, xlog(Insert(OTHER, (b"A-1", b"3"))))
+    assert isinstance(letter, PendingDeadLetter)
+    assert letter.letter.row == {"values": ["A-1", "3"], "columns": ["sku", "qty"]}
 
 
 def test_an_all_dead_letter_transaction_flushes_once_stored() -> None:

@@ -142,15 +142,53 @@ def render_sql(settings: Settings) -> str:
     return header + "\n".join([*texts, emit_part, inbox_part])
 
 
-def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    """An autocommit admin connection; a failure is one ConfigError line, never the DSN."""
+# The CLI's bounds for commands that only read (``status``, ``dead-letters list``): a
+# table locked by a VACUUM FULL or a migration makes them answer, not queue behind it
+# (measured before: `status` still waiting after 90 s, its query queued after the kill).
+READ_STATEMENT_TIMEOUT: Final = 10.0
+READ_LOCK_TIMEOUT: Final = 5.0
+# Commands that change little at a time (drop, prune, dead-letters replay/prune): the
+# same lock bound, and statements that may run longer. Not init or resync: creating a
+# slot waits for every running transaction, which a lock timeout would turn into a failure.
+WRITE_STATEMENT_TIMEOUT: Final = 60.0
+
+
+def connect(
+    dsn: str,
+    *,
+    statement_timeout: float | None = None,
+    lock_timeout: float | None = None,
+    **kwargs: Any,
+) -> psycopg.Connection[Any]:
+    """An autocommit admin connection; a failure is one ConfigError line, never the DSN.
+
+    With timeouts (seconds) every statement ends within them on the server too,
+    so a killed client leaves no query queued behind a lock.
+    """
     redact = Redactor([dsn])
     try:
-        return psycopg.connect(dsn, autocommit=True, **{"connect_timeout": 10, **kwargs})
+        conn = psycopg.connect(dsn, autocommit=True, **{"connect_timeout": 10, **kwargs})
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
         raise ConfigError(
             f"cannot connect to Postgres ({redact(one_line(str(exc)) or repr(exc))}); check --dsn"
         ) from None
+    for name, value in (("statement_timeout", statement_timeout), ("lock_timeout", lock_timeout)):
+        if value is not None:
+            conn.execute(sql.SQL("SET {} = {}").format(sql.SQL(name), int(value * 1000)))
+    return conn
+
+
+TIMEOUT_ERRORS: Final = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
+
+
+def could_not_read(what: str, exc: psycopg.Error) -> str:
+    """One line for a read that hit a lock or statement timeout (a lock held by DDL?)."""
+    why = "it is locked" if isinstance(exc, psycopg.errors.LockNotAvailable) else "it timed out"
+    return (
+        f"could not read {what}: {why} ({exc.diag.message_primary or one_line(str(exc))}); "
+        "a VACUUM FULL, a migration "
+        "or another long lock holds it (see pg_locks)"
+    )
 
 
 def _exists(conn: psycopg.Connection[Any], query: str, *params: Any) -> bool:
@@ -232,7 +270,7 @@ def init(
         report.append(f"warning: {_unsigned_emit_hint(settings)}")
 
     if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", settings.publication):
-        report.append(f"publication {settings.publication}: already exists")
+        report.append(_cover_outbox(conn, settings, tableless))
     elif tableless:
         # Empty: pgoutput still sends logical messages, and validation accepts it.
         conn.execute(
@@ -264,6 +302,42 @@ def init(
     for role in grant_emit_to:
         report += grant_emit(conn, settings, role)
     return report
+
+
+def _cover_outbox(conn: psycopg.Connection[Any], settings: Settings, tableless: bool) -> str:
+    """An existing publication made to cover the outbox; its one report line.
+
+    A dropped and recreated outbox leaves the publication without it (Postgres
+    removes a dropped table from its publications), and its rows would then be
+    skipped without a word: init adds it back, or names the statement to run.
+    """
+    pub, (schema, table) = settings.publication, settings.table_parts
+    if tableless or _exists(
+        conn,
+        "SELECT 1 FROM pg_publication_tables WHERE pubname = %s"
+        " AND schemaname = %s AND tablename = %s",
+        pub,
+        schema,
+        table,
+    ):
+        return f"publication {pub}: already exists"
+    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+        sql.Identifier(pub), qualified(schema, table)
+    )
+    text = statement.as_string(conn)
+    if _exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s AND puballtables", pub):
+        raise ConfigError(
+            f"publication {pub} is FOR ALL TABLES; the relay needs one limited to "
+            f"{schema}.{table}: DROP PUBLICATION {pub}, then run `cdc-relay init` again"
+        )
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigError(
+            f"publication {pub} does not cover {schema}.{table} and this role may not add "
+            f"it: run {text} as the publication's owner"
+        ) from None
+    return f"publication {pub}: added {schema}.{table} (the publication did not cover it)"
 
 
 FAILOVER_MIN_VERSION = 170000  # failover slots and slot synchronization: PostgreSQL 17
@@ -744,6 +818,27 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
         )
 
 
+async def look_at_outbox(
+    conn: psycopg.AsyncConnection[Any], settings: Settings
+) -> tuple[int | None, bool]:
+    """(the OID now named like the outbox or None, whether the publication covers it).
+
+    The relay's drift check (``health.judge_drift``) asks this every few seconds;
+    pg_publication_tables also answers for FOR ALL TABLES and partition roots.
+    """
+    schema, table = settings.table_parts
+    cur = await conn.execute(
+        "SELECT (SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+        " AND c.relkind IN ('r', 'p')), EXISTS (SELECT 1 FROM pg_publication_tables"
+        " WHERE pubname = %s AND schemaname = %s AND tablename = %s)",
+        (schema, table, settings.publication, schema, table),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return (None if row[0] is None else int(row[0])), bool(row[1])
+
+
 def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
     if info is None:
         raise SlotMissing(
@@ -781,6 +876,7 @@ def status(
     *,
     require_active: bool = True,
     max_lag_bytes: int | None = None,
+    max_stall: timedelta | None = None,
 ) -> dict[str, Any]:
     """What an operator asks first: is it streaming, how far behind, how much WAL is held.
 
@@ -801,6 +897,7 @@ def status(
     }
     problems: list[str] = []
     warnings: list[str] = []
+    health = _relay_health(conn, settings, problems)
     if info is not None:
         lag = conn.execute(
             "SELECT pg_current_wal_lsn()::text,"
@@ -834,7 +931,7 @@ def status(
         if failover:
             warnings += _failover_warnings(conn, settings.slot)
         if require_active and not info.active:
-            problems.append(f"no relay is attached to slot {settings.slot}")
+            problems.append(_not_attached(settings.slot, health))
         if max_lag_bytes is not None and lag[1] is not None and lag[1] > max_lag_bytes:
             problems.append(f"lag {lag[1]} bytes exceeds --max-lag-bytes {max_lag_bytes}")
     pub_tables = conn.execute(
@@ -859,6 +956,10 @@ def status(
         except psycopg.errors.InsufficientPrivilege:
             result["dead_letters_pending"] = None
             problems.append(_missing_privilege(conn, f"SELECT on {dl_schema}.{dl_table}"))
+        except TIMEOUT_ERRORS as exc:
+            result["dead_letters_pending"] = None
+            problems.append(could_not_read(f"dead-letter table {dl_schema}.{dl_table}", exc))
+    problems += _relay_reports(health, max_stall)
     try:
         validate(conn, settings)
     except ConfigError as exc:
@@ -911,6 +1012,64 @@ def emit_warnings(conn: psycopg.Connection[Any], settings: Settings) -> list[str
             "pg_logical_emit_message FROM PUBLIC if nothing else needs it"
         )
     return warnings
+
+
+def _relay_health(
+    conn: psycopg.Connection[Any], settings: Settings, problems: list[str]
+) -> state.RelayHealth | None:
+    """What the running relay last reported in its state row (None: nothing fresh to read)."""
+    table = state.table_name(settings)
+    try:
+        health = state.read_health(conn, table, settings.slot)
+    except psycopg.errors.InsufficientPrivilege:
+        return None  # an older grant: status still answers from the catalogs
+    except TIMEOUT_ERRORS as exc:
+        problems.append(could_not_read(f"relay state table {'.'.join(table)}", exc))
+        return None
+    return health if health is not None and health.fresh else None
+
+
+def _not_attached(slot: str, health: state.RelayHealth | None) -> str:
+    """The slot is inactive: say so, unless a relay reported recently (between sessions)."""
+    if health is None or health.age is None:
+        return f"no relay is attached to slot {slot}"
+    said = f"{health.problem}" if health.problem else "between sessions, reconnecting"
+    return (
+        f"no relay holds slot {slot} right now, but a relay reported "
+        f"{health.age.total_seconds():.0f}s ago: {said}"
+    )
+
+
+DEFAULT_MAX_STALL: Final = timedelta(seconds=120)
+"""``status --max-stall``: longer than a slow broker's confirm (--confirm-timeout,
+30 s by default) plus a session's reconnect backoff (up to 30 s), so a healthy relay
+that just recovered is not called stalled, yet short enough for a cron probe to
+page within a few minutes of a broker alarm."""
+
+
+def _relay_reports(health: state.RelayHealth | None, max_stall: timedelta | None) -> list[str]:
+    """The running relay's own trouble, as status problems (it cannot be seen in the catalogs)."""
+    if health is None:
+        return []
+    found = []
+    if health.problem:
+        since = state.format_since(health.problem_since) if health.problem_since else "?"
+        found.append(f"the relay reports (since {since}): {health.problem}")
+    if health.broker_blocked_since is not None:
+        found.append(
+            "RabbitMQ has blocked the relay's connection since "
+            f"{state.format_since(health.broker_blocked_since)} (a memory or disk alarm): "
+            "nothing is delivered until it clears (rabbitmq-diagnostics alarms)"
+        )
+    if max_stall is not None and health.waiting_since is not None and health.age is not None:
+        assert health.heartbeat_at is not None
+        waited = health.heartbeat_at + health.age - health.waiting_since
+        if waited > max_stall:
+            found.append(
+                f"the relay's confirmed position has not moved for {waited.total_seconds():.0f}s "
+                f"with messages waiting (--max-stall {max_stall.total_seconds():.0f}s)"
+            )
+    return found
 
 
 def _wal_retention(slot: str, wal_status: str | None, retained: int | None) -> str:
