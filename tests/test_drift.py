@@ -196,7 +196,7 @@ async def test_status_says_a_relay_runs_while_its_dead_letter_writes_fail(
         with psycopg.connect(outbox.dsn) as conn:
             outbox.insert(conn, [{"headers": ["not", "an", "object"]}])  # a dead letter
             conn.commit()
-        await relay.wait_for_log_async("dead-letter write failed", 30)
+        await relay.wait_for_log_async("cannot store dead letters", 30)
 
         def reported() -> list[str]:
             done = run_cli("status", "--json", *outbox.cli_args(), timeout=60)
