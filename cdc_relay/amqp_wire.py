@@ -16,7 +16,7 @@ from typing import Any
 
 from pamqp import encode as pamqp_encode
 
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 
 FRAME_METHOD = 1
 FRAME_HEADER = 2

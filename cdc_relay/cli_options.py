@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import string
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 from cdc_relay.config import Option, Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.redact import Redactor, one_line
-from cdc_relay.router import OutboxRow, Router, UnmappableRow
+from cdc_relay.router import Router
 
 # Every password this process was given; applied to everything it prints.
 REDACT = Redactor()
@@ -225,27 +224,11 @@ def settings_from(**kwargs: Any) -> Settings:
 
 
 def check_routing_key(settings: Settings) -> None:
-    """Render the template once against a sample row, so '{' fails at start, not per row."""
+    """The router's template check, at startup: '{' is one ConfigError line, not N dead letters."""
     template = settings.routing_key
     try:
-        router = Router(settings.exchange, template, settings.message_format)
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise ConfigError(f"invalid --routing-key {template!r}: {exc}") from None
-    known = {"id", "aggregate_type", "aggregate_id", "event_type", "payload"}
-    for field in fields:
-        root = re.split(r"[.\[]", field, maxsplit=1)[0]
-        if root not in known:
-            raise ConfigError(
-                f"invalid --routing-key {template!r}: unknown field {{{root}}}; "
-                f"use {', '.join('{' + k + '}' for k in sorted(known))}"
-            )
-    if any(re.split(r"[.\[]", f, maxsplit=1)[0] == "payload" for f in fields):
-        return  # depends on each row's payload: such rows are dead-lettered one by one
-    sample = OutboxRow("00000000-0000-0000-0000-000000000000", "order", "1", "Created", b"{}")
-    try:
-        router.render_routing_key(sample)
-    except UnmappableRow as exc:
+        Router(settings.exchange, template, settings.message_format).check_template()
+    except ValueError as exc:  # UnmappableRow included
         raise ConfigError(f"invalid --routing-key {template!r}: {exc}") from None
 
 

@@ -335,7 +335,7 @@ class Settings:
         if any(not p for p in self.allowed_exchanges):
             raise ConfigError("--allowed-exchanges has an empty pattern")
         default = self.exchange if self.message_format == "event" else ""
-        if not self.exchange_allowed(default):
+        if not exchange_allowed(self.allowed_exchanges, default):
             what = f"--exchange {default!r}" if default else "the default exchange ''"
             add = default or DEFAULT_EXCHANGE_PATTERN
             raise ConfigError(
@@ -356,10 +356,6 @@ class Settings:
                 f"invalid --slot {self.slot[:80]!r}: use 1-63 lowercase letters, digits "
                 "and underscores"
             )
-
-    def exchange_allowed(self, exchange: str) -> bool:
-        """May a message go to this exchange? (``--allowed-exchanges``: the router's rule)."""
-        return exchange_allowed(self.allowed_exchanges, exchange)
 
 
 def option_of(name: str) -> Option:

@@ -33,18 +33,12 @@ import orjson
 from cdc_relay.acks import AckTracker
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.deadletters import DeadLetter, PendingDeadLetter
+from cdc_relay.envelope import Envelope
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
 from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
-from cdc_relay.router import (
-    Envelope,
-    MissingColumns,
-    OutboxRow,
-    OutboxSchemaError,
-    Router,
-    RowReader,
-    UnmappableRow,
-)
+from cdc_relay.router import Router
+from cdc_relay.rows import MissingColumns, OutboxRow, OutboxSchemaError, RowReader, UnmappableRow
 
 # Postgres timestamps count microseconds from 2000-01-01 00:00:00 UTC.
 POSTGRES_EPOCH_UNIX: Final = 946_684_800

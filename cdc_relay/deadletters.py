@@ -48,10 +48,12 @@ from psycopg import sql
 
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
+from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.redact import one_line
-from cdc_relay.router import Envelope, OutboxRow, Router, UnmappableRow
+from cdc_relay.router import Router
+from cdc_relay.rows import OutboxRow, UnmappableRow
 
 # outbox_id is text, not uuid: a user-managed outbox (init --no-table) may use any
 # id, and a dead-letter insert that fails would stall the stream on that row.

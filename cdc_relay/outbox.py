@@ -35,8 +35,10 @@ from typing import Any
 import orjson
 
 from cdc_relay import tracing
+from cdc_relay.celery_message import TASK_AGGREGATE_TYPE
 from cdc_relay.config import ConfigError, split_table_name
-from cdc_relay.router import TASK_AGGREGATE_TYPE, OutboxRow, Router, UnmappableRow
+from cdc_relay.router import Router
+from cdc_relay.rows import OutboxRow, UnmappableRow
 
 DEFAULT_TABLE = "public.outbox"
 # RabbitMQ 4's default max_message_size; a bigger body is refused by the broker.

@@ -46,6 +46,7 @@ from cdc_relay.deadletters import (
     PendingDeadLetter,
 )
 from cdc_relay.deadline import event_within, within
+from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.health import (
     DRIFT_CHECK_INTERVAL,
@@ -72,7 +73,7 @@ from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import Redactor, one_line
-from cdc_relay.router import Envelope, Router
+from cdc_relay.router import Router
 from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
 
 log = logging.getLogger("cdc_relay")

@@ -38,13 +38,15 @@ from cdc_relay.amqp import (
 from cdc_relay.config import Settings
 from cdc_relay.core import _reason as mapping_reason  # the stream's own dead-letter reasons
 from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, check_writable
+from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg import admin
 from cdc_relay.pg.replication import ReplicationStream
 from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import one_line
-from cdc_relay.router import Envelope, OutboxRow, Router
+from cdc_relay.router import Router
+from cdc_relay.rows import OutboxRow
 from cdc_relay.state import DEFAULT_MARGIN
 
 BATCH: Final = 1000  # rows per server-side cursor fetch

@@ -22,7 +22,7 @@ from cdc_relay.amqp import (
     PublishFailed,
     declare_exchange,
 )
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 from tests.amqp_fakes import FakeBroker, running
 
 pytestmark = pytest.mark.asyncio

@@ -16,7 +16,7 @@ import pytest
 
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, declare_exchange
 from cdc_relay.amqp.replies import broker_max_message_size, close_error, refused_exchange
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 from devtools.amqp import delete_topology, queue_depth, topology
 
 # Captured from RabbitMQ 3.10 (the session broker) and 3.13/4.0 release texts.

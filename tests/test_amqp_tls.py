@@ -30,7 +30,7 @@ from cdc_relay.amqp import (
     declare_exchange,
     redact,
 )
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 from tests.amqp_fakes import FakeBroker, running
 
 SECRET = "s3cr3t-pw"

@@ -19,7 +19,7 @@ from pamqp.header import ContentHeader
 
 from cdc_relay.amqp import AmqpAddress
 from cdc_relay.amqp_wire import PublishEncoder, encode_value
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 
 
 def reference(envelope: Envelope, channel: int, frame_max: int) -> bytes:

@@ -26,8 +26,9 @@ from cdc_relay.core import (
     authenticated,
 )
 from cdc_relay.deadletters import DeadLetterRecord, row_from_record
+from cdc_relay.envelope import Envelope
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
-from cdc_relay.router import Envelope, Router
+from cdc_relay.router import Router
 from tests.pgoutput_encoder import encode
 
 OUTBOX = 16391

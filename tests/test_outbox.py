@@ -17,8 +17,10 @@ import psycopg
 import pytest
 
 from cdc_relay import outbox
+from cdc_relay.celery_message import TASK_AGGREGATE_TYPE
+from cdc_relay.envelope import Envelope
 from cdc_relay.outbox import EnqueueError, enqueue, enqueue_async, enqueue_task, enqueue_task_async
-from cdc_relay.router import TASK_AGGREGATE_TYPE, Envelope, Router
+from cdc_relay.router import Router
 from tests.apps.drivers import ASYNC_DRIVERS, SYNC_DRIVERS
 from tests.apps.schema import create_outbox, drop_table, read_rows, unique_table
 
@@ -293,7 +295,7 @@ def test_bad_table_names_are_refused() -> None:
 
 
 def _row(insert: outbox.Insert) -> Any:
-    from cdc_relay.router import OutboxRow
+    from cdc_relay.rows import OutboxRow
 
     return OutboxRow(
         insert.id,

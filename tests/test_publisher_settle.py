@@ -19,7 +19,7 @@ from pamqp.header import ContentHeader
 
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.amqp.connection import Connection
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 
 pytestmark = pytest.mark.asyncio
 

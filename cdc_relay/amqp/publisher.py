@@ -40,7 +40,7 @@ from cdc_relay.amqp_wire import (
     encode_method_publish,
     encode_properties,
 )
-from cdc_relay.router import Envelope
+from cdc_relay.envelope import Envelope
 
 if TYPE_CHECKING:
     from cdc_relay.config import Settings

@@ -36,7 +36,7 @@ from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
 from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import Redactor, one_line
-from cdc_relay.router import OUTBOX_COLUMNS
+from cdc_relay.rows import OUTBOX_COLUMNS
 
 log = logging.getLogger("cdc_relay")
 

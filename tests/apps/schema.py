@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 
 from cdc_relay.outbox import outbox_ddl as product_outbox_ddl
-from cdc_relay.router import OutboxRow
+from cdc_relay.rows import OutboxRow
 
 
 def outbox_ddl(table: str) -> str:
