@@ -398,8 +398,8 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     run; one replay at a time per dead-letter table; a second run after success
     publishes nothing.
     """
-    from cdc_relay.deadletters import replay
     from cdc_relay.pg import admin
+    from cdc_relay.replay import replay
 
     settings = settings_from(**kwargs)
     with admin.connect(

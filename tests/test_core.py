@@ -25,9 +25,10 @@ from cdc_relay.core import (
     SessionFailed,
     authenticated,
 )
-from cdc_relay.deadletters import DeadLetterRecord, row_from_record
+from cdc_relay.deadletters import DeadLetterRecord
 from cdc_relay.envelope import Envelope
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
+from cdc_relay.replay import row_from_record
 from cdc_relay.router import Router
 from tests.pgoutput_encoder import encode
 

@@ -18,13 +18,9 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay import deadletters
-from cdc_relay.deadletters import (
-    DeadLetterRecord,
-    ReplayBusy,
-    TruncatedRow,
-    group_by_outbox_row,
-    row_from_record,
-)
+from cdc_relay import replay as replays
+from cdc_relay.deadletters import DeadLetterRecord
+from cdc_relay.replay import ReplayBusy, TruncatedRow, group_by_outbox_row, row_from_record
 from devtools.amqp import queue_depth
 from tests.harness import Consumer, Setup, run_cli
 
@@ -200,7 +196,7 @@ async def test_siblings_in_later_rounds_are_published_once(outbox: Setup, events
     a, b, c = (str(uuid.uuid4()) for _ in range(3))
     add_dead_letters(outbox, [stored_row(a), stored_row(b), stored_row(c), stored_row(a)])
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
-        results = await deadletters.replay(conn, outbox.settings, batch=2)
+        results = await replays.replay(conn, outbox.settings, batch=2)
     assert [error for _, error in results] == [None] * 4
     assert sorted(await settle(events, 3)) == sorted([a, b, c])
     assert pending(outbox) == []
@@ -211,14 +207,14 @@ async def test_a_second_replay_at_once_refuses_in_one_line(outbox: Setup, events
     add_dead_letters(outbox, [stored_row(str(uuid.uuid4()))])
     table = outbox.settings.dead_letter_table
     with psycopg.connect(outbox.dsn, autocommit=True) as holder:
-        deadletters._claim(holder, table)  # a replay that is running
+        replays._claim(holder, table)  # a replay that is running
         result = await replay(outbox)
         assert result.returncode == 1, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "another dead-letters replay is running" in lines[0]
         assert f"pid {holder.info.backend_pid}" in lines[0]
         with psycopg.connect(outbox.dsn, autocommit=True) as conn, pytest.raises(ReplayBusy):
-            await deadletters.replay(conn, outbox.settings)
+            await replays.replay(conn, outbox.settings)
     assert events.ids() == []
     result = await replay(outbox)  # the holder is gone: its lock with it
     assert "1 replayed, 0 failed" in result.stderr, result.stderr
