@@ -31,11 +31,12 @@ from typing import Any, Final
 import orjson
 
 from cdc_relay.acks import AckTracker
-from cdc_relay.amqp import Outcome, PublishFailed
-from cdc_relay.deadletters import DeadLetter, PendingDeadLetter
+from cdc_relay.amqp.window import Outcome, PublishFailed
+from cdc_relay.errors import SessionError
+from cdc_relay.letters import DeadLetter, PendingDeadLetter
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
-from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
+from cdc_relay.pg.walproto import PG_EPOCH_UNIX, PrimaryKeepalive, decode_copy_data
 from cdc_relay.router import (
     Envelope,
     MissingColumns,
@@ -46,11 +47,8 @@ from cdc_relay.router import (
     UnmappableRow,
 )
 
-# Postgres timestamps count microseconds from 2000-01-01 00:00:00 UTC.
-POSTGRES_EPOCH_UNIX: Final = 946_684_800
 
-
-class SessionFailed(Exception):
+class SessionFailed(SessionError):
     """Something ended the session; the next one replays from the slot."""
 
 
@@ -418,7 +416,7 @@ class SessionCore:
             self._counters.transactions.inc()
         last = tracker.last_seq
         if last >= self._txn_first_seq:
-            commit_unix = event.commit_ts / 1_000_000 + POSTGRES_EPOCH_UNIX
+            commit_unix = event.commit_ts / 1_000_000 + PG_EPOCH_UNIX
             self._txns.append((last, self._txn_first_seq, self._txn_lsn, commit_unix))
         return STOP if self.stop_requested else None
 
