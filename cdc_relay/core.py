@@ -12,6 +12,8 @@ performs what it answers:
 - ``settle(outcome, now)`` takes one ack/nack/return report from the publisher
   and answers the dead letters it makes necessary (or raises ``SessionFailed``);
 - ``stored(seqs, now)`` marks dead letters durable, so the flush may pass them;
+- after it raised ``SessionFailed`` the core is in an error state: every entry
+  point raises again (``failure`` says why), so nothing acts on a dead session;
 - ``status_due`` is the one place that says "a standby status update should
   go out now"; ``status_sent()`` records that it went.
 
@@ -248,6 +250,7 @@ class SessionCore:
         self.sent_flush = start_flush
         self._reply_requested = False
         self.stop_requested = False
+        self._failure: SessionFailed | None = None
         self.made_progress = False
         # Commit time (Unix seconds) of the newest transaction whose messages are all
         # confirmed: where `resync` without --since starts (state.py).
@@ -263,6 +266,42 @@ class SessionCore:
     @property
     def in_transaction(self) -> bool:
         return self.tracker.in_transaction
+
+    @property
+    def flush_lsn(self) -> int:
+        """The position every message up to which is confirmed or stored (safe to report)."""
+        return self.tracker.flush_lsn
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages published (or dead-lettered) and not yet confirmed (or stored)."""
+        return self.tracker.unconfirmed
+
+    def request_stop(self) -> None:
+        """Stop at the next transaction boundary: ``receive`` answers ``STOP`` at its Commit."""
+        self.stop_requested = True
+
+    # -- the error state ---------------------------------------------------------------
+
+    @property
+    def failure(self) -> SessionFailed | None:
+        """What ended the session, once the core raised it; the core refuses further use."""
+        return self._failure
+
+    def _fail(self, exc: SessionFailed) -> SessionFailed:
+        """Enter the error state (like h11's ERROR): every entry point raises from now on.
+
+        The entry points are shadowed on the instance, so the hot path pays nothing
+        for the check; what the core answered before stays as it was.
+        """
+        if self._failure is None:
+            self._failure = exc
+            for name in ("receive", "rechecked", "settle", "unpublishable", "stored"):
+                setattr(self, name, self._refuse)
+        return exc
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise SessionFailed(f"the session failed already: {self._failure}")
 
     def receive(self, frame: bytes) -> Action:
         """One CopyData frame of the replication stream."""
@@ -317,8 +356,8 @@ class SessionCore:
         reader = self._readers.get(event.relid)
         if reader is None:
             if event.relid not in self._readers:
-                raise SessionFailed(
-                    f"Insert for relation {event.relid} before its Relation message"
+                raise self._fail(
+                    SessionFailed(f"Insert for relation {event.relid} before its Relation message")
                 )
             name = self._relation_names.get(event.relid, str(event.relid))
             columns = self._other_columns.get(event.relid)
@@ -444,14 +483,16 @@ class SessionCore:
             if error.returned and self.dead_letter_unroutable and row is not None:
                 letters.append(self._dead(seq, None, row, error.reason))
                 continue
-            raise PublishRefused(f"publish of message {seq} failed: {error}")
+            raise self._fail(PublishRefused(f"publish of message {seq} failed: {error}"))
         lost = outcome.lost
         if lost is not None:
             if self.limits.learn(lost):
                 culprit = rows.get(lost.culprit_seq) if lost.culprit_seq is not None else None
                 which = f" (outbox row {culprit.id})" if culprit is not None else ""
-                raise SessionFailed(f"{lost}{which}; rows it refuses will be dead-lettered")
-            raise SessionFailed(str(lost))
+                raise self._fail(
+                    SessionFailed(f"{lost}{which}; rows it refuses will be dead-lettered")
+                )
+            raise self._fail(SessionFailed(str(lost)))
         return letters
 
     def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:

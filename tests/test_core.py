@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ from cdc_relay.core import (
     STOP,
     BrokerLimits,
     PendingDeadLetter,
+    PublishRefused,
     Recheck,
     SessionCore,
     SessionFailed,
@@ -286,8 +289,39 @@ def test_a_nack_or_a_lost_connection_ends_the_session() -> None:
     transaction(core, 0x2000, insert(1), insert(2))
     with pytest.raises(SessionFailed, match="nacked"):
         core.settle(Outcome([], [(1, PublishFailed("nacked by broker"))], None), COMMIT_UNIX)
+    core, _ = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1), insert(2))
     with pytest.raises(SessionFailed, match="connection lost"):
         core.settle(Outcome([], [], PublishFailed("AMQP connection lost")), COMMIT_UNIX)
+
+
+def test_after_session_failed_the_core_refuses_every_further_use() -> None:
+    """Like h11's ERROR state: nothing may act on a session that already failed."""
+    core, _ = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1), insert(2))
+    with pytest.raises(PublishRefused, match="nacked"):
+        core.settle(Outcome([], [(1, PublishFailed("nacked by broker"))], None), COMMIT_UNIX)
+    assert isinstance(core.failure, PublishRefused)
+    flush = core.flush_lsn
+    with pytest.raises(SessionFailed, match="failed already: publish of message 1 failed"):
+        core.settle(Outcome([2], [], None), COMMIT_UNIX)  # the ack of row 2 changes nothing
+    with pytest.raises(SessionFailed, match="failed already"):
+        core.receive(keepalive(0x9000))
+    with pytest.raises(SessionFailed, match="failed already"):
+        core.stored([2], COMMIT_UNIX)
+    with pytest.raises(SessionFailed, match="failed already"):
+        core.unpublishable(2, "too big")
+    assert core.flush_lsn == flush and core.received_lsn < 0x9000
+
+
+def test_an_insert_before_its_relation_puts_the_core_in_the_error_state() -> None:
+    core, _ = make_core()
+    with pytest.raises(SessionFailed, match="before its Relation"):
+        transaction(core, 0x2000, insert(1))
+    with pytest.raises(SessionFailed, match="failed already"):
+        feed(core, relation())
 
 
 def refused(exchange: str, code: int = 404) -> PublishFailed:
@@ -538,3 +572,15 @@ def test_an_emitted_message_not_signed_with_the_key_is_dead_lettered_never_publi
     )
     assert isinstance(action, PendingDeadLetter) and action.letter.reason == EMIT_AUTH_FAILED
     assert authenticated(sign(body), EMIT_KEY) == body
+
+
+def test_importing_the_core_loads_no_io_library() -> None:
+    """The core is sans-I/O: it must load without asyncio, ssl, psycopg or pamqp."""
+    probe = (
+        "import sys; import cdc_relay.core; "
+        "print(sorted(m for m in ('asyncio', 'ssl', 'psycopg', 'pamqp') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
