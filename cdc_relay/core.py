@@ -12,8 +12,9 @@ performs what it answers:
 - ``settle(outcome, now)`` takes one ack/nack/return report from the publisher
   and answers the dead letters it makes necessary (or raises ``SessionFailed``);
 - ``stored(seqs, now)`` marks dead letters durable, so the flush may pass them;
-- after it raised ``SessionFailed`` the core is in an error state: every entry
-  point raises again (``failure`` says why), so nothing acts on a dead session;
+- after it raised ``SessionFailed`` the core is in an error state: it reads,
+  routes and publishes nothing more (``failure`` says why), but still takes
+  the acks and stored dead letters of what was sent before;
 - ``status_due`` is the one place that says "a standby status update should
   go out now"; ``status_sent()`` records that it went.
 
@@ -285,18 +286,21 @@ class SessionCore:
 
     @property
     def failure(self) -> SessionFailed | None:
-        """What ended the session, once the core raised it; the core refuses further use."""
+        """What ended the session, once the core raised it; it then answers no new input."""
         return self._failure
 
     def _fail(self, exc: SessionFailed) -> SessionFailed:
-        """Enter the error state (like h11's ERROR): every entry point raises from now on.
+        """Enter the error state (like h11's ERROR): nothing new is read, routed or published.
 
-        The entry points are shadowed on the instance, so the hot path pays nothing
-        for the check; what the core answered before stays as it was.
+        ``receive``, ``rechecked`` and ``unpublishable`` raise from now on (shadowed
+        on the instance, so the hot path pays nothing for the check). ``settle`` and
+        ``stored`` still take reports of what already happened: after a nack the
+        acks of the messages published before it, and dead letters stored while
+        the session winds down, move the flush that the final status update reports.
         """
         if self._failure is None:
             self._failure = exc
-            for name in ("receive", "rechecked", "settle", "unpublishable", "stored"):
+            for name in ("receive", "rechecked", "unpublishable"):
                 setattr(self, name, self._refuse)
         return exc
 
