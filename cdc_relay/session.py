@@ -82,6 +82,7 @@ log = logging.getLogger("cdc_relay")
 HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
 STATE_CHECK_INTERVAL: Final = 1.0  # the state writer itself writes at most every few seconds
 FINAL_STATUS_TIMEOUT: Final = 2.0
+CLEANUP_TIMEOUT: Final = 10.0  # cancelling the tasks, closing the connections: each at most
 # After a nack, at most this long (and never more than --confirm-timeout) for the
 # acks of the messages published before it.
 SETTLE_AFTER_REFUSAL: Final = 5.0
@@ -369,12 +370,13 @@ class Session:
     async def _pump(
         self, stream: ReplicationStream, publisher: Publisher, core: SessionCore
     ) -> None:
-        receive = core.receive
         publish = publisher.publish
         sink = self.sink
         assert sink is not None
         while True:
-            for frame in await stream.read_frames():
+            frames = await stream.read_frames()
+            receive = core.receive  # per batch: a failed core refuses (its error state)
+            for frame in frames:
                 action = receive(frame)
                 if action is None:
                     continue
@@ -608,8 +610,9 @@ async def _side_connection(dsn: str, name: str) -> psycopg.AsyncConnection[Any]:
     return conn
 
 
-async def _bounded(awaitable: Awaitable[Any], what: str, timeout: float = 10.0) -> None:
+async def _bounded(awaitable: Awaitable[Any], what: str) -> None:
     """Cleanup must never hang a relay that is trying to recover."""
+    timeout = CLEANUP_TIMEOUT
     try:
         await within(awaitable, timeout)
     except TimeoutError:
