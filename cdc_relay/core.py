@@ -12,6 +12,9 @@ performs what it answers:
 - ``settle(outcome, now)`` takes one ack/nack/return report from the publisher
   and answers the dead letters it makes necessary (or raises ``SessionFailed``);
 - ``stored(seqs, now)`` marks dead letters durable, so the flush may pass them;
+- after it raised ``SessionFailed`` the core is in an error state: it reads,
+  routes and publishes nothing more (``failure`` says why), but still takes
+  the acks and stored dead letters of what was sent before;
 - ``status_due`` is the one place that says "a standby status update should
   go out now"; ``status_sent()`` records that it went.
 
@@ -31,20 +34,18 @@ from typing import Any, Final
 import orjson
 
 from cdc_relay.acks import AckTracker
-from cdc_relay.amqp import Outcome, PublishFailed
-from cdc_relay.deadletters import DeadLetter, PendingDeadLetter
+from cdc_relay.amqp.window import Outcome, PublishFailed
 from cdc_relay.envelope import Envelope
+from cdc_relay.errors import SessionError
+from cdc_relay.letters import DeadLetter, PendingDeadLetter
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
-from cdc_relay.pg.walproto import PrimaryKeepalive, decode_copy_data
+from cdc_relay.pg.walproto import PG_EPOCH_UNIX, PrimaryKeepalive, decode_copy_data
 from cdc_relay.router import Router
 from cdc_relay.rows import MissingColumns, OutboxRow, OutboxSchemaError, RowReader, UnmappableRow
 
-# Postgres timestamps count microseconds from 2000-01-01 00:00:00 UTC.
-POSTGRES_EPOCH_UNIX: Final = 946_684_800
 
-
-class SessionFailed(Exception):
+class SessionFailed(SessionError):
     """Something ended the session; the next one replays from the slot."""
 
 
@@ -244,6 +245,7 @@ class SessionCore:
         self.sent_flush = start_flush
         self._reply_requested = False
         self.stop_requested = False
+        self._failure: SessionFailed | None = None
         self.made_progress = False
         # Commit time (Unix seconds) of the newest transaction whose messages are all
         # confirmed: where `resync` without --since starts (state.py).
@@ -259,6 +261,45 @@ class SessionCore:
     @property
     def in_transaction(self) -> bool:
         return self.tracker.in_transaction
+
+    @property
+    def flush_lsn(self) -> int:
+        """The position every message up to which is confirmed or stored (safe to report)."""
+        return self.tracker.flush_lsn
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages published (or dead-lettered) and not yet confirmed (or stored)."""
+        return self.tracker.unconfirmed
+
+    def request_stop(self) -> None:
+        """Stop at the next transaction boundary: ``receive`` answers ``STOP`` at its Commit."""
+        self.stop_requested = True
+
+    # -- the error state ---------------------------------------------------------------
+
+    @property
+    def failure(self) -> SessionFailed | None:
+        """What ended the session, once the core raised it; it then answers no new input."""
+        return self._failure
+
+    def _fail(self, exc: SessionFailed) -> SessionFailed:
+        """Enter the error state (like h11's ERROR): nothing new is read, routed or published.
+
+        ``receive``, ``rechecked`` and ``unpublishable`` raise from now on (shadowed
+        on the instance, so the hot path pays nothing for the check). ``settle`` and
+        ``stored`` still take reports of what already happened: after a nack the
+        acks of the messages published before it, and dead letters stored while
+        the session winds down, move the flush that the final status update reports.
+        """
+        if self._failure is None:
+            self._failure = exc
+            for name in ("receive", "rechecked", "unpublishable"):
+                setattr(self, name, self._refuse)
+        return exc
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise SessionFailed(f"the session failed already: {self._failure}")
 
     def receive(self, frame: bytes) -> Action:
         """One CopyData frame of the replication stream."""
@@ -313,8 +354,8 @@ class SessionCore:
         reader = self._readers.get(event.relid)
         if reader is None:
             if event.relid not in self._readers:
-                raise SessionFailed(
-                    f"Insert for relation {event.relid} before its Relation message"
+                raise self._fail(
+                    SessionFailed(f"Insert for relation {event.relid} before its Relation message")
                 )
             name = self._relation_names.get(event.relid, str(event.relid))
             columns = self._other_columns.get(event.relid)
@@ -412,7 +453,7 @@ class SessionCore:
             self._counters.transactions.inc()
         last = tracker.last_seq
         if last >= self._txn_first_seq:
-            commit_unix = event.commit_ts / 1_000_000 + POSTGRES_EPOCH_UNIX
+            commit_unix = event.commit_ts / 1_000_000 + PG_EPOCH_UNIX
             self._txns.append((last, self._txn_first_seq, self._txn_lsn, commit_unix))
         return STOP if self.stop_requested else None
 
@@ -440,14 +481,16 @@ class SessionCore:
             if error.returned and self.dead_letter_unroutable and row is not None:
                 letters.append(self._dead(seq, None, row, error.reason))
                 continue
-            raise PublishRefused(f"publish of message {seq} failed: {error}")
+            raise self._fail(PublishRefused(f"publish of message {seq} failed: {error}"))
         lost = outcome.lost
         if lost is not None:
             if self.limits.learn(lost):
                 culprit = rows.get(lost.culprit_seq) if lost.culprit_seq is not None else None
                 which = f" (outbox row {culprit.id})" if culprit is not None else ""
-                raise SessionFailed(f"{lost}{which}; rows it refuses will be dead-lettered")
-            raise SessionFailed(str(lost))
+                raise self._fail(
+                    SessionFailed(f"{lost}{which}; rows it refuses will be dead-lettered")
+                )
+            raise self._fail(SessionFailed(str(lost)))
         return letters
 
     def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:

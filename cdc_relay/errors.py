@@ -1,5 +1,6 @@
 """The relay's own exceptions and the process exit codes they map to.
 
+``SessionError`` ends one session only: the relay starts another.
 ``ConfigError`` and ``FatalError`` are siblings under ``RelayError``: both end
 the process instead of a retry, but only one of them is the operator's setting
 to fix, and code that handles one must not swallow the other by subclassing.
@@ -27,6 +28,15 @@ class ConfigError(RelayError):
 
 class SlotMissing(ConfigError):
     """The slot does not exist: a setting at startup; after streaming, maybe a failover."""
+
+
+class SessionError(Exception):
+    """Something ended one session; the relay starts another after a backoff (relay.py).
+
+    Each I/O layer raises its own subclass (``core.SessionFailed``,
+    ``amqp.PublishFailed`` and ``ConnectError``, ``pg.replication.ReplicationError``,
+    ``deadletters.DeadLetterWriteFailed``), whose text says what happened.
+    """
 
 
 class FatalError(RelayError):

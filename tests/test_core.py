@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ from cdc_relay.core import (
     STOP,
     BrokerLimits,
     PendingDeadLetter,
+    PublishRefused,
     Recheck,
     SessionCore,
     SessionFailed,
@@ -288,8 +291,40 @@ def test_a_nack_or_a_lost_connection_ends_the_session() -> None:
     transaction(core, 0x2000, insert(1), insert(2))
     with pytest.raises(SessionFailed, match="nacked"):
         core.settle(Outcome([], [(1, PublishFailed("nacked by broker"))], None), COMMIT_UNIX)
+    core, _ = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1), insert(2))
     with pytest.raises(SessionFailed, match="connection lost"):
         core.settle(Outcome([], [], PublishFailed("AMQP connection lost")), COMMIT_UNIX)
+
+
+def test_after_session_failed_the_core_reads_nothing_more_but_takes_earlier_acks() -> None:
+    """Like h11's ERROR state: nothing new is read or published on a session that failed.
+
+    The acks of what was published before the nack still count (relay settles them).
+    """
+    core, _ = make_core()
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1))
+    transaction(core, 0x3000, insert(2), insert(3))
+    with pytest.raises(PublishRefused, match="nacked"):
+        core.settle(Outcome([], [(2, PublishFailed("nacked by broker"))], None), COMMIT_UNIX)
+    assert isinstance(core.failure, PublishRefused)
+    with pytest.raises(SessionFailed, match="failed already: publish of message 2 failed"):
+        core.receive(keepalive(0x9000))
+    with pytest.raises(SessionFailed, match="failed already"):
+        core.unpublishable(3, "too big")
+    assert core.received_lsn < 0x9000
+    assert core.settle(Outcome([1], [], None), COMMIT_UNIX) == []  # published before the nack
+    assert core.flush_lsn > 0 and core.unconfirmed == 2  # the nacked row and row 3
+
+
+def test_an_insert_before_its_relation_puts_the_core_in_the_error_state() -> None:
+    core, _ = make_core()
+    with pytest.raises(SessionFailed, match="before its Relation"):
+        transaction(core, 0x2000, insert(1))
+    with pytest.raises(SessionFailed, match="failed already"):
+        feed(core, relation())
 
 
 def refused(exchange: str, code: int = 404) -> PublishFailed:
@@ -540,3 +575,15 @@ def test_an_emitted_message_not_signed_with_the_key_is_dead_lettered_never_publi
     )
     assert isinstance(action, PendingDeadLetter) and action.letter.reason == EMIT_AUTH_FAILED
     assert authenticated(sign(body), EMIT_KEY) == body
+
+
+def test_importing_the_core_loads_no_io_library() -> None:
+    """The core is sans-I/O: it must load without asyncio, ssl, psycopg or pamqp."""
+    probe = (
+        "import sys; import cdc_relay.core; "
+        "print(sorted(m for m in ('asyncio', 'ssl', 'psycopg', 'pamqp') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -32,6 +32,7 @@ from cdc_relay import __version__
 from cdc_relay.amqp.address import AmqpAddress
 from cdc_relay.amqp.replies import close_error
 from cdc_relay.amqp.window import PublishFailed
+from cdc_relay.errors import SessionError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ OnFrame = Callable[[int, Any], None]
 OnLost = Callable[[PublishFailed], None]
 
 
-class ConnectError(ConnectionError):
+class ConnectError(SessionError, ConnectionError):
     """No node could be connected to; the message names each URL (redacted) and why."""
 
     # Every node's certificate was rejected (wrong CA or host name): retrying cannot help.

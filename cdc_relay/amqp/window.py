@@ -23,12 +23,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from cdc_relay.errors import SessionError
+
 # Entry states; a PublishFailed in ``_marks`` means "returned".
 _PENDING = None
 _SETTLED = False
 
 
-class PublishFailed(Exception):
+class PublishFailed(SessionError):
     """The broker did not take a message: nack, return, or lost channel/connection.
 
     ``refused_exchange`` names the exchange of a channel close (404 missing,

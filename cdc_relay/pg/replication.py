@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import pq, sql
 
+from cdc_relay.errors import SessionError
 from cdc_relay.lsn import Lsn, format_lsn
 from cdc_relay.pg.waiting import RV, PQGen, Ready, Wait, wait_async
 from cdc_relay.pg.walproto import encode_standby_status, pg_now_us
@@ -38,7 +39,7 @@ COPY_BOTH = pq.ExecStatus.COPY_BOTH
 _COPY_STATES = (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, COPY_BOTH)
 
 
-class ReplicationError(Exception):
+class ReplicationError(SessionError):
     """The server refused or ended the replication stream, or the connection was lost."""
 
     def __init__(self, message: str, sqlstate: str | None = None) -> None:

@@ -23,6 +23,7 @@ from typing import Final
 from cdc_relay.pg.pgoutput import ProtocolError
 
 __all__ = [
+    "PG_EPOCH_UNIX",
     "PG_EPOCH_US",
     "PrimaryKeepalive",
     "XLogData",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 00:00 UTC in Unix microseconds
+PG_EPOCH_UNIX: Final = PG_EPOCH_US // 1_000_000  # the same instant in Unix seconds
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 

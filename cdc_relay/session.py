@@ -1,0 +1,620 @@
+"""One session: a replication stream, a publisher and a dead-letter sink, with the core between.
+
+A session is one replication connection, one AMQP connection and one
+dead-letter connection, alive together; any failure ends it (``relay.py``
+starts the next). The decisions live in ``core.SessionCore`` and
+``pg.schedule.StatusSchedule``; this module only moves bytes and waits.
+
+Its end of life is in one place. The tasks belong to one ``SessionTasks``: the
+first failure of any of them (or of a publisher callback) ends the session.
+Then, in order (``_stream``):
+
+1. clean stop (``_stop_cleanly``): asked to stop, finish the transaction being
+   read, wait for confirms and stored dead letters, all within
+   ``--shutdown-timeout``; a second signal (``abort``) skips the waiting;
+2. final reports: a status update with the confirmed position, the state row;
+3. wind-down (always): after a refusal (a nack) take the acks of what was
+   published before it (``_settle_after_refusal``); cancel every task; after a
+   failure report what was confirmed, best effort;
+4. close (``run``): keep the confirmed position for the next session, close
+   every connection within a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import psycopg
+
+from cdc_relay import state
+from cdc_relay.amqp import ConnectError, Outcome, Publisher, UnpublishableMessage
+from cdc_relay.config import Settings
+from cdc_relay.core import (
+    RECHECK_INTERVAL,
+    STOP,
+    BrokerLimits,
+    PublishRefused,
+    Recheck,
+    SessionCore,
+    SessionFailed,
+)
+from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter, PendingDeadLetter
+from cdc_relay.deadline import event_within, within
+from cdc_relay.envelope import Envelope
+from cdc_relay.errors import SessionError
+from cdc_relay.health import (
+    DRIFT_CHECK_INTERVAL,
+    DRIFT_KEY,
+    DriftWatch,
+    FlushWatch,
+    Problems,
+    since_when,
+)
+from cdc_relay.lsn import format_lsn
+from cdc_relay.metrics import Metrics
+from cdc_relay.opening import (
+    Connections,
+    open_publisher,
+    open_stream,
+    recorded,
+    take_slot,
+    validate,
+    validate_when_no_resync,
+)
+from cdc_relay.pg import admin
+from cdc_relay.pg.failures import certificate_rejected as pg_certificate_rejected
+from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
+from cdc_relay.pg.replication import ReplicationStream
+from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
+from cdc_relay.redact import Redactor, one_line
+from cdc_relay.router import Router
+from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
+from cdc_relay.tasks import SessionTasks
+
+log = logging.getLogger("cdc_relay")
+
+HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
+STATE_CHECK_INTERVAL: Final = 1.0  # the state writer itself writes at most every few seconds
+FINAL_STATUS_TIMEOUT: Final = 2.0
+CLEANUP_TIMEOUT: Final = 10.0  # cancelling the tasks, closing the connections: each at most
+# After a nack, at most this long (and never more than --confirm-timeout) for the
+# acks of the messages published before it.
+SETTLE_AFTER_REFUSAL: Final = 5.0
+SESSION_KEY: Final = "session"  # the problem key of a session that ended, until one is healthy
+DRIFT_CHECK_TIMEOUT: Final = 5.0  # statement_timeout of the drift check's side connection
+
+# Exceptions that end a session and are retried; anything else is a bug or a
+# configuration error and ends the process. Each I/O layer of ours raises a
+# SessionError; the libraries' own errors that reach the session unwrapped are
+# the other three (OSError includes ConnectionError).
+SESSION_ERRORS: Final = (SessionError, OSError, psycopg.Error, TimeoutError)
+
+
+def certificate_rejected(exc: BaseException) -> str | None:
+    """The error line for a refused server certificate (RabbitMQ or Postgres), else None.
+
+    A wrong CA or host name fails the same way on every attempt: the operator must
+    fix the setting, so the process exits 78 instead of retrying forever.
+    """
+    if isinstance(exc, ConnectError) and exc.certificate_rejected:
+        return f"{exc}; check cacertfile and the host name in --amqp-url"
+    return pg_certificate_rejected(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for what ended a session: our own errors say it themselves."""
+    if isinstance(exc, SessionError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).strip()}"
+
+
+class PositionBox:
+    """The highest position a session of this process confirmed, kept between sessions."""
+
+    def __init__(self) -> None:
+        self.position: Position | None = None
+
+    def keep(self, position: Position) -> None:
+        if (
+            self.position is None
+            or position.lsn >= self.position.lsn
+            or (
+                (position.system_identifier, position.timeline)
+                != (self.position.system_identifier, self.position.timeline)
+            )
+        ):
+            self.position = position
+
+
+@dataclass(slots=True)
+class Streaming:
+    """What an opened session streams with: the parts its end of life works on."""
+
+    stream: ReplicationStream
+    publisher: Publisher
+    core: SessionCore
+    sink: DeadLetterSink
+    state: StateWriter
+    outbox_relid: int
+
+
+class Session:
+    """One replication stream, one publisher, one dead-letter sink, and the core between them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        router: Router,
+        limits: BrokerLimits,
+        stop: asyncio.Event,
+        abort: asyncio.Event,
+        confirmed: PositionBox | None = None,
+        problems: Problems | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.router = router
+        self.limits = limits
+        self.stop = stop
+        self.abort = abort
+        self.confirmed = confirmed or PositionBox()
+        self.wal: tuple[str, int] | None = None  # (system identifier, timeline) streamed from
+        self.problems = problems if problems is not None else Problems()
+        self.conns = Connections()
+        self.core: SessionCore | None = None
+        self.sink: DeadLetterSink | None = None
+        self.tasks = SessionTasks(on_failure=self._log_end)
+        self.status_wakeup = asyncio.Event()
+        self.streamed = False  # reached streaming: the slot existed and was ours
+        self.checked = False  # the startup checks passed once (the dead-letter table too)
+        self.end_logged = False
+
+    @property
+    def made_progress(self) -> bool:
+        return self.core is not None and self.core.made_progress
+
+    def _log_end(self, exc: BaseException) -> None:
+        """Say the session ended when it does: closing a partitioned peer can take seconds."""
+        if not self.end_logged and isinstance(exc, SESSION_ERRORS):
+            if certificate_rejected(exc) is None:
+                log.warning("session ended: %s", describe(exc))
+            self.end_logged = True
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Open, stream until a stop or a failure, end (the module docstring's phases)."""
+        try:
+            parts = await self._open()
+            if parts is not None:
+                await self._stream(parts)
+        except SESSION_ERRORS as exc:
+            self._log_end(exc)
+            raise
+        finally:
+            self.tasks.closing = True  # what our own closing causes is not a failure
+            if self.core is not None and self.wal is not None:
+                self.confirmed.keep(Position(self.core.flush_lsn, *self.wal))
+            await _bounded(self.conns.close(), "closing connections")
+
+    async def _open(self) -> Streaming | None:
+        """Connect, validate, take the slot; None if asked to stop meanwhile.
+
+        Sets ``core``, ``sink`` and ``conns`` (the unit tests replace this method
+        with one that opens fakes: tests/test_session.py).
+        """
+        s, conns = self.settings, self.conns
+        conns.stream = stream = await open_stream(s)
+        # One clear line for any misconfiguration, before the slot; waits out a resync.
+        facts = await validate_when_no_resync(s, self.stop)
+        if facts is None:
+            return None  # asked to stop while a resync ran
+        self.checked = True
+        messages = facts.emit_key is not None
+        system, timeline, wal_end = await stream.identify_system()
+        known = [p for p in (self.confirmed.position, await recorded(s)) if p is not None]
+        start = start_position(known, system, timeline, wal_end)
+        stood_by = await take_slot(stream, s, self.stop, start, messages=messages)
+        if stood_by is None:
+            return None  # asked to stop while standing by
+        # Again now that the slot is ours: its position moved while another relay held
+        # it, and a resync may have started (and left its new slot idle) meanwhile.
+        try:
+            facts = await validate(s)
+        except ResyncUnderWay as exc:
+            raise SessionFailed(f"{exc}; releasing the slot") from None
+        if (facts.emit_key is not None) != messages:
+            raise SessionFailed("emitted messages were enabled or removed meanwhile")
+        self.wal = (system, timeline)
+        # The server starts at max(start, the slot's saved position); so does the tracker.
+        start_flush = max(start, facts.confirmed_flush_lsn)
+        self.core = core = SessionCore(
+            outbox_relid=facts.outbox_relid,
+            table=s.table,
+            router=self.router,
+            start_flush=start_flush,
+            max_message_size=s.max_message_size,
+            dead_letter_unroutable=s.on_unroutable == "deadletter",
+            message_prefix=s.message_prefix,
+            emit_key=facts.emit_key,
+            limits=self.limits,
+            counters=self.metrics,
+            observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
+        )
+        conns.publisher = publisher = await open_publisher(s, self._on_outcome)
+        self.limits.connected()  # what an earlier connection was refused is asked again
+        conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
+        self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
+        conns.state = writer = StateWriter(
+            s.dsn, state.table_name(s), s.slot, system_identifier=system
+        )
+        log.info(
+            "streaming from slot %s (publication %s, confirmed position %s) to %s",
+            s.slot,
+            s.publication,
+            format_lsn(start_flush),
+            publisher.connected_url,
+            extra={"slot": s.slot, "lsn": format_lsn(start_flush)},
+        )
+        if start > facts.confirmed_flush_lsn:
+            log.info(
+                "started past the slot's saved position %s: %s was confirmed already",
+                format_lsn(facts.confirmed_flush_lsn),
+                format_lsn(start),
+            )
+        self.problems.clear(DRIFT_KEY)  # validation just found the publication covering it
+        self.metrics.ready.set(1)
+        self.streamed = True
+        return Streaming(stream, publisher, core, sink, writer, facts.outbox_relid)
+
+    async def _stream(self, parts: Streaming) -> None:
+        """Run the session's tasks until a stop or the first failure, then end in phases."""
+        tasks, core, stream = self.tasks, parts.core, parts.stream
+        pump = tasks.start(
+            "cdc-relay-pump",
+            self._pump(stream, parts.publisher, core),
+            may_return=lambda: core.stop_requested,  # it returns only at STOP
+        )
+        status = tasks.start("cdc-relay-status", self._status_loop(stream, core))
+        tasks.start("cdc-relay-dead-letters", parts.sink.run())
+        tasks.start("cdc-relay-stats", self._stats_loop(core))
+        tasks.start("cdc-relay-state", self._state_loop(core, parts.state))
+        if parts.outbox_relid:  # a table-less outbox has no table to leave the publication
+            tasks.start("cdc-relay-drift", self._drift_loop(core, parts.outbox_relid))
+        try:
+            await tasks.wait_any(self.stop.wait())
+            tasks.raise_failure()
+            await self._stop_cleanly(pump, parts)
+            await tasks.cancel(status)
+            await self._final_reports(parts)
+        finally:
+            await self._wind_down(pump, parts)
+
+    async def _stop_cleanly(self, pump: asyncio.Task[None], parts: Streaming) -> None:
+        """Finish the transaction being read, stop reading, wait for confirms and dead letters.
+
+        All of it within one --shutdown-timeout; a second SIGTERM/SIGINT skips the waiting.
+        What is not confirmed by then is sent again by the next run (at least once).
+        """
+        tasks, core, abort = self.tasks, parts.core, self.abort
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+
+        def left() -> float:
+            return deadline - time.monotonic()
+
+        if core.in_transaction and not pump.done():
+            core.request_stop()  # the pump returns at the next Commit
+            await tasks.until(asyncio.shield(pump), abort, left())
+        await tasks.cancel(pump)
+        if abort.is_set():
+            return
+        wait_confirmed = parts.publisher.wait_confirmed(self.settings.shutdown_timeout)
+        drained = await tasks.until(wait_confirmed, abort, left())
+        stored = drained and await tasks.until(parts.sink.wait_idle(), abort, left())
+        if not (drained and stored):
+            log.warning(
+                "stopping with %d unconfirmed message(s); they will be sent again",
+                core.unconfirmed,
+            )
+
+    async def _final_reports(self, parts: Streaming) -> None:
+        """After a clean stop: the confirmed position to Postgres and to the state row."""
+        core, writer = parts.core, parts.state
+        await within(self._send_status(parts.stream, core), FINAL_STATUS_TIMEOUT)
+        with contextlib.suppress(TimeoutError):
+            await within(
+                writer.maybe_write(
+                    time.monotonic(), core.confirmed_commit_time, core.flush_lsn, final=True
+                ),
+                FINAL_STATUS_TIMEOUT,
+            )
+        with contextlib.suppress(TimeoutError):
+            await within(writer.retire(), FINAL_STATUS_TIMEOUT)
+        log.info("stopped; confirmed position %s", format_lsn(core.flush_lsn))
+
+    async def _wind_down(self, pump: asyncio.Task[None], parts: Streaming) -> None:
+        """Always, last: settle after a refusal, cancel every task, report what was confirmed."""
+        tasks, core = self.tasks, parts.core
+        if isinstance(tasks.first_failure, PublishRefused) and not self.abort.is_set():
+            await self._settle_after_refusal(pump, parts.publisher)
+        await _bounded(tasks.cancel_all(), "tasks")
+        # Report what was confirmed before whatever ended the session, so the
+        # next one does not replay it (best effort: the link may be gone).
+        if not self.stop.is_set() and core.status_due:
+            with contextlib.suppress(Exception):
+                await within(self._send_status(parts.stream, core), FINAL_STATUS_TIMEOUT)
+
+    async def _settle_after_refusal(self, pump: asyncio.Task[None], publisher: Publisher) -> None:
+        """After a nack, take the acks of what was published before it, then end.
+
+        RabbitMQ nacks a refused message at once but acks persistent ones only
+        after its fsync, so the nack usually overtakes them. Ending the session
+        at the nack would replay what the broker took; into a bounded queue
+        (``x-overflow: reject-publish``) the same tail would be refused again,
+        for ever. Nothing new is published meanwhile (the core reads nothing more).
+        """
+        await self.tasks.cancel(pump)
+        wait = min(self.settings.confirm_timeout, SETTLE_AFTER_REFUSAL)
+        with contextlib.suppress(Exception):
+            await publisher.wait_confirmed(wait)
+
+    # -- the hot loop ------------------------------------------------------------
+
+    async def _pump(
+        self, stream: ReplicationStream, publisher: Publisher, core: SessionCore
+    ) -> None:
+        publish = publisher.publish
+        sink = self.sink
+        assert sink is not None
+        while True:
+            frames = await stream.read_frames()
+            receive = core.receive  # per batch: a failed core refuses (its error state)
+            for frame in frames:
+                action = receive(frame)
+                if action is None:
+                    continue
+                if type(action) is Recheck:
+                    action = await self._recheck(publisher, core, action)
+                if type(action) is Envelope:
+                    try:
+                        await publish(core.last_seq, action)
+                    except UnpublishableMessage as exc:
+                        action = core.unpublishable(core.last_seq, str(exc))
+                    else:
+                        continue
+                if action is STOP:
+                    return
+                assert type(action) is PendingDeadLetter
+                await sink.put(action)  # waits while the sink is full
+            if core.status_due:
+                self.status_wakeup.set()
+
+    async def _recheck(
+        self, publisher: Publisher, core: SessionCore, recheck: Recheck
+    ) -> Envelope | PendingDeadLetter:
+        """A remembered refusal would dead-letter this row: ask the broker again if it is time.
+
+        The decision (when, and what the answer means) is ``BrokerLimits``'s; this
+        only performs the trial publish (``Publisher.try_publish`` says what it proves).
+        """
+        limits, envelope = self.limits, recheck.envelope
+        exchange, size, now = envelope.exchange, len(envelope.body), time.monotonic()
+        if limits.recheck_due(exchange, size, now):
+            try:
+                error = await publisher.try_publish(envelope)
+            except UnpublishableMessage:
+                pass  # no answer to learn from; the remembered refusal stands
+            else:
+                if limits.rechecked(exchange, size, error, now):
+                    log.info(
+                        "the broker takes publishes to exchange %r again (a trial publish, "
+                        "rolled back): no longer dead-lettering on its earlier refusal",
+                        exchange,
+                    )
+                elif error is not None:
+                    log.warning(
+                        "the broker still refuses publishes to exchange %r (%s): its rows are "
+                        "dead-lettered; asking again in %.0fs",
+                        exchange,
+                        error,
+                        RECHECK_INTERVAL,
+                    )
+        return core.rechecked(recheck)
+
+    # -- broker outcomes and stored dead letters -------------------------------------
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        """One report from the publisher (called from its protocol: must not block)."""
+        core, sink = self.core, self.sink
+        assert core is not None and sink is not None
+        try:
+            letters = core.settle(outcome, time.time())
+        except SessionFailed as exc:
+            self.tasks.fail(exc)
+            return
+        if letters:
+            sink.put_nowait(letters)
+        if core.status_due:
+            self.status_wakeup.set()
+
+    def _stored(self, seqs: list[int]) -> None:
+        core = self.core
+        assert core is not None
+        core.stored(seqs, time.time())
+        if core.status_due:
+            self.status_wakeup.set()
+
+    # -- status updates -----------------------------------------------------------
+
+    async def _send_status(
+        self, stream: ReplicationStream, core: SessionCore, reply: bool = False
+    ) -> None:
+        write, flush = core.status_positions()
+        await stream.send_status(write, flush, flush, reply)
+        core.status_sent(flush)
+        self.metrics.flush_lsn.set(flush)
+        self.metrics.received_lsn.set(core.received_lsn)
+
+    async def _status_loop(self, stream: ReplicationStream, core: SessionCore) -> None:
+        """Perform what the schedule decides; the decisions are in pg/schedule.py."""
+        s = self.settings
+        schedule = StatusSchedule(s.status_interval, s.pg_timeout, time.monotonic())
+        wakeup = self.status_wakeup
+        while True:
+            wait = schedule.wait_time(time.monotonic(), due=core.status_due)
+            if wait > 0:
+                await event_within(wakeup, wait)
+            wakeup.clear()
+            now = time.monotonic()
+            silent = now - stream.last_receive if stream.waiting_for_data else None
+            decision = schedule.decide(now, due=core.status_due, silent=silent)
+            if type(decision) is Probe:
+                probe_timeout = min(PROBE_TIMEOUT, max(2.0, s.pg_timeout))
+                if not await walsender_alive(s.dsn, stream.backend_pid, probe_timeout):
+                    raise SessionFailed(
+                        f"no data from Postgres for {decision.silent:.1f}s (--pg-timeout), "
+                        "and it does not answer a new connection or our walsender is gone"
+                    )
+                log.info(
+                    "no data from Postgres for %.0fs, but our walsender runs "
+                    "(decoding a large transaction?): waiting",
+                    decision.silent,
+                )
+                schedule.reprieve(time.monotonic())
+            elif type(decision) is Send:
+                await self._send_status(stream, core, decision.reply_requested)
+                schedule.sent(now)
+
+    async def _state_loop(self, core: SessionCore, writer: StateWriter) -> None:
+        """Record where the relay is and what is wrong (throttled in state.py).
+
+        The position is for `resync` without --since; the health (problems, a
+        blocked broker, a flush that waits) for `status` in another process.
+        """
+        publisher = self.conns.publisher
+        # The row is read by other processes and roles: no password of ours goes there.
+        redact = Redactor([self.settings.dsn, *self.settings.amqp_urls])
+        started = time.monotonic()
+        watch = FlushWatch()
+        blocked_since: datetime | None = None
+        while True:
+            await asyncio.sleep(STATE_CHECK_INTERVAL)
+            now = time.monotonic()
+            if core.made_progress or now - started > HEALTHY_SESSION_SECONDS:
+                self.problems.clear(SESSION_KEY)
+            await writer.maybe_write(now, core.confirmed_commit_time, core.flush_lsn)
+            wall = datetime.now(UTC)
+            blocked = publisher is not None and publisher.blocked
+            blocked_since = since_when(blocked, blocked_since, wall)
+            waiting = watch.update(core.flush_lsn, core.unconfirmed, wall)
+            problem, problem_since = self.problems.summary()
+            if problem is not None:
+                problem = redact(problem)
+            await writer.maybe_report(now, (problem, problem_since, blocked_since, waiting))
+
+    async def _drift_loop(self, core: SessionCore, outbox_relid: int) -> None:
+        """Catch the outbox leaving the publication while streaming: its rows would be skipped.
+
+        Every few seconds on a side connection with a statement timeout; a failed
+        look is retried at the next one (it must never end the session). A drift
+        is said at ERROR, turns readiness and `status` red, and names the fix.
+        """
+        s = self.settings
+        watch = DriftWatch(
+            publication=s.publication,
+            table=".".join(s.table_parts),
+            slot=s.slot,
+            outbox_relid=outbox_relid,
+        )
+        conn: psycopg.AsyncConnection[Any] | None = None
+        failures = 0
+        try:
+            while True:
+                await asyncio.sleep(DRIFT_CHECK_INTERVAL)
+                try:
+                    if conn is None or conn.closed:
+                        conn = await _side_connection(s.dsn, "cdc-relay drift check")
+                    relid, covered = await within(
+                        admin.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
+                    )
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    failures += 1
+                    log.log(
+                        logging.WARNING if failures == 1 else logging.DEBUG,
+                        "cannot check that publication %s covers the outbox (retrying every "
+                        "%.0fs): %s",
+                        s.publication,
+                        DRIFT_CHECK_INTERVAL,
+                        one_line(str(exc)) or type(exc).__name__,
+                    )
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    continue
+                failures = 0
+                step = watch.observe(relid, covered, core.confirmed_commit_time, time.time())
+                if step.error is not None:
+                    log.error("%s", step.error)
+                if step.problem is not None:
+                    self.problems.report(DRIFT_KEY, step.problem)
+                    self.metrics.ready.set(0)
+                elif step.ended:
+                    self.problems.clear(DRIFT_KEY)
+                    self.metrics.ready.set(1)
+                if step.end_session is not None:
+                    raise SessionFailed(step.end_session)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _stats_loop(self, core: SessionCore) -> None:
+        interval = self.settings.stats_interval
+        last = self.metrics.confirmed_count()
+        last_t = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now, count = time.monotonic(), self.metrics.confirmed_count()
+            rate = (count - last) / (now - last_t)
+            log.info(
+                "%.0f msg/s confirmed, %s",
+                rate,
+                core.describe(),
+                extra={
+                    "messages_per_second": round(rate, 1),
+                    "in_flight": core.unconfirmed,
+                    "lsn": format_lsn(core.flush_lsn),
+                },
+            )
+            last, last_t = count, now
+
+
+async def _side_connection(dsn: str, name: str) -> psycopg.AsyncConnection[Any]:
+    """A short-statement autocommit connection: a locked catalog must never stall a check."""
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, connect_timeout=10, application_name=name
+    )
+    try:
+        timeout_ms = int(DRIFT_CHECK_TIMEOUT * 1000)
+        await conn.execute(f"SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def _bounded(awaitable: Awaitable[Any], what: str) -> None:
+    """Cleanup must never hang a relay that is trying to recover."""
+    timeout = CLEANUP_TIMEOUT
+    try:
+        await within(awaitable, timeout)
+    except TimeoutError:
+        log.error("%s took longer than %.0fs; abandoning it", what, timeout)
