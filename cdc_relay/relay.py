@@ -66,10 +66,11 @@ from cdc_relay.opening import (
     validate,
     validate_when_no_resync,
 )
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks
 from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.pg.replication import ReplicationError, ReplicationStream
+from cdc_relay.pg.retention import retain_outbox
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import Envelope, Router
@@ -144,7 +145,7 @@ class Relay:
         retention = None
         if self.settings.retention is not None:
             retention = asyncio.create_task(
-                admin.retain_outbox(self.settings, self.settings.retention, self._stop),
+                retain_outbox(self.settings, self.settings.retention, self._stop),
                 name="cdc-relay-retention",
             )
         try:
@@ -714,7 +715,7 @@ class Session:
                     if conn is None or conn.closed:
                         conn = await _side_connection(s.dsn, "cdc-relay drift check")
                     relid, covered = await within(
-                        admin.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
+                        checks.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
                     )
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     failures += 1

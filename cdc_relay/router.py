@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from cdc_relay.schema import OUTBOX_COLUMNS
+
 if TYPE_CHECKING:
     from cdc_relay.config import Settings
 
@@ -58,17 +60,6 @@ SENDER_SELECTED_HEADERS = ("CC", "BCC")
 # no glob matches it, so a list of named exchanges never lets a row reach any queue.
 DEFAULT_EXCHANGE_PATTERN = "(default)"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-OUTBOX_COLUMNS = (
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "headers",
-    "exchange",
-    "routing_key",
-    "created_at",
-)
 REQUIRED_COLUMNS = ("id", "aggregate_type", "aggregate_id", "event_type", "payload")
 FORMATS = ("event", "celery")
 
