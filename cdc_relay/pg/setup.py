@@ -293,7 +293,7 @@ def grant(conn: psycopg.Connection[Any], settings: Settings, role: str) -> list[
         " WHERE d.classid = 'pg_class'::regclass AND n.nspname = %s AND t.relname = %s",
         (dl_schema, dl_table),
     ).fetchone()
-    grants: list[tuple[sql.Composable, str]] = [
+    grants: list[tuple[sql.Composed, str]] = [
         (
             sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), r),
             f"USAGE on schema {schema}",
