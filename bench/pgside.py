@@ -13,7 +13,7 @@ import psycopg
 from bench.loadproc import PAD
 from cdc_relay.config import Settings
 from cdc_relay.lsn import format_lsn
-from cdc_relay.pg import admin
+from cdc_relay.pg import setup
 from devtools.servers import PostgresServer
 
 # One statement per transaction: the procedure COMMITs after each batch of rows,
@@ -69,7 +69,7 @@ def init_outbox(settings: Settings, autovacuum: bool = False) -> None:
     the backlog and the position the drain waits for.
     """
     with psycopg.connect(settings.dsn, autocommit=True) as conn:
-        admin.init(conn, settings)
+        setup.init(conn, settings)
         if not autovacuum:
             conn.execute(f"ALTER TABLE {settings.table} SET (autovacuum_enabled = false)")
 

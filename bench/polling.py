@@ -24,12 +24,11 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 import psycopg
-from psycopg import sql
 
 from bench.env import Phase
 from bench.loadproc import read_times
 from bench.relayrun import Consumer, latency_result, run_writer
-from cdc_relay.pg.admin import OUTBOX_DDL, qualified
+from cdc_relay.schema import outbox_ddl
 from devtools.amqp import delete_topology, topology
 
 EXCHANGE = "bench_polling"
@@ -39,7 +38,7 @@ def create_table(dsn: str, table: str, copy_from: str | None = None) -> None:
     """An outbox table plus the created_at index a polling relay needs; optionally filled."""
     schema, name = table.split(".", 1)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL(OUTBOX_DDL).format(table=qualified(schema, name)))
+        conn.execute(outbox_ddl((schema, name)))
         conn.execute(f"CREATE INDEX ON {table} (created_at)")
         if copy_from:
             conn.execute(f"INSERT INTO {table} SELECT * FROM {copy_from}")

@@ -143,15 +143,15 @@ def init(
 
     Idempotent: a second run changes nothing and says so.
     """
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog, setup
 
     settings = settings_from(**kwargs)
     if print_sql:
-        click.echo(admin.render_sql(settings), nl=False)
+        click.echo(setup.render_sql(settings), nl=False)
         return
-    with admin.connect(settings.dsn) as conn:
+    with catalog.connect(settings.dsn) as conn:
         try:
-            lines = admin.init(
+            lines = setup.init(
                 conn,
                 settings,
                 create_table=not no_table,
@@ -279,29 +279,30 @@ def status(
 
     Every query is bounded (a locked table is reported, not waited for).
     """
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog, report
 
     settings = settings_from(**kwargs)
-    with admin.connect(
+    with catalog.connect(
         settings.dsn,
-        statement_timeout=admin.READ_STATEMENT_TIMEOUT,
-        lock_timeout=admin.READ_LOCK_TIMEOUT,
+        statement_timeout=catalog.READ_STATEMENT_TIMEOUT,
+        lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
-        info = admin.status(
+        info = report.status(
             conn,
             settings,
             require_active=require_active,
             max_lag_bytes=max_lag_bytes,
             max_stall=max_stall,
         )
+    fields = info.as_dict()
     if as_json:
-        click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(fields, option=orjson.OPT_INDENT_2).decode())
     else:
-        for key, value in info.items():
+        for key, value in fields.items():
             click.echo(f"{key:22} {value}")
-    for warning in info.get("warnings", []):
+    for warning in info.warnings:
         click.echo(f"{PROG}: warning: {REDACT(warning)}", err=True)
-    sys.exit(0 if info["healthy"] else 1)
+    sys.exit(0 if info.healthy else 1)
 
 
 @main.command()
@@ -311,15 +312,15 @@ def status(
 )
 def drop(drop_publication: bool, **kwargs: Any) -> None:
     """Drop the replication slot (and with --drop-publication, the publication)."""
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog, setup
 
     settings = settings_from(**kwargs)
-    with admin.connect(
+    with catalog.connect(
         settings.dsn,
-        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
-        lock_timeout=admin.READ_LOCK_TIMEOUT,
+        statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
-        for line in admin.drop(conn, settings, publication=drop_publication):
+        for line in setup.drop(conn, settings, publication=drop_publication):
             click.echo(line)
 
 
@@ -329,15 +330,15 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
 @click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
 def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     """Delete outbox rows older than the retention, in small batches."""
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog, retention
 
     settings = settings_from(**kwargs)
-    with admin.connect(
+    with catalog.connect(
         settings.dsn,
-        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
-        lock_timeout=admin.READ_LOCK_TIMEOUT,
+        statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
-        total = admin.prune_outbox(
+        total = retention.prune_outbox(
             conn,
             settings,
             older_than,
@@ -360,21 +361,21 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
     """List dead letters (pending ones unless --all)."""
     from cdc_relay import logs
     from cdc_relay.deadletters import list_dead_letters, record_as_json
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog
 
     settings = settings_from(**kwargs)
-    with admin.connect(
+    with catalog.connect(
         settings.dsn,
-        statement_timeout=admin.READ_STATEMENT_TIMEOUT,
-        lock_timeout=admin.READ_LOCK_TIMEOUT,
+        statement_timeout=catalog.READ_STATEMENT_TIMEOUT,
+        lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
         try:
             records = list_dead_letters(
                 conn, settings.dead_letter_table, include_replayed=include_replayed
             )
-        except admin.TIMEOUT_ERRORS as exc:
+        except catalog.TIMEOUT_ERRORS as exc:
             table = ".".join(settings.dead_letter_table)
-            fail(admin.could_not_read(f"dead-letter table {table}", exc), 1)
+            fail(catalog.could_not_read(f"dead-letter table {table}", exc), 1)
             return
     for record in records:
         if as_json:
@@ -398,14 +399,14 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     run; one replay at a time per dead-letter table; a second run after success
     publishes nothing.
     """
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog
     from cdc_relay.replay import replay
 
     settings = settings_from(**kwargs)
-    with admin.connect(
+    with catalog.connect(
         settings.dsn,
-        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
-        lock_timeout=admin.READ_LOCK_TIMEOUT,
+        statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
     if not results:
@@ -432,13 +433,13 @@ def dead_letters_prune(
 ) -> None:
     """Delete replayed dead letters (with --include-pending: all) older than the retention."""
     from cdc_relay import deadletters
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog
 
     settings = settings_from(**kwargs)
-    with admin.connect(
+    with catalog.connect(
         settings.dsn,
-        statement_timeout=admin.WRITE_STATEMENT_TIMEOUT,
-        lock_timeout=admin.READ_LOCK_TIMEOUT,
+        statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
+        lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
         total = deadletters.prune(
             conn,
@@ -500,11 +501,11 @@ def resync(
     sends every row again (consumers dedupe on message_id).
     """
     from cdc_relay import resync as resync_
-    from cdc_relay.pg import admin
+    from cdc_relay.pg import catalog
 
     settings = settings_from(**kwargs)
     check_routing_key(settings)
-    with admin.connect(settings.dsn) as conn:
+    with catalog.connect(settings.dsn) as conn:
         plan = resync_.plan(conn, settings, since, margin=margin, failover=failover)
     for line in plan.describe():
         click.echo(("would: " if dry_run else "") + line)

@@ -16,6 +16,7 @@ from typing import Any
 
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
 from cdc_relay.router import DEFAULT_EXCHANGE_PATTERN, FORMATS, exchange_allowed
+from cdc_relay.schema import split_table_name
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -92,16 +93,6 @@ def _num(value: float) -> str:
 def setting(default: Any, opt: Option) -> Any:
     """A dataclass field with an immutable default, carrying its CLI option."""
     return field(default=default, metadata={"cli": opt})
-
-
-def split_table_name(name: str) -> tuple[str, str]:
-    """``schema.table`` (or ``table``, meaning public) -> (schema, table)."""
-    schema, sep, table = name.partition(".")
-    if not sep:
-        schema, table = "public", name
-    if not schema or not table or "." in table:
-        raise ConfigError(f"invalid --table {name!r}: use schema.table, e.g. public.outbox")
-    return schema, table
 
 
 _COMMON = "common"

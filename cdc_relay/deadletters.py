@@ -1,6 +1,7 @@
 """The dead-letter table: rows that can never be published, stored with the reason.
 
-Here: the DDL ``init`` applies, the startup check, the relay's writer, and
+All dead-letter SQL lives here but the DDL (``cdc_relay.schema``): the table's
+creation and migration by ``init``, the startup check, the relay's writer, and
 what ``cdc-relay dead-letters list|prune`` do; ``dead-letters replay`` (which
 publishes) is ``cdc_relay.replay``.
 The relay moves the slot past a dead-lettered row only after ``write`` returned,
@@ -41,6 +42,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from cdc_relay import schema
 from cdc_relay.errors import ConfigError, SessionError
 from cdc_relay.letters import (  # noqa: F401 (re-exported: the writer's callers use them)
     FIELD_LIMIT,
@@ -52,20 +54,8 @@ from cdc_relay.letters import (  # noqa: F401 (re-exported: the writer's callers
 )
 from cdc_relay.lsn import format_lsn
 from cdc_relay.redact import one_line
+from cdc_relay.schema import qualified
 
-# outbox_id is text, not uuid: a user-managed outbox (init --no-table) may use any
-# id, and a dead-letter insert that fails would stall the stream on that row.
-DDL = """\
-CREATE TABLE IF NOT EXISTS {table} (
-    id          bigserial PRIMARY KEY,
-    outbox_id   text NULL,
-    reason      text NOT NULL,
-    row_data    jsonb NOT NULL,
-    lsn         pg_lsn NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    replayed_at timestamptz NULL
-);
-"""
 # Bounds for every statement of the relay's writer: a lock held on the table (a
 # long ALTER, a forgotten transaction) fails the write instead of stalling it.
 log = logging.getLogger("cdc_relay")
@@ -79,28 +69,14 @@ CLIENT_MARGIN = 5.0
 REFUSED_DATA = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
-def qualified(schema: str, table: str) -> sql.Composable:
-    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-
-
-def ddl(table: tuple[str, str]) -> sql.Composed:
-    """The CREATE TABLE statement for this dead-letter table."""
-    return sql.SQL(DDL).format(table=qualified(*table))
-
-
 def create(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
     """Create the table, or migrate an old one (outbox_id uuid -> text); report lines."""
     name = ".".join(table)
     existed = _outbox_id_type(conn, table) is not None
-    conn.execute(ddl(table))
+    conn.execute(schema.dead_letter_ddl(table))
     report = [f"dead-letter table {name}: {'already exists' if existed else 'created'}"]
     if _outbox_id_type(conn, table) == "uuid":
-        conn.execute(
-            sql.SQL(
-                "ALTER TABLE {} ALTER COLUMN outbox_id TYPE text USING outbox_id::text,"
-                " ALTER COLUMN outbox_id DROP NOT NULL"
-            ).format(qualified(*table))
-        )
+        conn.execute(schema.dead_letter_outbox_id_to_text(table))
         report.append(f"dead-letter table {name}: migrated outbox_id from uuid to text")
     return report
 

@@ -25,44 +25,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from cdc_relay.config import ConfigError, split_table_name
+from cdc_relay import schema
+from cdc_relay.errors import ConfigError
 from cdc_relay.outbox import is_sqlalchemy
 from cdc_relay.tracing import TRACE_HEADERS, consumer_span
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TABLE = "public.processed_messages"
+DEFAULT_TABLE = schema.DEFAULT_INBOX_TABLE
 R = TypeVar("R")
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _split(table: str) -> tuple[str, str]:
     try:
-        return split_table_name(table)
+        return schema.split_table_name(table)
     except ConfigError as exc:
         raise ValueError(str(exc).replace("--table", "table")) from None
 
 
 def _qualified(table: str) -> str:
-    schema, name = _split(table)
-    return f"{_quote(schema)}.{_quote(name)}"
+    return schema.qualified_text(_split(table))
 
 
 def ddl(table: str = DEFAULT_TABLE) -> str:
     """CREATE statements for the processed-messages table (idempotent; for init or migrations)."""
-    _, name = _split(table)
-    qualified = _qualified(table)
-    index = _quote(f"{name}_processed_at"[:63])
-    return (
-        f"CREATE TABLE IF NOT EXISTS {qualified} (\n"
-        "    message_id   text PRIMARY KEY,\n"
-        "    processed_at timestamptz NOT NULL DEFAULT now()\n"
-        ");\n"
-        f"CREATE INDEX IF NOT EXISTS {index} ON {qualified} (processed_at);\n"
-    )
+    return schema.inbox_ddl(_split(table)).as_string(None)
 
 
 def _insert_sql(table: str, style: str) -> str:

@@ -25,7 +25,7 @@ from cdc_relay.core import SessionFailed
 from cdc_relay.deadletters import DeadLetterWriter
 from cdc_relay.deadline import event_within, within
 from cdc_relay.errors import ConfigError, SlotMissing
-from cdc_relay.pg import admin
+from cdc_relay.pg import catalog, checks
 from cdc_relay.pg.replication import (
     SQLSTATE_PREREQUISITE_STATE,
     SQLSTATE_UNDEFINED_OBJECT,
@@ -146,7 +146,7 @@ async def take_slot(
 def _resync_holder(settings: Settings) -> int | None:
     """The pid of a resync of the slot running now; None also when that cannot be asked."""
     try:
-        with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+        with catalog.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
             return resync_holder(conn, settings.slot)
     except Exception:  # the caller reports the missing slot instead
         return None
@@ -154,7 +154,7 @@ def _resync_holder(settings: Settings) -> int | None:
 
 async def validate_when_no_resync(
     settings: Settings, stop: asyncio.Event
-) -> admin.StartupFacts | None:
+) -> checks.StartupFacts | None:
     """``validate``, standing by while a resync of the slot is under way (None: asked to stop).
 
     A standby that waits and takes over once the resync finished is what a
@@ -179,7 +179,7 @@ async def validate_when_no_resync(
 
 
 def _read_recorded(settings: Settings) -> Position | None:
-    with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+    with catalog.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
         conn.execute("SET statement_timeout = '5s'")
         return recorded_position(read(conn, table_name(settings), settings.slot))
 
@@ -197,13 +197,13 @@ async def recorded(settings: Settings) -> Position | None:
         return None
 
 
-async def validate(settings: Settings) -> admin.StartupFacts:
+async def validate(settings: Settings) -> checks.StartupFacts:
     """Startup checks on a normal connection; a partitioned network cannot hang them."""
 
-    def check() -> admin.StartupFacts:
-        with admin.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
+    def check() -> checks.StartupFacts:
+        with catalog.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
             conn.execute("SET statement_timeout = '20s'")
-            return admin.validate(conn, settings)
+            return checks.validate(conn, settings)
 
     try:
         return await within(asyncio.to_thread(check), VALIDATE_TIMEOUT)

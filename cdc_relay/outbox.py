@@ -34,28 +34,19 @@ from typing import Any
 
 import orjson
 
-from cdc_relay import tracing
+from cdc_relay import schema, tracing
 from cdc_relay.celery_message import TASK_AGGREGATE_TYPE
-from cdc_relay.config import ConfigError, split_table_name
+from cdc_relay.errors import ConfigError
 from cdc_relay.router import Router
 from cdc_relay.rows import OutboxRow, UnmappableRow
 
-DEFAULT_TABLE = "public.outbox"
+DEFAULT_TABLE = schema.DEFAULT_OUTBOX_TABLE
 # RabbitMQ 4's default max_message_size; a bigger body is refused by the broker.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 # Applies every per-row check of the relay; the routing-key template is the
 # relay's configuration, so an empty one stands in (it renders to "").
 _CHECKER = Router(routing_key_template="", allow_cc_headers=True)
-_COLUMNS = (
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "headers",
-    "exchange",
-    "routing_key",
-)
+_COLUMNS = schema.OUTBOX_INSERT_COLUMNS
 _CASTS = ("uuid", None, None, None, "jsonb", "jsonb", None, None)
 
 
@@ -97,7 +88,7 @@ class Insert:
             mark = {"format": "%s", "named": f":{column}", "numeric": f"${i + 1}"}[style]
             marks.append(f"CAST({mark} AS {cast})" if cast else mark)
         return (
-            f"INSERT INTO {_quote(self.table[0])}.{_quote(self.table[1])} ({', '.join(_COLUMNS)})"
+            f"INSERT INTO {schema.qualified_text(self.table)} ({', '.join(_COLUMNS)})"
             f" VALUES ({', '.join(marks)})"
         )
 
@@ -107,26 +98,19 @@ class Insert:
 
 def _table(name: str) -> tuple[str, str]:
     try:
-        return split_table_name(name)
+        return schema.split_table_name(name)
     except ConfigError as exc:
         raise EnqueueError(str(exc).replace("--table", "table")) from None
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def qualified_name(table: str) -> str:
     """``schema.table`` (unquoted, as --table takes it) as a quoted SQL identifier."""
-    schema, name = _table(table)
-    return f"{_quote(schema)}.{_quote(name)}"
+    return schema.qualified_text(_table(table))
 
 
 def outbox_ddl(table: str = DEFAULT_TABLE) -> str:
     """The outbox CREATE TABLE IF NOT EXISTS that ``cdc-relay init`` runs, for migrations."""
-    from cdc_relay.pg.admin import OUTBOX_DDL
-
-    return OUTBOX_DDL.format(table=qualified_name(table))
+    return schema.outbox_ddl(_table(table)).as_string(None)
 
 
 def _default(value: Any) -> Any:

@@ -26,8 +26,8 @@ from cdc_relay.deadline import event_within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.health import Problems
 from cdc_relay.metrics import Metrics
-from cdc_relay.pg import admin
 from cdc_relay.pg.pgoutput import ProtocolError
+from cdc_relay.pg.retention import retain_outbox
 from cdc_relay.router import Router
 from cdc_relay.session import (
     HEALTHY_SESSION_SECONDS,
@@ -88,7 +88,7 @@ class Relay:
         retention = None
         if self.settings.retention is not None:
             retention = asyncio.create_task(
-                admin.retain_outbox(self.settings, self.settings.retention, self._stop),
+                retain_outbox(self.settings, self.settings.retention, self._stop),
                 name="cdc-relay-retention",
             )
         try:

@@ -41,18 +41,19 @@ from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, check_writable
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.lsn import format_lsn
-from cdc_relay.pg import admin
+from cdc_relay.pg import catalog, checks
+from cdc_relay.pg.catalog import FAILOVER_MIN_VERSION
 from cdc_relay.pg.replication import ReplicationStream
 from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import one_line
 from cdc_relay.router import Router
 from cdc_relay.rows import OutboxRow
+from cdc_relay.schema import qualified
 from cdc_relay.state import DEFAULT_MARGIN
 
 BATCH: Final = 1000  # rows per server-side cursor fetch
 DEAD_LETTER_BATCH: Final = 500
 PROGRESS_INTERVAL: Final = 1.0  # seconds between progress lines
-FAILOVER_MIN_VERSION: Final = 170000  # failover slots: PostgreSQL 17
 
 
 class ResyncFailed(RelayError):
@@ -138,15 +139,15 @@ def plan(
     failover: bool = False,
 ) -> Plan:
     """Decide what to do, or raise ConfigError (one line) for why it must not happen."""
-    admin.check_wal_level(conn)
+    catalog.check_wal_level(conn)
     schema, table = settings.table_parts
-    if admin.check_outbox_table(conn, settings) is None:
+    if checks.check_outbox_table(conn, settings) is None:
         raise ConfigError(
             f"outbox table {schema}.{table} does not exist: resync reads the rows to send from "
             "it (messages from outbox_emit exist only in WAL and cannot be resynced); "
             "recreate the slot with `cdc-relay init`"
         )
-    if not admin.publication_exists(conn, settings.publication):
+    if not catalog.publication_exists(conn, settings.publication):
         raise ConfigError(
             f"publication {settings.publication} does not exist; run `cdc-relay init` first"
         )
@@ -217,9 +218,7 @@ def plan(
     if failover and _server_version(conn) < FAILOVER_MIN_VERSION:
         failover = False  # the old slot could not have had it either
     row = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE created_at >= %s").format(
-            admin.qualified(schema, table)
-        ),
+        sql.SQL("SELECT count(*) FROM {} WHERE created_at >= %s").format(qualified(schema, table)),
         (start,),
     ).fetchone()
     return Plan(slot, start, source, old_slot, failover, int(row[0]) if row else 0)
@@ -292,7 +291,7 @@ async def execute(
     state_table = state.table_name(settings)
     # Held until the end: relays stand by while it is held, and see an interrupted
     # resync (the mark without the lock) once this connection is gone.
-    with admin.connect(settings.dsn, application_name="cdc-relay resync") as lock:
+    with catalog.connect(settings.dsn, application_name="cdc-relay resync") as lock:
         _lock_resync(lock, plan.slot)
         return await _execute_locked(settings, plan, state_table, started, progress)
 
@@ -317,7 +316,7 @@ async def _execute_locked(
     started: float,
     progress: Callable[[str], None],
 ) -> Summary:
-    with admin.connect(settings.dsn) as conn:
+    with catalog.connect(settings.dsn) as conn:
         state.create(conn, state_table)
         previous = state.read(conn, state_table, plan.slot)
         if plan.old_slot == "missing" and _slot_row(conn, plan.slot) is not None:
@@ -364,7 +363,7 @@ async def _execute_locked(
     finally:
         # Kept open until the read is done: the exported snapshot lives as long as it.
         await stream.close()
-    with admin.connect(settings.dsn) as conn:
+    with catalog.connect(settings.dsn) as conn:
         if plan.failover:
             _set_failover(settings.dsn, plan.slot)
         state.mark_resync(conn, state_table, plan.slot, None)
@@ -398,7 +397,7 @@ async def _publish_snapshot(
             "SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text,"
             " headers::text, exchange, routing_key, created_at::text FROM {}"
             " WHERE created_at >= %s ORDER BY created_at, id"
-        ).format(admin.qualified(*settings.table_parts))
+        ).format(qualified(*settings.table_parts))
         last_report = time.monotonic()
         exchanges: dict[str, str | None] = {}
         async with reader.cursor(name="cdc_relay_resync") as cursor:

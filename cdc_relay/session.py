@@ -68,7 +68,7 @@ from cdc_relay.opening import (
     validate,
     validate_when_no_resync,
 )
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks
 from cdc_relay.pg.failures import certificate_rejected as pg_certificate_rejected
 from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.replication import ReplicationStream
@@ -543,7 +543,7 @@ class Session:
                     if conn is None or conn.closed:
                         conn = await _side_connection(s.dsn, "cdc-relay drift check")
                     relid, covered = await within(
-                        admin.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
+                        checks.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
                     )
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     failures += 1

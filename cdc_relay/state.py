@@ -31,36 +31,17 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from cdc_relay import schema
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import Lsn, format_lsn
 from cdc_relay.redact import one_line
+from cdc_relay.schema import qualified
 
 log = logging.getLogger("cdc_relay")
 
 RECORD_INTERVAL: Final = 5.0  # seconds between the relay's writes of its position
 STATEMENT_TIMEOUT_MS: Final = 5000  # a locked state row must never stall the relay
-
-DDL: Final = """\
-CREATE TABLE IF NOT EXISTS {table} (
-    slot_name           text PRIMARY KEY,
-    confirmed_commit_at timestamptz NULL,
-    confirmed_lsn       pg_lsn NULL,
-    updated_at          timestamptz NOT NULL DEFAULT now(),
-    resync_since        timestamptz NULL,
-    system_identifier   text NULL
-);
-ALTER TABLE {table}
-    ADD COLUMN IF NOT EXISTS problem              text NULL,
-    ADD COLUMN IF NOT EXISTS problem_since        timestamptz NULL,
-    ADD COLUMN IF NOT EXISTS broker_blocked_since timestamptz NULL,
-    ADD COLUMN IF NOT EXISTS waiting_since        timestamptz NULL,
-    ADD COLUMN IF NOT EXISTS heartbeat_at         timestamptz NULL;
-"""
-# Tables created before system_identifier existed get it from init or resync.
-ADD_SYSTEM_IDENTIFIER: Final = (
-    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS system_identifier text NULL"
-)
 
 # The running relay's trouble, for `status` in another process: what is wrong
 # (``problem``), since when the broker blocks it, since when its flush position
@@ -78,24 +59,15 @@ HEARTBEAT_STALE: Final = timedelta(seconds=60)
 
 def table_name(settings: Settings) -> tuple[str, str]:
     """``<outbox>_relay_state`` next to the outbox (``public.outbox_relay_state``)."""
-    schema, table = settings.table_parts
-    return schema, f"{table[:50]}_relay_state"
-
-
-def _qualified(table: tuple[str, str]) -> sql.Composable:
-    return sql.SQL("{}.{}").format(sql.Identifier(table[0]), sql.Identifier(table[1]))
-
-
-def ddl(table: tuple[str, str]) -> sql.Composed:
-    return sql.SQL(DDL).format(table=_qualified(table))
+    return schema.state_table(settings.table_parts)
 
 
 def create(conn: psycopg.Connection[Any], table: tuple[str, str]) -> list[str]:
     """Create the state table if missing (``init`` and ``resync``); one report line."""
     existed = exists(conn, table)
-    conn.execute(ddl(table))
+    conn.execute(schema.state_ddl(table))
     if existed and not _has_column(conn, table, "system_identifier"):
-        conn.execute(sql.SQL(ADD_SYSTEM_IDENTIFIER).format(table=_qualified(table)))
+        conn.execute(schema.state_add_system_identifier(table))
     name = ".".join(table)
     return [f"relay state table {name}: {'already exists' if existed else 'created'}"]
 
@@ -104,7 +76,7 @@ def _has_column(conn: psycopg.Connection[Any], table: tuple[str, str], column: s
     row = conn.execute(
         "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s"
         " AND NOT attisdropped",
-        (_qualified(table).as_string(conn), column),
+        (qualified(*table).as_string(conn), column),
     ).fetchone()
     return row is not None
 
@@ -138,7 +110,7 @@ def read(conn: psycopg.Connection[Any], table: tuple[str, str], slot: str) -> Re
         sql.SQL(
             "SELECT slot_name, confirmed_commit_at, confirmed_lsn::text, updated_at, resync_since,"
             " to_jsonb(s) ->> 'system_identifier' FROM {} s WHERE slot_name = %s"
-        ).format(_qualified(table)),
+        ).format(qualified(*table)),
         (slot,),
     ).fetchone()
     return None if row is None else RelayState(*row)
@@ -216,7 +188,7 @@ async def record(
                 " confirmed_commit_at = EXCLUDED.confirmed_commit_at,"
                 " confirmed_lsn = EXCLUDED.confirmed_lsn, updated_at = now()"
                 " WHERE s.confirmed_lsn IS NULL OR s.confirmed_lsn <= EXCLUDED.confirmed_lsn"
-            ).format(t=_qualified(table)),
+            ).format(t=qualified(*table)),
             (slot, datetime.fromtimestamp(commit_time, UTC), format_lsn(lsn)),
         )
         return
@@ -230,7 +202,7 @@ async def record(
             " system_identifier = EXCLUDED.system_identifier"
             " WHERE s.confirmed_lsn IS NULL OR s.confirmed_lsn <= EXCLUDED.confirmed_lsn"
             " OR s.system_identifier IS DISTINCT FROM EXCLUDED.system_identifier"
-        ).format(t=_qualified(table)),
+        ).format(t=qualified(*table)),
         (slot, datetime.fromtimestamp(commit_time, UTC), format_lsn(lsn), system_identifier),
     )
 
@@ -261,7 +233,7 @@ def read_health(
     present = conn.execute(
         "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname = ANY(%s)"
         " AND NOT attisdropped",
-        (_qualified(table).as_string(conn), list(HEALTH_COLUMNS)),
+        (qualified(*table).as_string(conn), list(HEALTH_COLUMNS)),
     ).fetchone()
     if present is None or present[0] < len(HEALTH_COLUMNS):
         return None
@@ -269,7 +241,7 @@ def read_health(
         sql.SQL(
             "SELECT problem, problem_since, broker_blocked_since, waiting_since, heartbeat_at,"
             " now() - heartbeat_at FROM {} WHERE slot_name = %s"
-        ).format(_qualified(table)),
+        ).format(qualified(*table)),
         (slot,),
     ).fetchone()
     return None if row is None else RelayHealth(*row)
@@ -287,7 +259,7 @@ def mark_resync(
         sql.SQL(
             "INSERT INTO {t} AS s (slot_name, resync_since) VALUES (%s, %s)"
             " ON CONFLICT (slot_name) DO UPDATE SET resync_since = EXCLUDED.resync_since"
-        ).format(t=_qualified(table)),
+        ).format(t=qualified(*table)),
         (slot, since),
     )
 
@@ -482,7 +454,7 @@ class StateWriter:
                     " problem = EXCLUDED.problem, problem_since = EXCLUDED.problem_since,"
                     " broker_blocked_since = EXCLUDED.broker_blocked_since,"
                     " waiting_since = EXCLUDED.waiting_since, heartbeat_at = now()"
-                ).format(t=_qualified(self._table)),
+                ).format(t=qualified(*self._table)),
                 (self._slot, *health),
             )
         except psycopg.errors.UndefinedColumn:
@@ -514,7 +486,7 @@ class StateWriter:
                     "UPDATE {} SET problem = NULL, problem_since = NULL,"
                     " broker_blocked_since = NULL, waiting_since = NULL, heartbeat_at = NULL"
                     " WHERE slot_name = %s"
-                ).format(_qualified(self._table)),
+                ).format(qualified(*self._table)),
                 (self._slot,),
             )
 
@@ -551,7 +523,7 @@ def format_since(value: datetime) -> str:
 def lost_slot_hint(conn: psycopg.Connection[Any], settings: Settings) -> str:
     """The exact ``resync`` command for a lost slot, from the state row when there is one.
 
-    For the messages about a missing or invalidated slot (``admin.validate``, and
+    For the messages about a missing or invalidated slot (``pg.checks.validate``, and
     the relay when START_REPLICATION fails with 42704/55000).
     """
     try:

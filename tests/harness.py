@@ -21,7 +21,9 @@ import orjson
 import psycopg
 
 from cdc_relay.config import Settings
-from cdc_relay.pg import admin
+from cdc_relay.pg import catalog
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import emit_key_table
 from devtools.consumer import Consumer, Delivery
 from devtools.metrics import metrics_text, parse_histogram
 from devtools.relayproc import RelayProcess, cli_args
@@ -83,20 +85,20 @@ class Setup:
 
     def init(self, **options: Any) -> list[str]:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            return admin.init(conn, self.settings, **options)
+            return pg_setup.init(conn, self.settings, **options)
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception), psycopg.connect(self.dsn, autocommit=True) as conn:
             for _ in range(50):
-                info = admin.slot_info(conn, self.names["slot"])
+                info = catalog.slot_info(conn, self.names["slot"])
                 if info is None or not info.active:
                     break
                 time.sleep(0.1)
-            admin.drop(conn, self.settings, publication=True)
+            pg_setup.drop(conn, self.settings, publication=True)
             conn.execute(f"DROP TABLE IF EXISTS {self.table}")
             conn.execute(f"DROP TABLE IF EXISTS {self.table}_dead_letter")
             conn.execute(f"DROP TABLE IF EXISTS {self.table}_relay_state")
-            keys = admin.emit_key_table(self.settings.table_parts)
+            keys = emit_key_table(self.settings.table_parts)
             conn.execute(f'DROP TABLE IF EXISTS "{keys[0]}"."{keys[1]}"')
 
     def cli_args(self) -> list[str]:

@@ -14,7 +14,8 @@ from psycopg.conninfo import make_conninfo
 
 from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, list_dead_letters
 from cdc_relay.errors import EX_CONFIG, ConfigError
-from cdc_relay.pg import admin
+from cdc_relay.pg import catalog, checks
+from cdc_relay.pg import setup as pg_setup
 from tests.harness import Setup
 from tests.harness import run_cli as cli
 
@@ -53,7 +54,7 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
     dl_table = outbox.settings.dead_letter_table
     # Without the grant: each command says what is missing, in one line.
     with psycopg.connect(role_dsn, autocommit=True) as conn, pytest.raises(ConfigError) as info:
-        admin.validate(conn, outbox.settings)
+        checks.validate(conn, outbox.settings)
     assert f"role {role} cannot write dead letters" in str(info.value)
     assert f"INSERT on {'.'.join(dl_table)}" in str(info.value)
     assert f"--grant-to {role}" in str(info.value)
@@ -70,7 +71,7 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
     assert "warning" not in granted.stdout  # the role already has LOGIN REPLICATION
 
     with psycopg.connect(role_dsn, autocommit=True) as conn:
-        facts = admin.validate(conn, outbox.settings)
+        facts = checks.validate(conn, outbox.settings)
         assert facts.outbox_relid > 0
     writer = await DeadLetterWriter.connect(role_dsn, dl_table)
     try:
@@ -95,7 +96,7 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
         )
         with psycopg.connect(outbox.dsn, autocommit=True) as conn:
             for _ in range(50):
-                info = admin.slot_info(conn, outbox.names["slot"])
+                info = catalog.slot_info(conn, outbox.names["slot"])
                 if info is not None and info.active:
                     break
                 time.sleep(0.1)
@@ -114,10 +115,10 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
 def test_grant_warns_about_a_role_without_replication(outbox: Setup, role: str) -> None:
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         conn.execute(f"ALTER ROLE {role} NOREPLICATION")
-        report = admin.grant(conn, outbox.settings, role)
+        report = pg_setup.grant(conn, outbox.settings, role)
     assert f"warning: role {role} also needs LOGIN REPLICATION" in report[-1]
     with psycopg.connect(outbox.dsn, autocommit=True) as conn, pytest.raises(ConfigError):
-        admin.grant(conn, outbox.settings, "no_such_role_x")
+        pg_setup.grant(conn, outbox.settings, "no_such_role_x")
 
 
 def test_init_without_privileges_is_one_line(outbox: Setup, role: str) -> None:

@@ -11,7 +11,9 @@ import psycopg
 import pytest
 
 from cdc_relay import core
-from cdc_relay.pg import admin
+from cdc_relay.pg import catalog, checks
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import function_names
 from tests.harness import Setup, unique_names
 from tests.harness import run_cli as cli
 
@@ -78,13 +80,13 @@ def test_drop_with_publication(outbox: Setup, conn: psycopg.Connection[Any]) -> 
     assert result.returncode == 0, result.stderr
     assert f"replication slot {outbox.names['slot']}: dropped" in result.stdout
     assert f"publication {outbox.names['publication']}: dropped" in result.stdout
-    assert admin.slot_info(conn, outbox.names["slot"]) is None
+    assert catalog.slot_info(conn, outbox.names["slot"]) is None
 
 
 def test_enqueue_function_inserts_an_outbox_row(
     outbox: Setup, conn: psycopg.Connection[Any]
 ) -> None:
-    enqueue, _ = admin.function_names(outbox.settings.table_parts)
+    enqueue, _ = function_names(outbox.settings.table_parts)
     row = conn.execute(
         f"SELECT public.{enqueue}('order', '42', 'OrderCreated', '{{\"total\": 5}}')"
     ).fetchone()
@@ -107,9 +109,9 @@ def test_enqueue_function_inserts_an_outbox_row(
 def test_emit_function_writes_a_transactional_logical_message(
     outbox: Setup, conn: psycopg.Connection[Any]
 ) -> None:
-    admin.init(conn, outbox.settings, emit=True)
-    _, emit = admin.function_names(outbox.settings.table_parts)
-    key = admin.read_emit_key(conn, outbox.settings)
+    pg_setup.init(conn, outbox.settings, emit=True)
+    _, emit = function_names(outbox.settings.table_parts)
+    key = checks.read_emit_key(conn, outbox.settings)
     assert key is not None
     slot = f"td_{uuid.uuid4().hex[:8]}"
     # not temporary: Postgres drops a temporary slot on any error in its session
@@ -152,4 +154,4 @@ def test_emit_function_writes_a_transactional_logical_message(
 
 
 def test_default_table_gets_the_documented_function_names() -> None:
-    assert admin.function_names(("public", "outbox")) == ("outbox_enqueue", "outbox_emit")
+    assert function_names(("public", "outbox")) == ("outbox_enqueue", "outbox_emit")

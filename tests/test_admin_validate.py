@@ -1,4 +1,4 @@
-"""admin.validate: the facts a session starts from, and each refusal as one line."""
+"""pg.checks.validate: the facts a session starts from, and each refusal as one line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from psycopg.conninfo import make_conninfo
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.lsn import Lsn
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import function_names
 from tests.harness import Setup, unique_names
 
 
@@ -33,7 +35,7 @@ def conn(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 def refused(conn: psycopg.Connection[Any], settings: Settings, *needles: str) -> str:
     with pytest.raises(ConfigError) as info:
-        admin.validate(conn, settings)
+        checks.validate(conn, settings)
     message = str(info.value)
     assert "\n" not in message
     for needle in needles:
@@ -42,7 +44,7 @@ def refused(conn: psycopg.Connection[Any], settings: Settings, *needles: str) ->
 
 
 def test_startup_facts(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
-    facts = admin.validate(conn, outbox.settings)
+    facts = checks.validate(conn, outbox.settings)
     row = conn.execute(
         "SELECT %s::regclass::oid::bigint, confirmed_flush_lsn::text"
         " FROM pg_replication_slots WHERE slot_name = %s",
@@ -95,7 +97,7 @@ def test_an_unmapped_generated_column_is_fine(outbox: Setup, conn: psycopg.Conne
     conn.execute(
         f"ALTER TABLE {outbox.table} ADD COLUMN note text GENERATED ALWAYS AS (event_type) STORED"
     )
-    admin.validate(conn, outbox.settings)
+    checks.validate(conn, outbox.settings)
 
 
 def test_partitioned_outbox_needs_publish_via_root(pg_dsn: str) -> None:
@@ -112,8 +114,8 @@ def test_partitioned_outbox_needs_publish_via_root(pg_dsn: str) -> None:
         )
         conn.execute(f"CREATE TABLE {table}_p PARTITION OF {table} DEFAULT")
         try:
-            admin.init(conn, setup.settings, create_table=False)
-            admin.validate(conn, setup.settings)  # init publishes via the root
+            pg_setup.init(conn, setup.settings, create_table=False)
+            checks.validate(conn, setup.settings)  # init publishes via the root
             pub = names["publication"]
             conn.execute(f"ALTER PUBLICATION {pub} SET (publish_via_partition_root = false)")
             refused(conn, setup.settings, "partitioned", "publish_via_partition_root = true")
@@ -147,26 +149,26 @@ def test_old_uuid_dead_letter_table_is_refused_then_migrated(
         " VALUES ('00000000-0000-0000-0000-000000000001', 'old', '{}', '0/1')"
     )
     refused(conn, outbox.settings, "outbox_id uuid", "migrate")
-    report = admin.init(conn, outbox.settings)
+    report = pg_setup.init(conn, outbox.settings)
     assert any("migrated outbox_id from uuid to text" in line for line in report), report
-    admin.validate(conn, outbox.settings)
+    checks.validate(conn, outbox.settings)
     assert conn.execute(f"SELECT outbox_id FROM {dl}").fetchall() == [
         ("00000000-0000-0000-0000-000000000001",)
     ]
-    again = admin.init(conn, outbox.settings)
+    again = pg_setup.init(conn, outbox.settings)
     assert not any("migrated" in line for line in again), again
 
 
 def test_init_is_idempotent_including_functions(
     outbox: Setup, conn: psycopg.Connection[Any]
 ) -> None:
-    report = admin.init(conn, outbox.settings)
+    report = pg_setup.init(conn, outbox.settings)
     assert all("already exists" in line for line in report), report
-    enqueue, emit = admin.function_names(outbox.settings.table_parts)
+    enqueue, emit = function_names(outbox.settings.table_parts)
     assert f"function public.{enqueue}: already exists" in report
     assert not any(emit in line for line in report), report  # only where asked for
-    admin.init(conn, outbox.settings, emit=True)
-    again = admin.init(conn, outbox.settings)  # once asked for, it stays
+    pg_setup.init(conn, outbox.settings, emit=True)
+    again = pg_setup.init(conn, outbox.settings)  # once asked for, it stays
     assert all("already exists" in line for line in again), again
     assert f"function public.{emit}: already exists" in again
 
@@ -174,7 +176,7 @@ def test_init_is_idempotent_including_functions(
 def test_init_refuses_an_invalid_slot_name(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
     settings = Settings(**{**outbox.names, "slot": "Bad-Slot"}, dsn=outbox.dsn)
     with pytest.raises(ConfigError, match="invalid --slot 'Bad-Slot'"):
-        admin.init(conn, settings)
+        pg_setup.init(conn, settings)
 
 
 def test_init_adds_a_recreated_outbox_to_its_publication(
@@ -183,11 +185,11 @@ def test_init_adds_a_recreated_outbox_to_its_publication(
     """Issue 16: after DROP TABLE outbox, init said "publication: already exists" and
     left the new table out of it, so its rows were never published."""
     conn.execute(f"DROP TABLE {outbox.table}")
-    report = admin.init(conn, outbox.settings)
+    report = pg_setup.init(conn, outbox.settings)
     pub, table = outbox.settings.publication, outbox.table
     assert f"publication {pub}: added {table} (the publication did not cover it)" in report
-    admin.validate(conn, outbox.settings)
-    again = admin.init(conn, outbox.settings)
+    checks.validate(conn, outbox.settings)
+    again = pg_setup.init(conn, outbox.settings)
     assert f"publication {pub}: already exists" in again
 
 
@@ -203,7 +205,7 @@ def test_init_names_the_statement_when_it_may_not_add_the_outbox(
         conn.execute(f"ALTER TABLE {table} OWNER TO {role}")
         dsn = make_conninfo(pg_dsn, user=role, password="pw")
         with psycopg.connect(dsn, autocommit=True) as owner, pytest.raises(ConfigError) as info:
-            admin._cover_outbox(owner, outbox.settings, tableless=False)
+            pg_setup._cover_outbox(owner, outbox.settings, tableless=False)
         assert str(info.value) == (
             f"publication {pub} does not cover public.{table} and this role may not add it: "
             f'run ALTER PUBLICATION "{pub}" ADD TABLE "public"."{table}" as the '

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from cdc_relay import cli
 from cdc_relay.config import Option, Settings, option_of
 from cdc_relay.errors import EX_CONFIG, EX_USAGE
-from cdc_relay.pg import admin
+from cdc_relay.pg import setup as pg_setup
 from cdc_relay.router import exchange_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_a_default_exchange_the_policy_refuses_is_one_line() -> None:
 
 def test_sql_file_is_generated_from_the_package_data() -> None:
     """sql/outbox.sql is `cdc-relay init --print-sql` for the defaults, never edited by hand."""
-    assert (ROOT / "sql" / "outbox.sql").read_text() == admin.render_sql(Settings()), (
+    assert (ROOT / "sql" / "outbox.sql").read_text() == pg_setup.render_sql(Settings()), (
         "regenerate: python -m cdc_relay.cli init --print-sql > sql/outbox.sql"
     )
 

@@ -19,19 +19,21 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay.errors import ConfigError
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import function_names
 from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
 
 
 def emit_name(setup: Setup) -> str:
     schema, _ = setup.settings.table_parts
-    return f"{schema}.{admin.function_names(setup.settings.table_parts)[1]}"
+    return f"{schema}.{function_names(setup.settings.table_parts)[1]}"
 
 
 def drop_functions(setup: Setup) -> None:
     schema, _ = setup.settings.table_parts
     with psycopg.connect(setup.dsn, autocommit=True) as conn:
-        for name in admin.function_names(setup.settings.table_parts):
+        for name in function_names(setup.settings.table_parts):
             conn.execute(f"DROP FUNCTION IF EXISTS {schema}.{name}")
 
 
@@ -48,7 +50,7 @@ def emit(cur: psycopg.Cursor[Any], setup: Setup, aggregate_id: str, payload: Any
 def tableless(pg_dsn: str, amqp_url: str) -> Iterator[Setup]:
     setup = Setup(pg_dsn, amqp_url, unique_names("emt"))
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        admin.init(conn, setup.settings, create_table=False)
+        pg_setup.init(conn, setup.settings, create_table=False)
     yield setup
     setup.cleanup()
     drop_functions(setup)
@@ -77,14 +79,14 @@ async def relay(tableless: Setup, tmp_path: Path) -> AsyncIterator[RelayProcess]
 
 def test_init_no_table_is_a_valid_tableless_setup(tableless: Setup) -> None:
     with psycopg.connect(tableless.dsn, autocommit=True) as conn:
-        facts = admin.validate(conn, tableless.settings)
+        facts = checks.validate(conn, tableless.settings)
         assert facts.outbox_relid == 0
         pub = tableless.names["publication"]
         tables = conn.execute(
             "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (pub,)
         ).fetchone()
         assert tables == (0,)
-        enqueue, emit_fn = admin.function_names(tableless.settings.table_parts)
+        enqueue, emit_fn = function_names(tableless.settings.table_parts)
         present = {
             r[0]
             for r in conn.execute(
@@ -92,7 +94,7 @@ def test_init_no_table_is_a_valid_tableless_setup(tableless: Setup) -> None:
             ).fetchall()
         }
         assert present == {emit_fn}  # no table for the enqueue function to insert into
-        again = admin.init(conn, tableless.settings, create_table=False)
+        again = pg_setup.init(conn, tableless.settings, create_table=False)
     assert all("already exist" in line or "none (table-less" in line for line in again), again
 
 
@@ -103,7 +105,7 @@ def test_a_publication_covering_another_table_is_a_missing_outbox(tableless: Set
         try:
             conn.execute(f"ALTER PUBLICATION {pub} ADD TABLE {tableless.table}_other")
             with pytest.raises(ConfigError, match=r"outbox table \S+ does not exist"):
-                admin.validate(conn, tableless.settings)
+                checks.validate(conn, tableless.settings)
         finally:
             conn.execute(f"DROP TABLE {tableless.table}_other")
 
@@ -114,7 +116,7 @@ def test_no_publication_and_no_table_names_init_no_table(pg_dsn: str) -> None:
         psycopg.connect(pg_dsn, autocommit=True) as conn,
         pytest.raises(ConfigError, match="init --no-table"),
     ):
-        admin.validate(conn, setup.settings)
+        checks.validate(conn, setup.settings)
 
 
 @pytest.mark.asyncio
@@ -209,7 +211,7 @@ async def test_two_outboxes_in_one_database_keep_their_emitted_messages_apart(
         for setup in setups:
             setup.settings.message_prefix = f"cdc_relay_{setup.names['slot'][-8:]}"
             with psycopg.connect(pg_dsn, autocommit=True) as conn:
-                admin.init(conn, setup.settings, create_table=False)
+                pg_setup.init(conn, setup.settings, create_table=False)
             consumers.append(await consumer_for(setup))
             relay = RelayProcess(
                 setup,
@@ -245,7 +247,7 @@ def test_a_relay_whose_prefix_the_emit_function_does_not_write_is_refused(
     settings = dataclasses.replace(tableless.settings, message_prefix="someone_else")
     with psycopg.connect(tableless.dsn, autocommit=True) as conn:
         with pytest.raises(ConfigError) as refused:
-            admin.validate(conn, settings)
+            checks.validate(conn, settings)
         assert "prefix 'cdc_relay' but --message-prefix is 'someone_else'" in str(refused.value)
         assert "--message-prefix cdc_relay" in str(refused.value)
         # A function of the user's own (no emit call init would write) is not second-guessed.
@@ -254,5 +256,5 @@ def test_a_relay_whose_prefix_the_emit_function_does_not_write_is_refused(
             f"CREATE OR REPLACE FUNCTION {emit_name(tableless)}() RETURNS int"
             " LANGUAGE sql AS 'SELECT 1'"
         )
-        admin.validate(conn, settings)
+        checks.validate(conn, settings)
         conn.execute(f"DROP FUNCTION {emit_name(tableless)}()")

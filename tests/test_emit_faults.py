@@ -18,7 +18,8 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from cdc_relay.pg import admin
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import function_names
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, RabbitServer, free_port
 from tests.faults import bounce_broker
@@ -47,7 +48,7 @@ def emit_rabbit() -> Iterator[RabbitServer]:
 async def tableless(emit_pg: PostgresServer, emit_rabbit: RabbitServer) -> AsyncIterator[Setup]:
     setup = Setup(emit_pg.dsn, emit_rabbit.amqp_url, unique_names("emf"))
     with psycopg.connect(setup.dsn, autocommit=True) as conn:
-        admin.init(conn, setup.settings, create_table=False)
+        pg_setup.init(conn, setup.settings, create_table=False)
     yield setup
     if not emit_rabbit.is_running():
         emit_rabbit.start()
@@ -74,7 +75,7 @@ class EmitWorkload:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         schema, _ = setup.settings.table_parts
-        self.function = f"{schema}.{admin.function_names(setup.settings.table_parts)[1]}"
+        self.function = f"{schema}.{function_names(setup.settings.table_parts)[1]}"
 
     def start(self) -> EmitWorkload:
         for w in range(self.writers):

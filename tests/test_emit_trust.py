@@ -27,7 +27,9 @@ from psycopg.conninfo import make_conninfo
 from cdc_relay.config import Settings
 from cdc_relay.core import EMIT_AUTH_FAILED
 from cdc_relay.errors import ConfigError
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks, report
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import EMIT_SIGNATURE, emit_key_table, function_names, qualified
 from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 
 pytestmark = pytest.mark.integration
@@ -69,7 +71,7 @@ def drop_roles(roles: Roles) -> None:
     roles.setup.cleanup()
     schema, _ = roles.setup.settings.table_parts
     with psycopg.connect(roles.setup.dsn, autocommit=True) as conn:
-        for name in admin.function_names(roles.setup.settings.table_parts):
+        for name in function_names(roles.setup.settings.table_parts):
             conn.execute(f"DROP FUNCTION IF EXISTS {schema}.{name}")
         for role in (roles.relay, roles.app, roles.nobody):
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
@@ -145,7 +147,7 @@ def dead_letters(roles: Roles) -> list[tuple[str, str]]:
     with psycopg.connect(roles.setup.dsn, autocommit=True) as conn:
         rows = conn.execute(
             sql.SQL("SELECT reason, row_data::text FROM {} ORDER BY id").format(
-                admin.qualified(*roles.setup.settings.dead_letter_table)
+                qualified(*roles.setup.settings.dead_letter_table)
             )
         ).fetchall()
     return [(r[0], r[1]) for r in rows]
@@ -153,8 +155,8 @@ def dead_letters(roles: Roles) -> list[tuple[str, str]]:
 
 def test_a_login_only_role_cannot_call_emit_or_read_the_key(emitting: Roles) -> None:
     schema, _ = emitting.setup.settings.table_parts
-    emit = f"{schema}.{admin.function_names(emitting.setup.settings.table_parts)[1]}"
-    keys = ".".join(admin.emit_key_table(emitting.setup.settings.table_parts))
+    emit = f"{schema}.{function_names(emitting.setup.settings.table_parts)[1]}"
+    keys = ".".join(emit_key_table(emitting.setup.settings.table_parts))
     with psycopg.connect(emitting.dsn(emitting.nobody), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
             conn.execute(f"SELECT {emit}('order', '1', 'Forged', '{{}}')")
@@ -184,7 +186,7 @@ async def test_forged_messages_are_dead_lettered_and_reach_no_queue(
         contents.append("0" * 64 + contents[1])  # a made-up signature
         forge(emitting, contents)
         schema, _ = setup.settings.table_parts
-        emit = f"{schema}.{admin.function_names(setup.settings.table_parts)[1]}"
+        emit = f"{schema}.{function_names(setup.settings.table_parts)[1]}"
         with psycopg.connect(emitting.dsn(emitting.app)) as conn:
             row = conn.execute(f"SELECT {emit}('order', 'm', 'Marker', '{{}}')::text").fetchone()
             conn.commit()
@@ -237,20 +239,20 @@ def test_an_older_public_emit_function_is_refused_until_init_replaces_it(
     """The upgrade path: one line naming the command, then init makes it safe."""
     setup = table_only.setup
     schema, _ = setup.settings.table_parts
-    emit = f"{schema}.{admin.function_names(setup.settings.table_parts)[1]}"
+    emit = f"{schema}.{function_names(setup.settings.table_parts)[1]}"
     with psycopg.connect(setup.dsn, autocommit=True) as conn:
         conn.execute(OLD_EMIT.replace("{emit}", emit))  # what init wrote before issue 16
         with pytest.raises(ConfigError, match=r"init --grant-emit-to ROLE"):
-            admin.validate(conn, setup.settings)
-        assert any("older cdc-relay" in line for line in admin.init(conn, setup.settings))
+            checks.validate(conn, setup.settings)
+        assert any("older cdc-relay" in line for line in pg_setup.init(conn, setup.settings))
         with pytest.raises(ConfigError, match="older cdc-relay"):
-            admin.validate(conn, setup.settings)  # a plain init leaves it alone
+            checks.validate(conn, setup.settings)  # a plain init leaves it alone
     done = run_cli("run", *setup.cli_args(), timeout=60)
     assert done.returncode == 78, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "older cdc-relay" in done.stderr
     with psycopg.connect(setup.dsn, autocommit=True) as conn:
-        admin.init(conn, setup.settings, grant_emit_to=[table_only.app])
-        facts = admin.validate(conn, setup.settings)
+        pg_setup.init(conn, setup.settings, grant_emit_to=[table_only.app])
+        facts = checks.validate(conn, setup.settings)
         assert facts.emit_key is not None
         public = conn.execute(
             f"SELECT has_function_privilege('public', '{emit}(text, text, text, jsonb, jsonb,"
@@ -262,13 +264,13 @@ def test_an_older_public_emit_function_is_refused_until_init_replaces_it(
 def test_status_warns_about_what_the_relay_cannot_enforce(emitting: Roles) -> None:
     setup = emitting.setup
     schema, _ = setup.settings.table_parts
-    emit = f"{schema}.{admin.function_names(setup.settings.table_parts)[1]}"
+    emit = f"{schema}.{function_names(setup.settings.table_parts)[1]}"
     with psycopg.connect(setup.dsn, autocommit=True) as conn:
-        warnings = admin.status(conn, setup.settings, require_active=False)["warnings"]
+        warnings = report.status(conn, setup.settings, require_active=False).warnings
         assert any("any role may call pg_logical_emit_message" in w for w in warnings)
         assert not any("executable by PUBLIC" in w for w in warnings), warnings
-        conn.execute(f"GRANT EXECUTE ON FUNCTION {emit}{admin.EMIT_SIGNATURE} TO PUBLIC")
-        warnings = admin.status(conn, setup.settings, require_active=False)["warnings"]
+        conn.execute(f"GRANT EXECUTE ON FUNCTION {emit}{EMIT_SIGNATURE} TO PUBLIC")
+        warnings = report.status(conn, setup.settings, require_active=False).warnings
         assert any(f"{emit} is executable by PUBLIC" in w for w in warnings), warnings
 
 

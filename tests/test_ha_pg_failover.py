@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cdc_relay.pg import admin
+from cdc_relay.pg import report
 from devtools.pgha import PostgresPair
 from tests.faults import Workload, verify
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
@@ -37,7 +37,7 @@ def pair() -> Iterator[PostgresPair]:
 
 def status_of(dsn: str, setup: Setup) -> dict[str, object]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return admin.status(conn, setup.settings, require_active=False)
+        return report.status(conn, setup.settings, require_active=False).as_dict()
 
 
 async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from cdc_relay.pg import admin
+from cdc_relay.pg import report
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, free_port
 from tests.faults import Workload, verify
@@ -61,7 +61,7 @@ async def wait_log(relay: RelayProcess, text: str, count: int, timeout: float) -
 
 def slot_status(setup: Setup) -> dict[str, object]:
     with psycopg.connect(setup.dsn, autocommit=True) as conn:
-        return admin.status(conn, setup.settings)
+        return report.status(conn, setup.settings).as_dict()
 
 
 async def test_standby_takes_over_from_killed_and_frozen_relays(

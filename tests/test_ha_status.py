@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from cdc_relay.pg import admin
+from cdc_relay.pg import report as pg_report
+from cdc_relay.pg import setup as pg_setup
 from devtools.servers import PostgresServer
 from tests.harness import Setup, unique_names
 
@@ -28,9 +29,9 @@ def pg17() -> Iterator[PostgresServer]:
 def test_failover_slot_status_warnings(pg17: PostgresServer, amqp_url: str) -> None:
     setup = Setup(pg17.dsn, amqp_url, unique_names("hast"))
     with psycopg.connect(pg17.dsn, autocommit=True) as conn:
-        report = admin.init(conn, setup.settings, failover=True)
+        report = pg_setup.init(conn, setup.settings, failover=True)
         assert any(line.endswith("(failover)") for line in report), report
-        status = admin.status(conn, setup.settings, require_active=False)
+        status = pg_report.status(conn, setup.settings, require_active=False).as_dict()
         assert (status["role"], status["failover"], status["healthy"]) == ("primary", True, True)
         assert status["active_client"] is None
         [warning] = status["warnings"]
@@ -41,7 +42,9 @@ def test_failover_slot_status_warnings(pg17: PostgresServer, amqp_url: str) -> N
         conn.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby_x'")
         conn.execute("SELECT pg_reload_conf()")
         conn.execute("SELECT pg_sleep(0.2)")
-        [warning] = admin.status(conn, setup.settings, require_active=False)["warnings"]
+        [warning] = pg_report.status(conn, setup.settings, require_active=False).as_dict()[
+            "warnings"
+        ]
         assert "standby slot standby_x (synchronized_standby_slots) is not active" in warning
         conn.execute("ALTER SYSTEM RESET synchronized_standby_slots")
         conn.execute("SELECT pg_reload_conf()")
@@ -50,10 +53,10 @@ def test_failover_slot_status_warnings(pg17: PostgresServer, amqp_url: str) -> N
 def test_failover_asked_for_an_existing_plain_slot(pg17: PostgresServer, amqp_url: str) -> None:
     setup = Setup(pg17.dsn, amqp_url, unique_names("hast"))
     with psycopg.connect(pg17.dsn, autocommit=True) as conn:
-        admin.init(conn, setup.settings)
-        status = admin.status(conn, setup.settings, require_active=False)
+        pg_setup.init(conn, setup.settings)
+        status = pg_report.status(conn, setup.settings, require_active=False).as_dict()
         assert status["failover"] is False and status["warnings"] == []
-        report = admin.init(conn, setup.settings, failover=True)
+        report = pg_setup.init(conn, setup.settings, failover=True)
         [line] = [line for line in report if line.startswith("replication slot")]
         assert "exists WITHOUT failover" in line
         assert f"ALTER_REPLICATION_SLOT {setup.names['slot']} (FAILOVER true)" in line

@@ -20,7 +20,9 @@ import pytest
 
 from cdc_relay import state
 from cdc_relay.errors import EX_CONFIG, ConfigError
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks
+from cdc_relay.pg import setup as pg_setup
+from cdc_relay.schema import function_names
 from devtools.amqp import queue_depth
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
@@ -221,7 +223,7 @@ async def test_since_omitted_starts_at_recorded_commit_minus_margin(
         psycopg.connect(outbox.dsn, autocommit=True) as sync,
         pytest.raises(ConfigError, match=r"cdc-relay resync --slot \S+ --since 20"),
     ):
-        admin.validate(sync, outbox.settings)
+        checks.validate(sync, outbox.settings)
     done = run_resync(outbox, "--margin", "0s")
     assert done.returncode == 0, done.stderr
     assert "recorded last confirmed commit" in done.stdout
@@ -284,7 +286,7 @@ async def test_unreachable_broker_is_one_line_and_a_rerun_recovers(
 async def test_tableless_setup_cannot_be_resynced(pg_dsn: str, amqp_url: str) -> None:
     setup = Setup(pg_dsn, amqp_url, unique_names("rsn"))
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        admin.init(conn, setup.settings, create_table=False)
+        pg_setup.init(conn, setup.settings, create_table=False)
     try:
         drop_slot(setup)
         done = run_resync(setup, "--since", since_now())
@@ -294,7 +296,7 @@ async def test_tableless_setup_cannot_be_resynced(pg_dsn: str, amqp_url: str) ->
         setup.cleanup()
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             schema, _ = setup.settings.table_parts
-            emit = admin.function_names(setup.settings.table_parts)[1]
+            emit = function_names(setup.settings.table_parts)[1]
             conn.execute(f"DROP FUNCTION IF EXISTS {schema}.{emit}")
 
 

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay.errors import EX_CONFIG, ConfigError
-from cdc_relay.pg import admin
+from cdc_relay.pg import checks
 from devtools.servers import PostgresServer, RabbitServer
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
@@ -108,7 +108,7 @@ async def test_invalidated_failover_slot_resync_keeps_failover_and_loses_nothing
                 ConfigError, match=r"invalidated .* `cdc-relay resync --slot \S+ --since \S+`"
             ),
         ):
-            admin.validate(conn, outbox.settings)
+            checks.validate(conn, outbox.settings)
 
         cmd = [sys.executable, "-m", "cdc_relay.cli", "resync", *outbox.cli_args()]
         done = await asyncio.to_thread(

@@ -11,7 +11,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from cdc_relay import state
-from cdc_relay.pg import admin
+from cdc_relay.pg import setup as pg_setup
 from tests.harness import Setup, unique_names
 
 
@@ -89,7 +89,7 @@ async def test_granted_role_can_record_its_position(outbox: Setup) -> None:
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
         try:
-            lines = admin.grant(conn, outbox.settings, role)
+            lines = pg_setup.grant(conn, outbox.settings, role)
             assert any("_relay_state" in line for line in lines), lines
             dsn = make_conninfo(outbox.dsn, user=role)
             table = state.table_name(outbox.settings)

@@ -1,4 +1,4 @@
-"""Background retention (``admin.retain_outbox``, for ``run --retention``) under load.
+"""Background retention (``pg.retention.retain_outbox``, for ``run --retention``) under load.
 
 A real relay streams while writers insert fresh rows and backdated ones (older
 than the retention); retention passes run beside it. Nothing is lost (deletes
@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cdc_relay.pg import admin
+from cdc_relay.pg.retention import retain_outbox
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 RETENTION = timedelta(hours=1)
@@ -57,7 +57,7 @@ async def test_retention_under_load_loses_nothing_and_leaves_no_old_row(
     try:
         await relay.wait_for_log_async("streaming from slot")
         retention = asyncio.create_task(
-            admin.retain_outbox(
+            retain_outbox(
                 outbox.settings, RETENTION, stop, interval=0.3, batch=50, on_pass=passes.append
             )
         )
@@ -92,7 +92,7 @@ async def test_a_failed_pass_is_retried_not_fatal(pg_dsn: str) -> None:
     passes: list[int] = []
     # The table does not exist yet: the first passes fail, the loop goes on.
     task = asyncio.create_task(
-        admin.retain_outbox(setup.settings, RETENTION, stop, interval=0.1, on_pass=passes.append)
+        retain_outbox(setup.settings, RETENTION, stop, interval=0.1, on_pass=passes.append)
     )
     try:
         await asyncio.sleep(0.5)

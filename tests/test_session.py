@@ -24,10 +24,10 @@ from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.config import Settings
 from cdc_relay.core import BrokerLimits, PublishRefused, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriteFailed
+from cdc_relay.envelope import Envelope
 from cdc_relay.errors import SessionError
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg.replication import ReplicationError
-from cdc_relay.envelope import Envelope
 from cdc_relay.session import Session, Streaming
 from cdc_relay.tasks import SessionTasks
 from tests.test_core import begin, commit, insert, keepalive, make_core, relation

@@ -10,19 +10,21 @@ from typing import Any
 
 from django.db import migrations
 
-from cdc_relay import inbox
+from cdc_relay import schema
 from cdc_relay.contrib.django import inbox_table, outbox_table
-from cdc_relay.outbox import outbox_ddl, qualified_name
 
 
 def create(apps: Any, schema_editor: Any) -> None:
-    schema_editor.execute(outbox_ddl(outbox_table()))
-    schema_editor.execute(inbox.ddl(inbox_table()))
+    outbox = schema.split_table_name(outbox_table())
+    inbox = schema.split_table_name(inbox_table())
+    schema_editor.execute(schema.outbox_ddl(outbox).as_string(None))
+    schema_editor.execute(schema.inbox_ddl(inbox).as_string(None))
 
 
 def drop(apps: Any, schema_editor: Any) -> None:
-    schema_editor.execute(f"DROP TABLE IF EXISTS {qualified_name(inbox_table())}")
-    schema_editor.execute(f"DROP TABLE IF EXISTS {qualified_name(outbox_table())}")
+    for table in (inbox_table(), outbox_table()):
+        name = schema.qualified_text(schema.split_table_name(table))
+        schema_editor.execute(f"DROP TABLE IF EXISTS {name}")
 
 
 class Migration(migrations.Migration):

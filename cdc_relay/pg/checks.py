@@ -1,0 +1,344 @@
+"""Startup validation: every misconfiguration as one ConfigError line naming the fix.
+
+A relay that streams nothing without saying why is the worst failure an
+outbox can have, so ``validate`` checks the encoding, wal_level, the outbox's
+columns, the publication, the emit function and key, and the slot before a
+session starts, and returns what the session needs (``StartupFacts``). The
+emit key is checked per message in the core (pure) because any role may call
+``pg_logical_emit_message``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from cdc_relay import deadletters, state
+from cdc_relay.config import Settings
+from cdc_relay.errors import ConfigError, SlotMissing
+from cdc_relay.lsn import Lsn
+from cdc_relay.pg.catalog import (
+    SlotInfo,
+    check_wal_level,
+    missing_privilege,
+    relation,
+    slot_info,
+    table_exists,
+)
+from cdc_relay.schema import OUTBOX_COLUMNS, emit_key_table, function_names, qualified
+
+
+@dataclass(frozen=True, slots=True)
+class StartupFacts:
+    """What validation learnt that the session needs (one representation each)."""
+
+    outbox_relid: int  # the relation the publication covers: the outbox is this OID
+    confirmed_flush_lsn: int  # where the slot resumes; the tracker never flushes below it
+    # The key <table>_emit signs messages with; None: the outbox does not use emitted
+    # messages, and the relay does not ask pgoutput for logical messages at all.
+    emit_key: bytes | None = None
+
+
+def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
+    """Raise ConfigError for the first thing that would make the stream wrong or empty."""
+    _check_encoding(conn)
+    check_wal_level(conn)
+    rel = check_outbox_table(conn, settings)
+    if rel is None:
+        _check_tableless_publication(conn, settings)
+        relid = 0  # table-less: only outbox_emit's messages, no relation is the outbox
+    else:
+        relid, relkind = rel
+        _check_publication(conn, settings, relkind)
+    _check_emit_prefix(conn, settings)
+    emit_key = read_emit_key(conn, settings, tableless=rel is None)
+    # Before the slot: a resync under way has no slot (or an idle new one) for a while.
+    unreadable = state.check_no_resync(conn, settings)
+    info = slot_info(conn, settings.slot)
+    _check_slot(conn, settings, info)
+    assert info is not None
+    deadletters.check_writable(conn, settings.dead_letter_table)
+    if unreadable is not None:
+        raise unreadable
+    return StartupFacts(
+        outbox_relid=relid,
+        confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
+        emit_key=emit_key,
+    )
+
+
+EMIT_KEY_SIZE: Final = 64  # bytes: one SHA-256 block, so HMAC uses the key as it is
+
+
+def read_emit_key(
+    conn: psycopg.Connection[Any], settings: Settings, *, tableless: bool = False
+) -> bytes | None:
+    """The emit key, or None when the outbox does not use emitted messages.
+
+    An emit function of an older cdc-relay (EXECUTE for PUBLIC, unsigned
+    messages) is refused rather than ignored: its messages would be lost
+    silently, and publishing them would let any role publish anything.
+    """
+    if unsigned_emit_function(conn, settings) is not None:
+        raise ConfigError(unsigned_emit_hint(settings))
+    keys = emit_key_table(settings.table_parts)
+    name = ".".join(keys)
+    if not table_exists(conn, *keys):
+        if tableless:
+            raise ConfigError(
+                f"table-less outbox without its emit key table {name}: run "
+                "`cdc-relay init --no-table --grant-emit-to ROLE` (the roles that emit)"
+            )
+        return None
+    try:
+        row = conn.execute(sql.SQL("SELECT key FROM {}").format(qualified(*keys))).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigError(
+            missing_privilege(conn, f"SELECT on {name}, the key emitted messages are checked with")
+        ) from None
+    if row is None or len(row[0]) != EMIT_KEY_SIZE:
+        raise ConfigError(f"emit key table {name} holds no valid key: run `cdc-relay init --emit`")
+    return bytes(row[0])
+
+
+def unsigned_emit_function(conn: psycopg.Connection[Any], settings: Settings) -> str | None:
+    """The name of an init-written ``<table>_emit`` that does not sign its messages, if any."""
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    rows = conn.execute(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (schema, emit),
+    ).fetchall()
+    unsigned = [s for (s,) in rows if _EMIT_PREFIX.search(s) and "sha256(" not in s]
+    return f"{schema}.{emit}" if unsigned else None
+
+
+def unsigned_emit_hint(settings: Settings) -> str:
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    return (
+        f"{schema}.{emit} is the emit function of an older cdc-relay (any role may call it, "
+        "its messages are not signed), so the relay no longer publishes its messages: run "
+        "`cdc-relay init --grant-emit-to ROLE` (the roles that emit) to replace it, or "
+        f"DROP FUNCTION {schema}.{emit} if nothing emits"
+    )
+
+
+_EMIT_PREFIX = re.compile(r"pg_logical_emit_message\(\s*true\s*,\s*'((?:[^']|'')*)'")
+
+
+def _check_emit_prefix(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """``<table>_emit`` must write the prefix this relay publishes, or its messages go nowhere.
+
+    A function init did not write (no recognisable emit call) is the user's own: not checked.
+    """
+    schema = settings.table_parts[0]
+    emit = function_names(settings.table_parts)[1]
+    rows = conn.execute(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (schema, emit),
+    ).fetchall()
+    calls = (m for (source,) in rows for m in _EMIT_PREFIX.finditer(source))
+    prefixes = {m.group(1).replace("''", "'") for m in calls}
+    if prefixes and settings.message_prefix not in prefixes:
+        written = sorted(prefixes)[0]
+        raise ConfigError(
+            f"{schema}.{emit} writes messages with prefix {written!r} but --message-prefix is "
+            f"{settings.message_prefix!r}, so its messages would never be published: run with "
+            f"--message-prefix {written}, or run `cdc-relay init --message-prefix "
+            f"{settings.message_prefix}` to rewrite the function"
+        )
+
+
+def check_outbox_table(conn: psycopg.Connection[Any], settings: Settings) -> tuple[int, str] | None:
+    """(oid, relkind) of the outbox after checking its columns, or None when there is no table."""
+    schema, table = settings.table_parts
+    rel = relation(conn, schema, table)
+    if rel is not None:
+        _check_columns(conn, rel[0], f"{schema}.{table}")
+    return rel
+
+
+def _check_tableless_publication(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """No outbox table: valid only with an empty publication (``init --no-table``).
+
+    A publication that covers some other table, or all tables, means the
+    outbox table is missing rather than deliberately absent.
+    """
+    schema, table = settings.table_parts
+    missing = (
+        f"outbox table {schema}.{table} does not exist; run `cdc-relay init` "
+        "(or create it from `cdc-relay init --print-sql`) or fix --table"
+    )
+    pub = conn.execute(
+        "SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = %s",
+        (settings.publication,),
+    ).fetchone()
+    if pub is None:
+        raise ConfigError(
+            f"{missing}; for a table-less outbox (outbox_emit only) run `cdc-relay init --no-table`"
+        )
+    covered = conn.execute(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s", (settings.publication,)
+    ).fetchone()
+    if pub[0] or (covered is not None and covered[0] > 0):
+        raise ConfigError(missing)
+
+
+def _check_encoding(conn: psycopg.Connection[Any]) -> None:
+    """pgoutput sends text in the server encoding; the relay reads it as UTF-8."""
+    row = conn.execute("SHOW server_encoding").fetchone()
+    encoding = row[0] if row else "unknown"
+    if isinstance(encoding, bytes):  # psycopg returns bytes in a SQL_ASCII database
+        encoding = encoding.decode("ascii", "replace")
+    if encoding.upper().replace("-", "") != "UTF8":
+        raise ConfigError(
+            f"database {conn.info.dbname} uses server encoding {encoding}; the relay needs "
+            "UTF8 (create the database WITH ENCODING 'UTF8')"
+        )
+
+
+def _check_columns(conn: psycopg.Connection[Any], relid: int, name: str) -> None:
+    """Every outbox column by its name: a renamed optional column would silently vanish.
+
+    A generated column (``GENERATED ALWAYS AS (...)``) is refused too: pgoutput
+    leaves generated columns out of every row, so a generated ``routing_key``
+    passed this check and was silently ignored.
+    """
+    rows = conn.execute(
+        "SELECT attname, attgenerated <> '' FROM pg_attribute WHERE attrelid = %s"
+        " AND attnum > 0 AND NOT attisdropped",
+        (relid,),
+    ).fetchall()
+    present = {r[0] for r in rows}
+    missing = [c for c in OUTBOX_COLUMNS if c not in present]
+    if missing:
+        raise ConfigError(
+            f"outbox table {name} lacks column(s) {', '.join(missing)} (renamed or dropped?); "
+            "the relay needs every column of `cdc-relay init --print-sql`"
+        )
+    generated = [c for c in OUTBOX_COLUMNS if (c, True) in rows]
+    if generated:
+        raise ConfigError(
+            f"outbox table {name} has generated column(s) {', '.join(generated)}: logical "
+            "replication does not send generated columns, so the relay would never see their "
+            "values; make them plain columns and set them in the INSERT"
+        )
+
+
+def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkind: str) -> None:
+    schema, table = settings.table_parts
+    pub = conn.execute(
+        "SELECT pubinsert, pubupdate, pubdelete, pubtruncate, puballtables, pubviaroot"
+        " FROM pg_publication WHERE pubname = %s",
+        (settings.publication,),
+    ).fetchone()
+    if pub is None:
+        raise ConfigError(
+            f"publication {settings.publication} does not exist; run `cdc-relay init` "
+            "or fix --publication"
+        )
+    pubinsert, pubupdate, pubdelete, pubtruncate, puballtables, pubviaroot = pub
+    if relkind == "p" and not pubviaroot:
+        raise ConfigError(
+            f"outbox {schema}.{table} is partitioned but publication {settings.publication} "
+            "publishes per partition (renames would be lost): ALTER PUBLICATION "
+            f"{settings.publication} SET (publish_via_partition_root = true)"
+        )
+    covered = conn.execute(
+        "SELECT rowfilter IS NOT NULL, attnames FROM pg_publication_tables"
+        " WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+        (settings.publication, schema, table),
+    ).fetchone()
+    if covered is None:
+        raise ConfigError(
+            f"publication {settings.publication} does not cover {schema}.{table}; "
+            f"run ALTER PUBLICATION {settings.publication} ADD TABLE {schema}.{table}"
+        )
+    if puballtables:
+        raise ConfigError(
+            f"publication {settings.publication} is FOR ALL TABLES; the relay needs one "
+            f"limited to {schema}.{table}: drop it and run `cdc-relay init`"
+        )
+    others = conn.execute(
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables"
+        " WHERE pubname = %s AND NOT (schemaname = %s AND tablename = %s)",
+        (settings.publication, schema, table),
+    ).fetchall()
+    if others:
+        names = ", ".join(r[0] for r in others)
+        raise ConfigError(
+            f"publication {settings.publication} also covers {names}; it must cover only "
+            f"{schema}.{table}: ALTER PUBLICATION {settings.publication} DROP TABLE {names}"
+        )
+    if not pubinsert or pubupdate or pubdelete or pubtruncate:
+        raise ConfigError(
+            f"publication {settings.publication} must publish inserts only: "
+            f"ALTER PUBLICATION {settings.publication} SET (publish = 'insert')"
+        )
+    has_filter, attnames = covered
+    missing = [c for c in OUTBOX_COLUMNS if attnames is not None and c not in attnames]
+    if has_filter or missing:
+        raise ConfigError(
+            f"publication {settings.publication} has a row filter or column list on "
+            f"{schema}.{table} (rows or columns would be skipped silently): "
+            f"ALTER PUBLICATION {settings.publication} SET TABLE {schema}.{table}"
+        )
+
+
+async def look_at_outbox(
+    conn: psycopg.AsyncConnection[Any], settings: Settings
+) -> tuple[int | None, bool]:
+    """(the OID now named like the outbox or None, whether the publication covers it).
+
+    The relay's drift check (``health.judge_drift``) asks this every few seconds;
+    pg_publication_tables also answers for FOR ALL TABLES and partition roots.
+    """
+    schema, table = settings.table_parts
+    cur = await conn.execute(
+        "SELECT (SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+        " AND c.relkind IN ('r', 'p')), EXISTS (SELECT 1 FROM pg_publication_tables"
+        " WHERE pubname = %s AND schemaname = %s AND tablename = %s)",
+        (schema, table, settings.publication, schema, table),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return (None if row[0] is None else int(row[0])), bool(row[1])
+
+
+def _check_slot(conn: psycopg.Connection[Any], settings: Settings, info: SlotInfo | None) -> None:
+    if info is None:
+        raise SlotMissing(
+            f"replication slot {settings.slot} does not exist; if it was lost or dropped, "
+            f"{state.lost_slot_hint(conn, settings)}; for a new setup run `cdc-relay init`, "
+            "or fix --slot"
+        )
+    if info.slot_type != "logical" or info.plugin != "pgoutput":
+        raise ConfigError(
+            f"replication slot {settings.slot} uses plugin {info.plugin!r} ({info.slot_type}); "
+            f"the relay needs a logical pgoutput slot: `cdc-relay drop` then `cdc-relay init`"
+        )
+    dbname = conn.info.dbname
+    if info.database != dbname:
+        raise ConfigError(
+            f"replication slot {settings.slot} belongs to database {info.database!r}, "
+            f"not {dbname!r}; fix --dsn or --slot"
+        )
+    if info.two_phase:
+        raise ConfigError(
+            f"replication slot {settings.slot} was created with two_phase (prepared "
+            "transactions would be decoded before they commit): `cdc-relay drop` then "
+            "`cdc-relay init`"
+        )
+    if info.wal_status == "lost":
+        raise ConfigError(
+            f"replication slot {settings.slot} was invalidated (WAL removed, wal_status=lost); "
+            f"rows may have been missed: {state.lost_slot_hint(conn, settings)}"
+        )
