@@ -23,12 +23,13 @@ from psycopg import sql
 
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.deadletters import DeadLetterRecord, mark_replayed, qualified
+from cdc_relay.deadletters import DeadLetterRecord, mark_replayed
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.redact import one_line
 from cdc_relay.router import Router
 from cdc_relay.rows import OutboxRow, UnmappableRow
+from cdc_relay.schema import qualified
 
 
 def row_from_record(record: DeadLetterRecord) -> OutboxRow:
