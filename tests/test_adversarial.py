@@ -206,7 +206,19 @@ async def test_a_lock_on_the_dead_letter_table_fails_in_bounded_time_then_recove
 async def test_a_hot_standby_waits_on_one_connection(outbox: Setup, relays: Any) -> None:
     active = relays(outbox, name="active")
     await active.wait_for_log_async("streaming from slot")
-    await asyncio.sleep(0.5)  # the active relay's validation connection has come and gone
+
+    def drift_check_open() -> bool:
+        with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'cdc-relay drift check'"
+            ).fetchone()
+        return row is not None and row[0] > 0
+
+    # The active relay's side connections are all open once its first drift check ran
+    # (a few seconds in); its validation connection has come and gone by then.
+    assert await wait_until(drift_check_open, 20), active.log_tail()
+    await asyncio.sleep(0.5)
     active_backends = relay_backends(outbox)
     standby = relays(outbox, name="standby")
     await standby.wait_for_log_async("standing by")
