@@ -115,7 +115,17 @@ async def take_slot(
     standing_by = False
     while True:
         try:
-            await stream.start(settings.slot, settings.publication, start_lsn, messages=messages)
+            # Bounded like every other step: a server that took the command and then
+            # went silent (a restart caught half-way) must end the session, not hang it.
+            try:
+                await within(
+                    stream.start(settings.slot, settings.publication, start_lsn, messages=messages),
+                    settings.pg_timeout,
+                )
+            except TimeoutError:
+                raise SessionFailed(
+                    f"START_REPLICATION got no answer in {settings.pg_timeout:g}s (--pg-timeout)"
+                ) from None
             if standing_by:
                 log.info("slot %s is free: taking over", settings.slot)
             return standing_by
