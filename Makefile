@@ -30,6 +30,7 @@ demo: venv servers
 lint: venv
 	$(BIN)/ruff check cdc_relay devtools tests scripts bench
 	$(BIN)/ruff format --check cdc_relay devtools tests scripts bench
+	$(BIN)/mypy
 
 format: venv
 	$(BIN)/ruff check --fix cdc_relay devtools tests scripts bench

@@ -47,7 +47,7 @@ def fail(message: str, code: int) -> None:
 class RelayCli(click.Group):
     """A click group whose every error is one line (click's usage block is several)."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -451,7 +451,7 @@ def dead_letters_prune(
     click.echo(f"deleted {total} dead letter(s) older than {older_than}")
 
 
-class Since(click.ParamType):
+class Since(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.5
     """An ISO 8601 time; a bare one is UTC."""
 
     name = "timestamp"

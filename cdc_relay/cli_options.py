@@ -130,7 +130,8 @@ def _callback(name: str, opt: Option, is_list: bool) -> Callable[..., Any]:
             if from_file is not None:
                 value = from_file
         if is_list:
-            default = Settings.__dataclass_fields__[name].default_factory()  # type: ignore[misc]
+            factory = Settings.__dataclass_fields__[name].default_factory
+            default = factory() if callable(factory) else []
             given = ctx.get_parameter_source(param.name or name) is not ParameterSource.DEFAULT
             value = _split(value) if value else ([] if given else default)
             if opt.secret and not value:
@@ -145,7 +146,7 @@ def _callback(name: str, opt: Option, is_list: bool) -> Callable[..., Any]:
     return callback
 
 
-class Number(click.ParamType):
+class Number(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.5
     """An int or float inside the option's range; nan and inf are refused."""
 
     def __init__(self, kind: type, opt: Option) -> None:
@@ -178,8 +179,8 @@ def _option(f: dataclasses.Field[Any]) -> Callable[[Callable[..., Any]], Callabl
         "show_envvar": True,
         "metavar": opt.metavar,
     }
-    missing = f.default is dataclasses.MISSING
-    default = f.default_factory() if missing else f.default  # type: ignore[misc]
+    factory = f.default_factory
+    default = factory() if f.default is dataclasses.MISSING and callable(factory) else f.default
     if isinstance(default, bool):
         kwargs.update(default=default, show_default=True)
         if "/" not in flag:
@@ -236,7 +237,7 @@ _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.5
     """``90s``, ``30m``, ``1h``, ``7d``."""
 
     name = "duration"

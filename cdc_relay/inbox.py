@@ -88,8 +88,8 @@ def once(conn: Any, message_id: str, *, table: str = DEFAULT_TABLE) -> Iterator[
         from sqlalchemy import text
 
         with conn.begin_nested() if conn.in_transaction() else conn.begin():
-            query = text(_insert_sql(table, "named"))
-            yield conn.execute(query, {"message_id": message_id}).first() is not None
+            statement = text(_insert_sql(table, "named"))
+            yield conn.execute(statement, {"message_id": message_id}).first() is not None
         return
     raise TypeError(
         f"once() takes a psycopg Connection or a SQLAlchemy Session/Connection,"
@@ -147,7 +147,7 @@ def cleanup(
     total = 0
     while True:
         with conn.transaction():
-            deleted = conn.execute(query, (older_than, batch)).rowcount
+            deleted: int = conn.execute(query, (older_than, batch)).rowcount
         total += deleted
         if deleted < batch:
             return total
@@ -195,7 +195,7 @@ def celery_once(
 
         # Celery checks call arguments against the signature: hide the injected conn.
         params = list(inspect.signature(fn).parameters.values())[1:]
-        wrapper.__signature__ = inspect.signature(fn).replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__signature__ = inspect.signature(fn).replace(parameters=params)  # type: ignore[attr-defined]  # inspect reads it
         return wrapper
 
     return decorate

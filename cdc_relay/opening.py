@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 
@@ -53,7 +53,7 @@ STANDBY_RETRY: Final = (0.5, 1.5)  # seconds between attempts to take a busy slo
 RESYNC_RETRY: Final = (2.0, 4.0)
 # Bounded on its own (keepalives, tcp_user_timeout, statement_timeout), so the
 # validation thread ends soon after VALIDATE_TIMEOUT, not whenever the network heals.
-VALIDATION_CONNECTION: Final = {
+VALIDATION_CONNECTION: Final[dict[str, Any]] = {
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 5,

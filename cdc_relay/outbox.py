@@ -268,7 +268,8 @@ def _iso(what: str, value: Any) -> str | None:
         raise EnqueueError(f"{what} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.isoformat()
+    iso: str = value.isoformat()
+    return iso
 
 
 def _celery_parent() -> dict[str, str]:

@@ -152,7 +152,7 @@ def _pending_after(
     limit: int,
 ) -> tuple[list[DeadLetterRecord], list[DeadLetterRecord]]:
     """The next pending dead letters by id, and the other pending ones of their outbox rows."""
-    where = sql.SQL("replayed_at IS NULL AND id > %s")
+    where: sql.Composable = sql.SQL("replayed_at IS NULL AND id > %s")
     params: list[Any] = [after]
     if ids is not None:
         where += sql.SQL(" AND id = ANY(%s)")

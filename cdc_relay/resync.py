@@ -37,9 +37,10 @@ from cdc_relay.amqp import (
 )
 from cdc_relay.config import Settings
 from cdc_relay.core import _reason as mapping_reason  # the stream's own dead-letter reasons
-from cdc_relay.deadletters import DeadLetter, DeadLetterWriter, check_writable
+from cdc_relay.deadletters import DeadLetterWriter, check_writable
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
+from cdc_relay.letters import DeadLetter
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg import catalog, checks
 from cdc_relay.pg.catalog import FAILOVER_MIN_VERSION

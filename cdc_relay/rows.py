@@ -74,6 +74,8 @@ class RowReader:
         self._indexes = tuple(positions.get(name) for name in OUTBOX_COLUMNS)
 
     def read(self, values: tuple[Any, ...]) -> OutboxRow:
+        # The required indexes are never None (checked in __init__); the ignores below
+        # say so to mypy without a per-row assert on this hot path.
         i_id, i_at, i_aid, i_et, i_pl, i_hd, i_ex, i_rk, i_ca = self._indexes
         try:
             return OutboxRow(

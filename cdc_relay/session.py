@@ -45,7 +45,7 @@ from cdc_relay.core import (
     SessionCore,
     SessionFailed,
 )
-from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter, PendingDeadLetter
+from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter
 from cdc_relay.deadline import event_within, within
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import SessionError
@@ -57,6 +57,7 @@ from cdc_relay.health import (
     Problems,
     since_when,
 )
+from cdc_relay.letters import PendingDeadLetter
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import (

@@ -19,9 +19,10 @@ from typing import Any
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 try:
-    from opentelemetry import trace as _trace
+    from opentelemetry import trace as _otel_trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+    _trace: Any = _otel_trace
     _PROPAGATOR: Any = TraceContextTextMapPropagator()
 except ImportError:  # pragma: no cover - exercised by the test without OpenTelemetry
     _trace = None

@@ -40,11 +40,13 @@ def broker_max_message_size(reply_code: int, reply_text: str) -> int | None:
     return int(match.group("max")) if match else None
 
 
-def close_error(what: str, reply_code: int, reply_text: str) -> PublishFailed:
+def close_error(what: str, reply_code: int | None, reply_text: str | None) -> PublishFailed:
     """The failure a channel.close or connection.close from the broker stands for."""
+    # pamqp types both fields optional; a close always carries them in practice.
+    code, text = reply_code or 0, reply_text or ""
     return PublishFailed(
         f"{what} closed by broker: {reply_code} {reply_text}",
         reply_code=reply_code,
-        refused_exchange=refused_exchange(reply_code, reply_text),
-        broker_max_message_size=broker_max_message_size(reply_code, reply_text),
+        refused_exchange=refused_exchange(code, text),
+        broker_max_message_size=broker_max_message_size(code, text),
     )

@@ -240,7 +240,7 @@ class ConfirmWindow:
                 if state is _PENDING and error is None:
                     confirmed.append(seq)
                 else:
-                    outcome.failed.append((seq, state or error))  # type: ignore[arg-type]
+                    outcome.failed.append((seq, state or error))  # type: ignore[arg-type]  # not a sentinel here
             self._first_tag = self._drop_settled_front(tag + 1)
             self._unsettled -= settled
             self._bytes -= released
@@ -255,7 +255,7 @@ class ConfirmWindow:
         if state is _PENDING and error is None:
             outcome.confirmed.append(seq)
         else:
-            outcome.failed.append((seq, state or error))  # type: ignore[arg-type]
+            outcome.failed.append((seq, state or error))  # type: ignore[arg-type]  # not a sentinel here
         if tag == first:
             entries.popleft()
             marks.pop(tag, None)
