@@ -36,15 +36,7 @@ import psycopg
 from cdc_relay import state
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.core import (
-    RECHECK_INTERVAL,
-    STOP,
-    BrokerLimits,
-    PublishRefused,
-    Recheck,
-    SessionCore,
-    SessionFailed,
-)
+from cdc_relay.core import STOP, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter, PendingDeadLetter
 from cdc_relay.deadline import event_within, within
 from cdc_relay.envelope import Envelope
@@ -57,6 +49,7 @@ from cdc_relay.health import (
     Problems,
     since_when,
 )
+from cdc_relay.limits import RECHECK_INTERVAL, BrokerLimits, Recheck
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import (

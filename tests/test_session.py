@@ -22,10 +22,11 @@ import pytest
 from cdc_relay import session as session_module
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.config import Settings
-from cdc_relay.core import BrokerLimits, PublishRefused, SessionFailed
+from cdc_relay.core import PublishRefused, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriteFailed
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import SessionError
+from cdc_relay.limits import BrokerLimits
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg.replication import ReplicationError
 from cdc_relay.session import Session, Streaming
