@@ -60,8 +60,9 @@ from cdc_relay.opening import (
 )
 from cdc_relay.pg.failures import certificate_rejected as pg_certificate_rejected
 from cdc_relay.pg.replication import ReplicationStream
+from cdc_relay.resync_guard import ResyncUnderWay
 from cdc_relay.router import Router
-from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
+from cdc_relay.state import Position, StateWriter, start_position
 from cdc_relay.tasks import SessionTasks
 
 log = logging.getLogger("cdc_relay")
