@@ -3,7 +3,7 @@
 The rule of this module (as h11's ``_state.py`` says of its own): everything
 that decides what happens to an outbox row, a transaction and the flush
 position lives here, and nothing here awaits, sleeps, reads a clock or touches
-a socket. The session loop in ``relay.py`` feeds it frames and outcomes and
+a socket. The session loop in ``session.py`` feeds it frames and outcomes and
 performs what it answers:
 
 - ``receive(frame)`` answers ``None`` (nothing to do), an ``Envelope`` to
@@ -19,25 +19,25 @@ performs what it answers:
   go out now"; ``status_sent()`` records that it went.
 
 The flush position has one owner, the ``AckTracker`` held here, seeded with
-the slot's confirmed position so that a session never reports less.
+the slot's confirmed position so that a session never reports less. Two rules
+it consults are pure modules of their own: ``limits`` (what the broker refused,
+and when to ask again) and ``emitauth`` (whether the emit function wrote a
+message, and the row it carries).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
-
 from cdc_relay.acks import AckTracker
-from cdc_relay.amqp.window import Outcome, PublishFailed
+from cdc_relay.amqp.window import Outcome
+from cdc_relay.emitauth import EMIT_AUTH_FAILED, authenticated, row_from_message
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import SessionError
 from cdc_relay.letters import DeadLetter, PendingDeadLetter
+from cdc_relay.limits import BrokerLimits, Recheck
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
 from cdc_relay.pg.walproto import PG_EPOCH_UNIX, PrimaryKeepalive, decode_copy_data
@@ -67,130 +67,6 @@ class _Stop:
 
 
 STOP: Final = _Stop()
-
-
-# A remembered refusal is asked again (a trial publish, relay.py) at most this often
-# before it dead-letters a row: a deleted exchange re-created, or a write permission
-# restored after a credential rotation, is noticed within seconds.
-RECHECK_INTERVAL: Final = 5.0
-
-
-@dataclass(slots=True)
-class BrokerLimits:
-    """What the broker refused, until a re-check shows it takes such publishes again.
-
-    A publish to a missing (404) or forbidden (403) exchange, or a body over the
-    broker's ``max_message_size`` (406), closes the channel: the session ends
-    and the same rows come again. Remembering the refusal turns the replayed
-    row into a dead letter instead of an endless retry. But refusals heal (an
-    exchange re-created, a permission restored, a limit raised), so before a
-    remembered refusal dead-letters a row the relay asks the broker again, at
-    most every ``RECHECK_INTERVAL`` seconds and at once on a new connection,
-    and forgets the refusal when the broker takes the publish.
-
-    The relay's own ``--exchange`` is never remembered: every row without an
-    exchange of its own goes there, so its refusal is an outage (the session
-    fails and retries), not a reason to dead-letter everything.
-
-    Pure: the clock is passed in by the caller.
-    """
-
-    own_exchange: str | None = None
-    refused_exchanges: dict[str, str] = field(default_factory=dict)
-    max_message_size: int | None = None
-    # When each refusal was last asked again (monotonic seconds); absent: due now.
-    _checked: dict[str, float] = field(default_factory=dict)
-    _size_checked: float | None = None
-
-    @classmethod
-    def empty(cls, own_exchange: str | None = None) -> BrokerLimits:
-        return cls(own_exchange)
-
-    def learn(self, error: PublishFailed) -> bool:
-        """Record what a channel-closing refusal says; True if it named something to remember."""
-        learned = False
-        exchange = error.refused_exchange
-        if exchange is not None and exchange != self.own_exchange:
-            self.refused_exchanges[exchange] = error.reason
-            learned = True
-        if error.broker_max_message_size is not None:
-            self.max_message_size = error.broker_max_message_size
-            learned = True
-        return learned
-
-    def refuses(self) -> bool:
-        """Anything remembered at all (the cheap test on the hot path)."""
-        return bool(self.refused_exchanges) or self.max_message_size is not None
-
-    def refusal(self, exchange: str, size: int) -> str | None:
-        """Why a publish of ``size`` body bytes to ``exchange`` was refused before, if it was."""
-        why = self.refused_exchanges.get(exchange)
-        if why is not None:
-            return f"exchange {exchange!r} refused by the broker: {why}"
-        limit = self.max_message_size
-        if limit is not None and size > limit:
-            return (
-                f"message body of {size} bytes exceeds the broker's max_message_size {limit} "
-                "(it closed the channel on a larger one)"
-            )
-        return None
-
-    def recheck_due(self, exchange: str, size: int, now: float) -> bool:
-        """A refusal this publish meets was not asked again for ``RECHECK_INTERVAL`` seconds."""
-        if exchange in self.refused_exchanges:
-            checked = self._checked.get(exchange)
-            if checked is None or now - checked >= RECHECK_INTERVAL:
-                return True
-        limit = self.max_message_size
-        if limit is not None and size > limit:
-            checked = self._size_checked
-            return checked is None or now - checked >= RECHECK_INTERVAL
-        return False
-
-    def rechecked(self, exchange: str, size: int, error: PublishFailed | None, now: float) -> bool:
-        """The broker's answer to a trial publish; True if a refusal was forgotten.
-
-        ``error`` None: it took the publish, so neither the exchange nor the size
-        refuses it any more. Otherwise what the refusal names is remembered again.
-        """
-        if error is None:
-            forgot = self.refused_exchanges.pop(exchange, None) is not None
-            self._checked.pop(exchange, None)
-            if self.max_message_size is not None and size > self.max_message_size:
-                self.max_message_size = self._size_checked = None
-                forgot = True
-            return forgot
-        self.learn(error)
-        for name in (exchange, error.refused_exchange):
-            if name is not None and name in self.refused_exchanges:
-                self._checked[name] = now
-        if self.max_message_size is not None and size > self.max_message_size:
-            self._size_checked = now
-        return False
-
-    def connected(self) -> None:
-        """A new connection: every remembered refusal is due to be asked again.
-
-        The broker announces none of these limits, so what an earlier connection
-        learned is checked on this one before it dead-letters anything.
-        """
-        self._checked.clear()
-        self._size_checked = None
-
-
-@dataclass(slots=True)
-class Recheck:
-    """Answer: a remembered refusal would dead-letter this envelope; ask the broker first.
-
-    The caller tries the publish (``BrokerLimits.recheck_due`` says whether it
-    is time to), records the answer with ``BrokerLimits.rechecked`` and hands
-    this back to ``SessionCore.rechecked``, which publishes or dead-letters.
-    """
-
-    seq: int
-    envelope: Envelope
-    values: tuple[Any, ...]
-    row: OutboxRow
 
 
 Action = Envelope | PendingDeadLetter | Recheck | _Stop | None
@@ -433,7 +309,7 @@ class SessionCore:
         if body is None:
             return self._dead(seq, (event.content,), None, EMIT_AUTH_FAILED)
         try:
-            row = _row_from_message(body)
+            row = row_from_message(body)
         except Exception as exc:
             return self._dead(seq, (event.content,), None, _reason(exc))
         return self._route(seq, (event.content,), row)
@@ -576,57 +452,6 @@ class SessionCore:
         return f"{tracker.unconfirmed} in flight, confirmed LSN {format_lsn(tracker.flush_lsn)}"
 
 
-_MESSAGE_FIELDS: Final = ("id", "aggregate_type", "aggregate_id", "event_type")
-
-EMIT_AUTH_FAILED: Final = (
-    "emitted message failed authentication: not signed with the outbox's emit key "
-    "(written by pg_logical_emit_message directly, not by the emit function); not published"
-)
-MAC_HEX_SIZE: Final = 64  # hex HMAC-SHA256 in front of the JSON the emit function writes
-
-
-def authenticated(content: bytes, key: bytes | None) -> bytes | None:
-    """The JSON of a message the emit function signed, or None when the signature fails.
-
-    Any role may call ``pg_logical_emit_message`` with our prefix; only the
-    emit function (SECURITY DEFINER) can read the key, so a valid HMAC-SHA256
-    proves the message came through it. Without a key nothing is authentic.
-    """
-    if key is None or len(content) < MAC_HEX_SIZE:
-        return None
-    body = content[MAC_HEX_SIZE:]
-    expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode("ascii")
-    return body if hmac.compare_digest(expected, content[:MAC_HEX_SIZE]) else None
-
-
-def _row_from_message(content: bytes) -> OutboxRow:
-    """The JSON object ``outbox_emit`` writes, as the row the table would have held.
-
-    ``payload`` and ``headers`` arrive as the text of their jsonb values, so the
-    body is byte-for-byte what a table row with the same payload gives.
-    """
-    data = orjson.loads(content)
-    if not isinstance(data, dict):
-        raise UnmappableRow("logical message content is not a JSON object")
-    missing = [k for k in (*_MESSAGE_FIELDS, "payload") if not isinstance(data.get(k), str)]
-    if missing:
-        raise UnmappableRow(f"logical message lacks text field(s): {', '.join(missing)}")
-    headers, exchange, routing_key, created_at = (
-        data.get(k) for k in ("headers", "exchange", "routing_key", "created_at")
-    )
-    return OutboxRow(
-        data["id"],
-        data["aggregate_type"],
-        data["aggregate_id"],
-        data["event_type"],
-        data["payload"].encode(),
-        headers.encode() if isinstance(headers, str) else None,
-        exchange if isinstance(exchange, str) else None,
-        routing_key if isinstance(routing_key, str) else None,
-        created_at if isinstance(created_at, str) else None,
-    )
-
-
 def _read_if_outbox(columns: tuple[str, ...], values: tuple[Any, ...]) -> OutboxRow | None:
     """The row as an outbox row when its relation has the outbox's columns (replayable as is).
 
@@ -659,11 +484,10 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "EMIT_AUTH_FAILED",
     "STOP",
-    "BrokerLimits",
+    "Action",
     "PendingDeadLetter",
-    "Recheck",
+    "PublishRefused",
     "SessionCore",
     "SessionFailed",
 ]

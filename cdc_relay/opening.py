@@ -33,14 +33,13 @@ from cdc_relay.pg.replication import (
     ReplicationStream,
     SlotInUse,
 )
+from cdc_relay.resync_guard import ResyncUnderWay, resync_holder
 from cdc_relay.state import (
     Position,
-    ResyncUnderWay,
     StateWriter,
     describe_lost_slot,
     read,
     recorded_position,
-    resync_holder,
     table_name,
 )
 

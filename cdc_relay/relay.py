@@ -20,19 +20,18 @@ from typing import Final
 from cdc_relay.acks import AckTrackerError
 from cdc_relay.backoff import reconnect_delay
 from cdc_relay.config import Settings
-from cdc_relay.core import BrokerLimits, PublishRefused
+from cdc_relay.core import PublishRefused
 from cdc_relay.deadletters import DeadLettersUnwritable
 from cdc_relay.deadline import event_within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.health import Problems
+from cdc_relay.limits import BrokerLimits
+from cdc_relay.loops import HEALTHY_SESSION_SECONDS, SESSION_KEY, retain_outbox
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg.pgoutput import ProtocolError
-from cdc_relay.pg.retention import retain_outbox
 from cdc_relay.router import Router
 from cdc_relay.session import (
-    HEALTHY_SESSION_SECONDS,
     SESSION_ERRORS,
-    SESSION_KEY,
     PositionBox,
     Session,
     certificate_rejected,

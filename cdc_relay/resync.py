@@ -27,7 +27,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cdc_relay import state
+from cdc_relay import resync_guard, state
 from cdc_relay.amqp import (
     ExchangeError,
     Outcome,
@@ -155,7 +155,7 @@ def plan(
     check_writable(conn, settings.dead_letter_table)
     slot = settings.slot
     recorded = state.read(conn, state.table_name(settings), slot)
-    holder = state.resync_holder(conn, slot)
+    holder = resync_guard.resync_holder(conn, slot)
     if holder is not None:
         raise ConfigError(
             f"another resync of replication slot {slot} is under way (pid {holder}): "
@@ -172,7 +172,7 @@ def plan(
                 f"replication slot {slot} is in use by pid {old.get('active_pid')}, but the "
                 "resync that created it did not finish, so that relay may skip rows of its "
                 "snapshot: stop every relay on the slot, then run "
-                f"`{state.resync_command(settings, recorded.resync_since)}`"
+                f"`{resync_guard.resync_command(settings, recorded.resync_since)}`"
             )
         if old.get("active"):
             raise ConfigError(
@@ -300,10 +300,10 @@ async def execute(
 def _lock_resync(conn: psycopg.Connection[Any], slot: str) -> None:
     """Take the resync's advisory lock, or say (one line) which resync holds it."""
     row = conn.execute(
-        "SELECT pg_try_advisory_lock(%s, %s)", state.resync_lock_key(slot)
+        "SELECT pg_try_advisory_lock(%s, %s)", resync_guard.resync_lock_key(slot)
     ).fetchone()
     if not (row and row[0]):
-        holder = state.resync_holder(conn, slot)
+        holder = resync_guard.resync_holder(conn, slot)
         raise ConfigError(
             f"another resync of replication slot {slot} is under way (pid {holder}): "
             "wait for it to finish (one resync at a time)"

@@ -2,8 +2,10 @@
 
 A session is one replication connection, one AMQP connection and one
 dead-letter connection, alive together; any failure ends it (``relay.py``
-starts the next). The decisions live in ``core.SessionCore`` and
-``pg.schedule.StatusSchedule``; this module only moves bytes and waits.
+starts the next). The decisions live in ``core.SessionCore``; the loops that
+run beside the stream (status updates, the state row, the drift check, the
+stats line) live in ``loops.py``. This module is the session's lifecycle:
+open, stream, stop, settle, close; it only moves bytes and waits.
 
 Its end of life is in one place. The tasks belong to one ``SessionTasks``: the
 first failure of any of them (or of a publisher callback) ends the session.
@@ -28,36 +30,24 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import psycopg
 
-from cdc_relay import state
+from cdc_relay import loops, state
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.core import (
-    RECHECK_INTERVAL,
-    STOP,
-    BrokerLimits,
-    PublishRefused,
-    Recheck,
-    SessionCore,
-    SessionFailed,
-)
+from cdc_relay.core import STOP, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter
-from cdc_relay.deadline import event_within, within
+from cdc_relay.deadline import within
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import SessionError
 from cdc_relay.health import (
-    DRIFT_CHECK_INTERVAL,
     DRIFT_KEY,
-    DriftWatch,
-    FlushWatch,
     Problems,
-    since_when,
 )
 from cdc_relay.letters import PendingDeadLetter
+from cdc_relay.limits import RECHECK_INTERVAL, BrokerLimits, Recheck
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import (
@@ -69,27 +59,20 @@ from cdc_relay.opening import (
     validate,
     validate_when_no_resync,
 )
-from cdc_relay.pg import checks
 from cdc_relay.pg.failures import certificate_rejected as pg_certificate_rejected
-from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.replication import ReplicationStream
-from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
-from cdc_relay.redact import Redactor, one_line
+from cdc_relay.resync_guard import ResyncUnderWay
 from cdc_relay.router import Router
-from cdc_relay.state import Position, ResyncUnderWay, StateWriter, start_position
+from cdc_relay.state import Position, StateWriter, start_position
 from cdc_relay.tasks import SessionTasks
 
 log = logging.getLogger("cdc_relay")
 
-HEALTHY_SESSION_SECONDS: Final = 30.0  # a session this long resets the backoff
-STATE_CHECK_INTERVAL: Final = 1.0  # the state writer itself writes at most every few seconds
 FINAL_STATUS_TIMEOUT: Final = 2.0
 CLEANUP_TIMEOUT: Final = 10.0  # cancelling the tasks, closing the connections: each at most
 # After a nack, at most this long (and never more than --confirm-timeout) for the
 # acks of the messages published before it.
 SETTLE_AFTER_REFUSAL: Final = 5.0
-SESSION_KEY: Final = "session"  # the problem key of a session that ended, until one is healthy
-DRIFT_CHECK_TIMEOUT: Final = 5.0  # statement_timeout of the drift check's side connection
 
 # Exceptions that end a session and are retried; anything else is a bug or a
 # configuration error and ends the process. Each I/O layer of ours raises a
@@ -284,12 +267,22 @@ class Session:
             self._pump(stream, parts.publisher, core),
             may_return=lambda: core.stop_requested,  # it returns only at STOP
         )
-        status = tasks.start("cdc-relay-status", self._status_loop(stream, core))
+        s, metrics, problems = self.settings, self.metrics, self.problems
+        status = tasks.start(
+            "cdc-relay-status",
+            loops.status_loop(stream, core, s, metrics, self.status_wakeup),
+        )
         tasks.start("cdc-relay-dead-letters", parts.sink.run())
-        tasks.start("cdc-relay-stats", self._stats_loop(core))
-        tasks.start("cdc-relay-state", self._state_loop(core, parts.state))
+        tasks.start("cdc-relay-stats", loops.stats_loop(core, metrics, s.stats_interval))
+        tasks.start(
+            "cdc-relay-state",
+            loops.state_loop(core, parts.state, parts.publisher, problems, s),
+        )
         if parts.outbox_relid:  # a table-less outbox has no table to leave the publication
-            tasks.start("cdc-relay-drift", self._drift_loop(core, parts.outbox_relid))
+            tasks.start(
+                "cdc-relay-drift",
+                loops.drift_loop(core, parts.outbox_relid, s, problems, metrics),
+            )
         try:
             await tasks.wait_any(self.stop.wait())
             tasks.raise_failure()
@@ -329,7 +322,7 @@ class Session:
     async def _final_reports(self, parts: Streaming) -> None:
         """After a clean stop: the confirmed position to Postgres and to the state row."""
         core, writer = parts.core, parts.state
-        await within(self._send_status(parts.stream, core), FINAL_STATUS_TIMEOUT)
+        await within(loops.send_status(parts.stream, core, self.metrics), FINAL_STATUS_TIMEOUT)
         with contextlib.suppress(TimeoutError):
             await within(
                 writer.maybe_write(
@@ -351,7 +344,9 @@ class Session:
         # next one does not replay it (best effort: the link may be gone).
         if not self.stop.is_set() and core.status_due:
             with contextlib.suppress(Exception):
-                await within(self._send_status(parts.stream, core), FINAL_STATUS_TIMEOUT)
+                await within(
+                    loops.send_status(parts.stream, core, self.metrics), FINAL_STATUS_TIMEOUT
+                )
 
     async def _settle_after_refusal(self, pump: asyncio.Task[None], publisher: Publisher) -> None:
         """After a nack, take the acks of what was published before it, then end.
@@ -452,164 +447,6 @@ class Session:
         core.stored(seqs, time.time())
         if core.status_due:
             self.status_wakeup.set()
-
-    # -- status updates -----------------------------------------------------------
-
-    async def _send_status(
-        self, stream: ReplicationStream, core: SessionCore, reply: bool = False
-    ) -> None:
-        write, flush = core.status_positions()
-        await stream.send_status(write, flush, flush, reply)
-        core.status_sent(flush)
-        self.metrics.flush_lsn.set(flush)
-        self.metrics.received_lsn.set(core.received_lsn)
-
-    async def _status_loop(self, stream: ReplicationStream, core: SessionCore) -> None:
-        """Perform what the schedule decides; the decisions are in pg/schedule.py."""
-        s = self.settings
-        schedule = StatusSchedule(s.status_interval, s.pg_timeout, time.monotonic())
-        wakeup = self.status_wakeup
-        while True:
-            wait = schedule.wait_time(time.monotonic(), due=core.status_due)
-            if wait > 0:
-                await event_within(wakeup, wait)
-            wakeup.clear()
-            now = time.monotonic()
-            silent = now - stream.last_receive if stream.waiting_for_data else None
-            decision = schedule.decide(now, due=core.status_due, silent=silent)
-            if type(decision) is Probe:
-                probe_timeout = min(PROBE_TIMEOUT, max(2.0, s.pg_timeout))
-                if not await walsender_alive(s.dsn, stream.backend_pid, probe_timeout):
-                    raise SessionFailed(
-                        f"no data from Postgres for {decision.silent:.1f}s (--pg-timeout), "
-                        "and it does not answer a new connection or our walsender is gone"
-                    )
-                log.info(
-                    "no data from Postgres for %.0fs, but our walsender runs "
-                    "(decoding a large transaction?): waiting",
-                    decision.silent,
-                )
-                schedule.reprieve(time.monotonic())
-            elif type(decision) is Send:
-                await self._send_status(stream, core, decision.reply_requested)
-                schedule.sent(now)
-
-    async def _state_loop(self, core: SessionCore, writer: StateWriter) -> None:
-        """Record where the relay is and what is wrong (throttled in state.py).
-
-        The position is for `resync` without --since; the health (problems, a
-        blocked broker, a flush that waits) for `status` in another process.
-        """
-        publisher = self.conns.publisher
-        # The row is read by other processes and roles: no password of ours goes there.
-        redact = Redactor([self.settings.dsn, *self.settings.amqp_urls])
-        started = time.monotonic()
-        watch = FlushWatch()
-        blocked_since: datetime | None = None
-        while True:
-            await asyncio.sleep(STATE_CHECK_INTERVAL)
-            now = time.monotonic()
-            if core.made_progress or now - started > HEALTHY_SESSION_SECONDS:
-                self.problems.clear(SESSION_KEY)
-            await writer.maybe_write(now, core.confirmed_commit_time, core.flush_lsn)
-            wall = datetime.now(UTC)
-            blocked = publisher is not None and publisher.blocked
-            blocked_since = since_when(blocked, blocked_since, wall)
-            waiting = watch.update(core.flush_lsn, core.unconfirmed, wall)
-            problem, problem_since = self.problems.summary()
-            if problem is not None:
-                problem = redact(problem)
-            await writer.maybe_report(now, (problem, problem_since, blocked_since, waiting))
-
-    async def _drift_loop(self, core: SessionCore, outbox_relid: int) -> None:
-        """Catch the outbox leaving the publication while streaming: its rows would be skipped.
-
-        Every few seconds on a side connection with a statement timeout; a failed
-        look is retried at the next one (it must never end the session). A drift
-        is said at ERROR, turns readiness and `status` red, and names the fix.
-        """
-        s = self.settings
-        watch = DriftWatch(
-            publication=s.publication,
-            table=".".join(s.table_parts),
-            slot=s.slot,
-            outbox_relid=outbox_relid,
-        )
-        conn: psycopg.AsyncConnection[Any] | None = None
-        failures = 0
-        try:
-            while True:
-                await asyncio.sleep(DRIFT_CHECK_INTERVAL)
-                try:
-                    if conn is None or conn.closed:
-                        conn = await _side_connection(s.dsn, "cdc-relay drift check")
-                    relid, covered = await within(
-                        checks.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
-                    )
-                except (psycopg.Error, OSError, TimeoutError) as exc:
-                    failures += 1
-                    log.log(
-                        logging.WARNING if failures == 1 else logging.DEBUG,
-                        "cannot check that publication %s covers the outbox (retrying every "
-                        "%.0fs): %s",
-                        s.publication,
-                        DRIFT_CHECK_INTERVAL,
-                        one_line(str(exc)) or type(exc).__name__,
-                    )
-                    if conn is not None:
-                        await conn.close()
-                    conn = None
-                    continue
-                failures = 0
-                step = watch.observe(relid, covered, core.confirmed_commit_time, time.time())
-                if step.error is not None:
-                    log.error("%s", step.error)
-                if step.problem is not None:
-                    self.problems.report(DRIFT_KEY, step.problem)
-                    self.metrics.ready.set(0)
-                elif step.ended:
-                    self.problems.clear(DRIFT_KEY)
-                    self.metrics.ready.set(1)
-                if step.end_session is not None:
-                    raise SessionFailed(step.end_session)
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-
-    async def _stats_loop(self, core: SessionCore) -> None:
-        interval = self.settings.stats_interval
-        last = self.metrics.confirmed_count()
-        last_t = time.monotonic()
-        while True:
-            await asyncio.sleep(interval)
-            now, count = time.monotonic(), self.metrics.confirmed_count()
-            rate = (count - last) / (now - last_t)
-            log.info(
-                "%.0f msg/s confirmed, %s",
-                rate,
-                core.describe(),
-                extra={
-                    "messages_per_second": round(rate, 1),
-                    "in_flight": core.unconfirmed,
-                    "lsn": format_lsn(core.flush_lsn),
-                },
-            )
-            last, last_t = count, now
-
-
-async def _side_connection(dsn: str, name: str) -> psycopg.AsyncConnection[Any]:
-    """A short-statement autocommit connection: a locked catalog must never stall a check."""
-    conn = await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, connect_timeout=10, application_name=name
-    )
-    try:
-        timeout_ms = int(DRIFT_CHECK_TIMEOUT * 1000)
-        await conn.execute(f"SET statement_timeout = {timeout_ms}; SET lock_timeout = {timeout_ms}")
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
 
 
 async def _bounded(awaitable: Awaitable[Any], what: str) -> None:

@@ -10,7 +10,7 @@ import orjson
 import psycopg
 import pytest
 
-from cdc_relay import core
+from cdc_relay import emitauth
 from cdc_relay.pg import catalog, checks
 from cdc_relay.pg import setup as pg_setup
 from cdc_relay.schema import function_names
@@ -138,8 +138,8 @@ def test_emit_function_writes_a_transactional_logical_message(
     assert len(messages) == 1, changes  # the rolled-back one was never decoded
     assert "transactional: 1 prefix: cdc_relay" in messages[0]
     content = messages[0].split("content:", 1)[1].encode()
-    signed = core.authenticated(content, key)  # the emit function signs with the key
-    assert signed is not None and core.authenticated(content, bytes(64)) is None
+    signed = emitauth.authenticated(content, key)  # the emit function signs with the key
+    assert signed is not None and emitauth.authenticated(content, bytes(64)) is None
     body = orjson.loads(signed)
     assert body["id"] == str(row[0])
     assert (body["aggregate_type"], body["aggregate_id"], body["event_type"]) == (

@@ -17,19 +17,16 @@ import pytest
 
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.core import (
-    EMIT_AUTH_FAILED,
-    RECHECK_INTERVAL,
     STOP,
-    BrokerLimits,
     PendingDeadLetter,
     PublishRefused,
-    Recheck,
     SessionCore,
     SessionFailed,
-    authenticated,
 )
 from cdc_relay.deadletters import DeadLetterRecord
+from cdc_relay.emitauth import EMIT_AUTH_FAILED, authenticated
 from cdc_relay.envelope import Envelope
+from cdc_relay.limits import RECHECK_INTERVAL, BrokerLimits, Recheck
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
 from cdc_relay.replay import row_from_record
 from cdc_relay.router import Router

@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_relay.config import Settings
-from cdc_relay.core import EMIT_AUTH_FAILED
+from cdc_relay.emitauth import EMIT_AUTH_FAILED
 from cdc_relay.errors import ConfigError
 from cdc_relay.pg import checks, report
 from cdc_relay.pg import setup as pg_setup

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_relay.core import RECHECK_INTERVAL
+from cdc_relay.limits import RECHECK_INTERVAL
 from devtools.amqp import delete_topology, topology
 from devtools.consumer import Consumer
 from devtools.relayproc import RelayProcess

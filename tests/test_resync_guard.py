@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cdc_relay import state
+from cdc_relay import resync_guard, state
 from cdc_relay.errors import EX_CONFIG
 from cdc_relay.pg.replication import ReplicationStream
 from tests.harness import Consumer, RelayProcess, Setup, run_cli
@@ -74,7 +74,7 @@ async def test_relay_refuses_an_interrupted_resyncs_slot_until_it_is_rerun(
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         recorded = state.read(conn, state.table_name(outbox.settings), outbox.names["slot"])
     assert recorded is not None and recorded.resync_since is not None
-    command = state.resync_command(outbox.settings, recorded.resync_since)
+    command = resync_guard.resync_command(outbox.settings, recorded.resync_since)
 
     relay = RelayProcess(outbox, tmp_path / "relay1.log").start()
     assert relay.proc is not None

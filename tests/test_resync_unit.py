@@ -10,14 +10,12 @@ from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.pg.slotwait import Blocker, describe
 from cdc_relay.resync import Plan, invalidation, parse_since
+from cdc_relay.resync_guard import ResyncUnderWay, resync_lock_key, resync_problem
 from cdc_relay.state import (
     Position,
     RelayState,
-    ResyncUnderWay,
     format_since,
     recorded_position,
-    resync_lock_key,
-    resync_problem,
     start_position,
 )
 

@@ -1,4 +1,4 @@
-"""Background retention (``pg.retention.retain_outbox``, for ``run --retention``) under load.
+"""Background retention (``loops.retain_outbox``, for ``run --retention``) under load.
 
 A real relay streams while writers insert fresh rows and backdated ones (older
 than the retention); retention passes run beside it. Nothing is lost (deletes
@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cdc_relay.pg.retention import retain_outbox
+from cdc_relay.loops import retain_outbox
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 RETENTION = timedelta(hours=1)

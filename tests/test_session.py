@@ -19,13 +19,15 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_relay import loops
 from cdc_relay import session as session_module
 from cdc_relay.amqp import Outcome, PublishFailed
 from cdc_relay.config import Settings
-from cdc_relay.core import BrokerLimits, PublishRefused, SessionFailed
+from cdc_relay.core import PublishRefused, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriteFailed
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import SessionError
+from cdc_relay.limits import BrokerLimits
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg.replication import ReplicationError
 from cdc_relay.session import Session, Streaming
@@ -278,7 +280,7 @@ async def test_a_dead_letter_write_failure_ends_the_session() -> None:
 async def test_the_failure_of_any_task_ends_the_session_once(
     where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(session_module, "STATE_CHECK_INTERVAL", 0.01)
+    monkeypatch.setattr(loops, "STATE_CHECK_INTERVAL", 0.01)
     session = await started(FakeSession())
     error: SessionError | psycopg.Error = ReplicationError("walsender gone")
     if where == "read":

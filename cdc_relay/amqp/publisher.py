@@ -376,7 +376,7 @@ class Publisher:
     async def try_publish(self, envelope: Envelope) -> PublishFailed | None:
         """Would the broker take this publish now? Ask with a publish that is rolled back.
 
-        The re-check of a remembered refusal (core.BrokerLimits). A passive
+        The re-check of a remembered refusal (limits.BrokerLimits). A passive
         exchange.declare would prove only that the exchange exists: RabbitMQ
         checks no permission for it, so it cannot see a write permission revoked
         and restored, nor a message size limit. A basic.publish inside tx.select

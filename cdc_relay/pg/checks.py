@@ -17,7 +17,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cdc_relay import deadletters, state
+from cdc_relay import deadletters, resync_guard, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError, SlotMissing
 from cdc_relay.lsn import Lsn
@@ -57,7 +57,7 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
     _check_emit_prefix(conn, settings)
     emit_key = read_emit_key(conn, settings, tableless=rel is None)
     # Before the slot: a resync under way has no slot (or an idle new one) for a while.
-    unreadable = state.check_no_resync(conn, settings)
+    unreadable = resync_guard.check_no_resync(conn, settings)
     info = slot_info(conn, settings.slot)
     _check_slot(conn, settings, info)
     assert info is not None
