@@ -57,6 +57,22 @@ def test_servers_refuse_to_start_in_a_unit_test_run(monkeypatch: pytest.MonkeyPa
             server.cleanup()
 
 
+def test_server_factory_removes_a_server_that_failed_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A start that fails leaves no directory, and close() removes the rest."""
+    monkeypatch.setenv("DEVTOOLS_FORBID_SERVERS", "1")
+    factory = ServerFactory(PostgresServer)
+    failed = PostgresServer()
+    with pytest.raises(RuntimeError, match="mark the test `integration`"):
+        factory.add(failed)
+    assert not failed.base_dir.exists()
+    built = factory(start=False)
+    assert built.base_dir.is_dir()
+    factory.close()
+    assert not built.base_dir.exists()
+
+
 def test_relay_process_arguments_cover_every_broker_url(tmp_path: Path) -> None:
     settings = Settings(dsn="postgresql://x@h/db", amqp_urls=["amqp://a/", "amqp://b/"])
     args = cli_args(settings)
