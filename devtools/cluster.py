@@ -9,28 +9,26 @@ started again on the same directories rejoins by itself.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from devtools.procs import ServerGroup
 from devtools.rabbit import RabbitServer
 
 __all__ = ["RabbitCluster"]
 
 
-class RabbitCluster:
+class RabbitCluster(ServerGroup):
     """``size`` clustered nodes; ``nodes[0]`` is the one the others joined."""
+
+    PREFIX = "cdc-relay-mqc-"
 
     def __init__(self, size: int = 3, base_dir: Path | None = None) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
-        self._owns_dir = base_dir is None
-        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="cdc-relay-mqc-"))
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.base_dir.chmod(0o711)  # the rabbitmq user (root runs) must reach the node dirs
+        self._init_dir(base_dir)
         cookie = uuid.uuid4().hex.upper()
         self.nodes: list[RabbitServer] = [
             RabbitServer(self.base_dir / f"node{i + 1}", cookie=cookie) for i in range(size)
@@ -62,21 +60,5 @@ class RabbitCluster:
         out = node.ctl("eval", "rabbit_nodes:all_running().", timeout=30)
         return [name.strip(" '[]\n") for name in out.split(",") if name.strip(" '[]\n")]
 
-    def cleanup(self) -> None:
-        """Kill every node and remove the directories this cluster made."""
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                node.cleanup()
-        if self._owns_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> RabbitCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def members(self) -> Iterable[RabbitServer]:
+        return self.nodes

@@ -11,32 +11,29 @@ nothing the standby has not received (no phantom events after a failover).
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psycopg
 
 from devtools.postgres import PostgresServer
-from devtools.procs import LOOPBACK, chown_tree
+from devtools.procs import LOOPBACK, ServerGroup, chown_tree
 
 __all__ = ["PostgresPair"]
 
 
-class PostgresPair:
+class PostgresPair(ServerGroup):
     """``primary`` and its streaming ``standby`` (PostgreSQL ``version`` >= 17)."""
+
+    PREFIX = "cdc-relay-pgha-"
 
     def __init__(
         self, version: int = 17, standby_slot: str = "standby1_slot", base_dir: Path | None = None
     ) -> None:
         if version < 17:
             raise ValueError("failover slots need PostgreSQL 17 or later")
-        self._owns_dir = base_dir is None
-        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="cdc-relay-pgha-"))
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.base_dir.chmod(0o711)  # the postgres user (root runs) must reach the server dirs
+        self._init_dir(base_dir)
         self.standby_slot = standby_slot
         self.primary = PostgresServer(self.base_dir / "primary", version=version)
         self.standby = PostgresServer(
@@ -129,20 +126,5 @@ class PostgresPair:
         self.primary.stop("immediate")
         self.standby.promote(timeout)
 
-    def cleanup(self) -> None:
-        for server in (self.standby, self.primary):
-            with contextlib.suppress(Exception):
-                server.cleanup()
-        if self._owns_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> PostgresPair:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def members(self) -> Iterable[PostgresServer]:
+        return (self.standby, self.primary)

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +27,7 @@ from devtools.pgbinaries import ensure_postgres, library_env
 from devtools.procs import (
     LOOPBACK,
     MAX_SOCKET_PATH,
-    Tracked,
+    Server,
     as_user,
     check_servers_allowed,
     chown_tree,
@@ -40,6 +39,7 @@ from devtools.procs import (
     remaining,
     service_user,
     tail,
+    wait_until,
     write_owned,
 )
 
@@ -135,10 +135,11 @@ def _pg_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class PostgresServer(Tracked):
+class PostgresServer(Server):
     """A private Postgres cluster (wal_level=logical) on a free loopback port."""
 
     KIND = "pg"
+    PREFIX = "cdc-relay-pg-"
     _MODES = ("smart", "fast", "immediate")
 
     def __init__(
@@ -154,13 +155,7 @@ class PostgresServer(Tracked):
         instead of the system's server binaries. ``ssl`` turns TLS on and makes it
         mandatory: pg_hba.conf then has only ``hostssl`` lines for TCP, and rejects
         unencrypted connections with a clear error."""
-        # Only a directory we made ourselves is removed by cleanup().
-        self._owns_dir = base_dir is None
-        if base_dir is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="cdc-relay-pg-"))
-        else:
-            self.base_dir = Path(base_dir).absolute()
-            self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._init_dir(base_dir)
         self.port: int = port or free_port()
         self.data_dir: Path = self.base_dir / "data"
         self.log_path: Path = self.base_dir / "postgres.log"
@@ -343,17 +338,18 @@ class PostgresServer(Tracked):
 
     def _wait_ready(self, deadline: float, timeout: float) -> None:
         """Wait for the "ready" status pg_ctl -w waits for (postmaster.pid line 8)."""
-        while True:
+
+        def ready() -> bool:
             with contextlib.suppress(OSError, IndexError):
                 lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
                 if lines[7].strip() == "ready" and port_open(self.port):
-                    return
-            if not self.is_running() or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Postgres on port {self.port} not ready within {timeout:.0f}s\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(0.05)
+                    return True
+            return not self.is_running()  # gone: stop waiting, and say so below
+
+        if not wait_until(ready, deadline) or not self.is_running():
+            raise RuntimeError(
+                f"Postgres on port {self.port} not ready within {timeout:.0f}s\n{self.log_tail()}"
+            )
 
     def stop(self, mode: str = "fast", timeout: float = 60) -> None:
         """``pg_ctl stop -m mode``; "immediate" is a crash (recovery on next start)."""
@@ -377,9 +373,7 @@ class PostgresServer(Tracked):
             ],
             wait + 5,
         )
-        while self.is_running() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if self.is_running():
+        if not wait_until(lambda: not self.is_running(), deadline, 0.02):
             raise RuntimeError(
                 f"Postgres did not stop ({mode}) within {timeout:.0f}s: "
                 f"{(result.stdout + result.stderr).strip()}\n{self.log_tail()}"
@@ -425,36 +419,12 @@ class PostgresServer(Tracked):
             return tail(self.base_dir / "initdb.log", n)
         return tail(self.log_path, n)
 
-    def cleanup(self) -> None:
-        """Stop (immediate, then SIGKILL if needed) and remove a temporary base_dir."""
-        try:
-            if self.is_running():
-                with contextlib.suppress(Exception):
-                    self.stop("immediate", timeout=15)
+    def _stop_hard(self) -> None:
+        """An immediate stop, then SIGKILL for whatever is left."""
+        if self.is_running():
             with contextlib.suppress(Exception):
-                self.kill()
-        finally:
-            if self._owns_dir:
-                shutil.rmtree(self.base_dir, ignore_errors=True)
-            self._untrack()
+                self.stop("immediate", timeout=15)
+        self.kill()
 
-    def _at_exit(self) -> None:
-        if self._owns_dir:
-            self.cleanup()
-            return
-        # A caller-provided data directory is kept: shut it down cleanly.
-        try:
-            self.stop("fast", timeout=10)
-        finally:
-            self.cleanup()
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def _stop_cleanly(self) -> None:
+        self.stop("fast", timeout=10)

@@ -1,9 +1,13 @@
-"""Processes, ports and users for the throwaway servers, and their lifetime guard.
+"""Processes, ports and users for the throwaway servers, and their one lifecycle.
 
-Servers must not outlive the Python process that started them: an ``atexit``
-hook cleans them up on a normal exit, and a tiny watchdog child process (the
-guardian) kills them, and removes their temporary directories, when this
-process dies without running ``atexit`` (SIGTERM, SIGKILL, OOM).
+``Server`` is the lifecycle every launcher shares (Postgres, a RabbitMQ node):
+its own directory, start with a deadline, a clean stop, a hard kill, cleanup.
+``ServerGroup`` is the same for servers started together (a RabbitMQ cluster,
+a Postgres primary and standby). Servers must not outlive the Python process
+that started them: an ``atexit`` hook cleans them up on a normal exit, and a
+tiny watchdog child process (the guardian) kills them, and removes their
+temporary directories, when this process dies without running ``atexit``
+(SIGTERM, SIGKILL, OOM).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Self
 
 LOOPBACK = "127.0.0.1"
 # Unix socket paths are limited to 107 bytes (sun_path).
@@ -143,6 +150,18 @@ def remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
+def wait_until(ready: Callable[[], bool], deadline: float, interval: float = 0.05) -> bool:
+    """Poll ``ready`` until it holds or ``deadline`` (monotonic) passes; whether it held.
+
+    The one wait loop of the launchers: readiness, a stop, a kill all end here.
+    """
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -202,12 +221,8 @@ def kill_tree(pids: list[int], timeout: float = 10) -> list[int]:
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in victims if pid_alive(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.02)
+    wait_until(lambda: not any(pid_alive(p) for p in victims), time.monotonic() + timeout, 0.02)
+    return [p for p in victims if pid_alive(p)]
 
 
 # --------------------------------------------------------------------------- lifetime
@@ -327,3 +342,110 @@ def _cleanup_all() -> None:
         if server._tracked_by == os.getpid():
             with contextlib.suppress(Exception):
                 server._at_exit()
+
+
+class Server(Tracked):
+    """The lifecycle of one throwaway server process, written once.
+
+    A subclass says how to ``start`` (``check_servers_allowed``, then
+    ``_track`` once it launches), stop cleanly, ``kill`` and tell
+    ``is_running``; this class owns the directory, ``cleanup``, the exit hook
+    and the context manager.
+    """
+
+    PREFIX = "cdc-relay-"
+
+    def _init_dir(self, base_dir: Path | None) -> None:
+        """A fresh temp dir (removed by cleanup) or the caller's (kept)."""
+        self._owns_dir = base_dir is None
+        if base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix=self.PREFIX))
+        else:
+            self.base_dir = Path(base_dir).absolute()
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    def _stop_cleanly(self) -> None:
+        """Shut down so the kept data directory is consistent (at exit)."""
+        raise NotImplementedError
+
+    def _stop_hard(self) -> None:
+        """Take the processes down however possible (cleanup): kill by default."""
+        self.kill()
+
+    def cleanup(self) -> None:
+        """Take the server down and remove a temporary base_dir."""
+        try:
+            with contextlib.suppress(Exception):
+                self._stop_hard()
+        finally:
+            if self._owns_dir:
+                shutil.rmtree(self.base_dir, ignore_errors=True)
+            self._untrack()
+
+    def _at_exit(self) -> None:
+        if self._owns_dir:
+            self.cleanup()
+            return
+        # A caller-provided directory is kept: shut the server down cleanly.
+        try:
+            self._stop_cleanly()
+        finally:
+            self.cleanup()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class ServerGroup:
+    """Servers started together in one directory (a cluster, a primary and standby)."""
+
+    PREFIX = "cdc-relay-"
+
+    def _init_dir(self, base_dir: Path | None) -> None:
+        self._owns_dir = base_dir is None
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix=self.PREFIX))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.chmod(0o711)  # the server user (root runs) must reach the member dirs
+
+    def members(self) -> Iterable[Server]:
+        """The servers, in the order cleanup takes them down."""
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Take every member down and remove the directory this group made."""
+        for server in self.members():
+            with contextlib.suppress(Exception):
+                server.cleanup()
+        if self._owns_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +20,7 @@ from urllib.parse import quote, urlencode
 
 from devtools.procs import (
     LOOPBACK,
-    Tracked,
+    Server,
     as_user,
     check_servers_allowed,
     chown_tree,
@@ -34,6 +32,7 @@ from devtools.procs import (
     remaining,
     service_user,
     tail,
+    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def _rabbit_app_closure(plugins: Path, enabled: tuple[str, ...] = ()) -> dict[st
     return needed
 
 
-class RabbitServer(Tracked):
+class RabbitServer(Server):
     """A private RabbitMQ node: own node name, ports, data, logs and cookie.
 
     With ``tls`` the node has only a TLS listener on ``port`` (``listeners.tcp =
@@ -112,6 +111,7 @@ class RabbitServer(Tracked):
     """
 
     KIND = "mq"
+    PREFIX = "cdc-relay-mq-"
 
     def __init__(
         self,
@@ -130,12 +130,7 @@ class RabbitServer(Tracked):
         self.external = external
         self._cookie = cookie
         self.plugins: tuple[str, ...] = ("rabbitmq_auth_mechanism_ssl",) if external else ()
-        self._owns_dir = base_dir is None
-        if base_dir is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="cdc-relay-mq-"))
-        else:
-            self.base_dir = Path(base_dir).absolute()
-            self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._init_dir(base_dir)
         ports = free_ports(2)
         self.port: int = port or ports[0]
         self.dist_port: int = dist_port or next(p for p in ports if p != self.port)
@@ -366,9 +361,7 @@ class RabbitServer(Tracked):
             self.ctl("stop", timeout=timeout)
         except RuntimeError as exc:
             error = str(exc)
-        while self.is_running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.is_running():
+        if not wait_until(lambda: not self.is_running(), deadline):
             self.kill()
             raise RuntimeError(
                 f"RabbitMQ node {self.nodename} did not stop within {timeout:.0f}s "
@@ -438,32 +431,5 @@ class RabbitServer(Tracked):
             f"--- {self.stdout_path}:\n{tail(self.stdout_path, n)}"
         )
 
-    def cleanup(self) -> None:
-        """Kill the node and remove a temporary base_dir."""
-        try:
-            with contextlib.suppress(Exception):
-                self.kill()
-        finally:
-            if self._owns_dir:
-                shutil.rmtree(self.base_dir, ignore_errors=True)
-            self._untrack()
-
-    def _at_exit(self) -> None:
-        if self._owns_dir:
-            self.cleanup()
-            return
-        try:
-            self.stop(timeout=15)
-        finally:
-            self.cleanup()
-
-    def __enter__(self) -> RabbitServer:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def _stop_cleanly(self) -> None:
+        self.stop(timeout=15)

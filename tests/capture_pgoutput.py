@@ -5,13 +5,12 @@ Run manually (not part of the test suite; the tests only read the generated file
     .venv/bin/python -m tests.capture_pgoutput            # writes tests/captured_pgoutput.py
     .venv/bin/python -m tests.capture_pgoutput -o -       # print instead
 
-What it does, self-contained (it does not use cdc_relay.devservers):
+What it does (the server comes from ``devtools.postgres``, as in the tests):
 
-1. ``initdb`` a cluster in a fresh temp dir and ``pg_ctl start`` it on a free
-   127.0.0.1 port with ``wal_level=logical`` and ``track_commit_timestamp=on``.
-   As root, both run as the ``postgres`` OS user via ``runuser`` (they refuse
-   root) and the temp dir is chowned to it. Binaries: ``$PG_BINDIR`` or
-   /usr/lib/postgresql/15/bin.
+1. Start a private PostgreSQL (``wal_level=logical``, ``track_commit_timestamp=on``,
+   ``TimeZone=UTC``) in a fresh temp dir on a free 127.0.0.1 port; as root it
+   runs as the ``postgres`` OS user. Binaries: ``$PG_BINDIR``, else
+   ``$CDC_RELAY_PG_BINDIR``, else /usr/lib/postgresql/15/bin.
 2. Create an outbox table, a table with non-ASCII names, an enum in a non-ASCII
    schema (for a Type 'Y' message) and REPLICA IDENTITY FULL, a table with an
    out-of-line TOAST value (for an unchanged-TOAST 'u' value), a publication
@@ -38,13 +37,8 @@ import contextlib
 import dataclasses
 import enum
 import os
-import pwd
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +46,13 @@ from typing import Any
 import psycopg
 
 from cdc_relay.pg.pgoutput import Delete, Insert, Update, decode_message
+from devtools.postgres import PostgresServer
 
-PG_BINDIR = Path(os.environ.get("PG_BINDIR", "/usr/lib/postgresql/15/bin"))
+PG_BINDIR = Path(
+    os.environ.get("PG_BINDIR")
+    or os.environ.get("CDC_RELAY_PG_BINDIR")
+    or "/usr/lib/postgresql/15/bin"
+)
 OUTPUT = Path(__file__).with_name("captured_pgoutput.py")
 LSN_FIELDS = {"final_lsn", "commit_lsn", "end_lsn", "lsn"}
 
@@ -140,60 +139,16 @@ PEEK = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    """initdb/postgres refuse to run as root: drop to the postgres OS user."""
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
 @contextlib.contextmanager
 def throwaway_postgres() -> Iterator[str]:
     """A private PostgreSQL on a free loopback port; yields its DSN.
 
-    Started and stopped with ``pg_ctl -w`` (not by signalling runuser, which
-    does not reliably pass signals on); if the fast stop fails, the postmaster
-    pid from postmaster.pid is killed so no server outlives the script.
+    The tests' launcher (``devtools.postgres``): it drops root to the server
+    user, and its cleanup and watchdog leave no server behind the script.
     """
-    tmp = Path(tempfile.mkdtemp(prefix="pgoutput-capture-"))
-    data = tmp / "data"
-    pg_ctl = str(PG_BINDIR / "pg_ctl")
-    started = False
-    try:
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        initdb = [str(PG_BINDIR / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
-        initdb += ["--encoding=UTF8", "--locale=C.UTF-8"]
-        subprocess.run(_as_postgres(initdb), check=True, stdout=subprocess.DEVNULL)
-        port = _free_port()
-        settings = {
-            "port": str(port),
-            "listen_addresses": "127.0.0.1",
-            "unix_socket_directories": str(tmp),
-            "wal_level": "logical",
-            "track_commit_timestamp": "on",
-            "fsync": "off",
-            "TimeZone": "UTC",
-        }
-        options = " ".join(f"-c {key}={value}" for key, value in settings.items())
-        started = True
-        start = [pg_ctl, "-D", str(data), "-l", str(tmp / "server.log"), "-o", options]
-        start += ["-w", "-t", "60", "start"]
-        subprocess.run(_as_postgres(start), check=True, stdout=subprocess.DEVNULL)
-        yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
-    finally:
-        if started:
-            stop = _as_postgres([pg_ctl, "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop"])
-            if subprocess.run(stop, stdout=subprocess.DEVNULL).returncode != 0:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    pid = int((data / "postmaster.pid").read_text().split()[0])
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.environ["CDC_RELAY_PG_BINDIR"] = str(PG_BINDIR)
+    with PostgresServer(settings={"track_commit_timestamp": "on", "TimeZone": "UTC"}) as server:
+        yield server.dsn
 
 
 def capture(dsn: str) -> dict[str, Any]:

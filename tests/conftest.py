@@ -30,6 +30,8 @@ SERVER_FIXTURES = frozenset(
         "rabbit_tls_server",
         "rabbit_cluster",
         "pg_pair",
+        "pg_factory",
+        "rabbit_factory",
     }
 )
 SERVER_CLASSES = ("PostgresServer", "RabbitServer", "RabbitCluster", "PostgresPair")

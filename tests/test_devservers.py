@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
@@ -29,6 +28,7 @@ from devtools.metrics import readyz
 from devtools.procs import free_port, listen_addresses, pid_alive, port_open
 from devtools.relayproc import RelayProcess, cli_args
 from devtools.servers import PostgresServer, RabbitServer
+from tests.fix_pg import ServerFactory
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:
@@ -57,6 +57,22 @@ def test_servers_refuse_to_start_in_a_unit_test_run(monkeypatch: pytest.MonkeyPa
             server.cleanup()
 
 
+def test_server_factory_removes_a_server_that_failed_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A start that fails leaves no directory, and close() removes the rest."""
+    monkeypatch.setenv("DEVTOOLS_FORBID_SERVERS", "1")
+    factory = ServerFactory(PostgresServer)
+    failed = PostgresServer()
+    with pytest.raises(RuntimeError, match="mark the test `integration`"):
+        factory.add(failed)
+    assert not failed.base_dir.exists()
+    built = factory(start=False)
+    assert built.base_dir.is_dir()
+    factory.close()
+    assert not built.base_dir.exists()
+
+
 def test_relay_process_arguments_cover_every_broker_url(tmp_path: Path) -> None:
     settings = Settings(dsn="postgresql://x@h/db", amqp_urls=["amqp://a/", "amqp://b/"])
     args = cli_args(settings)
@@ -83,13 +99,8 @@ def test_readyz_is_zero_when_nothing_listens() -> None:
 
 
 @pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
+def pg(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory()
 
 
 def fetch_notes(dsn: str) -> list[str]:
@@ -151,14 +162,13 @@ def test_pg_restart_keeps_port_and_applies_changed_settings(pg: PostgresServer) 
         assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
 
 
-def test_pg_start_failure_raises_with_server_log() -> None:
-    server = PostgresServer(settings={"shared_buffers": "lots"})
-    try:
-        with pytest.raises(RuntimeError, match="shared_buffers"):
-            server.start(timeout=20)
-        assert not server.is_running()
-    finally:
-        server.cleanup()
+def test_pg_start_failure_raises_with_server_log(
+    pg_factory: ServerFactory[PostgresServer],
+) -> None:
+    server = pg_factory(settings={"shared_buffers": "lots"}, start=False)
+    with pytest.raises(RuntimeError, match="shared_buffers"):
+        server.start(timeout=20)
+    assert not server.is_running()
 
 
 def test_pg_context_manager_leaves_nothing_behind() -> None:
@@ -195,12 +205,13 @@ def test_servers_do_not_outlive_a_killed_python_process() -> None:
 
 
 @pytest.mark.integration
-def test_pg_cleanup_kills_a_postmaster_missing_from_the_pid_file() -> None:
+def test_pg_cleanup_kills_a_postmaster_missing_from_the_pid_file(
+    pg_factory: ServerFactory[PostgresServer],
+) -> None:
     """A postmaster whose pid file is not (yet) readable, as when pg_ctl is killed
     mid-start, must not outlive cleanup() while its directory is removed."""
-    server = PostgresServer()
+    server = pg_factory()
     try:
-        server.start()
         pid_file = server.data_dir / "postmaster.pid"
         pid = int(pid_file.read_text().split()[0])
         pid_file.rename(server.base_dir / "postmaster.pid.hidden")
@@ -246,13 +257,8 @@ def test_sigterm_to_devtools_servers_stops_both_servers() -> None:
 
 
 @pytest.fixture(scope="module")
-def mq() -> Iterator[RabbitServer]:
-    server = RabbitServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
+def mq(rabbit_factory: ServerFactory[RabbitServer]) -> RabbitServer:
+    return rabbit_factory()
 
 
 async def publish_persistent(url: str, queue_name: str, body: bytes) -> None:

@@ -12,6 +12,7 @@ import pytest
 from devtools.procs import listen_addresses
 from devtools.servers import PostgresServer, RabbitServer
 from devtools.tls import TlsFiles, make_tls_files
+from tests.fix_pg import ServerFactory
 
 
 def test_pg_accepts_verified_tls_for_sql_and_replication(
@@ -80,8 +81,10 @@ async def test_rabbit_tls_only_listener(
 
 
 @pytest.mark.asyncio
-async def test_rabbit_external_login_with_a_client_certificate(tls_files: TlsFiles) -> None:
-    with RabbitServer(tls=tls_files, external=True) as server:
+async def test_rabbit_external_login_with_a_client_certificate(
+    tls_files: TlsFiles, rabbit_factory: ServerFactory[RabbitServer]
+) -> None:
+    with rabbit_factory.running(tls=tls_files, external=True) as server:
         assert "auth_mechanism=external" in server.external_url
         url = f"amqps://localhost:{server.port}/?auth=external"
         context = tls_files.client_context(with_client_cert=True)

@@ -7,11 +7,14 @@ import pytest
 
 from devtools.pgbinaries import SUPPORTED
 from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 
 
 @pytest.mark.parametrize("version", SUPPORTED)
-def test_packaged_version_boots_with_logical_decoding(version: int) -> None:
-    with PostgresServer(version=version) as pg:
+def test_packaged_version_boots_with_logical_decoding(
+    version: int, pg_factory: ServerFactory[PostgresServer]
+) -> None:
+    with pg_factory.running(version=version) as pg:
         assert pg.bindir.parent.name == str(version)
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             (number,) = conn.execute("SHOW server_version_num").fetchone() or ("0",)

@@ -11,7 +11,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -23,25 +23,20 @@ from cdc_relay.schema import function_names
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, RabbitServer, free_port
 from tests.faults import bounce_broker
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, Setup, unique_names, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.fault]
 
 
 @pytest.fixture(scope="module")
-def emit_pg() -> Iterator[PostgresServer]:
-    server = PostgresServer(settings={"wal_sender_timeout": "'10s'"})
-    server.start()
-    yield server
-    server.cleanup()
+def emit_pg(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory(settings={"wal_sender_timeout": "'10s'"})
 
 
 @pytest.fixture(scope="module")
-def emit_rabbit() -> Iterator[RabbitServer]:
-    server = RabbitServer()
-    server.start()
-    yield server
-    server.cleanup()
+def emit_rabbit(rabbit_factory: ServerFactory[RabbitServer]) -> RabbitServer:
+    return rabbit_factory()
 
 
 @pytest_asyncio.fixture

@@ -25,6 +25,7 @@ from devtools.consumer import SeqCounter
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, RabbitServer, free_port
 from tests.faults import Verdict, Workload, bounce_broker, verify
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 from tests.proxy import TcpProxy
 
@@ -33,19 +34,13 @@ VERDICTS: list[str] = []
 
 
 @pytest.fixture(scope="module")
-def fault_pg() -> Iterator[PostgresServer]:
-    server = PostgresServer(settings={"wal_sender_timeout": "'10s'"})
-    server.start()
-    yield server
-    server.cleanup()
+def fault_pg(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory(settings={"wal_sender_timeout": "'10s'"})
 
 
 @pytest.fixture(scope="module")
-def fault_rabbit() -> Iterator[RabbitServer]:
-    server = RabbitServer()
-    server.start()
-    yield server
-    server.cleanup()
+def fault_rabbit(rabbit_factory: ServerFactory[RabbitServer]) -> RabbitServer:
+    return rabbit_factory()
 
 
 @pytest.fixture(autouse=True)

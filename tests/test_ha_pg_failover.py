@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -29,21 +28,15 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
 STREAMING = "streaming from slot"
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[PostgresPair]:
-    with PostgresPair(version=17) as p:
-        yield p
-
-
 def status_of(dsn: str, setup: Setup) -> dict[str, object]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return report.status(conn, setup.settings, require_active=False).as_dict()
 
 
 async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
-    pair: PostgresPair, amqp_url: str, tmp_path: Path
+    pg_pair: PostgresPair, amqp_url: str, tmp_path: Path
 ) -> None:
-    setup = Setup(pair.dsn, amqp_url, unique_names("hapg"))
+    setup = Setup(pg_pair.dsn, amqp_url, unique_names("hapg"))
     created = cli("init", "--failover", *setup.cli_args())
     assert created.returncode == 0, created.stderr
     assert f"replication slot {setup.names['slot']}: created at" in created.stdout
@@ -51,7 +44,7 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
     again = cli("init", "--failover", *setup.cli_args())
     assert f"replication slot {setup.names['slot']}: already exists (failover)" in again.stdout
 
-    primary = status_of(pair.primary.dsn, setup)
+    primary = status_of(pg_pair.primary.dsn, setup)
     assert primary["role"] == "primary" and primary["failover"] is True
     assert primary["warnings"] == []  # synchronized_standby_slots is set
     consumer = await Consumer(amqp_url, setup.names["exchange"]).start()
@@ -61,8 +54,8 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
         workload = Workload(setup, total_rows=4000, rows_per_second=400, max_seconds=60).start()
         # Readiness: the standby's copy becomes persistent once the relay confirms
         # past a standby snapshot (wait_synced logs one on the primary).
-        await asyncio.to_thread(pair.wait_synced, setup.names["slot"], 60)
-        ready = status_of(pair.standby.dsn, setup)
+        await asyncio.to_thread(pg_pair.wait_synced, setup.names["slot"], 60)
+        ready = status_of(pg_pair.standby.dsn, setup)
         assert ready["role"] == "standby"
         assert (ready["synced"], ready["temporary"], ready["failover_ready"]) == (
             True,
@@ -70,13 +63,13 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
             True,
         )
         assert ready["healthy"] is True, ready["problem"]
-        status = cli("status", "--json", "--dsn", pair.standby.dsn, *setup.cli_args()[2:])
+        status = cli("status", "--json", "--dsn", pg_pair.standby.dsn, *setup.cli_args()[2:])
         assert status.returncode == 0, status.stdout + status.stderr
         assert '"failover_ready": true' in status.stdout
 
         await asyncio.sleep(1)
         began = time.monotonic()
-        await asyncio.to_thread(pair.failover)
+        await asyncio.to_thread(pg_pair.failover)
         promoted = time.monotonic() - began
         deadline = time.monotonic() + 60
         while relay.log().count(STREAMING) < 2:
@@ -95,7 +88,7 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
         )
         assert verdict.lost == 0
         # The promoted server has no standby of its own: status warns about it.
-        after = status_of(pair.standby.dsn, setup)
+        after = status_of(pg_pair.standby.dsn, setup)
         assert after["role"] == "primary" and after["failover"] is True
         assert any("synchronized_standby_slots is empty" in w for w in after["warnings"])  # type: ignore[attr-defined]
         relay.check_alive()

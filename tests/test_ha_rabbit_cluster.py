@@ -36,12 +36,6 @@ STREAMING = re.compile(r"streaming from slot \S+ .* to amqp://[^@\s]*@[^:\s]+:(\
 FAILOVER_BOUND = 20.0
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RabbitCluster]:
-    with RabbitCluster(3) as c:
-        yield c
-
-
 @pytest.fixture
 def silent_url() -> Iterator[str]:
     """An address that completes TCP (the kernel's backlog) but never says a word."""
@@ -76,13 +70,13 @@ def node_on(cluster: RabbitCluster, port: int) -> RabbitServer:
 
 
 async def test_killing_the_connected_node_twice_loses_nothing(
-    cluster: RabbitCluster, pg_dsn: str, silent_url: str, tmp_path: Path
+    rabbit_cluster: RabbitCluster, pg_dsn: str, silent_url: str, tmp_path: Path
 ) -> None:
-    setup = Setup(pg_dsn, cluster.amqp_urls[0], unique_names("harmq"))
-    setup.settings.amqp_urls = [silent_url, *cluster.amqp_urls]
+    setup = Setup(pg_dsn, rabbit_cluster.amqp_urls[0], unique_names("harmq"))
+    setup.settings.amqp_urls = [silent_url, *rabbit_cluster.amqp_urls]
     setup.init()
     queue = f"q_{setup.names['exchange']}"
-    declarer = await Consumer(cluster.amqp_urls[0], setup.names["exchange"]).start(QUORUM)
+    declarer = await Consumer(rabbit_cluster.amqp_urls[0], setup.names["exchange"]).start(QUORUM)
     await declarer.close()
     # `init` with the silent address first still reaches a node (each URL in turn).
     init = await asyncio.create_subprocess_exec(
@@ -104,7 +98,7 @@ async def test_killing_the_connected_node_twice_loses_nothing(
         for round_ in (1, 2):
             await asyncio.sleep(2)  # mid-stream
             port = connected_ports(relay)[-1]
-            victim = node_on(cluster, port)
+            victim = node_on(rabbit_cluster, port)
             began = time.monotonic()
             await asyncio.to_thread(victim.kill)
             new_port = await wait_for_session(relay, round_ + 1, FAILOVER_BOUND + 10)
@@ -118,7 +112,7 @@ async def test_killing_the_connected_node_twice_loses_nothing(
         assert init.returncode == 0, out.decode()
         assert f"exchange {setup.names['exchange']}: already exists" in out.decode()
 
-        survivor = next(node for node in cluster.nodes if node is not killed[-1])
+        survivor = next(node for node in rabbit_cluster.nodes if node is not killed[-1])
         consumer = await Consumer(survivor.amqp_url, None, queue=queue).attach()
         verdict = await verify(setup, consumer, timeout=90)
         print(
@@ -137,7 +131,7 @@ async def test_killing_the_connected_node_twice_loses_nothing(
         if init.returncode is None:
             init.kill()
             await init.wait()
-        for node in cluster.nodes:
+        for node in rabbit_cluster.nodes:
             if not node.is_running():
                 await asyncio.to_thread(node.start)
         setup.cleanup()

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
@@ -25,6 +25,7 @@ from cdc_relay.pg import report
 from devtools.metrics import readyz
 from devtools.servers import PostgresServer, free_port
 from tests.faults import Workload, verify
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.integration]
@@ -35,9 +36,8 @@ STANDING_BY = "standing by:"
 
 
 @pytest.fixture(scope="module")
-def short_timeout_pg() -> Iterator[PostgresServer]:
-    with PostgresServer(settings={"wal_sender_timeout": f"'{WAL_SENDER_TIMEOUT:g}s'"}) as pg:
-        yield pg
+def short_timeout_pg(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory(settings={"wal_sender_timeout": f"'{WAL_SENDER_TIMEOUT:g}s'"})
 
 
 @pytest_asyncio.fixture

@@ -7,23 +7,21 @@ standby slot there that is missing or not streaming (the relay receives nothing)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 
 from cdc_relay.pg import report as pg_report
 from cdc_relay.pg import setup as pg_setup
 from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 from tests.harness import Setup, unique_names
 
 pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def pg17() -> Iterator[PostgresServer]:
-    with PostgresServer(version=17) as pg:
-        yield pg
+def pg17(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory(version=17)
 
 
 def test_failover_slot_status_warnings(pg17: PostgresServer, amqp_url: str) -> None:

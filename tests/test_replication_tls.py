@@ -24,7 +24,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -36,6 +36,8 @@ from psycopg import sql
 from cdc_relay.pg.pgoutput import Commit, Insert, decode_message
 from cdc_relay.pg.replication import ReplicationStream
 from cdc_relay.pg.walproto import XLogData, decode_copy_data
+from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 
@@ -43,11 +45,11 @@ MAX_LSN = 2**64 - 1
 
 
 @pytest.fixture(scope="module")
-def tls_server(pg_server: Any) -> Iterator[Any]:
-    """A private Postgres with ssl=on (same harness class as the session's server)."""
+def tls_server(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    """A private Postgres with ssl=on, TLS optional (unlike ``pg_tls_server``)."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    server = type(pg_server)(settings={})
+    server = pg_factory(start=False)
     tls = server.base_dir / "tls"
     tls.mkdir()
     cert.cert_chain_pems[0].write_to_path(str(tls / "server.crt"))
@@ -58,15 +60,12 @@ def tls_server(pg_server: Any) -> Iterator[Any]:
         ssl_cert_file=str(tls / "server.crt"),
         ssl_key_file=str(tls / "server.key"),
     )
-    try:
-        server.start()  # initdb hands base_dir, certificates included, to the server user
-        yield server
-    finally:
-        server.cleanup()
+    server.start()  # initdb hands base_dir, certificates included, to the server user
+    return server
 
 
 @pytest_asyncio.fixture
-async def tls_outbox(tls_server: Any) -> AsyncIterator[tuple[str, str, str, str]]:
+async def tls_outbox(tls_server: PostgresServer) -> AsyncIterator[tuple[str, str, str, str]]:
     dsn = f"{tls_server.dsn}?sslmode=require"
     name = f"tls_{uuid.uuid4().hex[:10]}"
     table, pub, slot = name, f"{name}_pub", f"{name}_slot"

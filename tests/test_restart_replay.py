@@ -19,6 +19,7 @@ import pytest
 from cdc_relay import state
 from cdc_relay.lsn import Lsn
 from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, RelayProcess, Setup, unique_names, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.fault]
@@ -28,8 +29,10 @@ ROWS = 2000  # in 40 transactions, all confirmed before the restart
 
 
 @pytest.fixture(params=[None, 16], ids=["pg15", "pg16"])
-def restartable_pg(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
-    with PostgresServer(version=request.param) as pg:
+def restartable_pg(
+    request: pytest.FixtureRequest, pg_factory: ServerFactory[PostgresServer]
+) -> Iterator[PostgresServer]:
+    with pg_factory.running(version=request.param) as pg:
         yield pg
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,25 +20,20 @@ import pytest_asyncio
 from cdc_relay.errors import EX_CONFIG, ConfigError
 from cdc_relay.pg import checks
 from devtools.servers import PostgresServer, RabbitServer
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.fault]
 
 
 @pytest.fixture(scope="module")
-def pg17() -> Iterator[PostgresServer]:
-    server = PostgresServer(version=17)
-    server.start()
-    yield server
-    server.cleanup()
+def pg17(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory(version=17)
 
 
 @pytest.fixture(scope="module")
-def rabbit() -> Iterator[RabbitServer]:
-    server = RabbitServer()
-    server.start()
-    yield server
-    server.cleanup()
+def rabbit(rabbit_factory: ServerFactory[RabbitServer]) -> RabbitServer:
+    return rabbit_factory()
 
 
 @pytest_asyncio.fixture

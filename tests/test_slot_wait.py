@@ -10,22 +10,21 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 from tests.harness import Setup, unique_names
 
 pytestmark = [pytest.mark.asyncio]
 
 
 @pytest.fixture(scope="module")
-def pg_prepared() -> Iterator[PostgresServer]:
-    with PostgresServer(settings={"max_prepared_transactions": "5"}) as pg:
-        yield pg
+def pg_prepared(pg_factory: ServerFactory[PostgresServer]) -> PostgresServer:
+    return pg_factory(settings={"max_prepared_transactions": "5"})
 
 
 def child(setup: Setup, log: Path, *args: str) -> subprocess.Popen[str]:

@@ -8,6 +8,7 @@ import psycopg
 
 from cdc_relay.errors import EX_CONFIG
 from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 from tests.harness import Setup, run_cli, unique_names
 
 
@@ -29,8 +30,8 @@ def with_names(setup: Setup, **overrides: str) -> list[str]:
     return args
 
 
-def test_wal_level_not_logical() -> None:
-    with PostgresServer(settings={"wal_level": "replica"}) as pg:
+def test_wal_level_not_logical(pg_factory: ServerFactory[PostgresServer]) -> None:
+    with pg_factory.running(settings={"wal_level": "replica"}) as pg:
         setup = Setup(pg.dsn, "amqp://guest:guest@127.0.0.1:1/", unique_names("wal"))
         assert_config_error(run_cli("run", *setup.cli_args()), "wal_level is 'replica'")
         assert_config_error(run_cli("init", *setup.cli_args()), "wal_level")

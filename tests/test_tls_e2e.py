@@ -33,6 +33,7 @@ from devtools.postgres import PostgresServer
 from devtools.procs import free_port
 from devtools.rabbit import RabbitServer
 from devtools.tls import TlsFiles
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, RelayProcess, Setup, run_cli, unique_names, wait_until
 
 pytestmark = pytest.mark.integration
@@ -108,19 +109,23 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_factory: ServerFactory[PostgresServer],
+    rabbit_factory: ServerFactory[RabbitServer],
+) -> Deployment:
     base = tmp_path_factory.mktemp("tls-e2e")
     tls = make_tls(base / "pki")
     other = make_tls(base / "other-pki")
-    with PasswordPostgres(ssl=tls) as pg, RabbitServer(tls=tls) as mq:
-        dep = Deployment(tls, other.ca, pg, mq)
-        with psycopg.connect(dep.admin_dsn(), autocommit=True) as conn:
-            conn.execute(
-                psycopg.sql.SQL("CREATE ROLE {} LOGIN REPLICATION PASSWORD {}").format(
-                    psycopg.sql.Identifier(ROLE), psycopg.sql.Literal(PASSWORD)
-                )
+    pg = pg_factory.add(PasswordPostgres(ssl=tls))
+    dep = Deployment(tls, other.ca, pg, rabbit_factory(tls=tls))
+    with psycopg.connect(dep.admin_dsn(), autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL("CREATE ROLE {} LOGIN REPLICATION PASSWORD {}").format(
+                psycopg.sql.Identifier(ROLE), psycopg.sql.Literal(PASSWORD)
             )
-        yield dep
+        )
+    return dep
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str]:
@@ -324,11 +329,14 @@ async def test_file_secrets_and_json_logs(
 
 @pytest.mark.asyncio
 async def test_client_certificate_login_to_rabbitmq(
-    deployment: Deployment, outbox: Setup, tmp_path: Path
+    deployment: Deployment,
+    outbox: Setup,
+    tmp_path: Path,
+    rabbit_factory: ServerFactory[RabbitServer],
 ) -> None:
     """``auth_mechanism=external``: the relay logs in with its certificate, no password."""
     tls = deployment.tls
-    with RabbitServer(tls=tls, external=True) as mq:
+    with rabbit_factory.running(tls=tls, external=True) as mq:
         assert "auth_mechanism=external" in mq.external_url and "@" not in mq.external_url
         query = urlencode(
             {

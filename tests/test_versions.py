@@ -16,6 +16,7 @@ import pytest
 
 from devtools.pgbinaries import SUPPORTED
 from devtools.servers import PostgresServer
+from tests.fix_pg import ServerFactory
 from tests.harness import Consumer, RelayProcess, Setup, unique_names
 from tests.harness import run_cli as cli
 
@@ -23,8 +24,10 @@ pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture(params=SUPPORTED, ids=[f"pg{v}" for v in SUPPORTED])
-def versioned_pg(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
-    with PostgresServer(version=request.param) as pg:
+def versioned_pg(
+    request: pytest.FixtureRequest, pg_factory: ServerFactory[PostgresServer]
+) -> Iterator[PostgresServer]:
+    with pg_factory.running(version=request.param) as pg:
         yield pg
 
 
