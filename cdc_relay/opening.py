@@ -96,6 +96,16 @@ async def open_stream(settings: Settings) -> ReplicationStream:
     )
 
 
+async def identify(stream: ReplicationStream, settings: Settings) -> tuple[str, int, int]:
+    """IDENTIFY_SYSTEM, bounded by --pg-timeout like START_REPLICATION (a silent server)."""
+    try:
+        return await within(stream.identify_system(), settings.pg_timeout)
+    except TimeoutError:
+        raise SessionFailed(
+            f"IDENTIFY_SYSTEM got no answer in {settings.pg_timeout:g}s (--pg-timeout)"
+        ) from None
+
+
 async def take_slot(
     stream: ReplicationStream,
     settings: Settings,

@@ -52,6 +52,7 @@ from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
 from cdc_relay.opening import (
     Connections,
+    identify,
     open_publisher,
     open_stream,
     recorded,
@@ -203,7 +204,7 @@ class Session:
             return None  # asked to stop while a resync ran
         self.checked = True
         messages = facts.emit_key is not None
-        system, timeline, wal_end = await stream.identify_system()
+        system, timeline, wal_end = await identify(stream, s)
         known = [p for p in (self.confirmed.position, await recorded(s)) if p is not None]
         start = start_position(known, system, timeline, wal_end)
         stood_by = await take_slot(stream, s, self.stop, start, messages=messages)

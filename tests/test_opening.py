@@ -10,7 +10,7 @@ import pytest
 
 from cdc_relay.config import Settings
 from cdc_relay.core import SessionFailed
-from cdc_relay.opening import take_slot
+from cdc_relay.opening import identify, take_slot
 
 
 class SilentStream:
@@ -37,3 +37,18 @@ async def test_a_start_replication_without_answer_ends_the_session() -> None:
         )
     assert time.monotonic() - began < 5
     assert stream.starts == 1
+
+
+class SilentIdentify:
+    async def identify_system(self) -> tuple[str, int, int]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.asyncio
+async def test_an_identify_system_without_answer_ends_the_session() -> None:
+    with pytest.raises(SessionFailed, match="IDENTIFY_SYSTEM got no answer in 1s"):
+        await asyncio.wait_for(
+            identify(SilentIdentify(), Settings(pg_timeout=1.0)),  # type: ignore[arg-type]
+            10,
+        )
