@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# Every column of the outbox, in table order: init creates them (cdc_relay.schema),
+# validation requires each by name, the reader takes them from pgoutput's tuples.
 OUTBOX_COLUMNS = (
     "id",
     "aggregate_type",

@@ -2,8 +2,9 @@
 
 Both sides read it: the app-side helpers (``outbox``, ``inbox``, the Django
 migration) and the operator's commands (``pg.setup``, ``init --print-sql``).
-So it imports nothing but ``psycopg.sql`` and ``errors``: an application that
-enqueues rows must not load the CLI's settings or the admin code with it.
+So it imports nothing but ``psycopg.sql``, ``errors`` and the column list of the
+row model (``rows``, which imports nothing): an application that enqueues rows
+must not load the CLI's settings or the admin code with it.
 
 Every identifier is quoted by ``psycopg.sql.Identifier``; helpers that hand
 SQL text to other drivers (asyncpg, SQLAlchemy, Django) render it with
@@ -20,23 +21,13 @@ from typing import Final
 from psycopg import sql
 
 from cdc_relay.errors import ConfigError
+from cdc_relay.rows import OUTBOX_COLUMNS
 
 DEFAULT_OUTBOX_TABLE: Final = "public.outbox"
 DEFAULT_INBOX_TABLE: Final = "public.processed_messages"
 
-# Every column of the outbox, in table order: init creates them, validation
-# requires each by name, the router reads them from pgoutput's tuples.
-OUTBOX_COLUMNS: Final = (
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "headers",
-    "exchange",
-    "routing_key",
-    "created_at",
-)
+# Every column of the outbox, in table order (defined with the row model, which has no
+# imports of its own): init creates them, validation requires each by name.
 # What the enqueue helpers insert: every column but created_at, which takes its default.
 OUTBOX_INSERT_COLUMNS: Final = OUTBOX_COLUMNS[:-1]
 

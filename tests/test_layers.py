@@ -40,5 +40,10 @@ def test_app_side_helpers_load_neither_config_nor_admin_code(module: str) -> Non
     assert wrong == [], f"import {module} loads {wrong}"
 
 
-def test_schema_module_depends_on_errors_only() -> None:
-    assert loaded_by("cdc_relay.schema") == ["cdc_relay", "cdc_relay.errors", "cdc_relay.schema"]
+def test_schema_module_depends_on_errors_and_the_column_list_only() -> None:
+    assert loaded_by("cdc_relay.schema") == [
+        "cdc_relay",
+        "cdc_relay.errors",
+        "cdc_relay.rows",
+        "cdc_relay.schema",
+    ]

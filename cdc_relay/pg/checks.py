@@ -29,7 +29,8 @@ from cdc_relay.pg.catalog import (
     slot_info,
     table_exists,
 )
-from cdc_relay.schema import OUTBOX_COLUMNS, emit_key_table, function_names, qualified
+from cdc_relay.rows import OUTBOX_COLUMNS
+from cdc_relay.schema import emit_key_table, function_names, qualified
 
 
 @dataclass(frozen=True, slots=True)
