@@ -23,14 +23,28 @@ import orjson
 import psycopg
 
 from cdc_relay.cli_options import (
+    EXIT_CODES,
     REDACT,
     Duration,
+    SectionedCommand,
     check_routing_key,
     secret_envs,
     settings_from,
     settings_options,
 )
-from cdc_relay.config import Settings
+from cdc_relay.config import (
+    DL_LIST,
+    DL_PRUNE,
+    DL_REPLAY,
+    DROP,
+    GROUP,
+    INIT,
+    PRUNE,
+    RESYNC,
+    RUN,
+    STATUS,
+    Settings,
+)
 from cdc_relay.errors import EX_CONFIG, EX_SOFTWARE, ConfigError, RelayError
 from cdc_relay.redact import one_line
 
@@ -58,11 +72,13 @@ class RelayCli(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         REDACT.add(*argv, *(os.environ.get(env, "") for env in secret_envs()))
         try:
-            rv = super().main(argv, prog_name or PROG, complete_var, False, **extra)
+            rv = super().main(argv, PROG, complete_var, False, **extra)
         except click.exceptions.Abort:
             sys.exit(130)
         except click.ClickException as exc:
-            hint = f" (see {PROG} --help)" if isinstance(exc, click.UsageError) else ""
+            hint = ""
+            if isinstance(exc, click.UsageError):
+                hint = f" (see {exc.ctx.command_path if exc.ctx else PROG} --help)"
             fail(exc.format_message() + hint, exc.exit_code)
         except RelayError as exc:
             fail(str(exc), exc.exit_code)
@@ -93,12 +109,16 @@ class RelayCli(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="cdc-relay")
-def main() -> None:
+@settings_options(GROUP)
+def main(log_level: str, log_format: str) -> None:
     """Relay committed outbox rows from Postgres (logical replication) to RabbitMQ."""
+    from cdc_relay import logs
+
+    logs.setup(log_level, log_format, REDACT)
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(INIT)
 @click.option(
     "--no-table",
     is_flag=True,
@@ -128,6 +148,12 @@ def main() -> None:
     is_flag=True,
     help="Create the slot as a failover slot (PostgreSQL 17+) that standbys keep a copy of.",
 )
+@click.option(
+    "--no-inbox",
+    is_flag=True,
+    help="Do not create processed_messages (the consumers' dedupe table) here; consumers "
+    "create it in their database with cdc_relay.inbox.ddl() or the Django migration.",
+)
 @click.option("--print-sql", is_flag=True, help="Print the SQL init applies, and exit.")
 def init(
     no_table: bool,
@@ -136,6 +162,7 @@ def init(
     emit: bool,
     grant_emit_to: tuple[str, ...],
     failover: bool,
+    no_inbox: bool,
     print_sql: bool,
     **kwargs: Any,
 ) -> None:
@@ -147,7 +174,7 @@ def init(
 
     settings = settings_from(**kwargs)
     if print_sql:
-        click.echo(setup.render_sql(settings), nl=False)
+        click.echo(setup.render_sql(settings, inbox=not no_inbox), nl=False)
         return
     with catalog.connect(settings.dsn) as conn:
         try:
@@ -159,6 +186,7 @@ def init(
                 failover=failover,
                 emit=emit,
                 grant_emit_to=grant_emit_to,
+                inbox=not no_inbox,
                 progress=lambda line: click.echo(line, err=True),
             )
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -191,15 +219,13 @@ async def _declare_exchange(settings: Settings) -> str:
     return f"exchange {settings.exchange}: already exists"
 
 
-@main.command()
-@settings_options("common", "publish", "run")
+@main.command(cls=SectionedCommand, exit_codes=EXIT_CODES)
+@settings_options(RUN)
 def run(**kwargs: Any) -> None:
     """Stream outbox inserts to RabbitMQ until stopped (SIGTERM/SIGINT drain and exit 0)."""
-    from cdc_relay import logs
 
     settings = settings_from(**kwargs)
     check_routing_key(settings)
-    logs.setup(settings.log_level, settings.log_format, REDACT)
     if settings.event_loop == "uvloop":
         try:
             import uvloop
@@ -245,8 +271,8 @@ async def _run(settings: Settings) -> None:
             await server.stop()
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(STATUS)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--require-active/--no-require-active",
@@ -305,8 +331,8 @@ def status(
     sys.exit(0 if info.healthy else 1)
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(DROP)
 @click.option(
     "--drop-publication", is_flag=True, help="Also drop the publication (named by --publication)."
 )
@@ -324,10 +350,16 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
             click.echo(line)
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(PRUNE)
 @click.option("--older-than", type=Duration(), required=True, help="Retention, e.g. 7d.")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Rows deleted per transaction (smaller: shorter locks, more round trips).",
+)
 def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     """Delete outbox rows older than the retention, in small batches."""
     from cdc_relay.pg import catalog, retention
@@ -353,8 +385,8 @@ def dead_letters() -> None:
     """Inspect, replay and prune rows that could not be published."""
 
 
-@dead_letters.command("list")
-@settings_options("common")
+@dead_letters.command("list", cls=SectionedCommand)
+@settings_options(DL_LIST)
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed rows.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> None:
@@ -389,8 +421,8 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
         click.echo(f"{len(records)} dead letter(s)", err=True)
 
 
-@dead_letters.command("replay")
-@settings_options("common", "publish")
+@dead_letters.command("replay", cls=SectionedCommand)
+@settings_options(DL_REPLAY)
 @click.option("--id", "ids", multiple=True, type=int, help="Replay only these (repeatable).")
 def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     """Publish pending dead letters again, once per outbox row (confirmed ones are marked).
@@ -423,11 +455,17 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     sys.exit(1 if failed else 0)
 
 
-@dead_letters.command("prune")
-@settings_options("common")
+@dead_letters.command("prune", cls=SectionedCommand)
+@settings_options(DL_PRUNE)
 @click.option("--older-than", type=Duration(), required=True, help="Retention, e.g. 30d.")
 @click.option("--include-pending", is_flag=True, help="Also delete never-replayed dead letters.")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Rows deleted per transaction (smaller: shorter locks, more round trips).",
+)
 def dead_letters_prune(
     older_than: timedelta, include_pending: bool, batch: int, **kwargs: Any
 ) -> None:
@@ -467,8 +505,8 @@ class Since(click.ParamType):  # type: ignore[type-arg]  # generic only from cli
             self.fail(str(exc), param, ctx)
 
 
-@main.command()
-@settings_options("common", "publish", "run")
+@main.command(cls=SectionedCommand)
+@settings_options(RESYNC)
 @click.option(
     "--since",
     type=Since(),
