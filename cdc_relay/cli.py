@@ -10,6 +10,7 @@ the passwords of the DSNs and URLs it was given.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -53,9 +54,22 @@ PROG = "cdc-relay"
 
 
 def fail(message: str, code: int) -> None:
-    """Print one redacted error line and exit."""
-    click.echo(f"{PROG}: error: {REDACT(one_line(message))}", err=True)
+    """Print one redacted error line (a log record once the log is set up) and exit."""
+    from cdc_relay import logs
+
+    line = REDACT(one_line(message))
+    if logs.configured():
+        logging.getLogger(logs.COMMAND).error(line)
+    else:
+        click.echo(f"{PROG}: error: {line}", err=True)
     sys.exit(code)
+
+
+def say(message: str, level: int = logging.INFO) -> None:
+    """What a command tells the operator on stderr: a warning, progress; JSON with --log-format."""
+    from cdc_relay import logs
+
+    logging.getLogger(logs.COMMAND).log(level, REDACT(message))
 
 
 class RelayCli(click.Group):
@@ -115,6 +129,10 @@ def main(log_level: str, log_format: str) -> None:
     from cdc_relay import logs
 
     logs.setup(log_level, log_format, REDACT)
+    ctx = click.get_current_context()
+    logging.getLogger(logs.COMMAND).debug(
+        "%s %s", ctx.command_path, ctx.invoked_subcommand or "", extra={"pid": os.getpid()}
+    )
 
 
 @main.command(cls=SectionedCommand)
@@ -187,7 +205,7 @@ def init(
                 emit=emit,
                 grant_emit_to=grant_emit_to,
                 inbox=not no_inbox,
-                progress=lambda line: click.echo(line, err=True),
+                progress=say,
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(
@@ -327,7 +345,7 @@ def status(
         for key, value in fields.items():
             click.echo(f"{key:22} {value}")
     for warning in info.warnings:
-        click.echo(f"{PROG}: warning: {REDACT(warning)}", err=True)
+        say(warning, logging.WARNING)
     sys.exit(0 if info.healthy else 1)
 
 
@@ -418,7 +436,7 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
             # Row values are escaped: a newline or tab in one must not forge a line or a column.
             click.echo("\t".join(logs.escape_controls(str(field)) for field in fields))
     if not as_json:
-        click.echo(f"{len(records)} dead letter(s)", err=True)
+        say(f"{len(records)} dead letter(s)")
 
 
 @dead_letters.command("replay", cls=SectionedCommand)
@@ -442,7 +460,7 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     ) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
     if not results:
-        click.echo("nothing to replay: no pending dead letters", err=True)
+        say("nothing to replay: no pending dead letters")
         return
     failed = 0
     for record, error in results:
@@ -451,7 +469,7 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
         else:
             failed += 1
             click.echo(f"{record.id}\t{record.outbox_id}\tfailed: {REDACT(error)}")
-    click.echo(f"{len(results) - failed} replayed, {failed} failed", err=True)
+    say(f"{len(results) - failed} replayed, {failed} failed")
     sys.exit(1 if failed else 0)
 
 

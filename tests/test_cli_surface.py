@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+import orjson
 import pytest
 from click.testing import CliRunner, Result
 
 from cdc_relay import cli
 from cdc_relay.config import SECTIONS
-from cdc_relay.errors import EX_USAGE
+from cdc_relay.errors import EX_CONFIG, EX_USAGE
+from tests.harness import Setup, run_cli
 
 # Written out by hand, not derived from config.py: the test is what a reader of --help sees.
 _RUN_AND_RESYNC = {
@@ -172,3 +174,41 @@ def test_the_log_options_belong_to_the_group() -> None:
     assert {"--log-level", "--log-format", "--version"} <= shown, shown
     assert "[debug|info|warning|error]" in text
     assert "default: info]" in text, text  # not INFO while the choices are lower case
+
+
+def _json_lines(stderr: str) -> list[dict[str, object]]:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "nothing was logged"
+    entries = [orjson.loads(line) for line in lines]
+    for entry in entries:
+        assert {"time", "level", "logger", "message"} <= entry.keys(), entry
+    return entries
+
+
+def test_every_command_logs_json_with_the_group_option_even_its_error() -> None:
+    for command in (["status"], ["prune", "--older-than", "1d"], ["dead-letters", "list"]):
+        result = run_cli(
+            "--log-format", "json", *command, "--dsn", "host=127.0.0.1 port=1 connect_timeout=1"
+        )
+        assert result.returncode == EX_CONFIG, result.stderr
+        (entry,) = _json_lines(result.stderr)
+        assert entry["level"] == "ERROR" and "cannot connect to Postgres" in str(entry["message"])
+    env = {"CDC_RELAY_LOG_FORMAT": "json"}
+    by_env = run_cli("status", "--dsn", "host=127.0.0.1 port=1 connect_timeout=1", env=env)
+    assert _json_lines(by_env.stderr)[0]["level"] == "ERROR"
+
+
+def test_status_writes_json_log_lines(outbox: Setup) -> None:
+    result = run_cli(
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "status",
+        "--no-require-active",
+        *outbox.cli_args("status"),
+    )
+    assert result.returncode == 0, result.stderr
+    entries = _json_lines(result.stderr)
+    assert entries[0]["message"] == "cdc-relay status", entries
+    assert "slot" in result.stdout  # the report itself stays on stdout
