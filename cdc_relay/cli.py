@@ -65,11 +65,11 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def say(message: str, level: int = logging.INFO) -> None:
+def say(message: str, level: int = logging.INFO, extra: dict[str, Any] | None = None) -> None:
     """What a command tells the operator on stderr: a warning, progress; JSON with --log-format."""
     from cdc_relay import logs
 
-    logging.getLogger(logs.COMMAND).log(level, REDACT(message))
+    logging.getLogger(logs.COMMAND).log(level, REDACT(message), extra=extra)
 
 
 class RelayCli(click.Group):
@@ -380,9 +380,19 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
 )
 def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     """Delete outbox rows older than the retention, in small batches."""
+    import time
+
+    from cdc_relay.cli_progress import Progress
     from cdc_relay.pg import catalog, retention
 
     settings = settings_from(**kwargs)
+    meter = Progress("deleted", "outbox row(s)", time.monotonic())
+    on_terminal = sys.stderr.isatty()
+
+    def progress(done: int) -> None:
+        if on_terminal:  # one line, rewritten; a log or a pipe gets only the summary
+            click.echo("\r" + meter.line(done, time.monotonic()), err=True, nl=False)
+
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
@@ -393,8 +403,12 @@ def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
             settings,
             older_than,
             batch=batch,
-            progress=lambda n: click.echo(f"deleted {n} row(s) so far", err=True),
+            progress=progress,
         )
+    if on_terminal:
+        click.echo("\r\x1b[K", err=True, nl=False)
+    now = time.monotonic()
+    say(meter.summary(total, now), extra=meter.fields(total, now))
     click.echo(f"deleted {total} outbox row(s) older than {older_than}")
 
 
