@@ -10,6 +10,7 @@ the passwords of the DSNs and URLs it was given.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -23,14 +24,28 @@ import orjson
 import psycopg
 
 from cdc_relay.cli_options import (
+    EXIT_CODES,
     REDACT,
     Duration,
+    SectionedCommand,
     check_routing_key,
     secret_envs,
     settings_from,
     settings_options,
 )
-from cdc_relay.config import Settings
+from cdc_relay.config import (
+    DL_LIST,
+    DL_PRUNE,
+    DL_REPLAY,
+    DROP,
+    GROUP,
+    INIT,
+    PRUNE,
+    RESYNC,
+    RUN,
+    STATUS,
+    Settings,
+)
 from cdc_relay.errors import EX_CONFIG, EX_SOFTWARE, ConfigError, RelayError
 from cdc_relay.redact import one_line
 
@@ -39,9 +54,22 @@ PROG = "cdc-relay"
 
 
 def fail(message: str, code: int) -> None:
-    """Print one redacted error line and exit."""
-    click.echo(f"{PROG}: error: {REDACT(one_line(message))}", err=True)
+    """Print one redacted error line (a log record once the log is set up) and exit."""
+    from cdc_relay import logs
+
+    line = REDACT(one_line(message))
+    if logs.configured():
+        logging.getLogger(logs.COMMAND).error(line)
+    else:
+        click.echo(f"{PROG}: error: {line}", err=True)
     sys.exit(code)
+
+
+def say(message: str, level: int = logging.INFO, extra: dict[str, Any] | None = None) -> None:
+    """What a command tells the operator on stderr: a warning, progress; JSON with --log-format."""
+    from cdc_relay import logs
+
+    logging.getLogger(logs.COMMAND).log(level, REDACT(message), extra=extra)
 
 
 class RelayCli(click.Group):
@@ -58,11 +86,13 @@ class RelayCli(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         REDACT.add(*argv, *(os.environ.get(env, "") for env in secret_envs()))
         try:
-            rv = super().main(argv, prog_name or PROG, complete_var, False, **extra)
+            rv = super().main(argv, PROG, complete_var, False, **extra)
         except click.exceptions.Abort:
             sys.exit(130)
         except click.ClickException as exc:
-            hint = f" (see {PROG} --help)" if isinstance(exc, click.UsageError) else ""
+            hint = ""
+            if isinstance(exc, click.UsageError):
+                hint = f" (see {exc.ctx.command_path if exc.ctx else PROG} --help)"
             fail(exc.format_message() + hint, exc.exit_code)
         except RelayError as exc:
             fail(str(exc), exc.exit_code)
@@ -93,12 +123,20 @@ class RelayCli(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="cdc-relay")
-def main() -> None:
+@settings_options(GROUP)
+def main(log_level: str, log_format: str) -> None:
     """Relay committed outbox rows from Postgres (logical replication) to RabbitMQ."""
+    from cdc_relay import logs
+
+    logs.setup(log_level, log_format, REDACT)
+    ctx = click.get_current_context()
+    logging.getLogger(logs.COMMAND).debug(
+        "%s %s", ctx.command_path, ctx.invoked_subcommand or "", extra={"pid": os.getpid()}
+    )
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(INIT)
 @click.option(
     "--no-table",
     is_flag=True,
@@ -128,6 +166,12 @@ def main() -> None:
     is_flag=True,
     help="Create the slot as a failover slot (PostgreSQL 17+) that standbys keep a copy of.",
 )
+@click.option(
+    "--no-inbox",
+    is_flag=True,
+    help="Do not create processed_messages (the consumers' dedupe table) here; consumers "
+    "create it in their database with cdc_relay.inbox.ddl() or the Django migration.",
+)
 @click.option("--print-sql", is_flag=True, help="Print the SQL init applies, and exit.")
 def init(
     no_table: bool,
@@ -136,6 +180,7 @@ def init(
     emit: bool,
     grant_emit_to: tuple[str, ...],
     failover: bool,
+    no_inbox: bool,
     print_sql: bool,
     **kwargs: Any,
 ) -> None:
@@ -147,7 +192,7 @@ def init(
 
     settings = settings_from(**kwargs)
     if print_sql:
-        click.echo(setup.render_sql(settings), nl=False)
+        click.echo(setup.render_sql(settings, inbox=not no_inbox), nl=False)
         return
     with catalog.connect(settings.dsn) as conn:
         try:
@@ -159,7 +204,8 @@ def init(
                 failover=failover,
                 emit=emit,
                 grant_emit_to=grant_emit_to,
-                progress=lambda line: click.echo(line, err=True),
+                inbox=not no_inbox,
+                progress=say,
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(
@@ -191,15 +237,13 @@ async def _declare_exchange(settings: Settings) -> str:
     return f"exchange {settings.exchange}: already exists"
 
 
-@main.command()
-@settings_options("common", "publish", "run")
+@main.command(cls=SectionedCommand, exit_codes=EXIT_CODES)
+@settings_options(RUN)
 def run(**kwargs: Any) -> None:
     """Stream outbox inserts to RabbitMQ until stopped (SIGTERM/SIGINT drain and exit 0)."""
-    from cdc_relay import logs
 
     settings = settings_from(**kwargs)
     check_routing_key(settings)
-    logs.setup(settings.log_level, settings.log_format, REDACT)
     if settings.event_loop == "uvloop":
         try:
             import uvloop
@@ -245,8 +289,8 @@ async def _run(settings: Settings) -> None:
             await server.stop()
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(STATUS)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--require-active/--no-require-active",
@@ -301,12 +345,12 @@ def status(
         for key, value in fields.items():
             click.echo(f"{key:22} {value}")
     for warning in info.warnings:
-        click.echo(f"{PROG}: warning: {REDACT(warning)}", err=True)
+        say(warning, logging.WARNING)
     sys.exit(0 if info.healthy else 1)
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(DROP)
 @click.option(
     "--drop-publication", is_flag=True, help="Also drop the publication (named by --publication)."
 )
@@ -324,15 +368,31 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
             click.echo(line)
 
 
-@main.command()
-@settings_options("common")
+@main.command(cls=SectionedCommand)
+@settings_options(PRUNE)
 @click.option("--older-than", type=Duration(), required=True, help="Retention, e.g. 7d.")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Rows deleted per transaction (smaller: shorter locks, more round trips).",
+)
 def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     """Delete outbox rows older than the retention, in small batches."""
+    import time
+
+    from cdc_relay.cli_progress import Progress
     from cdc_relay.pg import catalog, retention
 
     settings = settings_from(**kwargs)
+    meter = Progress("deleted", "outbox row(s)", time.monotonic())
+    on_terminal = sys.stderr.isatty()
+
+    def progress(done: int) -> None:
+        if on_terminal:  # one line, rewritten; a log or a pipe gets only the summary
+            click.echo("\r" + meter.line(done, time.monotonic()), err=True, nl=False)
+
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
@@ -343,8 +403,12 @@ def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
             settings,
             older_than,
             batch=batch,
-            progress=lambda n: click.echo(f"deleted {n} row(s) so far", err=True),
+            progress=progress,
         )
+    if on_terminal:
+        click.echo("\r\x1b[K", err=True, nl=False)
+    now = time.monotonic()
+    say(meter.summary(total, now), extra=meter.fields(total, now))
     click.echo(f"deleted {total} outbox row(s) older than {older_than}")
 
 
@@ -353,8 +417,8 @@ def dead_letters() -> None:
     """Inspect, replay and prune rows that could not be published."""
 
 
-@dead_letters.command("list")
-@settings_options("common")
+@dead_letters.command("list", cls=SectionedCommand)
+@settings_options(DL_LIST)
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed rows.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> None:
@@ -386,11 +450,11 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
             # Row values are escaped: a newline or tab in one must not forge a line or a column.
             click.echo("\t".join(logs.escape_controls(str(field)) for field in fields))
     if not as_json:
-        click.echo(f"{len(records)} dead letter(s)", err=True)
+        say(f"{len(records)} dead letter(s)")
 
 
-@dead_letters.command("replay")
-@settings_options("common", "publish")
+@dead_letters.command("replay", cls=SectionedCommand)
+@settings_options(DL_REPLAY)
 @click.option("--id", "ids", multiple=True, type=int, help="Replay only these (repeatable).")
 def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     """Publish pending dead letters again, once per outbox row (confirmed ones are marked).
@@ -410,7 +474,7 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
     ) as conn:
         results = asyncio.run(replay(conn, settings, list(ids) or None))
     if not results:
-        click.echo("nothing to replay: no pending dead letters", err=True)
+        say("nothing to replay: no pending dead letters")
         return
     failed = 0
     for record, error in results:
@@ -419,15 +483,21 @@ def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
         else:
             failed += 1
             click.echo(f"{record.id}\t{record.outbox_id}\tfailed: {REDACT(error)}")
-    click.echo(f"{len(results) - failed} replayed, {failed} failed", err=True)
+    say(f"{len(results) - failed} replayed, {failed} failed")
     sys.exit(1 if failed else 0)
 
 
-@dead_letters.command("prune")
-@settings_options("common")
+@dead_letters.command("prune", cls=SectionedCommand)
+@settings_options(DL_PRUNE)
 @click.option("--older-than", type=Duration(), required=True, help="Retention, e.g. 30d.")
 @click.option("--include-pending", is_flag=True, help="Also delete never-replayed dead letters.")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Rows deleted per transaction (smaller: shorter locks, more round trips).",
+)
 def dead_letters_prune(
     older_than: timedelta, include_pending: bool, batch: int, **kwargs: Any
 ) -> None:
@@ -467,8 +537,8 @@ class Since(click.ParamType):  # type: ignore[type-arg]  # generic only from cli
             self.fail(str(exc), param, ctx)
 
 
-@main.command()
-@settings_options("common", "publish", "run")
+@main.command(cls=SectionedCommand)
+@settings_options(RESYNC)
 @click.option(
     "--since",
     type=Since(),

@@ -27,7 +27,7 @@ import psycopg
 from click.core import ParameterSource
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc_relay.config import Option, Settings
+from cdc_relay.config import GROUP, SECTIONS, Option, Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import Router
@@ -200,14 +200,22 @@ def _option(f: dataclasses.Field[Any]) -> Callable[[Callable[..., Any]], Callabl
         kwargs.update(default=default, show_default=default is not None)
         if opt.secret:
             kwargs["callback"] = _callback(name, opt, False)
-    return click.option(flag, name, **kwargs)
+    return click.option(flag, name, cls=SectionOption, section=opt.section, **kwargs)
 
 
-def settings_options(*scopes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a command with the options of every Settings field in these scopes."""
+class SectionOption(click.Option):
+    """A click option that knows its help section (``Option.section``)."""
+
+    def __init__(self, *args: Any, section: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.section = section
+
+
+def settings_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate ``command`` with the options of every Settings field it uses, and no other."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        chosen = [f for f in dataclasses.fields(Settings) if f.metadata["cli"].scope in scopes]
+        chosen = [f for f in dataclasses.fields(Settings) if command in f.metadata["cli"].commands]
         for f in reversed(chosen):
             func = _option(f)(func)
         return func
@@ -215,9 +223,61 @@ def settings_options(*scopes: str) -> Callable[[Callable[..., Any]], Callable[..
     return decorate
 
 
+# What `run --help` ends with: supervisors tell these apart (cdc_relay.errors).
+EXIT_CODES = (
+    ("0", "stopped by SIGTERM/SIGINT after draining"),
+    ("2", "a bad command line"),
+    ("70", "an internal error or undecodable data: report it"),
+    ("78", "a setting to fix (the one error line says which)"),
+)
+
+
+class SectionedCommand(click.Command):
+    """A command whose help lists the options under their Settings sections.
+
+    Options of the command alone (``--json``, ``--batch``) come first, under
+    "Options"; the generated ones follow in ``config.SECTIONS`` order. With
+    ``exit_codes`` the help ends with what each exit code means.
+    """
+
+    def __init__(self, *args: Any, exit_codes: Sequence[tuple[str, str]] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.exit_codes = tuple(exit_codes)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"Options": []}
+        sections.update((name, []) for name in SECTIONS)
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            section = getattr(param, "section", None) or "Options"
+            sections.setdefault(section, []).append(record)
+        for name, records in sections.items():
+            if records:
+                with formatter.section(name):
+                    formatter.write_dl(records)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        if self.exit_codes:
+            with formatter.section("Exit codes"):
+                formatter.write_dl(list(self.exit_codes))
+
+
 def settings_from(**kwargs: Any) -> Settings:
-    """Settings from the parsed options; a bad combination is one ConfigError line."""
+    """Settings from the parsed options; a bad combination is one ConfigError line.
+
+    The options of ``cdc-relay`` itself (``--log-format``, ``--log-level``) come
+    from the group's context, when there is one.
+    """
     known = {k: v for k, v in kwargs.items() if k in Settings.__dataclass_fields__}
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        group = ctx.find_root().params
+        for f in dataclasses.fields(Settings):
+            if GROUP in f.metadata["cli"].commands and f.name in group:
+                known.setdefault(f.name, group[f.name])
     settings = Settings(**known)
     settings.check()
     REDACT.add(settings.dsn, *settings.amqp_urls)

@@ -21,6 +21,7 @@ from cdc_relay.schema import split_table_name
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "EX_CONFIG",
+    "SECTIONS",
     "ConfigError",
     "FatalError",
     "Option",
@@ -43,18 +44,43 @@ SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 BROKER_MAX_MESSAGE_SIZE = 512 * MiB
 
 
+# The commands, by the name `settings_options` knows them; GROUP is `cdc-relay`
+# itself (its options come before the subcommand and hold for every one).
+GROUP = "cdc-relay"
+INIT, RUN, STATUS, DROP, PRUNE, RESYNC = "init", "run", "status", "drop", "prune", "resync"
+DL_LIST, DL_REPLAY, DL_PRUNE = "dead-letters list", "dead-letters replay", "dead-letters prune"
+COMMANDS = (INIT, RUN, STATUS, DROP, PRUNE, RESYNC, DL_LIST, DL_REPLAY, DL_PRUNE)
+_EVERY = frozenset(COMMANDS)
+# Every command that publishes, so one policy applies to all three.
+_PUBLISH = frozenset({RUN, RESYNC, DL_REPLAY})
+_STREAM = frozenset({RUN, RESYNC})  # read the slot's rows and publish them
+_RUN = frozenset({RUN})
+_AMQP = frozenset({INIT, RUN, RESYNC, DL_REPLAY})  # connect to RabbitMQ
+_SLOT = frozenset({INIT, RUN, STATUS, DROP, RESYNC})  # the slot and its publication
+
+# The help sections of `run --help`, in order.
+CONNECTIONS, MAPPING, FLOW, TIMEOUTS, OBSERVABILITY = (
+    "Connections",
+    "Mapping",
+    "Flow control",
+    "Timeouts",
+    "Observability",
+)
+SECTIONS = (CONNECTIONS, MAPPING, FLOW, TIMEOUTS, OBSERVABILITY)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """How one setting appears on the command line and in the environment.
 
-    ``scope`` is "common" (every command that connects), "publish" (every
-    command that publishes: ``run``, ``resync``, ``dead-letters replay``, so
-    one policy applies to all three) or "run" (``run`` and ``resync``).
-    ``value_type`` is only needed when the default (None) does not tell it.
+    ``commands`` are the commands that use the setting and so show and accept
+    it (``GROUP``: an option of ``cdc-relay`` itself); ``section`` is its help
+    heading. ``value_type`` is only needed when the default (None) does not tell it.
     """
 
     help: str
-    scope: str = "run"
+    commands: frozenset[str] = _RUN
+    section: str = TIMEOUTS
     flag: str | None = None
     env: str | None = None
     min: float | None = None
@@ -95,8 +121,6 @@ def setting(default: Any, opt: Option) -> Any:
     return field(default=default, metadata={"cli": opt})
 
 
-_COMMON = "common"
-_PUBLISH = "publish"
 _SECONDS = 86_400.0  # no timeout or interval above a day is a sensible setting
 
 
@@ -109,7 +133,8 @@ class Settings:
         "postgresql://postgres@localhost:5432/postgres",
         Option(
             "Postgres connection string (libpq keywords or URI; the primary).",
-            scope=_COMMON,
+            commands=_EVERY,
+            section=CONNECTIONS,
             secret=True,
             file_env="CDC_RELAY_DSN_FILE",
         ),
@@ -119,7 +144,8 @@ class Settings:
         metadata={
             "cli": Option(
                 "RabbitMQ URL; repeat (or comma-separate) for cluster nodes.",
-                scope=_COMMON,
+                commands=_AMQP,
+                section=CONNECTIONS,
                 flag="--amqp-url",
                 env="CDC_RELAY_AMQP_URL",
                 secret=True,
@@ -127,23 +153,39 @@ class Settings:
             )
         },
     )
-    slot: str = setting("cdc_relay", Option("Logical replication slot.", scope=_COMMON))
-    publication: str = setting(
-        "cdc_relay_outbox", Option("Publication covering the outbox table.", scope=_COMMON)
+    slot: str = setting(
+        "cdc_relay", Option("Logical replication slot.", commands=_SLOT, section=CONNECTIONS)
     )
-    table: str = setting("public.outbox", Option("The outbox table (schema.table).", scope=_COMMON))
+    publication: str = setting(
+        "cdc_relay_outbox",
+        Option("Publication covering the outbox table.", commands=_SLOT, section=CONNECTIONS),
+    )
+    table: str = setting(
+        "public.outbox",
+        Option(
+            "The outbox table (schema.table).",
+            commands=_EVERY - {DROP},
+            section=CONNECTIONS,
+        ),
+    )
     exchange: str = setting(
-        "outbox", Option("Exchange for rows without their own exchange.", scope=_COMMON)
+        "outbox",
+        Option("Exchange for rows without their own exchange.", commands=_AMQP, section=MAPPING),
     )
     routing_key: str = setting(
         "{aggregate_type}.{event_type}",
-        Option("Routing-key template for rows without their own routing_key.", scope=_COMMON),
+        Option(
+            "Routing-key template for rows without their own routing_key.",
+            commands=_PUBLISH,
+            section=MAPPING,
+        ),
     )
     message_format: str = setting(
         "event",
         Option(
             "event: the payload as a JSON event; celery: a Celery task message.",
-            scope=_COMMON,
+            commands=_AMQP,
+            section=MAPPING,
             flag="--format",
             env="CDC_RELAY_FORMAT",
             choices=FORMATS,
@@ -154,6 +196,8 @@ class Settings:
         True,
         Option(
             "Declare the default exchange at start (--no-declare: it must exist).",
+            commands=_STREAM,
+            section=MAPPING,
             flag="--declare/--no-declare",
             env="CDC_RELAY_DECLARE",
         ),
@@ -162,19 +206,28 @@ class Settings:
         DEFAULT_MAX_IN_FLIGHT,
         Option(
             "Unconfirmed publishes allowed at once (also the most a crash can replay).",
+            commands=_STREAM,
+            section=FLOW,
             min=1,
             max=100_000,
         ),
     )
     max_in_flight_bytes: int = setting(
         64 * MiB,
-        Option("Bytes of unconfirmed message bodies allowed at once.", min=1, max=2**40),
+        Option(
+            "Bytes of unconfirmed message bodies allowed at once.",
+            commands=_PUBLISH,
+            section=FLOW,
+            min=1,
+            max=2**40,
+        ),
     )
     retention: timedelta | None = setting(  # noqa: RUF009 (setting() is a field())
         None,
         Option(
             "Delete outbox rows older than this in the background, in small batches "
             "(e.g. 7d; keep rows as long as you may need `resync --since`). Off by default.",
+            section=FLOW,
             value_type=timedelta,
             metavar="DURATION",
         ),
@@ -184,7 +237,8 @@ class Settings:
         Option(
             "Prefix of the outbox_emit messages: init writes it into <table>_emit, run "
             "publishes the messages that carry it. One per outbox of a database.",
-            scope=_COMMON,
+            commands=frozenset({INIT, RUN, STATUS}),
+            section=MAPPING,
         ),
     )
     status_interval: float = setting(
@@ -192,16 +246,22 @@ class Settings:
     )
     confirm_timeout: float = setting(
         30.0,
-        Option("Seconds to wait for a broker confirm before ending the session.", min=0.1),
+        Option(
+            "Seconds to wait for a broker confirm before ending the session.",
+            commands=_PUBLISH,
+            min=0.1,
+        ),
     )
     shutdown_timeout: float = setting(
         10.0, Option("On SIGTERM, seconds to wait for outstanding confirms.", min=0, max=3600)
     )
     reconnect_min: float = setting(
-        0.5, Option("Shortest pause before reconnecting, in seconds.", min=0.01, max=3600)
+        0.5,
+        Option("Shortest pause before reconnecting, in seconds.", section=FLOW, min=0.01, max=3600),
     )
     reconnect_max: float = setting(
-        30.0, Option("Longest pause before reconnecting, in seconds.", min=0.01, max=3600)
+        30.0,
+        Option("Longest pause before reconnecting, in seconds.", section=FLOW, min=0.01, max=3600),
     )
     tcp_keepalive_idle: int = setting(
         10, Option("Seconds of silence before probing the Postgres connection.", min=1, max=32767)
@@ -216,6 +276,7 @@ class Settings:
         10,
         Option(
             "AMQP heartbeat in seconds (0: off).",
+            commands=_PUBLISH,
             flag="--heartbeat",
             env="CDC_RELAY_HEARTBEAT",
             min=0,
@@ -229,7 +290,7 @@ class Settings:
             "before trying the next (a node that accepts TCP and never answers).",
             min=0.1,
             max=300,
-            scope=_COMMON,
+            commands=_AMQP,
         ),
     )
     pg_timeout: float = setting(
@@ -244,6 +305,8 @@ class Settings:
         "deadletter",
         Option(
             "A message no queue is bound for: dead-letter it, or fail and retry.",
+            commands=_STREAM,
+            section=MAPPING,
             choices=("deadletter", "fail"),
         ),
     )
@@ -251,12 +314,15 @@ class Settings:
         128 * MiB,
         Option(
             "Bodies larger than this are dead-lettered (must not exceed the broker's limit).",
-            scope=_PUBLISH,
+            commands=_PUBLISH,
+            section=MAPPING,
             min=1,
             max=BROKER_MAX_MESSAGE_SIZE,
         ),
     )
-    stats_interval: float = setting(10.0, Option("Seconds between progress log lines.", min=0.1))
+    stats_interval: float = setting(
+        10.0, Option("Seconds between progress log lines.", section=OBSERVABILITY, min=0.1)
+    )
     allowed_exchanges: list[str] = field(
         default_factory=list,
         metadata={
@@ -265,7 +331,8 @@ class Settings:
                 f"configured --exchange included (empty: any); {DEFAULT_EXCHANGE_PATTERN} "
                 "allows the default exchange (Celery tasks without an exchange); other rows "
                 "are dead-lettered.",
-                scope=_PUBLISH,
+                commands=_PUBLISH,
+                section=MAPPING,
                 metavar="PATTERNS",
             )
         },
@@ -275,29 +342,46 @@ class Settings:
         Option(
             "Let rows carry CC/BCC headers (sender-selected routing); "
             "by default such rows are dead-lettered.",
-            scope=_PUBLISH,
+            commands=_PUBLISH,
+            section=MAPPING,
         ),
     )
     metrics_port: int | None = setting(
         None,
         Option(
             "Serve /metrics, /healthz, /readyz on this port (0: any free port).",
+            section=OBSERVABILITY,
             min=0,
             max=65535,
             value_type=int,
         ),
     )
-    metrics_host: str = setting("127.0.0.1", Option("Address the metrics server binds to."))
+    metrics_host: str = setting(
+        "127.0.0.1", Option("Address the metrics server binds to.", section=OBSERVABILITY)
+    )
     log_level: str = setting(
-        "INFO", Option("Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+        "info",
+        Option(
+            "Log level (of every command).",
+            commands=frozenset({GROUP}),
+            section=OBSERVABILITY,
+            choices=("debug", "info", "warning", "error"),
+        ),
     )
     log_format: str = setting(
-        "text", Option("text: human-readable; json: one object per line.", choices=("text", "json"))
+        "text",
+        Option(
+            "text: human-readable; json: one object per line (of every command).",
+            commands=frozenset({GROUP}),
+            section=OBSERVABILITY,
+            choices=("text", "json"),
+        ),
     )
     event_loop: str = setting(
         "asyncio",
         Option(
             "uvloop needs the `uvloop` extra (pip install 'cdc-relay[uvloop]').",
+            section=FLOW,
             choices=("asyncio", "uvloop"),
         ),
     )

@@ -1,8 +1,11 @@
-"""Log output for ``cdc-relay run``: human-readable text or one JSON object per line.
+"""Log output of every ``cdc-relay`` command: human-readable text or one JSON object per line.
 
 Both formats pass every rendered line through the process's Redactor, so a
 password that reaches a log message (an exception text, a URL) is masked in the
-last place before it leaves the process.
+last place before it leaves the process. What a command itself says to the
+operator (``COMMAND``: its warnings, progress and the one error line) reads
+``cdc-relay: warning: ...`` (progress: as it is) in text and is an object like
+any other in JSON.
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ def escape_controls(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
+# The logger of what a command says to the operator (not the relay's own log).
+COMMAND = "cdc_relay.command"
+_configured = False
+
+
 class TextFormatter(logging.Formatter):
     """The default format, redacted, one line per record (tracebacks included)."""
 
@@ -76,13 +84,38 @@ class TextFormatter(logging.Formatter):
         self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.name == COMMAND and record.levelno <= logging.INFO:
+            text = record.getMessage()  # progress and counts: as the command says them
+        elif record.name == COMMAND:
+            text = f"cdc-relay: {record.levelname.lower()}: {record.getMessage()}"
+        else:
+            text = super().format(record)
         # Redact first: a secret holding a control character still matches.
-        return escape_controls(self._redact(super().format(record)))
+        return escape_controls(self._redact(text))
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on whatever ``sys.stderr`` is when a record is written."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def configured() -> bool:
+    """Whether ``setup`` ran: a command's error line then goes through the log."""
+    return _configured
 
 
 def setup(level: str, fmt: str, redact: Callable[[str], str]) -> None:
     """Configure the root logger on stderr (replacing earlier handlers)."""
-    handler = logging.StreamHandler(sys.stderr)
+    global _configured
+    _configured = True
+    handler = _Stderr()
     handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
     root = logging.getLogger()
     for old in list(root.handlers):

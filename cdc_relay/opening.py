@@ -159,6 +159,7 @@ async def take_slot(
             raise
         await event_within(stop, random.uniform(*STANDBY_RETRY))
         if stop.is_set():
+            log.info("asked to stop while standing by for slot %s: exiting", settings.slot)
             return None
 
 
@@ -194,6 +195,8 @@ async def validate_when_no_resync(
             return facts
         await event_within(stop, random.uniform(*RESYNC_RETRY))
         if stop.is_set():
+            if waiting:
+                log.info("asked to stop while standing by for slot %s: exiting", settings.slot)
             return None
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from cdc_relay.config import Settings
+from cdc_relay.config import RUN, Settings, option_of
 from devtools import metrics
 
 __all__ = ["RelayProcess", "cli_args"]
@@ -29,22 +29,26 @@ class HasSettings(Protocol):
     def settings(self) -> Settings: ...
 
 
-def cli_args(settings: Settings) -> list[str]:
-    """The connection and naming options of ``settings`` as ``cdc-relay`` arguments."""
-    args = ["--dsn", settings.dsn]
-    for url in settings.amqp_urls:
-        args += ["--amqp-url", url]
-    return [
-        *args,
-        "--slot",
-        settings.slot,
-        "--publication",
-        settings.publication,
-        "--table",
-        settings.table,
-        "--exchange",
-        settings.exchange,
+def cli_args(settings: Settings, command: str = RUN) -> list[str]:
+    """The connection and naming options of ``settings`` that ``command`` takes, as arguments.
+
+    Each command accepts only the options it uses (e.g. ``status`` no ``--amqp-url``).
+    """
+    names = [
+        ("dsn", [settings.dsn]),
+        ("amqp_urls", settings.amqp_urls),
+        ("slot", [settings.slot]),
+        ("publication", [settings.publication]),
+        ("table", [settings.table]),
+        ("exchange", [settings.exchange]),
     ]
+    args: list[str] = []
+    for name, values in names:
+        opt = option_of(name)
+        if command in opt.commands:
+            for value in values:
+                args += [opt.flag_for(name), value]
+    return args
 
 
 class RelayProcess:
@@ -74,12 +78,13 @@ class RelayProcess:
         self.ready_at = 0.0
 
     def args(self) -> list[str]:
-        args = [sys.executable, "-m", "cdc_relay.cli", "run", *cli_args(self.settings)]
+        args = [sys.executable, "-m", "cdc_relay.cli", "--log-level", self.log_level]
+        args += ["run", *cli_args(self.settings)]
         if self.stats_interval is not None:
             args += ["--stats-interval", f"{self.stats_interval:g}"]
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port)]
-        return [*args, "--log-level", self.log_level, *self.extra]
+        return [*args, *self.extra]
 
     def start(self) -> RelayProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")

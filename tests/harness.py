@@ -101,8 +101,9 @@ class Setup:
             keys = emit_key_table(self.settings.table_parts)
             conn.execute(f'DROP TABLE IF EXISTS "{keys[0]}"."{keys[1]}"')
 
-    def cli_args(self) -> list[str]:
-        return cli_args(self.settings)
+    def cli_args(self, command: str = "run") -> list[str]:
+        """The naming options ``command`` takes (e.g. "dead-letters list")."""
+        return cli_args(self.settings, command)
 
     def insert(self, conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[str]:
         """Insert rows in the caller's transaction; returns their ids."""

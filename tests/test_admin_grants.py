@@ -31,8 +31,8 @@ def role(outbox: Setup) -> Iterator[str]:
         conn.execute(f"DROP ROLE {name}")
 
 
-def as_role(setup: Setup, role: str) -> list[str]:
-    args = setup.cli_args()
+def as_role(setup: Setup, role: str, command: str = "status") -> list[str]:
+    args = setup.cli_args(command)
     args[args.index("--dsn") + 1] = make_conninfo(setup.dsn, user=role)
     return args
 
@@ -61,9 +61,13 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
     status = cli("status", "--json", "--no-require-active", *as_role(outbox, role))
     assert status.returncode == 1, status
     assert f"role {role} cannot write dead letters" in orjson.loads(status.stdout)["problem"]
-    one_line(cli("dead-letters", "list", *as_role(outbox, role)), "permission denied", "--grant-to")
+    one_line(
+        cli("dead-letters", "list", *as_role(outbox, role, "dead-letters list")),
+        "permission denied",
+        "--grant-to",
+    )
 
-    granted = cli("init", "--grant-to", role, *outbox.cli_args())
+    granted = cli("init", "--grant-to", role, *outbox.cli_args("init"))
     assert granted.returncode == 0, granted.stderr
     assert f"granted to {role}: USAGE on schema public" in granted.stdout
     assert f"granted to {role}: SELECT, INSERT, UPDATE on {'.'.join(dl_table)}" in granted.stdout
@@ -80,7 +84,7 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
         await writer.close()
     with psycopg.connect(role_dsn, autocommit=True) as conn:
         assert [r.outbox_id for r in list_dead_letters(conn, dl_table)] == ["id-1"]
-    listed = cli("dead-letters", "list", "--json", *as_role(outbox, role))
+    listed = cli("dead-letters", "list", "--json", *as_role(outbox, role, "dead-letters list"))
     assert listed.returncode == 0, listed.stderr
     assert orjson.loads(listed.stdout)["reason"] == "unroutable"
 
@@ -122,6 +126,6 @@ def test_grant_warns_about_a_role_without_replication(outbox: Setup, role: str) 
 
 
 def test_init_without_privileges_is_one_line(outbox: Setup, role: str) -> None:
-    args = as_role(outbox, role)
+    args = as_role(outbox, role, "init")
     args[args.index("--table") + 1] = outbox.table + "_mine"
     one_line(cli("init", *args), "init needs an admin role", "permission denied")

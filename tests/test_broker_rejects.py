@@ -146,7 +146,9 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(
             after = outbox.insert(conn, [{"event_type": "B"}])
             conn.commit()
         await consumer.wait_for(set(good + after))
-        listed = await asyncio.to_thread(run_cli, "dead-letters", "list", *outbox.cli_args())
+        listed = await asyncio.to_thread(
+            run_cli, "dead-letters", "list", *outbox.cli_args("dead-letters list")
+        )
         assert listed.returncode == 0, listed.stderr
         assert unroutable[0] in listed.stdout and "NO_ROUTE" in listed.stdout
         assert bad_headers[0] in listed.stdout and "headers must be a JSON object" in listed.stdout
@@ -162,12 +164,16 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(
             outbox.amqp_url, outbox.names["exchange"], "nowhere.#", queue="q_nowhere"
         ).start()
         try:
-            replay = await asyncio.to_thread(run_cli, "dead-letters", "replay", *outbox.cli_args())
+            replay = await asyncio.to_thread(
+                run_cli, "dead-letters", "replay", *outbox.cli_args("dead-letters replay")
+            )
             assert "1 replayed, 1 failed" in replay.stderr, replay.stderr
             await other.wait_for(set(unroutable))
         finally:
             await other.close()
-        pending = await asyncio.to_thread(run_cli, "dead-letters", "list", *outbox.cli_args())
+        pending = await asyncio.to_thread(
+            run_cli, "dead-letters", "list", *outbox.cli_args("dead-letters list")
+        )
         assert unroutable[0] not in pending.stdout
         assert bad_headers[0] in pending.stdout
     finally:

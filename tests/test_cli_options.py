@@ -53,8 +53,8 @@ def test_defaults_come_from_settings() -> None:
     )
 
 
-def test_every_setting_is_an_option_of_run() -> None:
-    names = {p.name for p in cli.run.params}
+def test_every_setting_is_an_option_of_run_or_of_the_group() -> None:
+    names = {p.name for p in cli.run.params} | {p.name for p in cli.main.params}
     fields = {f.name for f in dataclasses.fields(Settings)}
     assert fields <= names, fields - names
     for f in dataclasses.fields(Settings):

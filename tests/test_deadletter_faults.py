@@ -167,7 +167,7 @@ def relay_role(outbox: Setup) -> Iterator[str]:
     role = f"relay_dlw_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(sql.Identifier(role)))
-    done = run_cli("init", "--grant-to", role, *outbox.cli_args())
+    done = run_cli("init", "--grant-to", role, *outbox.cli_args("init"))
     assert done.returncode == 0, done.stderr
     yield role
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:

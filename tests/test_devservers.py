@@ -84,11 +84,13 @@ def test_relay_process_arguments_cover_every_broker_url(tmp_path: Path) -> None:
         "--amqp-url",
         "amqp://b/",
     ]
-    relay = RelayProcess(settings, tmp_path / "log", "--log-level", "INFO", metrics_port=1234)
+    relay = RelayProcess(settings, tmp_path / "log", "--stats-interval", "1", metrics_port=1234)
     full = relay.args()
     assert full[full.index("--metrics-port") + 1] == "1234"
     # Extra options come last, so they override the wrapper's defaults.
-    assert full[-2:] == ["--log-level", "INFO"]
+    assert full[-2:] == ["--stats-interval", "1"]
+    # The log level is the group's, before the subcommand.
+    assert full.index("--log-level") < full.index("run")
 
 
 def test_readyz_is_zero_when_nothing_listens() -> None:

@@ -29,7 +29,7 @@ async_test = pytest.mark.asyncio
 
 def status(outbox: Setup, *extra: str) -> tuple[int, str, str, float]:
     started = time.monotonic()
-    done = run_cli("status", *outbox.cli_args(), *extra, timeout=60)
+    done = run_cli("status", *outbox.cli_args("status"), *extra, timeout=60)
     return done.returncode, done.stdout, done.stderr, time.monotonic() - started
 
 
@@ -54,12 +54,14 @@ def test_status_and_dead_letters_list_answer_while_the_dead_letter_table_is_lock
         assert took < 15, took
         assert code == 1
         assert f"could not read dead-letter table {dl}: it is locked" in out
-        listed = run_cli("dead-letters", "list", *outbox.cli_args(), timeout=60)
+        listed = run_cli("dead-letters", "list", *outbox.cli_args("dead-letters list"), timeout=60)
         assert listed.returncode == 1
         [line] = listed.stderr.strip().splitlines()
         assert line.startswith(f"cdc-relay: error: could not read dead-letter table {dl}: ")
         started = time.monotonic()
-        pruned = run_cli("dead-letters", "prune", "--older-than", "1d", *outbox.cli_args())
+        pruned = run_cli(
+            "dead-letters", "prune", "--older-than", "1d", *outbox.cli_args("dead-letters prune")
+        )
         assert time.monotonic() - started < 15
         assert pruned.returncode == 1
         [line] = pruned.stderr.strip().splitlines()
@@ -154,7 +156,7 @@ async def test_a_recreated_outbox_is_adopted(
         ids = outbox.insert(conn, [{"event_type": "AfterRecreate"}])
         conn.commit()
     await consumer.wait_for(set(ids))
-    listed = run_cli("dead-letters", "list", *outbox.cli_args())
+    listed = run_cli("dead-letters", "list", *outbox.cli_args("dead-letters list"))
     assert listed.stderr.strip().endswith("0 dead letter(s)"), listed.stderr
 
 
@@ -199,7 +201,7 @@ async def test_status_says_a_relay_runs_while_its_dead_letter_writes_fail(
         await relay.wait_for_log_async("cannot store dead letters", 30)
 
         def reported() -> list[str]:
-            done = run_cli("status", "--json", *outbox.cli_args(), timeout=60)
+            done = run_cli("status", "--json", *outbox.cli_args("status"), timeout=60)
             problems: list[str] = orjson.loads(done.stdout)["problems"]
             return [p for p in problems if p.startswith("the relay reports")]
 

@@ -62,7 +62,9 @@ def make_roles(pg_dsn: str, amqp_url: str, tag: str, *, emit: bool) -> Roles:
         for role in (roles.app, roles.nobody):
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
     init_args = ["--grant-emit-to", roles.app] if emit else []
-    done = run_cli("init", "--grant-to", roles.relay, *init_args, *setup.cli_args(), timeout=90)
+    done = run_cli(
+        "init", "--grant-to", roles.relay, *init_args, *setup.cli_args("init"), timeout=90
+    )
     assert done.returncode == 0, done.stderr
     return roles
 

@@ -274,7 +274,7 @@ async def test_invalidated_slot_is_a_clear_error(
             conn.execute(fill)
             conn.execute("SELECT pg_switch_wal()")
             # Past the cap, before a checkpoint: status warns while there is time to act.
-            warned = run_cli("status", "--json", "--no-require-active", *setup.cli_args())
+            warned = run_cli("status", "--json", "--no-require-active", *setup.cli_args("status"))
             assert warned.returncode == 1, (warned.stdout, warned.stderr)
             info = orjson.loads(warned.stdout)
             assert info["wal_status"] == "unreserved", info
@@ -288,7 +288,7 @@ async def test_invalidated_slot_is_a_clear_error(
                 (setup.names["slot"],),
             ).fetchone()
             assert status is not None and status[0] == "lost", status
-        lost = run_cli("status", "--json", "--no-require-active", *setup.cli_args())
+        lost = run_cli("status", "--json", "--no-require-active", *setup.cli_args("status"))
         assert lost.returncode == 1, (lost.stdout, lost.stderr)
         assert "was invalidated" in orjson.loads(lost.stdout)["problem"]
         relay = relays(setup)

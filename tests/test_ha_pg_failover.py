@@ -37,11 +37,11 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
     pg_pair: PostgresPair, amqp_url: str, tmp_path: Path
 ) -> None:
     setup = Setup(pg_pair.dsn, amqp_url, unique_names("hapg"))
-    created = cli("init", "--failover", *setup.cli_args())
+    created = cli("init", "--failover", *setup.cli_args("init"))
     assert created.returncode == 0, created.stderr
     assert f"replication slot {setup.names['slot']}: created at" in created.stdout
     assert "(failover)" in created.stdout
-    again = cli("init", "--failover", *setup.cli_args())
+    again = cli("init", "--failover", *setup.cli_args("init"))
     assert f"replication slot {setup.names['slot']}: already exists (failover)" in again.stdout
 
     primary = status_of(pg_pair.primary.dsn, setup)
@@ -63,7 +63,9 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
             True,
         )
         assert ready["healthy"] is True, ready["problem"]
-        status = cli("status", "--json", "--dsn", pg_pair.standby.dsn, *setup.cli_args()[2:])
+        status = cli(
+            "status", "--json", "--dsn", pg_pair.standby.dsn, *setup.cli_args("status")[2:]
+        )
         assert status.returncode == 0, status.stdout + status.stderr
         assert '"failover_ready": true' in status.stdout
 

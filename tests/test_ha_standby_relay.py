@@ -128,3 +128,18 @@ async def test_standby_takes_over_from_killed_and_frozen_relays(
             if relay.proc is not None and relay.proc.poll() is None:
                 os.kill(relay.pid, signal.SIGCONT)
             relay.stop_quietly()
+
+
+async def test_a_standby_told_to_stop_says_so_and_exits_0(outbox: Setup, tmp_path: Path) -> None:
+    active = RelayProcess(outbox, tmp_path / "a.log", log_level="info", metrics_port=free_port())
+    standby = RelayProcess(outbox, tmp_path / "b.log", log_level="info")
+    try:
+        active.start()
+        await active.wait_ready(30)
+        standby.start()
+        await wait_log(standby, STANDING_BY, 1, 30)
+        assert standby.stop() == 0, standby.log_tail()
+        assert "asked to stop while standing by for slot" in standby.log(), standby.log_tail()
+    finally:
+        for relay in (active, standby):
+            relay.stop_quietly()

@@ -58,7 +58,7 @@ def least(pg_dsn: str, rabbit_server: RabbitServer) -> Iterator[LeastPrivilege]:
     role, mq_user = f"relay_least_{tag}", f"relay_{tag}"
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(sql.Identifier(role)))
-    code, _, err = cli("init", "--grant-to", role, *setup.cli_args())
+    code, _, err = cli("init", "--grant-to", role, *setup.cli_args("init"))
     assert code == 0, err
     rabbit_server.ctl("add_user", mq_user, MQ_PASSWORD)
     exchange = setup.names["exchange"]
@@ -121,10 +121,11 @@ async def test_run_with_least_privilege_on_both_servers(
             (forbidden,) = setup.insert(conn, [{"exchange": "amq.topic"}])
             good += setup.insert(conn, [{"aggregate_id": 9}])
         await consumer.wait_for(set(good), timeout=30)
-        args = ["--dsn", least.role_dsn, *setup.cli_args()[2:]]
+        args = ["--dsn", least.role_dsn, *setup.cli_args("status")[2:]]
+        list_args = ["--dsn", least.role_dsn, *setup.cli_args("dead-letters list")[2:]]
 
         def letters() -> dict[str, str]:
-            code, out, err = cli("dead-letters", "list", "--json", *args)
+            code, out, err = cli("dead-letters", "list", "--json", *list_args)
             assert code == 0, err
             records = [orjson.loads(line) for line in out.splitlines()]
             return {r["outbox_id"]: r["reason"] for r in records}
@@ -159,7 +160,7 @@ def test_declaring_without_configure_permission_is_one_line(least: LeastPrivileg
 
 def test_admin_only_commands_say_what_is_missing(least: LeastPrivilege) -> None:
     """prune deletes outbox rows: not the relay role's job (an admin or the app does it)."""
-    args = ["--dsn", least.role_dsn, *least.setup.cli_args()[2:]]
+    args = ["--dsn", least.role_dsn, *least.setup.cli_args("prune")[2:]]
     code, _, err = cli("prune", "--older-than", "7d", *args)
     assert code == EX_CONFIG, err
     assert "permission denied" in err and "--grant-to" in err, err
@@ -184,7 +185,9 @@ def test_rds_replication_membership_counts_as_replication(pg_dsn: str) -> None:
     try:
         setup.init()
         for role, warned in ((member, False), (plain, True)):
-            code, out, err = cli("init", "--no-exchange", "--grant-to", role, *setup.cli_args())
+            code, out, err = cli(
+                "init", "--no-exchange", "--grant-to", role, *setup.cli_args("init")
+            )
             assert code == 0, err
             assert ("also needs LOGIN REPLICATION" in out) is warned, out
     finally:

@@ -72,7 +72,7 @@ async def test_a_dead_lettered_row_forges_no_line_in_the_log_or_the_list(
     log = relay.log()
     assert not FORGED_LINE.search(log), log[-3000:]
     assert "forged id\\x1b[2K" in log, log[-3000:]  # the value is there, escaped
-    listed = run_cli("dead-letters", "list", *outbox.cli_args())
+    listed = run_cli("dead-letters", "list", *outbox.cli_args("dead-letters list"))
     assert listed.returncode == 0, listed.stderr
     assert escape_controls(bad) in listed.stdout and "forged exchange" in listed.stdout
     assert not FORGED_LINE.search(listed.stdout), listed.stdout

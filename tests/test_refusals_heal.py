@@ -34,7 +34,7 @@ def insert(setup: Setup, exchange: str | None = None) -> list[str]:
 
 
 def dead_letters(setup: Setup) -> str:
-    listed = run_cli("dead-letters", "list", *setup.cli_args())
+    listed = run_cli("dead-letters", "list", *setup.cli_args("dead-letters list"))
     assert listed.returncode == 0, listed.stderr
     return listed.stdout
 
@@ -46,7 +46,9 @@ async def wait_dead_lettered(setup: Setup, outbox_id: str, timeout: float = 30) 
 
 
 async def replay_all(setup: Setup) -> str:
-    replay = await asyncio.to_thread(run_cli, "dead-letters", "replay", *setup.cli_args())
+    replay = await asyncio.to_thread(
+        run_cli, "dead-letters", "replay", *setup.cli_args("dead-letters replay")
+    )
     assert replay.returncode == 0, replay.stderr
     return replay.stderr
 

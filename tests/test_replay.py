@@ -103,7 +103,7 @@ def pending(setup: Setup) -> list[str]:
 
 async def replay(setup: Setup, *extra: str, env: dict[str, str] | None = None) -> Any:
     return await asyncio.to_thread(
-        run_cli, "dead-letters", "replay", *setup.cli_args(), *extra, env=env
+        run_cli, "dead-letters", "replay", *setup.cli_args("dead-letters replay"), *extra, env=env
     )
 
 

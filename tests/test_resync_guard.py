@@ -55,7 +55,7 @@ async def start_resync(setup: Setup, log: Path, *extra: str) -> subprocess.Popen
 
 def status(setup: Setup) -> tuple[int, dict[str, object]]:
     """``status`` without requiring a relay: only the resync makes it unhealthy here."""
-    done = run_cli("status", "--json", "--no-require-active", *setup.cli_args())
+    done = run_cli("status", "--json", "--no-require-active", *setup.cli_args("status"))
     return done.returncode, json.loads(done.stdout)
 
 

@@ -22,8 +22,8 @@ def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str)
         assert needle in lines[0], lines[0]
 
 
-def with_names(setup: Setup, **overrides: str) -> list[str]:
-    args = setup.cli_args()
+def with_names(setup: Setup, command: str = "run", **overrides: str) -> list[str]:
+    args = setup.cli_args(command)
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
         args[args.index(flag) + 1] = value
@@ -34,7 +34,7 @@ def test_wal_level_not_logical(pg_factory: ServerFactory[PostgresServer]) -> Non
     with pg_factory.running(settings={"wal_level": "replica"}) as pg:
         setup = Setup(pg.dsn, "amqp://guest:guest@127.0.0.1:1/", unique_names("wal"))
         assert_config_error(run_cli("run", *setup.cli_args()), "wal_level is 'replica'")
-        assert_config_error(run_cli("init", *setup.cli_args()), "wal_level")
+        assert_config_error(run_cli("init", *setup.cli_args("init")), "wal_level")
 
 
 def test_missing_slot(outbox: Setup) -> None:
@@ -93,7 +93,7 @@ def test_slot_with_wrong_plugin(outbox: Setup) -> None:
 
 
 def test_unreachable_postgres_for_admin_commands(outbox: Setup) -> None:
-    bad = with_names(outbox, dsn="postgresql://postgres@127.0.0.1:1/postgres")
+    bad = with_names(outbox, "status", dsn="postgresql://postgres@127.0.0.1:1/postgres")
     assert_config_error(run_cli("status", *bad), "cannot connect to Postgres")
 
 
@@ -102,10 +102,10 @@ def test_invalid_table_name(outbox: Setup) -> None:
 
 
 def test_init_is_idempotent(outbox: Setup) -> None:
-    first = run_cli("init", *outbox.cli_args())
+    first = run_cli("init", *outbox.cli_args("init"))
     assert first.returncode == 0, first.stderr
     assert "exchange" in first.stdout
-    second = run_cli("init", *outbox.cli_args())
+    second = run_cli("init", *outbox.cli_args("init"))
     assert second.returncode == 0, second.stderr
     assert "nothing to do" in second.stdout
     assert "created" not in second.stdout
@@ -115,13 +115,15 @@ def test_status_json_reports_health(outbox: Setup) -> None:
     import orjson
 
     # No relay runs here: --require-active (the default since issue 9) would say unhealthy.
-    result = run_cli("status", "--json", "--no-require-active", *outbox.cli_args())
+    result = run_cli("status", "--json", "--no-require-active", *outbox.cli_args("status"))
     assert result.returncode == 0, result.stderr
     info = orjson.loads(result.stdout)
     assert info["healthy"] is True
     assert info["slot_exists"] is True
     assert info["publication_tables"] == [outbox.table]
     assert isinstance(info["lag_bytes"], int)
-    broken = run_cli("status", "--json", "--no-require-active", *with_names(outbox, slot="nope"))
+    broken = run_cli(
+        "status", "--json", "--no-require-active", *with_names(outbox, "status", slot="nope")
+    )
     assert broken.returncode == 1
     assert "does not exist" in orjson.loads(broken.stdout)["problem"]

@@ -295,7 +295,7 @@ async def test_file_secrets_and_json_logs(
     consumer = await start_consumer(deployment, outbox)
     log_path = tmp_path / "relay.jsonl"
     port = free_port()
-    args = ["run", "--log-format", "json", "--log-level", "DEBUG", "--stats-interval", "0.5"]
+    args = ["--log-format", "json", "--log-level", "debug", "run", "--stats-interval", "0.5"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cdc_relay.cli", *args, "--metrics-port", str(port)],

@@ -39,12 +39,12 @@ async def test_init_run_deliver_and_stop_cleanly(
     version = versioned_pg.version
     assert version is not None
     setup = Setup(versioned_pg.dsn, amqp_url, unique_names(f"v{version}"))
-    init = cli("init", "--failover", *setup.cli_args())
+    init = cli("init", "--failover", *setup.cli_args("init"))
     if version < 17:
         assert init.returncode == 78, init.stderr
         assert init.stderr.count("\n") == 1, init.stderr
         assert "--failover needs PostgreSQL 17 or later (this server is 16." in init.stderr
-        init = cli("init", *setup.cli_args())
+        init = cli("init", *setup.cli_args("init"))
     assert init.returncode == 0, init.stderr
     assert f"replication slot {setup.names['slot']}: created at" in init.stdout
 

@@ -57,9 +57,11 @@ def _create_inbox(conn: psycopg.Connection[Any]) -> str:
     return f"table {DEFAULT_INBOX_TABLE}: {state_word} (for idempotent consumers)"
 
 
-def render_sql(settings: Settings) -> str:
+def render_sql(settings: Settings, *, inbox: bool = True) -> str:
     """Everything ``init`` creates in SQL, as one script (``init --print-sql``)."""
-    return render_script(settings.table_parts, settings.dead_letter_table, settings.message_prefix)
+    return render_script(
+        settings.table_parts, settings.dead_letter_table, settings.message_prefix, inbox=inbox
+    )
 
 
 def init(
@@ -71,6 +73,7 @@ def init(
     failover: bool = False,
     emit: bool = False,
     grant_emit_to: Sequence[str] = (),
+    inbox: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
     """Create what is missing; return one line per object saying created or already there.
@@ -80,6 +83,9 @@ def init(
 
     With ``failover`` the slot is created as a failover slot (PostgreSQL 17+), which
     a standby with ``sync_replication_slots`` keeps a copy of (see docs/ha.md).
+    Without ``inbox`` the consumers' ``processed_messages`` table is not created
+    here (``cdc_relay.inbox.ddl()`` or the Django migration create it where the
+    consumers are).
     The emit function and its key exist only where asked (``emit``, ``grant_emit_to``),
     for a table-less outbox, or where they already are: the relay asks for
     logical messages only then, and only ``grant_emit_to`` roles may call it.
@@ -103,7 +109,8 @@ def init(
         )
     report += deadletters.create(conn, settings.dead_letter_table)
     report += state.create(conn, state.table_name(settings))
-    report.append(_create_inbox(conn))
+    if inbox:
+        report.append(_create_inbox(conn))
     keys = emit_key_table((schema, table))
     enqueue_name, emit_name = function_names((schema, table))
     use_emit = emit or bool(grant_emit_to) or tableless or table_exists(conn, *keys)
