@@ -323,6 +323,15 @@ class Settings:
     stats_interval: float = setting(
         10.0, Option("Seconds between progress log lines.", section=OBSERVABILITY, min=0.1)
     )
+    slot_poll_interval: float = setting(
+        15.0,
+        Option(
+            "Seconds between reads of the slot's lag, retained WAL and dead-letter backlog "
+            "for /metrics (active and standby relays alike).",
+            section=OBSERVABILITY,
+            min=1.0,
+        ),
+    )
     allowed_exchanges: list[str] = field(
         default_factory=list,
         metadata={

@@ -64,6 +64,7 @@ class RelayProcess:
         log_path: Path,
         *extra: str,
         log_level: str = "DEBUG",
+        log_format: str = "text",
         stats_interval: float | None = 2,
         metrics_port: int | None = None,
     ) -> None:
@@ -71,6 +72,7 @@ class RelayProcess:
         self.log_path = log_path
         self.extra = list(extra)
         self.log_level = log_level
+        self.log_format = log_format
         self.stats_interval = stats_interval
         self.metrics_port = metrics_port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -79,6 +81,7 @@ class RelayProcess:
 
     def args(self) -> list[str]:
         args = [sys.executable, "-m", "cdc_relay.cli", "--log-level", self.log_level]
+        args += ["--log-format", self.log_format]
         args += ["run", *cli_args(self.settings)]
         if self.stats_interval is not None:
             args += ["--stats-interval", f"{self.stats_interval:g}"]
@@ -134,12 +137,16 @@ class RelayProcess:
     # -- readiness ------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float = 60) -> float:
-        """Poll /readyz until the relay streams; returns the seconds since spawning."""
+        """Poll until the relay streams (/readyz 200 as the active relay; a standby is ready
+        too); returns the seconds since spawning."""
         assert self.metrics_port is not None, "wait_ready needs a metrics_port"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
-            if await asyncio.to_thread(metrics.readyz, self.metrics_port) == 200:
+            if (
+                await asyncio.to_thread(metrics.readyz, self.metrics_port) == 200
+                and await asyncio.to_thread(metrics.role, self.metrics_port) == "active"
+            ):
                 self.ready_at = time.monotonic()
                 return self.ready_at - self.spawned
             await asyncio.sleep(0.01)
