@@ -222,7 +222,7 @@ async def _run(settings: Settings) -> None:
     from cdc_relay.metrics import Metrics, MetricsServer
     from cdc_relay.relay import Relay
 
-    metrics = Metrics()
+    metrics = Metrics(settings.slot)
     relay = Relay(settings, metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

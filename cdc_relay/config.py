@@ -257,6 +257,14 @@ class Settings:
         ),
     )
     stats_interval: float = setting(10.0, Option("Seconds between progress log lines.", min=0.1))
+    slot_poll_interval: float = setting(
+        15.0,
+        Option(
+            "Seconds between reads of the slot's lag, retained WAL and dead-letter backlog "
+            "for /metrics (active and standby relays alike).",
+            min=1.0,
+        ),
+    )
     allowed_exchanges: list[str] = field(
         default_factory=list,
         metadata={

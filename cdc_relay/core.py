@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+from cdc_relay import reasons
 from cdc_relay.acks import AckTracker
 from cdc_relay.amqp.window import Outcome
 from cdc_relay.emitauth import EMIT_AUTH_FAILED, authenticated, row_from_message
@@ -46,7 +47,15 @@ from cdc_relay.rows import MissingColumns, OutboxRow, OutboxSchemaError, RowRead
 
 
 class SessionFailed(SessionError):
-    """Something ended the session; the next one replays from the slot."""
+    """Something ended the session; the next one replays from the slot.
+
+    ``code`` is the broker failure's reason code (``reasons``) when one ended
+    it, for the ``reason`` field of the log line that says so.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PublishRefused(SessionFailed):
@@ -111,6 +120,8 @@ class SessionCore:
         # The row of every message published and not yet settled: a returned
         # message is dead-lettered from it.
         self._rows: dict[int, Any] = {}
+        # The reason code of every dead letter made and not yet stored (counted once stored).
+        self._letter_codes: dict[int, str] = {}
         # The open transaction: its first sequence number and commit LSN (Begin.final_lsn).
         self._txn_first_seq = 1
         self._txn_lsn = 0
@@ -244,6 +255,7 @@ class SessionCore:
                 f"insert into {name} (OID {event.relid}), which is not the outbox {self.table} "
                 f"(OID {self.outbox_relid}): the publication must cover only the outbox",
                 columns,
+                code=reasons.NOT_OUTBOX,
             )
         try:
             row = reader.read(event.new)
@@ -255,13 +267,14 @@ class SessionCore:
     def _route(
         self, seq: int, values: tuple[Any, ...], row: OutboxRow
     ) -> Envelope | PendingDeadLetter | Recheck:
+        code = reasons.TOO_LARGE
         try:
             envelope = self.router.route(row)
             reason = self._refusal(envelope)
         except Exception as exc:
-            reason = _reason(exc)
+            reason, code = _reason(exc), reasons.BAD_ROW
         if reason is not None:
-            return self._dead(seq, values, row, reason)
+            return self._dead(seq, values, row, reason, code=code)
         limits = self.limits
         if limits.refuses() and limits.refusal(envelope.exchange, len(envelope.body)):
             return Recheck(seq, envelope, values, row)
@@ -272,7 +285,13 @@ class SessionCore:
         envelope = recheck.envelope
         why = self.limits.refusal(envelope.exchange, len(envelope.body))
         if why is not None:
-            return self._dead(recheck.seq, recheck.values, recheck.row, why)
+            # limits.refusal names the refused exchange first, then the size.
+            code = (
+                reasons.EXCHANGE_REFUSED
+                if envelope.exchange in self.limits.refused_exchanges
+                else reasons.TOO_LARGE
+            )
+            return self._dead(recheck.seq, recheck.values, recheck.row, why, code=code)
         return self._publishing(recheck.seq, recheck.row, envelope)
 
     def _publishing(self, seq: int, row: OutboxRow, envelope: Envelope) -> Envelope:
@@ -303,11 +322,14 @@ class SessionCore:
                 None,
                 f"non-transactional logical message with prefix {event.prefix!r}: it would "
                 "bypass the commit (use pg_logical_emit_message(true, ...), i.e. outbox_emit)",
+                code=reasons.NON_TRANSACTIONAL,
             )
         seq = tracker.add_message()
         body = authenticated(event.content, self.emit_key)
         if body is None:
-            return self._dead(seq, (event.content,), None, EMIT_AUTH_FAILED)
+            return self._dead(
+                seq, (event.content,), None, EMIT_AUTH_FAILED, code=reasons.UNAUTHENTICATED
+            )
         try:
             row = row_from_message(body)
         except Exception as exc:
@@ -355,20 +377,26 @@ class SessionCore:
         for seq, error in outcome.failed:
             row = rows.pop(seq, None)
             if self._counters is not None:
-                self._counters.publish_failures.inc()
+                self._counters.publish_failures.inc(error.code)
             if error.returned and self.dead_letter_unroutable and row is not None:
-                letters.append(self._dead(seq, None, row, error.reason))
+                letters.append(self._dead(seq, None, row, error.reason, code=reasons.UNROUTABLE))
                 continue
-            raise self._fail(PublishRefused(f"publish of message {seq} failed: {error}"))
+            raise self._fail(
+                PublishRefused(f"publish of message {seq} failed: {error}", code=error.code)
+            )
         lost = outcome.lost
         if lost is not None:
+            if rows and self._counters is not None:  # every unsettled publish is lost with it
+                self._counters.publish_failures.inc(lost.code, len(rows))
             if self.limits.learn(lost):
                 culprit = rows.get(lost.culprit_seq) if lost.culprit_seq is not None else None
                 which = f" (outbox row {culprit.id})" if culprit is not None else ""
                 raise self._fail(
-                    SessionFailed(f"{lost}{which}; rows it refuses will be dead-lettered")
+                    SessionFailed(
+                        f"{lost}{which}; rows it refuses will be dead-lettered", code=lost.code
+                    )
                 )
-            raise self._fail(SessionFailed(str(lost)))
+            raise self._fail(SessionFailed(str(lost), code=lost.code))
         return letters
 
     def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:
@@ -380,8 +408,12 @@ class SessionCore:
 
     def stored(self, seqs: list[int], now: float) -> None:
         """These dead letters are durable: the flush may pass them."""
-        if self._counters is not None:
-            self._counters.dead_lettered.inc(len(seqs))
+        codes = self._letter_codes
+        counters = self._counters
+        for seq in seqs:
+            code = codes.pop(seq, reasons.BAD_ROW)
+            if counters is not None:
+                counters.dead_lettered.inc(code)
         self._confirm(sorted(seqs), now)
 
     def _confirm(self, seqs: list[int], now: float) -> None:
@@ -409,7 +441,10 @@ class SessionCore:
         row: Any,
         reason: str,
         columns: tuple[str, ...] | None = None,
+        *,
+        code: str = reasons.BAD_ROW,
     ) -> PendingDeadLetter:
+        self._letter_codes[seq] = code
         if row is not None:
             data, outbox_id = row.as_dict(), row.id
         else:
@@ -418,7 +453,9 @@ class SessionCore:
                 data["columns"] = list(columns)
                 if "id" in columns and values and values[columns.index("id")] is not None:
                     outbox_id = str(_jsonable(values[columns.index("id")]))
-        letter = DeadLetter(outbox_id=outbox_id, reason=reason, row=data, lsn=self._lsn_of(seq))
+        letter = DeadLetter(
+            outbox_id=outbox_id, reason=reason, row=data, lsn=self._lsn_of(seq), code=code
+        )
         return PendingDeadLetter(seq, letter)
 
     def _lsn_of(self, seq: int) -> int:

@@ -332,7 +332,11 @@ class DeadLetterSink:
                         letter.outbox_id,
                         format_lsn(letter.lsn),
                         letter.reason,
-                        extra={"outbox_id": letter.outbox_id, "lsn": format_lsn(letter.lsn)},
+                        extra={
+                            "outbox_id": letter.outbox_id,
+                            "lsn": format_lsn(letter.lsn),
+                            "reason": letter.code,
+                        },
                     )
                 self._on_stored([p.seq for p in batch])
                 if len(queue) < self._limit:

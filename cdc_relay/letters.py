@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from cdc_relay import reasons
 from cdc_relay.redact import one_line
 
 # What one dead letter stores: a text field over FIELD_LIMIT bytes keeps its first
@@ -28,6 +29,7 @@ class DeadLetter:
     reason: str
     row: dict[str, Any]
     lsn: int
+    code: str = reasons.BAD_ROW  # the reason's label in metrics and logs (``reasons``)
 
     def __post_init__(self) -> None:
         if self.outbox_id is not None:
@@ -49,7 +51,11 @@ class DeadLetter:
         primary = getattr(diag, "message_primary", None)
         text = one_line(primary or str(exc))[:500]
         return DeadLetter(
-            self.outbox_id, self.reason, {"unstorable": f"{type(exc).__name__}: {text}"}, self.lsn
+            self.outbox_id,
+            self.reason,
+            {"unstorable": f"{type(exc).__name__}: {text}"},
+            self.lsn,
+            self.code,
         )
 
 

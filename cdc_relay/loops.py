@@ -4,7 +4,8 @@ Per session (started by ``session.Session``, ended with it): standby status
 updates (``pg.schedule``), the state row with the relay's position and health
 (``state``, ``health``), the publication drift check (``health.DriftWatch``)
 and the stats line. Per process (started by ``relay.Relay``, never ending it):
-outbox retention for ``run --retention``. Each takes what it needs as
+the slot poll for /metrics (standing by too) and outbox retention for ``run
+--retention``. Each takes what it needs as
 arguments, so the session's own module is only its lifecycle.
 """
 
@@ -35,9 +36,10 @@ from cdc_relay.health import (
 )
 from cdc_relay.lsn import format_lsn
 from cdc_relay.metrics import Metrics
-from cdc_relay.pg import checks
+from cdc_relay.pg import catalog, checks, report
 from cdc_relay.pg.liveness import PROBE_TIMEOUT, walsender_alive
 from cdc_relay.pg.replication import ReplicationStream
+from cdc_relay.pg.report import SlotStatus
 from cdc_relay.pg.retention import retention_pass
 from cdc_relay.pg.schedule import Probe, Send, StatusSchedule
 from cdc_relay.redact import Redactor, one_line
@@ -110,17 +112,21 @@ async def state_loop(
     publisher: Publisher | None,
     problems: Problems,
     settings: Settings,
+    metrics: Metrics | None = None,
 ) -> None:
     """Record where the relay is and what is wrong (throttled in state.py).
 
     The position is for `resync` without --since; the health (problems, a
-    blocked broker, a flush that waits) for `status` in another process.
+    blocked broker, a flush that waits) for `status` in another process. The
+    gauges that would cost the hot path if set per message (in flight, blocked,
+    last confirm) are set here, every second.
     """
     # The row is read by other processes and roles: no password of ours goes there.
     redact = Redactor([settings.dsn, *settings.amqp_urls])
     started = time.monotonic()
     watch = FlushWatch()
     blocked_since: datetime | None = None
+    confirmed = metrics.confirmed.value if metrics is not None else 0
     while True:
         await asyncio.sleep(STATE_CHECK_INTERVAL)
         now = time.monotonic()
@@ -130,11 +136,26 @@ async def state_loop(
         wall = datetime.now(UTC)
         blocked = publisher is not None and publisher.blocked
         blocked_since = since_when(blocked, blocked_since, wall)
+        if metrics is not None:
+            confirmed = observe_publisher(metrics, publisher, blocked, confirmed, wall)
         waiting = watch.update(core.flush_lsn, core.unconfirmed, wall)
         problem, problem_since = problems.summary()
         if problem is not None:
             problem = redact(problem)
         await writer.maybe_report(now, (problem, problem_since, blocked_since, waiting))
+
+
+def observe_publisher(
+    metrics: Metrics, publisher: Publisher | None, blocked: bool, confirmed: int, wall: datetime
+) -> int:
+    """Set the publisher's gauges; returns the confirmed count, to tell the next call if it grew."""
+    metrics.in_flight_messages.set(publisher.in_flight if publisher is not None else 0)
+    metrics.in_flight_bytes.set(publisher.in_flight_bytes if publisher is not None else 0)
+    metrics.amqp_blocked.set(1 if blocked else 0)
+    now_confirmed = metrics.confirmed.value
+    if now_confirmed != confirmed:
+        metrics.last_confirm.set(wall.timestamp())
+    return now_confirmed
 
 
 async def drift_loop(
@@ -239,6 +260,96 @@ async def _side_connection(dsn: str, name: str) -> psycopg.AsyncConnection[Any]:
 RETENTION_INTERVAL: Final = 60.0  # seconds between background retention passes
 RETENTION_BATCH: Final = 500  # rows per DELETE in the background
 RETENTION_PAUSE: Final = 0.05  # seconds between batches: a low rate, never a lock storm
+
+
+SLOT_POLL_TIMEOUT: Final = 5.0  # statement and lock timeout of the slot poll's queries
+# The slot poll's side connection, bounded in every step so a poll never outlives a
+# few intervals (its thread cannot be cancelled, only bounded).
+SLOT_POLL_CONNECTION: Final[dict[str, Any]] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+    "application_name": "cdc-relay slot poll",
+}
+
+
+class SlotPoller:
+    """Reads the slot's numbers (``report.poll``) on one side connection, kept between polls.
+
+    Used from one task at a time, each poll in a worker thread; a failure closes
+    the connection and the next poll opens another. ``busy`` while a poll runs:
+    libpq must not be closed under a thread that is using the connection.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.busy = False
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def poll(self) -> SlotStatus:
+        s = self.settings
+        self.busy = True
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = catalog.connect(
+                    s.dsn,
+                    statement_timeout=SLOT_POLL_TIMEOUT,
+                    lock_timeout=SLOT_POLL_TIMEOUT,
+                    **SLOT_POLL_CONNECTION,
+                )
+            return report.poll(self._conn, s)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.busy = False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+
+async def poll_slot(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> None:
+    """Every ``--slot-poll-interval``: the slot's lag, retained WAL and dead letters, as metrics.
+
+    Run by every relay, active or standing by, so the lag alert still works when
+    the active one is gone. A failed poll is counted
+    (``cdc_relay_slot_poll_failures_total``) and logged once until one succeeds;
+    it never touches the stream.
+    """
+    poller = SlotPoller(settings)
+    interval = settings.slot_poll_interval
+    failures = 0
+    try:
+        while not stop.is_set():
+            try:
+                # No deadline of our own: the thread cannot be cancelled, and every step
+                # of the connection is bounded (SLOT_POLL_CONNECTION, SLOT_POLL_TIMEOUT).
+                status = await asyncio.to_thread(poller.poll)
+            except (psycopg.Error, ConfigError, OSError) as exc:
+                failures += 1
+                metrics.slot_poll_failures.inc()
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "cannot read slot %s for the metrics (retrying every %.0fs): %s",
+                    settings.slot,
+                    interval,
+                    one_line(str(exc)) or type(exc).__name__,
+                )
+            else:
+                if failures:
+                    log.info("slot %s readable for the metrics again", settings.slot)
+                failures = 0
+                metrics.observe_slot(status)
+            await event_within(stop, interval)
+    finally:
+        if not poller.busy:  # else the poll's thread ends within its bounds; the process exits
+            poller.close()
 
 
 async def retain_outbox(

@@ -12,12 +12,23 @@ import contextlib
 import logging
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from cdc_relay import __version__, reasons
 from cdc_relay.deadline import within
+
+if TYPE_CHECKING:
+    from cdc_relay.pg.report import SlotStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +46,67 @@ class LoopCounter:
 
     prometheus_client's Counter takes a lock on every ``inc`` (3-4% of the
     relay's CPU when it was used per message); the relay is single-threaded and
-    serves /metrics from its own loop, so a plain int is enough.
+    serves /metrics from its own loop, so a plain int is enough. It renders no
+    ``_created`` sample (a reset shows in the process's start time).
     """
 
-    __slots__ = ("documentation", "name", "value")
+    __slots__ = ("documentation", "labels", "name", "value")
 
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, labels: dict[str, str] | None = None) -> None:
         self.name = name
         self.documentation = documentation
+        self.labels = labels or {}
         self.value = 0
 
     def inc(self, amount: int = 1) -> None:
         self.value += amount
 
 
+class ReasonCounter:
+    """A loop counter with a ``reason`` label from a fixed set (``reasons``), each at 0 first.
+
+    Every reason is rendered from the start, so ``rate()`` by reason has a series
+    to work on before the first failure; an unknown code is counted all the same.
+    """
+
+    __slots__ = ("documentation", "labels", "name", "values")
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        reasons: tuple[str, ...],
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels or {}
+        self.values = dict.fromkeys(reasons, 0)
+
+    def inc(self, reason: str, amount: int = 1) -> None:
+        self.values[reason] = self.values.get(reason, 0) + amount
+
+    @property
+    def value(self) -> int:
+        return sum(self.values.values())
+
+
 class LoopHistogram:
     """A histogram observed on the event loop: plain ints, a bisect, no lock (see LoopCounter)."""
 
-    __slots__ = ("bounds", "counts", "documentation", "name", "sum")
+    __slots__ = ("bounds", "counts", "documentation", "labels", "name", "sum")
 
-    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        bounds: tuple[float, ...],
+        labels: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.bounds = bounds
+        self.labels = labels or {}
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
@@ -74,61 +123,181 @@ class LoopHistogram:
 
 
 class _LoopCollector:
-    def __init__(self, counters: list[LoopCounter], histograms: list[LoopHistogram]) -> None:
+    def __init__(
+        self,
+        counters: list[LoopCounter | ReasonCounter],
+        histograms: list[LoopHistogram],
+    ) -> None:
         self.counters = counters
         self.histograms = histograms
 
     def collect(self) -> Iterator[Metric]:
         for counter in self.counters:
-            yield CounterMetricFamily(counter.name, counter.documentation, value=counter.value)
+            names, values = list(counter.labels), list(counter.labels.values())
+            if isinstance(counter, ReasonCounter):
+                family = CounterMetricFamily(
+                    counter.name, counter.documentation, labels=[*names, "reason"]
+                )
+                for reason, count in counter.values.items():
+                    family.add_metric([*values, reason], count)
+            else:
+                family = CounterMetricFamily(counter.name, counter.documentation, labels=names)
+                family.add_metric(values, counter.value)
+            yield family
         for h in self.histograms:
-            yield HistogramMetricFamily(
-                h.name, h.documentation, buckets=h.cumulative(), sum_value=h.sum
-            )
+            histogram = HistogramMetricFamily(h.name, h.documentation, labels=list(h.labels))
+            histogram.add_metric(list(h.labels.values()), h.cumulative(), h.sum)
+            yield histogram
+
+
+ROLES: Final = ("active", "standby", "starting")
+WAL_STATUSES: Final = ("reserved", "extended", "unreserved", "lost")
 
 
 class Metrics:
-    """The relay's counters; one registry per relay so tests can run several."""
+    """The relay's metrics; one registry per relay so tests can run several.
 
-    def __init__(self) -> None:
+    Every ``cdc_relay_*`` series carries ``slot``, so one Prometheus and one
+    dashboard tell many relays apart. Counters are loop counters (no lock, no
+    ``_created``); gauges are set from the background loops, never per row.
+    """
+
+    def __init__(self, slot: str = "") -> None:
+        self.slot = slot
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        on = {"slot": slot}
         self.published = LoopCounter(
-            "cdc_relay_messages_published", "Messages handed to the broker"
+            "cdc_relay_messages_published", "Messages handed to the broker", on
         )
         self.confirmed = LoopCounter(
-            "cdc_relay_messages_confirmed", "Messages confirmed by the broker"
+            "cdc_relay_messages_confirmed", "Messages confirmed by the broker", on
         )
-        self.transactions = LoopCounter("cdc_relay_transactions", "Committed transactions received")
+        self.transactions = LoopCounter(
+            "cdc_relay_transactions", "Committed transactions received", on
+        )
+        self.publish_failures = ReasonCounter(
+            "cdc_relay_publish_failures",
+            "Publishes nacked, returned or lost, by reason",
+            reasons.PUBLISH_FAILURE_REASONS,
+            on,
+        )
+        self.dead_lettered = ReasonCounter(
+            "cdc_relay_messages_dead_lettered",
+            "Rows moved to the dead-letter table, by reason",
+            reasons.DEAD_LETTER_REASONS,
+            on,
+        )
+        self.reconnects = LoopCounter("cdc_relay_reconnects", "Sessions ended and restarted", on)
+        self.slot_poll_failures = LoopCounter(
+            "cdc_relay_slot_poll_failures", "Slot polls that failed (the stream goes on)", on
+        )
         self.commit_to_confirm = LoopHistogram(
             "cdc_relay_commit_to_confirm_seconds",
             "Per transaction: from its commit in Postgres (the commit timestamp) to the"
             " broker's confirm of its last message",
             COMMIT_TO_CONFIRM_BUCKETS,
+            on,
         )
         r.register(
             _LoopCollector(
-                [self.published, self.confirmed, self.transactions], [self.commit_to_confirm]
+                [
+                    self.published,
+                    self.confirmed,
+                    self.transactions,
+                    self.publish_failures,
+                    self.dead_lettered,
+                    self.reconnects,
+                    self.slot_poll_failures,
+                ],
+                [self.commit_to_confirm],
             )
         )
-        self.publish_failures = Counter(
-            "cdc_relay_publish_failures", "Publishes nacked, returned or lost", registry=r
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, ["slot", *labels], registry=r)
+
+        self.flush_lsn = gauge(
+            "cdc_relay_flush_lsn", "Last flush LSN reported to Postgres (bytes)"
+        ).labels(slot)
+        self.received_lsn = gauge(
+            "cdc_relay_received_lsn", "Highest WAL position received (bytes)"
+        ).labels(slot)
+        self.ready = gauge("cdc_relay_ready", "1 while streaming with both connections up").labels(
+            slot
         )
-        self.dead_lettered = Counter(
-            "cdc_relay_messages_dead_lettered", "Rows moved to the dead-letter table", registry=r
+        self.in_flight_messages = gauge(
+            "cdc_relay_in_flight_messages", "Messages published and not yet confirmed"
+        ).labels(slot)
+        self.in_flight_bytes = gauge(
+            "cdc_relay_in_flight_bytes", "Body bytes published and not yet confirmed"
+        ).labels(slot)
+        self.amqp_blocked = gauge(
+            "cdc_relay_amqp_blocked", "1 while RabbitMQ has blocked the connection (an alarm)"
+        ).labels(slot)
+        self.last_confirm = gauge(
+            "cdc_relay_last_confirm_timestamp_seconds",
+            "Unix time the broker last confirmed a message (to within a second)",
+        ).labels(slot)
+        self._role = gauge(
+            "cdc_relay_role", "1 for the relay's current role: active, standby or starting", "role"
         )
-        self.reconnects = Counter(
-            "cdc_relay_reconnects", "Sessions ended and restarted", registry=r
+        self.role = "starting"
+        self.set_role("starting")
+        gauge("cdc_relay_build_info", "The relay's version (always 1)", "version").labels(
+            slot, __version__
+        ).set(1)
+        self._slot_lag = gauge(
+            "cdc_relay_slot_lag_bytes", "Current WAL minus the slot's confirmed_flush_lsn"
         )
-        self.flush_lsn = Gauge(
-            "cdc_relay_flush_lsn", "Last flush LSN reported to Postgres (bytes)", registry=r
+        self._slot_retained = gauge(
+            "cdc_relay_slot_retained_wal_bytes", "Current WAL minus the slot's restart_lsn"
         )
-        self.received_lsn = Gauge(
-            "cdc_relay_received_lsn", "Highest WAL position received (bytes)", registry=r
+        self._slot_safe = gauge(
+            "cdc_relay_slot_safe_wal_size_bytes",
+            "WAL that can still be written before the slot is lost (NaN: unlimited)",
         )
-        self.ready = Gauge(
-            "cdc_relay_ready", "1 while streaming with both connections up", registry=r
+        self._slot_status = gauge(
+            "cdc_relay_slot_wal_status",
+            "1 for the slot's current wal_status: reserved, extended, unreserved or lost",
+            "status",
         )
+        self._slot_active = gauge("cdc_relay_slot_active", "1 while some walsender holds the slot")
+        self._dead_letters_pending = gauge(
+            "cdc_relay_dead_letters_pending", "Dead letters not replayed yet"
+        )
+
+    def set_role(self, role: str) -> None:
+        """``active`` (streaming), ``standby`` (another relay holds the slot) or ``starting``."""
+        self.role = role
+        for each in ROLES:
+            self._role.labels(self.slot, each).set(1 if each == role else 0)
+
+    def ready_in_role(self) -> bool:
+        """/readyz: streaming as the active relay, or standing by as a standby."""
+        return self.role == "standby" or (self.role == "active" and bool(self.ready._value.get()))
+
+    def observe_slot(self, status: SlotStatus) -> None:
+        """One slot poll (``loops.poll_slot``); what it could not read (no slot) is NaN."""
+        slot = self.slot
+        nan = float("nan")
+
+        def number(value: int | None) -> float:
+            return nan if value is None else float(value)
+
+        primary = status.primary
+        self._slot_lag.labels(slot).set(number(primary.lag_bytes if primary else None))
+        self._slot_retained.labels(slot).set(
+            number(primary.retained_wal_bytes if primary else None)
+        )
+        self._slot_safe.labels(slot).set(number(primary.safe_wal_size if primary else None))
+        wal_status = primary.wal_status if primary is not None else None
+        for each in WAL_STATUSES:
+            self._slot_status.labels(slot, each).set(1 if each == wal_status else 0)
+        self._slot_active.labels(slot).set(1 if primary is not None and primary.active else 0)
+        self._dead_letters_pending.labels(slot).set(number(status.dead_letters_pending))
 
     def confirmed_count(self) -> float:
         return self.confirmed.value
@@ -138,7 +307,7 @@ class Metrics:
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz (process alive) and /readyz (streaming).
+    """Serves /metrics, /healthz (process alive) and /readyz (healthy in its role).
 
     The port is reachable by anything that can reach the pod, so a client gets
     one deadline for its whole request (not one per line: a header every 3 s
@@ -207,7 +376,7 @@ class MetricsServer:
         if path == "/healthz":
             return "200 OK", b"ok\n", "text/plain"
         if path == "/readyz":
-            if self.metrics.ready._value.get():
+            if self.metrics.ready_in_role():
                 return "200 OK", b"ready\n", "text/plain"
             return "503 Service Unavailable", b"not ready\n", "text/plain"
         return "404 Not Found", b"not found\n", "text/plain"

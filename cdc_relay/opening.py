@@ -113,13 +113,15 @@ async def take_slot(
     start_lsn: int = 0,
     *,
     messages: bool,
+    on_standby: Callable[[], None] | None = None,
 ) -> bool | None:
     """START_REPLICATION (at ``start_lsn`` or the slot's position); stand by while it is busy.
 
     ``messages`` (the outbox uses emitted messages: validation found its key)
     asks pgoutput for logical messages; without it no role's message is even sent.
     Returns whether it had to stand by (the slot's position may have moved
-    meanwhile), or None if asked to stop first.
+    meanwhile), or None if asked to stop first. ``on_standby`` is called when it
+    starts standing by (the relay's role).
     """
     standing_by = False
     while True:
@@ -141,6 +143,8 @@ async def take_slot(
         except SlotInUse as exc:
             if not standing_by:
                 log.info("standing by: %s", exc)
+                if on_standby is not None:
+                    on_standby()
             standing_by = True
         except ReplicationError as exc:
             if exc.sqlstate == SQLSTATE_UNDEFINED_OBJECT:

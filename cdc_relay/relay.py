@@ -26,7 +26,7 @@ from cdc_relay.deadline import event_within
 from cdc_relay.errors import ConfigError, FatalError, SlotMissing
 from cdc_relay.health import Problems
 from cdc_relay.limits import BrokerLimits
-from cdc_relay.loops import HEALTHY_SESSION_SECONDS, SESSION_KEY, retain_outbox
+from cdc_relay.loops import HEALTHY_SESSION_SECONDS, SESSION_KEY, poll_slot, retain_outbox
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg.pgoutput import ProtocolError
 from cdc_relay.router import Router
@@ -53,7 +53,7 @@ class Relay:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.slot)
         self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty(settings.exchange)
         self.problems = Problems()
@@ -84,18 +84,26 @@ class Relay:
         self.problems.clear(key)
 
     async def run(self) -> None:
-        retention = None
+        # Beside the sessions, never ending them: the slot poll (active and standby
+        # alike) and retention.
+        background = [
+            asyncio.create_task(
+                poll_slot(self.settings, self.metrics, self._stop), name="cdc-relay-slot-poll"
+            )
+        ]
         if self.settings.retention is not None:
-            retention = asyncio.create_task(
-                retain_outbox(self.settings, self.settings.retention, self._stop),
-                name="cdc-relay-retention",
+            background.append(
+                asyncio.create_task(
+                    retain_outbox(self.settings, self.settings.retention, self._stop),
+                    name="cdc-relay-retention",
+                )
             )
         try:
             await self._run_sessions()
         finally:
-            if retention is not None:
-                retention.cancel()
-                await asyncio.gather(retention, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
 
     async def _run_sessions(self) -> None:
         attempt = 0
@@ -156,6 +164,10 @@ class Relay:
                 # Session.run logged "session ended" already, before closing connections.
             finally:
                 self.metrics.ready.set(0)
+                self.metrics.set_role("starting")
+                self.metrics.in_flight_messages.set(0)  # resent by the next session
+                self.metrics.in_flight_bytes.set(0)
+                self.metrics.amqp_blocked.set(0)
                 checked = checked or session.checked
                 if session.streamed:
                     streamed, missing_since = True, None

@@ -35,7 +35,7 @@ from typing import Any, Final
 import psycopg
 
 from cdc_relay import loops, state
-from cdc_relay.amqp import ConnectError, Outcome, Publisher, UnpublishableMessage
+from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
 from cdc_relay.core import STOP, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter
@@ -91,6 +91,13 @@ def certificate_rejected(exc: BaseException) -> str | None:
     if isinstance(exc, ConnectError) and exc.certificate_rejected:
         return f"{exc}; check cacertfile and the host name in --amqp-url"
     return pg_certificate_rejected(exc)
+
+
+def reason_code(exc: BaseException) -> str | None:
+    """The reason code (``reasons``) of a broker failure that ended a session, else None."""
+    if isinstance(exc, (SessionFailed, PublishFailed)):
+        return exc.code
+    return None
 
 
 def describe(exc: BaseException) -> str:
@@ -170,7 +177,9 @@ class Session:
         """Say the session ended when it does: closing a partitioned peer can take seconds."""
         if not self.end_logged and isinstance(exc, SESSION_ERRORS):
             if certificate_rejected(exc) is None:
-                log.warning("session ended: %s", describe(exc))
+                code = reason_code(exc)
+                extra = {"reason": code} if code is not None else None
+                log.warning("session ended: %s", describe(exc), extra=extra)
             self.end_logged = True
 
     # -- lifecycle --------------------------------------------------------------
@@ -207,7 +216,14 @@ class Session:
         system, timeline, wal_end = await identify(stream, s)
         known = [p for p in (self.confirmed.position, await recorded(s)) if p is not None]
         start = start_position(known, system, timeline, wal_end)
-        stood_by = await take_slot(stream, s, self.stop, start, messages=messages)
+        stood_by = await take_slot(
+            stream,
+            s,
+            self.stop,
+            start,
+            messages=messages,
+            on_standby=lambda: self.metrics.set_role("standby"),
+        )
         if stood_by is None:
             return None  # asked to stop while standing by
         # Again now that the slot is ours: its position moved while another relay held
@@ -257,6 +273,7 @@ class Session:
             )
         self.problems.clear(DRIFT_KEY)  # validation just found the publication covering it
         self.metrics.ready.set(1)
+        self.metrics.set_role("active")
         self.streamed = True
         return Streaming(stream, publisher, core, sink, writer, facts.outbox_relid)
 
@@ -277,7 +294,7 @@ class Session:
         tasks.start("cdc-relay-stats", loops.stats_loop(core, metrics, s.stats_interval))
         tasks.start(
             "cdc-relay-state",
-            loops.state_loop(core, parts.state, parts.publisher, problems, s),
+            loops.state_loop(core, parts.state, parts.publisher, problems, s, metrics),
         )
         if parts.outbox_relid:  # a table-less outbox has no table to leave the publication
             tasks.start(

@@ -155,8 +155,11 @@ async def test_unroutable_and_unmappable_rows_are_dead_lettered(
         # One transaction, finished once its two dead letters were stored.
         text = await metrics_text(port)
         assert parse_histogram(text, "cdc_relay_commit_to_confirm_seconds")["count"] == 1
-        assert "cdc_relay_messages_dead_lettered_total 2.0" in text
-        assert "cdc_relay_messages_confirmed_total 2.0" in text
+        slot = outbox.settings.slot
+        for reason in ("unroutable", "bad_row"):  # one of each, labelled by reason
+            dead = f'cdc_relay_messages_dead_lettered_total{{reason="{reason}",slot="{slot}"}}'
+            assert f"{dead} 1.0" in text
+        assert f'cdc_relay_messages_confirmed_total{{slot="{slot}"}} 2.0' in text
         # Bind a queue for the unroutable one and replay it.
         other = await Consumer(
             outbox.amqp_url, outbox.names["exchange"], "nowhere.#", queue="q_nowhere"

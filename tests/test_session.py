@@ -90,6 +90,14 @@ class FakePublisher:
         self.connected_url = "amqp://fake"
         self.closed = False
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.unsettled)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return 100 * len(self.unsettled)
+
     async def publish(self, seq: int, envelope: Envelope) -> None:
         self.published.append(seq)
         self.unsettled.add(seq)

@@ -28,7 +28,7 @@ from pamqp.base import Frame
 from pamqp.exceptions import UnmarshalingException
 from pamqp.heartbeat import Heartbeat
 
-from cdc_relay import __version__
+from cdc_relay import __version__, reasons
 from cdc_relay.amqp.address import AmqpAddress
 from cdc_relay.amqp.replies import close_error
 from cdc_relay.amqp.window import PublishFailed
@@ -292,7 +292,9 @@ class Connection(asyncio.Protocol):
             try:
                 _, channel, value = pamqp_frame.unmarshal(raw)
             except UnmarshalingException as exc:
-                self._fail(PublishFailed(f"bad frame from broker: {exc}"))
+                self._fail(
+                    PublishFailed(f"bad frame from broker: {exc}", code=reasons.PROTOCOL_ERROR)
+                )
                 return
             handler = handlers.get(type(value))
             if handler is not None:

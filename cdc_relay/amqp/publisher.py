@@ -30,6 +30,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
+from cdc_relay import reasons
 from cdc_relay.amqp.address import AmqpAddress, redact
 from cdc_relay.amqp.connection import ConnectError, Connection
 from cdc_relay.amqp.replies import NOT_FOUND, PRECONDITION_FAILED, close_error
@@ -179,7 +180,8 @@ class Publisher:
             self._lose(
                 PublishFailed(
                     f"no confirm within {self._confirm_timeout:g}s"
-                    + (" (connection blocked by a broker alarm)" if self.blocked else "")
+                    + (" (connection blocked by a broker alarm)" if self.blocked else ""),
+                    code=reasons.TIMEOUT,
                 )
             )
             return
@@ -205,6 +207,10 @@ class Publisher:
     @property
     def in_flight(self) -> int:
         return self._window.in_flight
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._window.in_flight_bytes
 
     # -- incoming frames -------------------------------------------------------------
 

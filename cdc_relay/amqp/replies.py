@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from cdc_relay import reasons
 from cdc_relay.amqp.window import PublishFailed
 
 NOT_FOUND = 404
@@ -49,4 +50,5 @@ def close_error(what: str, reply_code: int | None, reply_text: str | None) -> Pu
         reply_code=reply_code,
         refused_exchange=refused_exchange(code, text),
         broker_max_message_size=broker_max_message_size(code, text),
+        code=reasons.CHANNEL_CLOSED,
     )

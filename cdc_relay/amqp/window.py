@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from cdc_relay import reasons
 from cdc_relay.errors import SessionError
 
 # Entry states; a PublishFailed in ``_marks`` means "returned".
@@ -37,6 +38,8 @@ class PublishFailed(SessionError):
     403 forbidden) and ``broker_max_message_size`` the limit of a 406 "message
     size" close; ``culprit_seq`` is then the publish that caused it, filled in
     by ``ConfirmWindow.fail_all``, so the caller can dead-letter that one row.
+    ``code`` is its label in metrics and logs (``reasons.PUBLISH_FAILURE_REASONS``):
+    by default ``unroutable`` for a return, else ``connection_lost``.
     """
 
     def __init__(
@@ -47,9 +50,11 @@ class PublishFailed(SessionError):
         reply_code: int | None = None,
         refused_exchange: str | None = None,
         broker_max_message_size: int | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code or (reasons.UNROUTABLE if returned else reasons.CONNECTION_LOST)
         self.returned = returned
         self.reply_code = reply_code
         self.refused_exchange = refused_exchange
@@ -165,7 +170,7 @@ class ConfirmWindow:
         return self._settle(tag, multiple, None)
 
     def nack(self, tag: int, multiple: bool) -> Outcome:
-        return self._settle(tag, multiple, PublishFailed("nacked by broker"))
+        return self._settle(tag, multiple, PublishFailed("nacked by broker", code=reasons.NACK))
 
     def returned(self, message_id: str, error: PublishFailed) -> None:
         """Mark the unsettled publish with this id as returned; its ack will report it failed.
@@ -180,6 +185,7 @@ class ConfirmWindow:
                 f"({error.reason})",
                 returned=True,
                 reply_code=error.reply_code,
+                code=reasons.PROTOCOL_ERROR,
             )
         self._marks[tag] = error
 

@@ -21,6 +21,7 @@ from cdc_relay.errors import ConfigError
 from cdc_relay.pg.catalog import (
     FAILOVER_MIN_VERSION,
     TIMEOUT_ERRORS,
+    SlotInfo,
     could_not_read,
     missing_privilege,
     publication_exists,
@@ -140,31 +141,9 @@ def status(
     problems, warnings = result.problems, result.warnings
     health = _relay_health(conn, settings, problems)
     if info is not None:
-        lag = conn.execute(
-            "SELECT pg_current_wal_lsn()::text,"
-            " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
-            " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            (settings.slot,),
-        ).fetchone()
-        assert lag is not None
-        failover = _slot_flags(conn, settings.slot).get("failover")
-        result.primary = PrimarySlot(
-            plugin=info.plugin,
-            database=info.database,
-            active=info.active,
-            active_pid=info.active_pid,
-            active_client=_client_of(conn, info.active_pid),
-            failover=failover,
-            confirmed_flush_lsn=info.confirmed_flush_lsn,
-            restart_lsn=info.restart_lsn,
-            wal_status=info.wal_status,
-            current_wal_lsn=lag[0],
-            lag_bytes=lag[1],
-            retained_wal_bytes=lag[2],
-            safe_wal_size=lag[3],
-        )
-        retention = _wal_retention(settings.slot, info.wal_status, lag[2])
+        result.primary = primary = _primary_slot(conn, settings.slot, info)
+        failover, lag = primary.failover, primary.lag_bytes
+        retention = _wal_retention(settings.slot, info.wal_status, primary.retained_wal_bytes)
         if info.wal_status == "unreserved":
             problems.append(retention)
         elif retention:
@@ -173,8 +152,8 @@ def status(
             warnings += _failover_warnings(conn, settings.slot)
         if require_active and not info.active:
             problems.append(_not_attached(settings.slot, health))
-        if max_lag_bytes is not None and lag[1] is not None and lag[1] > max_lag_bytes:
-            problems.append(f"lag {lag[1]} bytes exceeds --max-lag-bytes {max_lag_bytes}")
+        if max_lag_bytes is not None and lag is not None and lag > max_lag_bytes:
+            problems.append(f"lag {lag} bytes exceeds --max-lag-bytes {max_lag_bytes}")
     pub_tables = conn.execute(
         "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s"
         " ORDER BY 1",
@@ -183,20 +162,7 @@ def status(
     result.publication = settings.publication
     result.publication_exists = publication_exists(conn, settings.publication)
     result.publication_tables = [r[0] for r in pub_tables]
-    dl_schema, dl_table = settings.dead_letter_table
-    if table_exists(conn, dl_schema, dl_table):
-        result.dead_letter_table_exists = True
-        try:
-            row = conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE replayed_at IS NULL").format(
-                    qualified(dl_schema, dl_table)
-                )
-            ).fetchone()
-            result.dead_letters_pending = row[0] if row else 0
-        except psycopg.errors.InsufficientPrivilege:
-            problems.append(missing_privilege(conn, f"SELECT on {dl_schema}.{dl_table}"))
-        except TIMEOUT_ERRORS as exc:
-            problems.append(could_not_read(f"dead-letter table {dl_schema}.{dl_table}", exc))
+    _count_dead_letters(conn, settings, result)
     problems += _relay_reports(health, max_stall)
     try:
         validate(conn, settings)
@@ -206,6 +172,71 @@ def status(
         problems.insert(0, missing_privilege(conn, one_line(str(exc))))
     warnings += emit_warnings(conn, settings)
     return result
+
+
+def poll(conn: psycopg.Connection[Any], settings: Settings) -> SlotStatus:
+    """The slot's numbers for /metrics (lag, retained WAL, wal_status, dead letters pending).
+
+    The same queries as ``status`` reads them, without its checks: run every
+    ``--slot-poll-interval`` by the active relay and the standby alike. On a
+    server in recovery it is the standby's report (no WAL position to measure).
+    """
+    if _in_recovery(conn):
+        return standby_status(conn, settings)
+    info = slot_info(conn, settings.slot)
+    result = SlotStatus(role="primary", slot=settings.slot, slot_exists=info is not None)
+    if info is not None:
+        result.primary = _primary_slot(conn, settings.slot, info)
+    _count_dead_letters(conn, settings, result)
+    return result
+
+
+def _primary_slot(conn: psycopg.Connection[Any], slot: str, info: SlotInfo) -> PrimarySlot:
+    """The slot's positions and how far behind the current WAL they are."""
+    lag = conn.execute(
+        "SELECT pg_current_wal_lsn()::text,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    assert lag is not None
+    return PrimarySlot(
+        plugin=info.plugin,
+        database=info.database,
+        active=info.active,
+        active_pid=info.active_pid,
+        active_client=_client_of(conn, info.active_pid),
+        failover=_slot_flags(conn, slot).get("failover"),
+        confirmed_flush_lsn=info.confirmed_flush_lsn,
+        restart_lsn=info.restart_lsn,
+        wal_status=info.wal_status,
+        current_wal_lsn=lag[0],
+        lag_bytes=lag[1],
+        retained_wal_bytes=lag[2],
+        safe_wal_size=lag[3],
+    )
+
+
+def _count_dead_letters(
+    conn: psycopg.Connection[Any], settings: Settings, result: SlotStatus
+) -> None:
+    """Fill the dead-letter fields; what cannot be read is a problem, never an exception."""
+    dl_schema, dl_table = settings.dead_letter_table
+    if not table_exists(conn, dl_schema, dl_table):
+        return
+    result.dead_letter_table_exists = True
+    try:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE replayed_at IS NULL").format(
+                qualified(dl_schema, dl_table)
+            )
+        ).fetchone()
+        result.dead_letters_pending = row[0] if row else 0
+    except psycopg.errors.InsufficientPrivilege:
+        result.problems.append(missing_privilege(conn, f"SELECT on {dl_schema}.{dl_table}"))
+    except TIMEOUT_ERRORS as exc:
+        result.problems.append(could_not_read(f"dead-letter table {dl_schema}.{dl_table}", exc))
 
 
 def emit_warnings(conn: psycopg.Connection[Any], settings: Settings) -> list[str]:
