@@ -20,6 +20,7 @@ __all__ = [
     "metrics_text",
     "parse_histogram",
     "readyz",
+    "role",
 ]
 
 
@@ -35,8 +36,22 @@ def get(port: int, path: str, timeout: float = 5) -> tuple[int, str]:
 
 
 def readyz(port: int) -> int:
-    """The status of /readyz: 200 streaming, 503 not, 0 when nothing answers."""
+    """The status of /readyz: 200 healthy in its role (active or standby), 503 not, 0 when
+    nothing answers."""
     return get(port, "/readyz", timeout=2)[0]
+
+
+def role(port: int) -> str | None:
+    """The relay's role (``cdc_relay_role`` at 1: active, standby, starting); None if unknown."""
+    status, body = get(port, "/metrics", timeout=2)
+    if status != 200:
+        return None
+    for family in text_string_to_metric_families(body):
+        if family.name == "cdc_relay_role":
+            for sample in family.samples:
+                if sample.value == 1:
+                    return sample.labels["role"]
+    return None
 
 
 async def metrics_text(port: int) -> str:

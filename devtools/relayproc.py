@@ -129,12 +129,16 @@ class RelayProcess:
     # -- readiness ------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float = 60) -> float:
-        """Poll /readyz until the relay streams; returns the seconds since spawning."""
+        """Poll until the relay streams (/readyz 200 as the active relay; a standby is ready
+        too); returns the seconds since spawning."""
         assert self.metrics_port is not None, "wait_ready needs a metrics_port"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
-            if await asyncio.to_thread(metrics.readyz, self.metrics_port) == 200:
+            if (
+                await asyncio.to_thread(metrics.readyz, self.metrics_port) == 200
+                and await asyncio.to_thread(metrics.role, self.metrics_port) == "active"
+            ):
                 self.ready_at = time.monotonic()
                 return self.ready_at - self.spawned
             await asyncio.sleep(0.01)

@@ -15,7 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
+from cdc_relay import reasons
 from cdc_relay.amqp import Outcome, PublishFailed
+from cdc_relay.amqp.window import ConfirmWindow
 from cdc_relay.core import (
     STOP,
     PendingDeadLetter,
@@ -27,6 +29,7 @@ from cdc_relay.deadletters import DeadLetterRecord
 from cdc_relay.emitauth import EMIT_AUTH_FAILED, authenticated
 from cdc_relay.envelope import Envelope
 from cdc_relay.limits import RECHECK_INTERVAL, BrokerLimits, Recheck
+from cdc_relay.metrics import Metrics
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
 from cdc_relay.replay import row_from_record
 from cdc_relay.router import Router
@@ -584,3 +587,57 @@ def test_importing_the_core_loads_no_io_library() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# -- reason codes: the metrics' reason label and the log line's reason field ---------------
+
+
+def test_dead_letters_and_publish_failures_are_counted_by_reason_code() -> None:
+    metrics = Metrics("s")
+    core, _ = make_core(counters=metrics, max_message_size=200)
+    feed(core, relation(), relation(OUTBOX + 1, "other"))
+    actions = transaction(
+        core,
+        0x2000,
+        insert(1, headers=b"[1]"),  # bad_row
+        insert(2, payload=b'"' + b"x" * 300 + b'"'),  # too_large
+        insert(3, relid=OUTBOX + 1),  # not_outbox
+        insert(4),  # published, then returned
+        insert(5),  # published, then lost with the connection
+    )
+    letters = [a for a in actions if isinstance(a, PendingDeadLetter)]
+    assert [p.letter.code for p in letters] == ["bad_row", "too_large", "not_outbox"]
+    returned = PublishFailed("returned by broker: 312 NO_ROUTE", returned=True, reply_code=312)
+    [unroutable] = core.settle(Outcome([], [(4, returned)], None), COMMIT_UNIX)
+    assert unroutable.letter.code == "unroutable"
+    core.stored([p.seq for p in [*letters, unroutable]], COMMIT_UNIX)
+    assert metrics.dead_lettered.values == {
+        **dict.fromkeys(reasons.DEAD_LETTER_REASONS, 0),
+        "bad_row": 1,
+        "too_large": 1,
+        "not_outbox": 1,
+        "unroutable": 1,
+    }
+    lost = PublishFailed("no confirm within 30s", code=reasons.TIMEOUT)
+    with pytest.raises(SessionFailed) as ended:
+        core.settle(Outcome(lost=lost), COMMIT_UNIX)
+    assert ended.value.code == "timeout"
+    # The return and the one publish lost with the timeout.
+    assert {k: v for k, v in metrics.publish_failures.values.items() if v} == {
+        "unroutable": 1,
+        "timeout": 1,
+    }
+
+
+def test_a_nack_is_counted_as_nack_and_names_its_reason() -> None:
+    metrics = Metrics("s")
+    core, _ = make_core(counters=metrics)
+    feed(core, relation())
+    transaction(core, 0x2000, insert(1))
+    nack = ConfirmWindow(10, 1 << 20)
+    nack.add(1, "m1", "x", 1, 0.0)
+    [(_, error)] = nack.nack(1, False).failed
+    with pytest.raises(SessionFailed) as ended:
+        core.settle(Outcome([], [(1, error)], None), COMMIT_UNIX)
+    assert ended.value.code == "nack"
+    assert metrics.publish_failures.values["nack"] == 1

@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay.pg import report
-from devtools.metrics import readyz
+from devtools.metrics import readyz, role
 from devtools.servers import PostgresServer, free_port
 from tests.faults import Workload, verify
 from tests.fix_pg import ServerFactory
@@ -78,9 +78,12 @@ async def test_standby_takes_over_from_killed_and_frozen_relays(
         await first.wait_ready(30)
         second.start()
         await wait_log(second, STANDING_BY, 1, 30)
-        # /readyz and status tell the active relay from the standby.
-        assert readyz(first.metrics_port or 0) == 200
-        assert readyz(second.metrics_port or 0) == 503
+        # Both are ready in their role (a rollout completes); role and status tell them apart.
+        assert readyz(first.metrics_port or 0) == readyz(second.metrics_port or 0) == 200
+        assert (role(first.metrics_port or 0), role(second.metrics_port or 0)) == (
+            "active",
+            "standby",
+        )
         status = slot_status(outbox)
         assert status["active"] is True, status
         assert str(status["active_client"]).startswith(f"cdc-relay {socket.gethostname()}"), status
@@ -110,8 +113,11 @@ async def test_standby_takes_over_from_killed_and_frozen_relays(
 
         await workload.wait(90)
         verdict = await verify(outbox, consumer, timeout=60)
-        assert readyz(third.metrics_port or 0) == 200
-        assert readyz(second.metrics_port or 0) == 503
+        assert readyz(third.metrics_port or 0) == readyz(second.metrics_port or 0) == 200
+        assert (role(third.metrics_port or 0), role(second.metrics_port or 0)) == (
+            "active",
+            "standby",
+        )
         second.check_alive()
         third.check_alive()
         print(
