@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.dashboard import (
+    DASHBOARD,
     PROCESS_METRICS,
     RELAY_METRICS,
     expressions,
@@ -115,3 +116,16 @@ def test_substitution_leaves_no_variable(dashboard: dict[str, Any]) -> None:
     for _, expr in expressions(dashboard):
         done = substitute(expr, "s1", ["127.0.0.1:1", "127.0.0.1:2"], "1m")
         assert "$" not in done, done
+
+
+def test_every_metric_named_is_in_the_documented_metric_list(dashboard: dict[str, Any]) -> None:
+    """docs/operations.md's table is the list operators read: the dashboard names nothing else."""
+    docs = (DASHBOARD.parent.parent.parent / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"^\| `((?:cdc_relay|process)_[a-z0-9_]+)`", docs, re.M))
+    for _, expr in expressions(dashboard):
+        for name in metric_names(expr):
+            if name.startswith("process_"):
+                assert "process_*" in docs
+                continue
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in documented or base in documented, name
