@@ -183,17 +183,28 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
                 setup.insert(conn, [{"event_type": "late", "payload": {"n": n, "pad": "x" * 500}}])
                 conn.commit()
 
-        async def firing() -> dict[str, Any] | None:
-            for alert in await asyncio.to_thread(prom.alerts):
-                labels = alert["labels"]
-                ours = labels["alertname"] == "NoActiveRelay" and labels.get("slot") == slot
-                if ours and alert["state"] == "firing":
-                    return alert
-            return None
+        def firing(name: str, **labels: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:
+            async def probe() -> dict[str, Any] | None:
+                for alert in await asyncio.to_thread(prom.alerts):
+                    found = alert["labels"]
+                    ours = found["alertname"] == name and labels.items() <= found.items()
+                    if ours and alert["state"] == "firing":
+                        return alert
+                return None
 
-        alert = await until("NoActiveRelay firing", firing, 30)
+            return probe
+
+        alert = await until("NoActiveRelay firing", firing("NoActiveRelay", slot=slot), 30)
         fired_after = time.monotonic() - killed_at
         assert alert["labels"]["severity"] == "critical"
+        # The dead relay's target is down: RelayDown names it (and only it).
+        await until("RelayDown firing", firing("RelayDown", instance=instances["active"]), 30)
+        down = [
+            a
+            for a in await asyncio.to_thread(prom.alerts)
+            if a["labels"]["alertname"] == "RelayDown"
+        ]
+        assert {a["labels"].get("instance") for a in down} == {instances["active"]}, down
 
         async def grown() -> float | None:
             found = await query(prom, standby_lag)
