@@ -1,6 +1,7 @@
 """Processes, ports and users for the throwaway servers, and their one lifecycle.
 
-``Server`` is the lifecycle every launcher shares (Postgres, a RabbitMQ node):
+``Server`` is the lifecycle every launcher shares (Postgres, a RabbitMQ node,
+Prometheus):
 its own directory, start with a deadline, a clean stop, a hard kill, cleanup.
 ``ServerGroup`` is the same for servers started together (a RabbitMQ cluster,
 a Postgres primary and standby). Servers must not outlive the Python process
@@ -286,6 +287,7 @@ class _Guardian:
 def guardian_main() -> None:
     """Body of the watchdog process (see _Guardian)."""
     from devtools.postgres import kill_postgres
+    from devtools.prometheus import kill_prometheus
     from devtools.rabbit import kill_rabbit
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -301,6 +303,8 @@ def guardian_main() -> None:
         with contextlib.suppress(Exception):
             if kind == "pg":
                 kill_postgres(Path(path) / "data")
+            elif kind == "prom":
+                kill_prometheus(Path(path))
             else:
                 kill_rabbit(Path(path))
         if owned:

@@ -1,7 +1,7 @@
 #!/bin/sh
-# Make sure the PostgreSQL and RabbitMQ server binaries exist. The tests and the
-# demo start their own throwaway instances from these binaries; no running
-# service is needed or touched.
+# Make sure the PostgreSQL, RabbitMQ and Prometheus server binaries exist (Prometheus
+# with promtool: the rule and dashboard tests). The tests and the demo start their own
+# throwaway instances from these binaries; no running service is needed or touched.
 set -e
 missing=""
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -9,6 +9,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     missing="$missing rabbitmq-server"
+fi
+if [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/promtool ]; then
+    missing="$missing prometheus"
 fi
 [ -z "$missing" ] && exit 0
 echo "installing:$missing"
@@ -22,3 +25,4 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends $missing
 # The packages start system services we do not need; ours run privately.
 command -v service >/dev/null 2>&1 && service rabbitmq-server stop >/dev/null 2>&1 || true
+command -v service >/dev/null 2>&1 && service prometheus stop >/dev/null 2>&1 || true

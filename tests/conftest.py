@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fix_tls",
     "tests.fix_ha",
     "tests.fix_outbox",
+    "tests.fix_prometheus",
 ]
 
 SERVER_FIXTURES = frozenset(
@@ -32,13 +33,20 @@ SERVER_FIXTURES = frozenset(
         "pg_pair",
         "pg_factory",
         "rabbit_factory",
+        "prometheus_factory",
     }
 )
-SERVER_CLASSES = ("PostgresServer", "RabbitServer", "RabbitCluster", "PostgresPair")
+SERVER_CLASSES = (
+    "PostgresServer",
+    "RabbitServer",
+    "RabbitCluster",
+    "PostgresPair",
+    "PrometheusServer",
+)
 
 
 def needs_server(item: pytest.Item) -> bool:
-    """Whether ``item`` talks to a real Postgres or RabbitMQ."""
+    """Whether ``item`` talks to a real Postgres, RabbitMQ or Prometheus."""
     if item.get_closest_marker("fault") or item.get_closest_marker("integration"):
         return True
     if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):

@@ -1,8 +1,9 @@
 """A loopback TCP proxy that tests use to cut or freeze connections.
 
 ``reset()`` closes every proxied connection at once (a connection reset);
-``partition()`` keeps the sockets open but stops forwarding bytes (a silent
-partition, as when a VM freezes or a firewall drops packets); ``heal()``
+``partition()`` keeps the sockets open but stops forwarding bytes and closes
+(a silent partition, as when a VM freezes, a host loses power or a firewall
+drops packets); ``heal()``
 forwards again and accepts new connections.
 """
 
@@ -60,6 +61,9 @@ class TcpProxy:
             await self._flowing.wait()
             writer.write(data)
             await writer.drain()
+        # A partition drops the FIN too: the other side learns of a close only after
+        # heal(), as with a host that lost power (its peer's walsender holds the slot).
+        await self._flowing.wait()
         with contextlib.suppress(OSError):
             writer.write_eof()
 
