@@ -247,7 +247,12 @@ async def _run(settings: Settings) -> None:
 
 @main.command()
 @settings_options("common")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object on one line ("schema": 1; every key always present, null if unknown).',
+)
 @click.option(
     "--require-active/--no-require-active",
     default=True,
@@ -294,12 +299,14 @@ def status(
             max_lag_bytes=max_lag_bytes,
             max_stall=max_stall,
         )
+    from cdc_relay.status_view import render_text
+
     fields = info.as_dict()
     if as_json:
-        click.echo(orjson.dumps(fields, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(fields).decode())
     else:
-        for key, value in fields.items():
-            click.echo(f"{key:22} {value}")
+        for line in render_text(fields):
+            click.echo(REDACT(line))
     for warning in info.warnings:
         click.echo(f"{PROG}: warning: {REDACT(warning)}", err=True)
     sys.exit(0 if info.healthy else 1)

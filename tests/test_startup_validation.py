@@ -124,4 +124,4 @@ def test_status_json_reports_health(outbox: Setup) -> None:
     assert isinstance(info["lag_bytes"], int)
     broken = run_cli("status", "--json", "--no-require-active", *with_names(outbox, slot="nope"))
     assert broken.returncode == 1
-    assert "does not exist" in orjson.loads(broken.stdout)["problem"]
+    assert "does not exist" in orjson.loads(broken.stdout)["problems"][0]
