@@ -317,9 +317,20 @@ def status(
 @click.option(
     "--drop-publication", is_flag=True, help="Also drop the publication (named by --publication)."
 )
-def drop(drop_publication: bool, **kwargs: Any) -> None:
-    """Drop the replication slot (and with --drop-publication, the publication)."""
-    from cdc_relay.pg import catalog, setup
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Drop even though the slot holds outbox rows the relay has not published.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (required off a terminal).")
+def drop(drop_publication: bool, force: bool, yes: bool, **kwargs: Any) -> None:
+    """Drop the replication slot (and with --drop-publication, the publication).
+
+    Refuses while a relay is attached, and unless --force while the slot holds
+    outbox rows not yet published; afterwards prints the resync command that
+    republishes them.
+    """
+    from cdc_relay.pg import catalog, dropping, setup
 
     settings = settings_from(**kwargs)
     with catalog.connect(
@@ -327,8 +338,28 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
         lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
+        hold = dropping.read_hold(conn, settings)
+        refused = dropping.refusal(hold, force=force)
+        if refused is not None:
+            raise RelayError(refused)
+        if (hold.exists or drop_publication) and not yes:
+            _confirm_drop(settings.slot if hold.exists else None, drop_publication, settings)
         for line in setup.drop(conn, settings, publication=drop_publication):
             click.echo(line)
+    if hold.exists and hold.unconfirmed_changes != 0 and hold.unconfirmed_bytes:
+        click.echo(f"to republish what the slot held: {dropping.resync_command(hold, settings)}")
+
+
+def _confirm_drop(slot: str | None, publication: bool, settings: Settings) -> None:
+    """Ask on a terminal; off one, --yes is the only way to say yes."""
+    what = " and ".join(
+        [f"replication slot {slot}"] * (slot is not None)
+        + [f"publication {settings.publication}"] * publication
+    )
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"drop {what}: not a terminal, so add --yes to confirm")
+    if not click.confirm(f"drop {what}?", err=True):
+        raise RelayError(f"{what}: not dropped")
 
 
 @main.command()
