@@ -22,6 +22,7 @@ import click
 import orjson
 import psycopg
 
+from cdc_relay import cli_deadletters
 from cdc_relay.cli_options import (
     REDACT,
     Duration,
@@ -394,11 +395,15 @@ def dead_letters() -> None:
 @dead_letters.command("list")
 @settings_options("common")
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed rows.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per line: the row's payload and headers nested, RFC 3339 times.",
+)
 def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> None:
-    """List dead letters (pending ones unless --all)."""
-    from cdc_relay import logs
-    from cdc_relay.deadletters import list_dead_letters, record_as_json
+    """List dead letters (pending ones unless --all), oldest first, under a header row."""
+    from cdc_relay import deadletters
     from cdc_relay.pg import catalog
 
     settings = settings_from(**kwargs)
@@ -408,57 +413,75 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
         lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
         try:
-            records = list_dead_letters(
+            records = deadletters.list_dead_letters(
                 conn, settings.dead_letter_table, include_replayed=include_replayed
             )
         except catalog.TIMEOUT_ERRORS as exc:
             table = ".".join(settings.dead_letter_table)
             fail(catalog.could_not_read(f"dead-letter table {table}", exc), 1)
             return
+    if not as_json:
+        click.echo("\t".join(deadletters.LIST_HEADER))
     for record in records:
         if as_json:
-            click.echo(record_as_json(record).decode())
+            click.echo(deadletters.record_as_json(record).decode())
         else:
-            state = f"replayed {record.replayed_at}" if record.replayed_at else "pending"
-            fields = (record.id, record.outbox_id, record.created_at, state, record.reason)
-            # Row values are escaped: a newline or tab in one must not forge a line or a column.
-            click.echo("\t".join(logs.escape_controls(str(field)) for field in fields))
+            click.echo(deadletters.record_as_text(record))
     if not as_json:
         click.echo(f"{len(records)} dead letter(s)", err=True)
 
 
 @dead_letters.command("replay")
 @settings_options("common", "publish")
-@click.option("--id", "ids", multiple=True, type=int, help="Replay only these (repeatable).")
-def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
+@cli_deadletters.replay_options
+def dead_letters_replay(
+    ids: tuple[int, ...],
+    since: datetime | None,
+    until: datetime | None,
+    reason: str | None,
+    limit: int | None,
+    to_exchange: str | None,
+    to_routing_key: str | None,
+    dry_run: bool,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
     """Publish pending dead letters again, once per outbox row (confirmed ones are marked).
 
     Applies --allowed-exchanges, --allow-cc-headers and --max-message-size like
     run; one replay at a time per dead-letter table; a second run after success
-    publishes nothing.
+    publishes nothing. --since/--until/--reason/--limit/--id narrow what it takes;
+    --dry-run shows it without publishing.
     """
     from cdc_relay.pg import catalog
+    from cdc_relay.replay import dry_run as replay_dry_run
     from cdc_relay.replay import replay
 
     settings = settings_from(**kwargs)
+    selection = cli_deadletters.selection_of(ids, since, until, reason, limit)
+    redirect = cli_deadletters.redirect_of(to_exchange, to_routing_key)
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
         lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
-        results = asyncio.run(replay(conn, settings, list(ids) or None))
-    if not results:
-        click.echo("nothing to replay: no pending dead letters", err=True)
-        return
-    failed = 0
-    for record, error in results:
-        if error is None:
-            click.echo(f"{record.id}\t{record.outbox_id}\treplayed")
+        if dry_run:
+            results = replay_dry_run(conn, settings, selection, redirect)
         else:
-            failed += 1
-            click.echo(f"{record.id}\t{record.outbox_id}\tfailed: {REDACT(error)}")
-    click.echo(f"{len(results) - failed} replayed, {failed} failed", err=True)
-    sys.exit(1 if failed else 0)
+            results = asyncio.run(replay(conn, settings, selection=selection, redirect=redirect))
+    if not results:
+        click.echo("nothing to replay: no pending dead letters match", err=True)
+        return
+    if not as_json:
+        click.echo("\t".join(cli_deadletters.REPLAY_HEADER))
+    for outcome in results:
+        if as_json:
+            line = cli_deadletters.outcome_as_json(outcome, dry_run)
+        else:
+            line = cli_deadletters.outcome_as_text(outcome, dry_run)
+        click.echo(REDACT(line))
+    click.echo(cli_deadletters.summary(results, dry_run), err=True)
+    sys.exit(1 if not dry_run and any(o.error is not None for o in results) else 0)
 
 
 @dead_letters.command("prune")
