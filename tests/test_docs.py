@@ -56,3 +56,18 @@ def test_user_facing_documents_cite_no_issue_numbers() -> None:
 def test_the_architecture_document_exists() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text()
     assert "## The life of a row" in text
+
+
+def test_the_readme_code_map_names_every_module() -> None:
+    """A module by its file name, or a package by its folder (``contrib/django/``)."""
+    readme = (ROOT / "README.md").read_text()
+    package = ROOT / "cdc_relay"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        relative = path.relative_to(package)
+        folders = [f"{'/'.join(relative.parts[:n])}/" for n in range(1, len(relative.parts))]
+        if path.name not in readme and not any(f"`{f}" in readme for f in folders):
+            missing.append(str(relative))
+    assert missing == []
