@@ -321,14 +321,15 @@ def status(
 @click.option(
     "--force",
     is_flag=True,
-    help="Drop even though the slot holds outbox rows the relay has not published.",
+    help="Drop even though the slot holds outbox rows the relay has not published, or a "
+    "relay is attached (its connection is ended; it then stops).",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (required off a terminal).")
 def drop(drop_publication: bool, force: bool, yes: bool, **kwargs: Any) -> None:
     """Drop the replication slot (and with --drop-publication, the publication).
 
-    Refuses while a relay is attached, and unless --force while the slot holds
-    outbox rows not yet published; afterwards prints the resync command that
+    Unless --force, refuses while a relay is attached or the slot holds outbox
+    rows not yet published; afterwards prints the resync command that
     republishes them.
     """
     from cdc_relay.pg import catalog, dropping, setup
@@ -345,6 +346,8 @@ def drop(drop_publication: bool, force: bool, yes: bool, **kwargs: Any) -> None:
             raise RelayError(refused)
         if (hold.exists or drop_publication) and not yes:
             _confirm_drop(settings.slot if hold.exists else None, drop_publication, settings)
+        if hold.active_pid is not None:
+            dropping.detach(conn, settings.slot)  # --force: refusal() let it through
         for line in setup.drop(conn, settings, publication=drop_publication):
             click.echo(line)
     if hold.exists and hold.unconfirmed_changes != 0 and hold.unconfirmed_bytes:

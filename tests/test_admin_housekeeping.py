@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -111,6 +112,39 @@ def test_drop_refuses_a_slot_holding_unpublished_rows(
         dropped.stdout
     )
     assert catalog.slot_info(conn, slot) is None
+
+
+def test_drop_refuses_an_attached_relay_unless_forced(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    """--force ends the walsender's connection (a relay would stop), then drops."""
+    slot = outbox.names["slot"]
+    stream = psycopg.connect(outbox.dsn, replication="database", autocommit=True)
+    try:
+        stream.pgconn.send_query(
+            f"START_REPLICATION SLOT {slot} LOGICAL 0/0"
+            f" (proto_version '1', publication_names '{outbox.names['publication']}')".encode()
+        )
+        for _ in range(50):
+            info = catalog.slot_info(conn, slot)
+            if info is not None and info.active:
+                break
+            time.sleep(0.1)
+        assert info is not None and info.active
+        refused = cli("drop", "--yes", *outbox.cli_args())
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"in use by a relay (walsender pid {info.active_pid})" in refused.stderr
+        assert catalog.slot_info(conn, slot) is not None
+        dropped = cli("drop", "--force", "--yes", *outbox.cli_args())
+        assert dropped.returncode == 0, dropped.stderr
+        assert f"replication slot {slot}: dropped" in dropped.stdout
+        assert catalog.slot_info(conn, slot) is None
+        gone = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (info.active_pid,)
+        ).fetchone()
+        assert gone == (0,)
+    finally:
+        stream.close()
 
 
 def test_drop_of_a_slot_whose_wal_holds_no_outbox_row_needs_no_force(

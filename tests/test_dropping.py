@@ -43,10 +43,11 @@ def test_nothing_to_lose_is_no_refusal() -> None:
     assert refusal(hold(exists=False, unconfirmed_bytes=None), force=False) is None
 
 
-def test_an_attached_relay_refuses_even_forced() -> None:
-    for force in (False, True):
-        said = refusal(hold(active_pid=4242), force=force)
+def test_an_attached_relay_refuses_unless_forced() -> None:
+    for changes in (0, 2, None):
+        said = refusal(hold(active_pid=4242, unconfirmed_changes=changes), force=False)
         assert said is not None and "pid 4242" in said and "stop the relay first" in said
+        assert refusal(hold(active_pid=4242, unconfirmed_changes=changes), force=True) is None
 
 
 def test_resync_command_starts_a_margin_before_the_recorded_commit() -> None:

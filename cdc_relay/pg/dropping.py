@@ -8,14 +8,16 @@ command that republishes what was dropped (``resync_command``) are pure.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
 from cdc_relay import state
 from cdc_relay.config import Settings
+from cdc_relay.errors import ConfigError
 from cdc_relay.pg.catalog import slot_info
 
 
@@ -35,15 +37,17 @@ class SlotHold:
 def refusal(hold: SlotHold, *, force: bool) -> str | None:
     """Why ``drop`` must not go ahead (None: nothing would be lost, or ``--force``).
 
-    An attached relay is refused even with ``--force``: Postgres cannot drop a
-    slot in use, and the relay must be stopped first anyway or it streams on.
+    An attached relay and held changes both refuse; ``--force`` overrides both
+    (``detach`` then ends the relay's connection, since Postgres cannot drop a
+    slot in use).
     """
     if not hold.exists:
         return None
-    if hold.active_pid is not None:
+    if hold.active_pid is not None and not force:
         return (
             f"replication slot {hold.slot} is in use by a relay (walsender pid "
-            f"{hold.active_pid}); stop the relay first"
+            f"{hold.active_pid}); stop the relay first, or add --force to end its connection "
+            "and drop the slot (that relay then stops: its slot is gone)"
         )
     if force or not hold.unconfirmed_bytes or hold.unconfirmed_changes == 0:
         return None
@@ -76,6 +80,31 @@ def resync_command(hold: SlotHold, settings: Settings) -> str:
         return f"cdc-relay resync{slot} --since TIMESTAMP (when the relay last delivered)"
     since = state.format_since(hold.confirmed_commit_at - state.DEFAULT_MARGIN)
     return f"cdc-relay resync{slot} --since {since}"
+
+
+DETACH_WAIT: Final = 10.0
+"""Seconds ``detach`` waits for the slot to be released after ending its walsender."""
+
+
+def detach(conn: psycopg.Connection[Any], slot: str, *, wait: float = DETACH_WAIT) -> None:
+    """End whatever walsender holds ``slot`` and wait until the slot is free (``--force``).
+
+    A relay reconnects after a moment: each pid found holding the slot is ended
+    again until it is free or ``wait`` runs out, which is one ConfigError line.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        info = slot_info(conn, slot)
+        if info is None or not info.active:
+            return
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"replication slot {slot} is still in use by pid {info.active_pid} after "
+                f"{wait:g}s of ending its connection; stop the relay and run drop again"
+            )
+        if info.active_pid is not None:
+            conn.execute("SELECT pg_terminate_backend(%s)", (info.active_pid,))
+        time.sleep(0.1)
 
 
 def read_hold(conn: psycopg.Connection[Any], settings: Settings) -> SlotHold:
