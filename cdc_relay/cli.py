@@ -23,6 +23,7 @@ import click
 import orjson
 import psycopg
 
+from cdc_relay import cli_deadletters
 from cdc_relay.cli_options import (
     EXIT_CODES,
     REDACT,
@@ -291,7 +292,12 @@ async def _run(settings: Settings) -> None:
 
 @main.command(cls=SectionedCommand)
 @settings_options(STATUS)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object on one line ("schema": 1; every key always present, null if unknown).',
+)
 @click.option(
     "--require-active/--no-require-active",
     default=True,
@@ -338,12 +344,14 @@ def status(
             max_lag_bytes=max_lag_bytes,
             max_stall=max_stall,
         )
+    from cdc_relay.status_view import render_text
+
     fields = info.as_dict()
     if as_json:
-        click.echo(orjson.dumps(fields, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(fields).decode())
     else:
-        for key, value in fields.items():
-            click.echo(f"{key:22} {value}")
+        for line in render_text(fields):
+            click.echo(REDACT(line))
     for warning in info.warnings:
         say(warning, logging.WARNING)
     sys.exit(0 if info.healthy else 1)
@@ -354,9 +362,21 @@ def status(
 @click.option(
     "--drop-publication", is_flag=True, help="Also drop the publication (named by --publication)."
 )
-def drop(drop_publication: bool, **kwargs: Any) -> None:
-    """Drop the replication slot (and with --drop-publication, the publication)."""
-    from cdc_relay.pg import catalog, setup
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Drop even though the slot holds outbox rows the relay has not published, or a "
+    "relay is attached (its connection is ended; it then stops).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (required off a terminal).")
+def drop(drop_publication: bool, force: bool, yes: bool, **kwargs: Any) -> None:
+    """Drop the replication slot (and with --drop-publication, the publication).
+
+    Unless --force, refuses while a relay is attached or the slot holds outbox
+    rows not yet published; afterwards prints the resync command that
+    republishes them.
+    """
+    from cdc_relay.pg import catalog, dropping, setup
 
     settings = settings_from(**kwargs)
     with catalog.connect(
@@ -364,8 +384,30 @@ def drop(drop_publication: bool, **kwargs: Any) -> None:
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
         lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
+        hold = dropping.read_hold(conn, settings)
+        refused = dropping.refusal(hold, force=force)
+        if refused is not None:
+            raise RelayError(refused)
+        if (hold.exists or drop_publication) and not yes:
+            _confirm_drop(settings.slot if hold.exists else None, drop_publication, settings)
+        if hold.active_pid is not None:
+            dropping.detach(conn, settings.slot)  # --force: refusal() let it through
         for line in setup.drop(conn, settings, publication=drop_publication):
             click.echo(line)
+    if hold.exists and hold.unconfirmed_changes != 0 and hold.unconfirmed_bytes:
+        click.echo(f"to republish what the slot held: {dropping.resync_command(hold, settings)}")
+
+
+def _confirm_drop(slot: str | None, publication: bool, settings: Settings) -> None:
+    """Ask on a terminal; off one, --yes is the only way to say yes."""
+    what = " and ".join(
+        [f"replication slot {slot}"] * (slot is not None)
+        + [f"publication {settings.publication}"] * publication
+    )
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"drop {what}: not a terminal, so add --yes to confirm")
+    if not click.confirm(f"drop {what}?", err=True):
+        raise RelayError(f"{what}: not dropped")
 
 
 @main.command(cls=SectionedCommand)
@@ -420,11 +462,15 @@ def dead_letters() -> None:
 @dead_letters.command("list", cls=SectionedCommand)
 @settings_options(DL_LIST)
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed rows.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per line: the row's payload and headers nested, RFC 3339 times.",
+)
 def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> None:
-    """List dead letters (pending ones unless --all)."""
-    from cdc_relay import logs
-    from cdc_relay.deadletters import list_dead_letters, record_as_json
+    """List dead letters (pending ones unless --all), oldest first, under a header row."""
+    from cdc_relay import deadletters
     from cdc_relay.pg import catalog
 
     settings = settings_from(**kwargs)
@@ -434,57 +480,75 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
         lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
         try:
-            records = list_dead_letters(
+            records = deadletters.list_dead_letters(
                 conn, settings.dead_letter_table, include_replayed=include_replayed
             )
         except catalog.TIMEOUT_ERRORS as exc:
             table = ".".join(settings.dead_letter_table)
             fail(catalog.could_not_read(f"dead-letter table {table}", exc), 1)
             return
+    if not as_json:
+        click.echo("\t".join(deadletters.LIST_HEADER))
     for record in records:
         if as_json:
-            click.echo(record_as_json(record).decode())
+            click.echo(deadletters.record_as_json(record).decode())
         else:
-            state = f"replayed {record.replayed_at}" if record.replayed_at else "pending"
-            fields = (record.id, record.outbox_id, record.created_at, state, record.reason)
-            # Row values are escaped: a newline or tab in one must not forge a line or a column.
-            click.echo("\t".join(logs.escape_controls(str(field)) for field in fields))
+            click.echo(deadletters.record_as_text(record))
     if not as_json:
         say(f"{len(records)} dead letter(s)")
 
 
 @dead_letters.command("replay", cls=SectionedCommand)
 @settings_options(DL_REPLAY)
-@click.option("--id", "ids", multiple=True, type=int, help="Replay only these (repeatable).")
-def dead_letters_replay(ids: tuple[int, ...], **kwargs: Any) -> None:
+@cli_deadletters.replay_options
+def dead_letters_replay(
+    ids: tuple[int, ...],
+    since: datetime | None,
+    until: datetime | None,
+    reason: str | None,
+    limit: int | None,
+    to_exchange: str | None,
+    to_routing_key: str | None,
+    dry_run: bool,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
     """Publish pending dead letters again, once per outbox row (confirmed ones are marked).
 
     Applies --allowed-exchanges, --allow-cc-headers and --max-message-size like
     run; one replay at a time per dead-letter table; a second run after success
-    publishes nothing.
+    publishes nothing. --since/--until/--reason/--limit/--id narrow what it takes;
+    --dry-run shows it without publishing.
     """
     from cdc_relay.pg import catalog
+    from cdc_relay.replay import dry_run as replay_dry_run
     from cdc_relay.replay import replay
 
     settings = settings_from(**kwargs)
+    selection = cli_deadletters.selection_of(ids, since, until, reason, limit)
+    redirect = cli_deadletters.redirect_of(to_exchange, to_routing_key)
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
         lock_timeout=catalog.READ_LOCK_TIMEOUT,
     ) as conn:
-        results = asyncio.run(replay(conn, settings, list(ids) or None))
-    if not results:
-        say("nothing to replay: no pending dead letters")
-        return
-    failed = 0
-    for record, error in results:
-        if error is None:
-            click.echo(f"{record.id}\t{record.outbox_id}\treplayed")
+        if dry_run:
+            results = replay_dry_run(conn, settings, selection, redirect)
         else:
-            failed += 1
-            click.echo(f"{record.id}\t{record.outbox_id}\tfailed: {REDACT(error)}")
-    say(f"{len(results) - failed} replayed, {failed} failed")
-    sys.exit(1 if failed else 0)
+            results = asyncio.run(replay(conn, settings, selection=selection, redirect=redirect))
+    if not results:
+        say("nothing to replay: no pending dead letters match")
+        return
+    if not as_json:
+        click.echo("\t".join(cli_deadletters.REPLAY_HEADER))
+    for outcome in results:
+        if as_json:
+            line = cli_deadletters.outcome_as_json(outcome, dry_run)
+        else:
+            line = cli_deadletters.outcome_as_text(outcome, dry_run)
+        click.echo(REDACT(line))
+    say(cli_deadletters.summary(results, dry_run))
+    sys.exit(1 if not dry_run and any(o.error is not None for o in results) else 0)
 
 
 @dead_letters.command("prune", cls=SectionedCommand)

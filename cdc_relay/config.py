@@ -164,7 +164,7 @@ class Settings:
         "public.outbox",
         Option(
             "The outbox table (schema.table).",
-            commands=_EVERY - {DROP},
+            commands=_EVERY,
             section=CONNECTIONS,
         ),
     )

@@ -35,14 +35,15 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, timedelta
+from typing import Any, Final
 
 import orjson
 import psycopg
 from psycopg import sql
 
 from cdc_relay import schema
+from cdc_relay.envelope import parse_timestamptz
 from cdc_relay.errors import ConfigError, SessionError
 from cdc_relay.letters import (  # noqa: F401 (re-exported: the writer's callers use them)
     FIELD_LIMIT,
@@ -52,6 +53,7 @@ from cdc_relay.letters import (  # noqa: F401 (re-exported: the writer's callers
     PendingDeadLetter,
     bounded_row,
 )
+from cdc_relay.logs import escape_controls
 from cdc_relay.lsn import format_lsn
 from cdc_relay.redact import one_line
 from cdc_relay.schema import qualified
@@ -358,6 +360,23 @@ class DeadLetterRecord:
     replayed_at: str | None
 
 
+def _rfc3339(column: str) -> str:
+    """A timestamptz column as RFC 3339 text in UTC, whatever the session's DateStyle/TimeZone."""
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+
+RECORD_COLUMNS: Final = sql.SQL(
+    "SELECT id, outbox_id, reason, row_data, lsn::text, "
+    + _rfc3339("created_at")
+    + ", "
+    + _rfc3339("replayed_at")
+)
+"""The columns of a ``DeadLetterRecord``, in its order (times as RFC 3339)."""
+
+LIST_HEADER: Final = ("id", "outbox_id", "created_at", "state", "reason")
+"""The header row of ``dead-letters list`` (text), naming its tab-separated columns."""
+
+
 def list_dead_letters(
     conn: psycopg.Connection[Any],
     table: tuple[str, str],
@@ -375,10 +394,7 @@ def list_dead_letters(
         params.append(list(ids))
     where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
     rows = conn.execute(
-        sql.SQL(
-            "SELECT id, outbox_id, reason, row_data, lsn::text, created_at::text,"
-            " replayed_at::text FROM {}{} ORDER BY id"
-        ).format(qualified(*table), where),
+        sql.SQL("{} FROM {}{} ORDER BY id").format(RECORD_COLUMNS, qualified(*table), where),
         params,
     ).fetchall()
     return [DeadLetterRecord(*r) for r in rows]
@@ -418,14 +434,38 @@ def prune(
 
 
 def record_as_json(record: DeadLetterRecord) -> bytes:
+    """One dead letter as a JSON object: the row's payload and headers nested, times RFC 3339.
+
+    A payload or headers that no longer parse (a stored row truncated to fit)
+    stay a string; ``row.truncated`` names them.
+    """
+    row = dict(record.row_data)
+    for key in ("payload", "headers"):
+        if isinstance(row.get(key), str):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                row[key] = orjson.loads(row[key])
+    created = parse_timestamptz(row.get("created_at"))
+    if created is not None:
+        row["created_at"] = created.astimezone(UTC).isoformat().replace("+00:00", "Z")
     return orjson.dumps(
         {
             "id": record.id,
             "outbox_id": record.outbox_id,
-            "reason": record.reason,
-            "lsn": record.lsn,
+            "state": "replayed" if record.replayed_at else "pending",
             "created_at": record.created_at,
             "replayed_at": record.replayed_at,
-            "row": record.row_data,
+            "reason": record.reason,
+            "lsn": record.lsn,
+            "row": row,
         }
     )
+
+
+def record_as_text(record: DeadLetterRecord) -> str:
+    """One tab-separated line under ``LIST_HEADER``; control characters escaped.
+
+    A newline or tab in a reason must not forge a line or a column.
+    """
+    state = f"replayed {record.replayed_at}" if record.replayed_at else "pending"
+    fields = (record.id, record.outbox_id or "-", record.created_at, state, record.reason)
+    return "\t".join(escape_controls(str(field)) for field in fields)

@@ -14,19 +14,20 @@ in ``cdc_relay.deadletters``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
 from cdc_relay.amqp import Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.deadletters import DeadLetterRecord, mark_replayed
+from cdc_relay.deadletters import RECORD_COLUMNS, DeadLetterRecord, mark_replayed
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.redact import one_line
+from cdc_relay.replay_select import Redirect, Selection
 from cdc_relay.router import Router
 from cdc_relay.rows import OutboxRow, UnmappableRow
 from cdc_relay.schema import qualified
@@ -91,6 +92,20 @@ class ReplayGroup:
     records: list[DeadLetterRecord]
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    """One dead letter's outcome: ``error`` None when confirmed (or, in a dry run, routable).
+
+    ``exchange`` and ``routing_key`` are where its row went (or would go); None
+    when it could not be routed.
+    """
+
+    record: DeadLetterRecord
+    error: str | None
+    exchange: str | None = None
+    routing_key: str | None = None
+
+
 def group_by_outbox_row(records: Iterable[DeadLetterRecord]) -> list[ReplayGroup]:
     """One group per outbox row, in the order of each group's oldest dead letter.
 
@@ -148,23 +163,16 @@ def _pending_after(
     conn: psycopg.Connection[Any],
     table: tuple[str, str],
     after: int,
-    ids: Sequence[int] | None,
+    selection: Selection,
     limit: int,
 ) -> tuple[list[DeadLetterRecord], list[DeadLetterRecord]]:
-    """The next pending dead letters by id, and the other pending ones of their outbox rows."""
-    where: sql.Composable = sql.SQL("replayed_at IS NULL AND id > %s")
-    params: list[Any] = [after]
-    if ids is not None:
-        where += sql.SQL(" AND id = ANY(%s)")
-        params.append(list(ids))
-    columns = sql.SQL(
-        "SELECT id, outbox_id, reason, row_data, lsn::text, created_at::text, replayed_at::text"
-    )
+    """The next selected dead letters by id, and the other pending ones of their outbox rows."""
+    where, params = selection.where()
     rows = conn.execute(
-        sql.SQL("{} FROM {} WHERE {} ORDER BY id LIMIT %s").format(
-            columns, qualified(*table), where
+        sql.SQL("{} FROM {} WHERE {} AND id > %s ORDER BY id LIMIT %s").format(
+            RECORD_COLUMNS, qualified(*table), where
         ),
-        [*params, limit],
+        [*params, after, limit],
     ).fetchall()
     records = [DeadLetterRecord(*r) for r in rows]
     outbox_ids = sorted({r.outbox_id for r in records if r.outbox_id is not None})
@@ -173,11 +181,31 @@ def _pending_after(
     known = {r.id for r in records}
     siblings = conn.execute(
         sql.SQL("{} FROM {} WHERE replayed_at IS NULL AND outbox_id = ANY(%s)").format(
-            columns, qualified(*table)
+            RECORD_COLUMNS, qualified(*table)
         ),
         (outbox_ids,),
     ).fetchall()
     return records, [DeadLetterRecord(*r) for r in siblings if r[0] not in known]
+
+
+def _route(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    router: Router,
+    redirect: Redirect,
+    group: ReplayGroup,
+) -> Envelope:
+    """The message for a group's outbox row (raises UnmappableRow and friends when none)."""
+    lead = group.lead
+    try:
+        row = row_from_record(lead)
+    except TruncatedRow as exc:
+        row = _reread(conn, settings, exc, lead.outbox_id)
+    return router.route(redirect.apply(row))
+
+
+UNROUTABLE: Final = (UnmappableRow, KeyError, AttributeError, TypeError)
+"""What routing a stored row may raise: that row stays pending, alone."""
 
 
 def _reread(
@@ -243,29 +271,86 @@ class _Round:
             self.lost = outcome.lost
 
 
+def _selected(
+    conn: psycopg.Connection[Any],
+    table: tuple[str, str],
+    selection: Selection,
+    batch: int,
+    seen: Container[int],
+) -> Iterator[list[DeadLetterRecord]]:
+    """Rounds of selected dead letters not ``seen`` (with their rows' siblings), to the limit.
+
+    A sibling handled in an earlier round is not taken again, nor counted.
+    """
+    after = taken = 0
+    while size := selection.take(taken, batch):
+        primary, siblings = _pending_after(conn, table, after, selection, size)
+        if not primary:
+            return
+        after = primary[-1].id
+        fresh = [r for r in primary if r.id not in seen]
+        taken += len(fresh)
+        yield [r for r in fresh + siblings if r.id not in seen]
+
+
+def dry_run(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    selection: Selection,
+    redirect: Redirect | None = None,
+    *,
+    batch: int = REPLAY_BATCH,
+) -> list[ReplayOutcome]:
+    """What ``replay`` would take and where each row would go; publishes and marks nothing.
+
+    The same selection and routing (policy included) as ``replay``; only what
+    the broker would say (a missing exchange) is not known without publishing.
+    """
+    router = Router.from_settings(settings)
+    redirect = redirect or Redirect()
+    results: dict[int, ReplayOutcome] = {}
+    for records in _selected(conn, settings.dead_letter_table, selection, batch, results):
+        for group in group_by_outbox_row(records):
+            try:
+                envelope = _route(conn, settings, router, redirect, group)
+            except UNROUTABLE as exc:
+                for record in group.records:
+                    results[record.id] = ReplayOutcome(record, f"still not mappable: {exc}")
+                continue
+            for record in group.records:
+                results[record.id] = ReplayOutcome(
+                    record, None, envelope.exchange, envelope.routing_key
+                )
+    return [results[k] for k in sorted(results)]
+
+
 async def replay(
     conn: psycopg.Connection[Any],
     settings: Settings,
     ids: list[int] | None = None,
     *,
     batch: int = REPLAY_BATCH,
-) -> list[tuple[DeadLetterRecord, str | None]]:
-    """Re-publish pending dead letters; returns (record, error or None) for each, by id.
+    selection: Selection | None = None,
+    redirect: Redirect | None = None,
+) -> list[ReplayOutcome]:
+    """Re-publish the selected pending dead letters (all by default); one outcome each, by id.
 
     Converges: each outbox row is published once however many dead letters it
     has, and all of them are marked replayed once the broker confirmed it; a
     refused exchange (the policy, 404, 403) or an unmappable row fails only its
     own dead letters; one replay at a time per table (``ReplayBusy``); each
     round of ``batch`` is marked as soon as it is confirmed, so a second run
-    after success publishes nothing. With ``ids``, the other pending dead
-    letters of the same outbox rows are marked too: the row was delivered.
+    after success publishes nothing. The other pending dead letters of a
+    selected outbox row are marked too: the row was delivered.
     """
     table = settings.dead_letter_table
+    selection = selection if selection is not None else Selection.of_ids(ids)
+    redirect = redirect or Redirect()
     router = Router.from_settings(settings)
     _claim(conn, table)
     rounds = _Round()
     publisher = Publisher.from_settings(settings, rounds.on_outcome, max_in_flight=100)
-    results: dict[int, tuple[DeadLetterRecord, str | None]] = {}
+    results: dict[int, ReplayOutcome] = {}
     refusals: dict[str, str | None] = {}  # exchange -> why the broker refuses it, or None
     interrupted: BaseException | None = None
     try:
@@ -276,29 +361,27 @@ async def replay(
                 f"cannot connect to RabbitMQ ({type(exc).__name__}: {one_line(str(exc))}); "
                 "check --amqp-url"
             ) from None
-        after = 0
-        while interrupted is None:
-            primary, siblings = _pending_after(conn, table, after, ids, batch)
-            if not primary:
-                break
-            after = primary[-1].id
-            records = [r for r in primary + siblings if r.id not in results]
+        for records in _selected(conn, table, selection, batch, results):
             settled, interrupted = await _replay_round(
-                conn, settings, router, publisher, rounds, records, refusals
+                conn, settings, router, redirect, publisher, rounds, records, refusals
             )
             done: list[int] = []
-            for group, error in settled:
+            for group, error, envelope in settled:
+                exchange = envelope.exchange if envelope is not None else None
+                key = envelope.routing_key if envelope is not None else None
                 for record in group.records:
-                    results[record.id] = (record, error)
+                    results[record.id] = ReplayOutcome(record, error, exchange, key)
                     if error is None:
                         done.append(record.id)
             if done:
                 mark_replayed(conn, table, done)
+            if interrupted is not None:
+                break
     finally:
         await publisher.close()
         _release(conn, table)
     if interrupted is not None:
-        confirmed = sum(error is None for _, error in results.values())
+        confirmed = sum(r.error is None for r in results.values())
         raise ConfigError(
             f"replay interrupted ({type(interrupted).__name__}: {one_line(str(interrupted))}); "
             f"{confirmed} confirmed dead letter(s) were marked replayed, the rest stay pending"
@@ -310,11 +393,12 @@ async def _replay_round(
     conn: psycopg.Connection[Any],
     settings: Settings,
     router: Router,
+    redirect: Redirect,
     publisher: Publisher,
     rounds: _Round,
     records: list[DeadLetterRecord],
     refusals: dict[str, str | None],
-) -> tuple[list[tuple[ReplayGroup, str | None]], BaseException | None]:
+) -> tuple[list[tuple[ReplayGroup, str | None, Envelope | None]], BaseException | None]:
     """Publish one message per outbox row of ``records``; each group's outcome.
 
     A publish the broker refuses by closing the channel (403, 404, 406) fails
@@ -326,16 +410,15 @@ async def _replay_round(
     outcome: dict[int, str | None] = {}  # by the lead's id
     to_send: list[tuple[ReplayGroup, Envelope]] = []
     groups = group_by_outbox_row(records)
+    envelopes: dict[int, Envelope] = {}  # by the lead's id
     for group in groups:
-        lead = group.lead
         try:
-            try:
-                row = row_from_record(lead)
-            except TruncatedRow as exc:
-                row = _reread(conn, settings, exc, lead.outbox_id)
-            to_send.append((group, router.route(row)))
-        except (UnmappableRow, KeyError, AttributeError, TypeError) as exc:
-            outcome[lead.id] = f"still not mappable: {exc}"
+            envelope = _route(conn, settings, router, redirect, group)
+        except UNROUTABLE as exc:
+            outcome[group.lead.id] = f"still not mappable: {exc}"
+            continue
+        envelopes[group.lead.id] = envelope
+        to_send.append((group, envelope))
     interrupted: BaseException | None = None
     while to_send:
         rounds.reset()
@@ -371,5 +454,7 @@ async def _replay_round(
         except Exception as exc:
             interrupted = exc
             break
-    settled = [(g, outcome[g.lead.id]) for g in groups if g.lead.id in outcome]
+    settled = [
+        (g, outcome[g.lead.id], envelopes.get(g.lead.id)) for g in groups if g.lead.id in outcome
+    ]
     return settled, interrupted

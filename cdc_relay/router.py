@@ -1,4 +1,5 @@
-"""Outbox row -> AMQP envelope: the routing and publishing policy of DESIGN.md §4.
+"""Outbox row -> AMQP envelope: the routing and publishing policy
+(docs/architecture.md, "The life of a row").
 
 Pure: no I/O. The payload (jsonb text) becomes the body as is, without parsing
 or re-encoding. The row model lives in ``cdc_relay.rows``, the envelope and its

@@ -1,6 +1,6 @@
 """The ack tracker: the flush LSN never passes an unconfirmed message, never goes back.
 
-DESIGN.md §5.3/§5.4 and postgres-logical-replication.md §4.1-4.4: flush only a
+docs/architecture.md ("The life of a row") and the replication protocol: flush only a
 Commit ``end_lsn`` whose messages and all earlier ones are confirmed; promote a
 keepalive ``wal_end`` only when no transaction is open and everything received
 before it is confirmed.

@@ -60,7 +60,7 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
     assert f"--grant-to {role}" in str(info.value)
     status = cli("status", "--json", "--no-require-active", *as_role(outbox, role))
     assert status.returncode == 1, status
-    assert f"role {role} cannot write dead letters" in orjson.loads(status.stdout)["problem"]
+    assert f"role {role} cannot write dead letters" in orjson.loads(status.stdout)["problems"][0]
     one_line(
         cli("dead-letters", "list", *as_role(outbox, role, "dead-letters list")),
         "permission denied",
@@ -91,7 +91,7 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
     # status as the role: healthy only while a relay (here: a bare walsender) is attached
     idle = cli("status", "--json", *as_role(outbox, role))
     assert idle.returncode == 1
-    assert "no relay is attached" in orjson.loads(idle.stdout)["problem"]
+    assert "no relay is attached" in orjson.loads(idle.stdout)["problems"][0]
     stream = psycopg.connect(role_dsn, replication="database", autocommit=True)
     try:
         stream.pgconn.send_query(
@@ -106,12 +106,12 @@ async def test_granted_role_can_validate_status_and_store_dead_letters(
                 time.sleep(0.1)
         healthy = cli("status", "--json", *as_role(outbox, role))
         assert healthy.returncode == 0, healthy.stdout
-        assert orjson.loads(healthy.stdout)["problem"] is None
+        assert orjson.loads(healthy.stdout)["problems"] == []
         with psycopg.connect(outbox.dsn, autocommit=True) as conn:  # make some lag
             conn.execute("SELECT pg_switch_wal()")
         lagging = cli("status", "--json", "--max-lag-bytes", "0", *as_role(outbox, role))
         assert lagging.returncode == 1, lagging.stdout
-        assert "exceeds --max-lag-bytes 0" in orjson.loads(lagging.stdout)["problem"]
+        assert "exceeds --max-lag-bytes 0" in orjson.loads(lagging.stdout)["problems"][0]
     finally:
         stream.close()
 

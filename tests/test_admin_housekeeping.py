@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -85,10 +86,87 @@ def test_dead_letters_prune(outbox: Setup, conn: psycopg.Connection[Any]) -> Non
 
 
 def test_drop_with_publication(outbox: Setup, conn: psycopg.Connection[Any]) -> None:
-    result = cli("drop", "--drop-publication", *outbox.cli_args("drop"))
+    result = cli("drop", "--drop-publication", "--yes", *outbox.cli_args("drop"))
     assert result.returncode == 0, result.stderr
     assert f"replication slot {outbox.names['slot']}: dropped" in result.stdout
     assert f"publication {outbox.names['publication']}: dropped" in result.stdout
+    assert "resync" not in result.stdout  # the slot held no outbox row: nothing to republish
+    assert catalog.slot_info(conn, outbox.names["slot"]) is None
+
+
+def test_drop_refuses_a_slot_holding_unpublished_rows(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    """Rows committed after the slot's confirmed position are lost with it: not by accident."""
+    slot = outbox.names["slot"]
+    with conn.transaction():
+        outbox.insert(conn, [{"aggregate_id": i} for i in range(3)])
+    assert outbox.confirmed_lag() > 0
+    refused = cli("drop", "--yes", *outbox.cli_args())
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert f"refusing to drop replication slot {slot}: it holds 3 outbox row(s)" in refused.stderr
+    assert "--force" in refused.stderr and refused.stdout == ""
+    assert catalog.slot_info(conn, slot) is not None
+
+    unconfirmed = cli("drop", "--force", *outbox.cli_args())  # not a terminal: --yes required
+    assert unconfirmed.returncode == 2, unconfirmed.stderr
+    assert "--yes" in unconfirmed.stderr and unconfirmed.stderr.count("\n") == 1
+    assert catalog.slot_info(conn, slot) is not None
+
+    dropped = cli("drop", "--force", "--yes", *outbox.cli_args())
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"replication slot {slot}: dropped" in dropped.stdout
+    assert f"to republish what the slot held: cdc-relay resync --slot {slot} --since" in (
+        dropped.stdout
+    )
+    assert catalog.slot_info(conn, slot) is None
+
+
+def test_drop_refuses_an_attached_relay_unless_forced(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    """--force ends the walsender's connection (a relay would stop), then drops."""
+    slot = outbox.names["slot"]
+    stream = psycopg.connect(outbox.dsn, replication="database", autocommit=True)
+    try:
+        stream.pgconn.send_query(
+            f"START_REPLICATION SLOT {slot} LOGICAL 0/0"
+            f" (proto_version '1', publication_names '{outbox.names['publication']}')".encode()
+        )
+        for _ in range(50):
+            info = catalog.slot_info(conn, slot)
+            if info is not None and info.active:
+                break
+            time.sleep(0.1)
+        assert info is not None and info.active
+        refused = cli("drop", "--yes", *outbox.cli_args())
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"in use by a relay (walsender pid {info.active_pid})" in refused.stderr
+        assert catalog.slot_info(conn, slot) is not None
+        dropped = cli("drop", "--force", "--yes", *outbox.cli_args())
+        assert dropped.returncode == 0, dropped.stderr
+        assert f"replication slot {slot}: dropped" in dropped.stdout
+        assert catalog.slot_info(conn, slot) is None
+        gone = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (info.active_pid,)
+        ).fetchone()
+        assert gone == (0,)
+    finally:
+        stream.close()
+
+
+def test_drop_of_a_slot_whose_wal_holds_no_outbox_row_needs_no_force(
+    outbox: Setup, conn: psycopg.Connection[Any]
+) -> None:
+    """WAL of other tables is not a loss: only the publication's changes count."""
+    other = f"{outbox.table}_other"
+    conn.execute(f"CREATE TABLE {other} (x int)")
+    conn.execute(f"INSERT INTO {other} SELECT generate_series(1, 100)")
+    conn.execute(f"DROP TABLE {other}")
+    assert outbox.confirmed_lag() > 0
+    dropped = cli("drop", "--yes", *outbox.cli_args())
+    assert dropped.returncode == 0, dropped.stderr
     assert catalog.slot_info(conn, outbox.names["slot"]) is None
 
 

@@ -278,7 +278,7 @@ async def test_invalidated_slot_is_a_clear_error(
             assert warned.returncode == 1, (warned.stdout, warned.stderr)
             info = orjson.loads(warned.stdout)
             assert info["wal_status"] == "unreserved", info
-            assert "about to be invalidated" in info["problem"], info
+            assert "about to be invalidated" in info["problems"][0], info
             for _ in range(6):
                 conn.execute(fill)
                 conn.execute("SELECT pg_switch_wal()")
@@ -290,7 +290,7 @@ async def test_invalidated_slot_is_a_clear_error(
             assert status is not None and status[0] == "lost", status
         lost = run_cli("status", "--json", "--no-require-active", *setup.cli_args("status"))
         assert lost.returncode == 1, (lost.stdout, lost.stderr)
-        assert "was invalidated" in orjson.loads(lost.stdout)["problem"]
+        assert "was invalidated" in orjson.loads(lost.stdout)["problems"][0]
         relay = relays(setup)
         assert relay.proc is not None
         code = await asyncio.to_thread(relay.proc.wait, 60)

@@ -62,7 +62,7 @@ async def test_relay_follows_promotion_with_nothing_lost_and_no_phantoms(
             False,
             True,
         )
-        assert ready["healthy"] is True, ready["problem"]
+        assert ready["healthy"] is True, ready["problems"]
         status = cli(
             "status", "--json", "--dsn", pg_pair.standby.dsn, *setup.cli_args("status")[2:]
         )

@@ -38,7 +38,7 @@ def test_uncovered_outbox_names_the_fix_and_the_resync() -> None:
     assert drift is not None and not drift.end_session  # type: ignore[attr-defined]
     message = drift.message  # type: ignore[attr-defined]
     assert "Run `ALTER PUBLICATION pub ADD TABLE public.outbox`" in message
-    assert "`cdc-relay drop --slot s1`" in message
+    assert "`cdc-relay drop --slot s1 --force --yes`" in message
     assert "`cdc-relay resync --slot s1 --since 2026-12-01T10:00:00+00:00`" in message
 
 

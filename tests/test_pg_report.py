@@ -1,35 +1,58 @@
-"""``SlotStatus.as_dict``: the keys and order ``cdc-relay status`` printed before it was typed.
+"""``status``: one fixed JSON schema and a text a person reads, from one ``SlotStatus``.
 
-Operators' scripts read ``status --json`` and the text form line by line, so
-the restructuring into a dataclass must not move, add or drop a key. The key
-lists below are the dicts the old ``status`` built, in their order.
+Operators' scripts read ``status --json`` by key, so its keys never depend on the
+state (a missing slot, a standby, an unreadable table): schema 1, every key always
+present, null where unknown. The text is rendered from the same dict
+(``cdc_relay.status_view``) and shows words, never Python values.
 """
 
 from __future__ import annotations
 
-from cdc_relay.pg.report import PrimarySlot, SlotStatus, StandbySlot
+import re
 
-TAIL = ["healthy", "problem", "problems", "warnings"]
-PUBLICATION = ["publication", "publication_exists", "publication_tables"]
-SLOT = [
+import orjson
+import pytest
+
+from cdc_relay.pg.report import PrimarySlot, SlotStatus, StandbySlot
+from cdc_relay.status_view import duration, render_text, size
+
+KEYS = [
+    "schema",
+    "role",
+    "slot",
+    "slot_exists",
     "plugin",
     "database",
     "active",
     "active_pid",
     "active_client",
     "failover",
+    "synced",
+    "temporary",
+    "failover_ready",
     "confirmed_flush_lsn",
     "restart_lsn",
+    "replay_lsn",
     "wal_status",
     "current_wal_lsn",
     "lag_bytes",
+    "lag_seconds",
     "retained_wal_bytes",
     "safe_wal_size",
+    "publication",
+    "publication_exists",
+    "publication_tables",
+    "dead_letter_table_exists",
+    "dead_letters_pending",
+    "healthy",
+    "problems",
+    "warnings",
 ]
+PYTHON_REPR = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|\[|\]|'")
 
 
-def primary_slot() -> PrimarySlot:
-    return PrimarySlot(
+def primary_slot(**changes: object) -> PrimarySlot:
+    slot = PrimarySlot(
         plugin="pgoutput",
         database="app",
         active=True,
@@ -40,47 +63,38 @@ def primary_slot() -> PrimarySlot:
         restart_lsn="0/8",
         wal_status="reserved",
         current_wal_lsn="0/20",
-        lag_bytes=16,
-        retained_wal_bytes=24,
+        lag_bytes=7872,
+        retained_wal_bytes=3 * 1024 * 1024,
         safe_wal_size=None,
+        lag_seconds=125.0,
     )
+    for key, value in changes.items():
+        setattr(slot, key, value)
+    return slot
 
 
-def test_primary_with_slot_and_dead_letter_table() -> None:
-    status = SlotStatus(
+def with_slot() -> SlotStatus:
+    return SlotStatus(
         role="primary",
         slot="s",
         slot_exists=True,
         primary=primary_slot(),
         publication="p",
         publication_exists=True,
-        publication_tables=["public.outbox"],
+        publication_tables=["public.outbox", "public.other"],
         dead_letter_table_exists=True,
         dead_letters_pending=3,
     )
-    shown = status.as_dict()
-    head = ["role", "slot", "slot_exists"]
-    assert list(shown) == [*head, *SLOT, *PUBLICATION, "dead_letters_pending", *TAIL]
-    assert shown["lag_bytes"] == 16 and shown["dead_letters_pending"] == 3
-    assert (shown["healthy"], shown["problem"], shown["problems"]) == (True, None, [])
 
 
-def test_primary_without_slot_or_dead_letter_table_has_neither_key() -> None:
+def without_slot() -> SlotStatus:
     status = SlotStatus(role="primary", slot="s", slot_exists=False, publication="p")
-    status.problems += ["first", "second"]
-    shown = status.as_dict()
-    assert list(shown) == ["role", "slot", "slot_exists", *PUBLICATION, *TAIL]
-    assert (shown["healthy"], shown["problem"]) == (False, "first")
-    assert not status.healthy
+    status.problems += ["slot s does not exist", "no relay is attached to slot s"]
+    return status
 
 
-def test_unreadable_dead_letters_show_as_null() -> None:
-    status = SlotStatus(role="primary", slot="s", slot_exists=False, dead_letter_table_exists=True)
-    assert status.as_dict()["dead_letters_pending"] is None
-
-
-def test_standby_shows_its_copy_of_the_slot_only() -> None:
-    standby = StandbySlot(
+def standby() -> SlotStatus:
+    copy = StandbySlot(
         failover=True,
         synced=True,
         temporary=False,
@@ -88,14 +102,73 @@ def test_standby_shows_its_copy_of_the_slot_only() -> None:
         confirmed_flush_lsn="0/10",
         replay_lsn="0/20",
     )
-    shown = SlotStatus(role="standby", slot="s", slot_exists=True, standby=standby).as_dict()
-    copy = [
-        "failover",
-        "synced",
-        "temporary",
-        "failover_ready",
-        "confirmed_flush_lsn",
-        "replay_lsn",
+    return SlotStatus(role="standby", slot="s", slot_exists=True, standby=copy)
+
+
+@pytest.mark.parametrize("make", [with_slot, without_slot, standby])
+def test_json_keys_are_the_same_whatever_the_state(make: object) -> None:
+    assert callable(make)
+    shown = make().as_dict()
+    assert list(shown) == KEYS
+    assert shown["schema"] == 1
+    assert "problem" not in shown  # one problem list, not problems[0] again
+    assert orjson.loads(orjson.dumps(shown)) == shown
+
+
+def test_unknown_values_are_null() -> None:
+    shown = without_slot().as_dict()
+    assert shown["lag_bytes"] is None and shown["active"] is None
+    assert shown["dead_letters_pending"] is None
+    assert (shown["healthy"], len(shown["problems"])) == (False, 2)
+    assert standby().as_dict()["publication"] is None
+    assert with_slot().as_dict()["lag_bytes"] == 7872
+
+
+@pytest.mark.parametrize("make", [with_slot, without_slot, standby])
+def test_text_has_no_python_values(make: object) -> None:
+    assert callable(make)
+    lines = render_text(make().as_dict())
+    for line in lines:
+        assert not PYTHON_REPR.search(line), line
+
+
+def test_text_reads_like_words() -> None:
+    text = "\n".join(render_text(with_slot().as_dict()))
+    assert re.search(r"^relay attached: +yes$", text, re.MULTILINE), text
+    assert re.search(r"^failover slot: +-$", text, re.MULTILINE), text
+    assert "published tables:     public.outbox, public.other" in text
+    assert "lag:                  7,872 bytes (7.7 KiB), newest confirmed commit 2m 5s ago" in text
+    assert "WAL retained:         3.0 MiB" in text
+    assert "dead letters:         3 pending" in text
+    assert text.endswith("problems:             none")
+
+
+def test_text_lists_each_problem_once() -> None:
+    lines = render_text(without_slot().as_dict())
+    assert lines[-3:] == [
+        "problems (2):",
+        "  - slot s does not exist",
+        "  - no relay is attached to slot s",
     ]
-    assert list(shown) == ["role", "slot", "slot_exists", *copy, *TAIL]
-    assert shown["failover_ready"] is True and shown["warnings"] == []
+    assert sum("slot s does not exist" in line for line in lines) == 1
+    assert "no dead-letter table" in "\n".join(lines)
+
+
+def test_sizes_and_durations() -> None:
+    assert [size(n) for n in (None, 0, 1023, 1024, 5 * 2**20, 3 * 2**30, 5000 * 2**30)] == [
+        "-",
+        "0 bytes",
+        "1023 bytes",
+        "1.0 KiB",
+        "5.0 MiB",
+        "3.0 GiB",
+        "5000.0 GiB",
+    ]
+    assert [duration(s) for s in (None, 0, 59.6, 61, 3723, 2 * 86400 + 4 * 3600)] == [
+        "-",
+        "0s",
+        "1m 0s",
+        "1m 1s",
+        "1h 2m",
+        "2d 4h",
+    ]

@@ -197,7 +197,7 @@ async def test_siblings_in_later_rounds_are_published_once(outbox: Setup, events
     add_dead_letters(outbox, [stored_row(a), stored_row(b), stored_row(c), stored_row(a)])
     with psycopg.connect(outbox.dsn, autocommit=True) as conn:
         results = await replays.replay(conn, outbox.settings, batch=2)
-    assert [error for _, error in results] == [None] * 4
+    assert [r.error for r in results] == [None] * 4
     assert sorted(await settle(events, 3)) == sorted([a, b, c])
     assert pending(outbox) == []
 
@@ -255,3 +255,87 @@ async def test_replay_refuses_a_body_over_max_message_size(outbox: Setup, events
     assert "1 replayed, 1 failed" in result.stderr, (result.stdout, result.stderr)
     assert "exceeds the maximum message size 100" in result.stdout
     assert await settle(events, 1) == [small]
+
+
+def add_dated_dead_letters(setup: Setup, letters: list[tuple[str, str, str]]) -> list[str]:
+    """Dead letters with a reason and a dead-lettering time each; returns their outbox ids."""
+    ids = []
+    with psycopg.connect(setup.dsn, autocommit=True) as conn:
+        for reason, created_at, exchange in letters:
+            row = stored_row(str(uuid.uuid4()), exchange=exchange or None)
+            conn.execute(
+                f"INSERT INTO {setup.table}_dead_letter (outbox_id, reason, row_data, lsn,"
+                " created_at) VALUES (%s, %s, %s, '0/1', %s)",
+                (row["id"], reason, orjson.dumps(row).decode(), created_at),
+            )
+            ids.append(row["id"])
+    return ids
+
+
+def json_lines(stdout: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.mark.asyncio
+async def test_filters_and_dry_run_select_exactly_the_rows_they_say(
+    outbox: Setup, events: Consumer
+) -> None:
+    """--reason, --since/--until and --limit narrow the same way with and without --dry-run."""
+    ids = add_dated_dead_letters(
+        outbox,
+        [
+            ("NO_ROUTE: nobody bound", "2026-12-01 09:00+00", ""),  # before the window
+            ("NO_ROUTE: nobody bound", "2026-12-01 10:00+00", ""),  # in: the --since bound
+            ("headers must be a JSON object", "2026-12-01 10:30+00", ""),  # wrong reason
+            ("no_route again", "2026-12-01 11:00+00", ""),  # in (any case)
+            ("NO_ROUTE: nobody bound", "2026-12-01 11:30+00", ""),  # in, but over --limit 2
+            ("NO_ROUTE: nobody bound", "2026-12-01 12:00+00", ""),  # the --until bound: out
+        ],
+    )
+    narrow = ["--reason", "No_Route", "--since", "2026-12-01T10:00:00Z"]
+    narrow += ["--until", "2026-12-01 12:00", "--limit", "2"]
+    dry = await replay(outbox, *narrow, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    planned = json_lines(dry.stdout)
+    assert [p["outbox_id"] for p in planned] == [ids[1], ids[3]]
+    assert {p["outcome"] for p in planned} == {"would_replay"}
+    assert {p["exchange"] for p in planned} == {outbox.names["exchange"]}
+    assert "dry run: 2 would be replayed, 0 would fail" in dry.stderr
+    await asyncio.sleep(0.5)
+    assert events.ids() == [] and sorted(pending(outbox)) == sorted(ids)  # nothing happened
+
+    unlimited = await replay(outbox, *narrow[:-2], "--dry-run", "--json")
+    assert [p["outbox_id"] for p in json_lines(unlimited.stdout)] == [ids[1], ids[3], ids[4]]
+    redirected = await replay(
+        outbox,
+        "--id",
+        str(planned[0]["id"]),
+        "--to-routing-key",
+        "elsewhere.key",
+        "--dry-run",
+        "--json",
+    )
+    (moved,) = json_lines(redirected.stdout)
+    assert (moved["outbox_id"], moved["routing_key"]) == (ids[1], "elsewhere.key")
+
+    done = await replay(outbox, *narrow, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [(r["outbox_id"], r["outcome"]) for r in json_lines(done.stdout)] == [
+        (ids[1], "replayed"),
+        (ids[3], "replayed"),
+    ]
+    assert sorted(await settle(events, 2)) == sorted([ids[1], ids[3]])
+    assert sorted(pending(outbox)) == sorted([ids[0], ids[2], ids[4], ids[5]])
+
+
+@pytest.mark.asyncio
+async def test_dead_letters_list_has_a_header_and_nested_json(outbox: Setup) -> None:
+    (outbox_id,) = add_dated_dead_letters(outbox, [("NO_ROUTE", "2026-12-01 10:00+00", "")])
+    text = await asyncio.to_thread(run_cli, "dead-letters", "list", *outbox.cli_args())
+    header, line = text.stdout.splitlines()
+    assert header.split("\t") == ["id", "outbox_id", "created_at", "state", "reason"]
+    assert line.split("\t")[1:] == [outbox_id, "2026-12-01T10:00:00.000000Z", "pending", "NO_ROUTE"]
+    listed = await asyncio.to_thread(run_cli, "dead-letters", "list", "--json", *outbox.cli_args())
+    (shown,) = json_lines(listed.stdout)
+    assert shown["created_at"] == "2026-12-01T10:00:00.000000Z"
+    assert shown["row"]["payload"] == {"n": 1} and shown["row"]["id"] == outbox_id

@@ -83,7 +83,7 @@ async def test_relay_refuses_an_interrupted_resyncs_slot_until_it_is_rerun(
     assert "streaming from slot" not in relay.log()
 
     code, info = status(outbox)
-    assert code == 1 and command in str(info["problem"]), info
+    assert code == 1 and command in str(info["problems"][0]), info
 
     # The command the relay named (its --slot is among the test's own options).
     rerun = resync_cmd(outbox, "--since", state.format_since(recorded.resync_since))
@@ -115,7 +115,7 @@ async def test_relay_stands_by_while_a_resync_runs_and_a_second_resync_is_one_li
     try:
         await relay.wait_for_log_async("standing by: a resync of replication slot")
         code, info = status(outbox)
-        assert code == 1 and "is under way" in str(info["problem"]), info
+        assert code == 1 and "is under way" in str(info["problems"][0]), info
 
         second = await asyncio.to_thread(
             subprocess.run,

@@ -1,7 +1,7 @@
-"""Router: outbox row -> envelope, exactly the mapping of DESIGN.md §4.
+"""Router: outbox row -> envelope, exactly the mapping the README documents.
 
 Pure unit tests. "Unmappable" matters: such a row is dead-lettered and the
-stream goes on (§5.8); anything the router lets through must also be something
+stream goes on; anything the router lets through must also be something
 the publisher can put on the wire, or the row would fail the session forever.
 """
 

@@ -126,4 +126,4 @@ def test_status_json_reports_health(outbox: Setup) -> None:
         "status", "--json", "--no-require-active", *with_names(outbox, "status", slot="nope")
     )
     assert broken.returncode == 1
-    assert "does not exist" in orjson.loads(broken.stdout)["problem"]
+    assert "does not exist" in orjson.loads(broken.stdout)["problems"][0]

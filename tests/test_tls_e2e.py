@@ -224,7 +224,7 @@ async def test_run_as_the_granted_role_over_tls(
         code, out = cli("status", "--json", *as_role)
         assert code == 0, out
         state = orjson.loads(out)
-        assert state["healthy"] is True and state["problem"] is None
+        assert state["healthy"] is True and state["problems"] == []
         with psycopg.connect(outbox.dsn, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT s.ssl, a.usename FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)"

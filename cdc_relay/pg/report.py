@@ -8,7 +8,7 @@ reports on the slot reads the same dataclass rather than its own queries.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
 
@@ -50,6 +50,9 @@ class PrimarySlot:
     lag_bytes: int | None  # WAL the relay has not confirmed
     retained_wal_bytes: int | None  # WAL the slot keeps on disk
     safe_wal_size: int | None
+    # How long ago the newest confirmed commit was, while WAL is unconfirmed (0 when
+    # nothing is; None when the relay recorded no commit or its state is unreadable).
+    lag_seconds: float | None = None
 
 
 @dataclass(slots=True)
@@ -68,7 +71,7 @@ class StandbySlot:
 class SlotStatus:
     """Everything ``cdc-relay status`` reports; the CLI renders it (``as_dict``).
 
-    ``problems`` make it unhealthy (the first is ``problem``); ``warnings`` name
+    ``problems`` make it unhealthy; ``warnings`` name
     a risk, not an outage. A primary fills ``primary`` (when the slot exists) and
     the publication fields; a standby fills ``standby`` only.
     """
@@ -90,32 +93,57 @@ class SlotStatus:
     def healthy(self) -> bool:
         return not self.problems
 
-    @property
-    def problem(self) -> str | None:
-        return self.problems[0] if self.problems else None
-
     def as_dict(self) -> dict[str, Any]:
-        """The keys and order ``status`` has always printed (text and ``--json``)."""
-        result: dict[str, Any] = {
+        """``status --json``, schema 1: every key always present, null where unknown.
+
+        Scripts read it by key, so its shape never depends on the state (a missing
+        slot, a standby): ``cdc_relay.status_view`` renders the text from it too.
+        """
+        primary, standby = self.primary, self.standby
+        on_primary = self.role == "primary"
+        copy_ready = standby.failover_ready if standby is not None else None
+        return {
+            "schema": STATUS_SCHEMA,
             "role": self.role,
             "slot": self.slot,
             "slot_exists": self.slot_exists,
+            "plugin": primary.plugin if primary else None,
+            "database": primary.database if primary else None,
+            "active": primary.active if primary else None,
+            "active_pid": primary.active_pid if primary else None,
+            "active_client": primary.active_client if primary else None,
+            "failover": primary.failover if primary else standby.failover if standby else None,
+            "synced": standby.synced if standby else None,
+            "temporary": standby.temporary if standby else None,
+            "failover_ready": copy_ready,
+            "confirmed_flush_lsn": (
+                primary.confirmed_flush_lsn
+                if primary
+                else standby.confirmed_flush_lsn
+                if standby
+                else None
+            ),
+            "restart_lsn": primary.restart_lsn if primary else None,
+            "replay_lsn": standby.replay_lsn if standby else None,
+            "wal_status": primary.wal_status if primary else None,
+            "current_wal_lsn": primary.current_wal_lsn if primary else None,
+            "lag_bytes": primary.lag_bytes if primary else None,
+            "lag_seconds": primary.lag_seconds if primary else None,
+            "retained_wal_bytes": primary.retained_wal_bytes if primary else None,
+            "safe_wal_size": primary.safe_wal_size if primary else None,
+            "publication": self.publication if on_primary else None,
+            "publication_exists": self.publication_exists if on_primary else None,
+            "publication_tables": list(self.publication_tables) if on_primary else None,
+            "dead_letter_table_exists": self.dead_letter_table_exists if on_primary else None,
+            "dead_letters_pending": self.dead_letters_pending,
+            "healthy": self.healthy,
+            "problems": list(self.problems),
+            "warnings": list(self.warnings),
         }
-        if self.standby is not None:
-            result.update(asdict(self.standby))
-        else:
-            if self.primary is not None:
-                result.update(asdict(self.primary))
-            result["publication"] = self.publication
-            result["publication_exists"] = self.publication_exists
-            result["publication_tables"] = self.publication_tables
-            if self.dead_letter_table_exists:
-                result["dead_letters_pending"] = self.dead_letters_pending
-        result["healthy"] = self.healthy
-        result["problem"] = self.problem
-        result["problems"] = self.problems
-        result["warnings"] = self.warnings
-        return result
+
+
+STATUS_SCHEMA: Final = 1
+"""The version of ``status --json``: raised when a key changes meaning or goes away."""
 
 
 def status(
@@ -130,7 +158,7 @@ def status(
 
     ``healthy`` is True only when validation passes, a relay is attached (unless
     ``require_active`` is False) and the lag is within ``max_lag_bytes``;
-    ``problem`` says why not, naming a missing privilege when that is the cause.
+    ``problems`` say why not, naming a missing privilege when that is the cause.
     Pointed at a standby it answers the failover question instead (``standby_status``).
     ``warnings`` never make it unhealthy: they name a risk, not an outage.
     """
@@ -142,6 +170,10 @@ def status(
     health = _relay_health(conn, settings, problems)
     if info is not None:
         result.primary = primary = _primary_slot(conn, settings.slot, info)
+        if primary.lag_bytes is not None:
+            primary.lag_seconds = (
+                0.0 if primary.lag_bytes <= 0 else _confirmed_commit_age(conn, settings)
+            )
         failover, lag = primary.failover, primary.lag_bytes
         retention = _wal_retention(settings.slot, info.wal_status, primary.retained_wal_bytes)
         if info.wal_status == "unreserved":
@@ -292,6 +324,28 @@ def _relay_health(
         problems.append(could_not_read(f"relay state table {'.'.join(table)}", exc))
         return None
     return health if health is not None and health.fresh else None
+
+
+def _confirmed_commit_age(conn: psycopg.Connection[Any], settings: Settings) -> float | None:
+    """Seconds since the newest commit the relay confirmed (None: none recorded, or unreadable).
+
+    With WAL unconfirmed, the oldest unconfirmed change committed after that one:
+    this is how far behind the relay is in time, at most.
+    """
+    table = state.table_name(settings)
+    try:
+        if not state.exists(conn, table):
+            return None
+        row = conn.execute(
+            sql.SQL(
+                "SELECT extract(epoch FROM now() - confirmed_commit_at)::float8 FROM {}"
+                " WHERE slot_name = %s"
+            ).format(qualified(*table)),
+            (settings.slot,),
+        ).fetchone()
+    except (psycopg.errors.InsufficientPrivilege, *TIMEOUT_ERRORS):
+        return None  # an older grant or a lock: the lag in bytes is still known
+    return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
 
 def _not_attached(slot: str, health: state.RelayHealth | None) -> str:

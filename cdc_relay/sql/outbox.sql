@@ -1,4 +1,4 @@
--- The outbox table of cdc-relay (DESIGN.md §4), for the table named by --table.
+-- The outbox table of cdc-relay (docs/architecture.md), for the table named by --table.
 -- Every column is required by the relay (a renamed one is refused at startup).
 CREATE TABLE IF NOT EXISTS {outbox} (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
