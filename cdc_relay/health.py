@@ -105,7 +105,8 @@ def republish_hint(slot: str, since: datetime) -> str:
     """How to send the rows a drift skipped (``resync`` refuses a healthy slot: drop it first)."""
     slot_option = f" --slot {slot}" if slot != "cdc_relay" else ""
     return (
-        f"republish what was skipped: stop the relay, `cdc-relay drop{slot_option} --force --yes`, and "
+        "republish what was skipped: stop the relay, "
+        f"`cdc-relay drop{slot_option} --force --yes`, and "
         f"`cdc-relay resync{slot_option} --since {format_since(since)}` (consumers dedupe "
         "the repeats)"
     )
