@@ -314,14 +314,27 @@ class SlotPoller:
             self._conn = None
 
 
-async def poll_slot(settings: Settings, metrics: Metrics, stop: asyncio.Event) -> None:
+async def poll_slot(
+    settings: Settings,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    checks_passed: asyncio.Event | None = None,
+) -> None:
     """Every ``--slot-poll-interval``: the slot's lag, retained WAL and dead letters, as metrics.
 
     Run by every relay, active or standing by, so the lag alert still works when
     the active one is gone. A failed poll is counted
     (``cdc_relay_slot_poll_failures_total``) and logged once until one succeeds;
-    it never touches the stream.
+    it never touches the stream. It starts once a session's startup checks passed
+    (``checks_passed``), so a misconfiguration stays one line, the session's.
     """
+    if checks_passed is not None:
+        waiters = [asyncio.ensure_future(checks_passed.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
     poller = SlotPoller(settings)
     interval = settings.slot_poll_interval
     failures = 0

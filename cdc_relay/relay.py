@@ -60,6 +60,7 @@ class Relay:
         # Where this process's sessions confirmed up to: the next one starts there.
         self.confirmed = PositionBox()
         self._stop = asyncio.Event()
+        self._checks_passed = asyncio.Event()  # some session passed its startup checks
         self._abort = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -88,7 +89,8 @@ class Relay:
         # alike) and retention.
         background = [
             asyncio.create_task(
-                poll_slot(self.settings, self.metrics, self._stop), name="cdc-relay-slot-poll"
+                poll_slot(self.settings, self.metrics, self._stop, self._checks_passed),
+                name="cdc-relay-slot-poll",
             )
         ]
         if self.settings.retention is not None:
@@ -122,6 +124,7 @@ class Relay:
                 self._abort,
                 self.confirmed,
                 problems=self.problems,
+                checks_passed=self._checks_passed,
             )
             try:
                 await session.run()

@@ -150,8 +150,10 @@ class Session:
         abort: asyncio.Event,
         confirmed: PositionBox | None = None,
         problems: Problems | None = None,
+        checks_passed: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
+        self.checks_passed = checks_passed  # set once the startup checks pass (shared)
         self.metrics = metrics
         self.router = router
         self.limits = limits
@@ -212,6 +214,8 @@ class Session:
         if facts is None:
             return None  # asked to stop while a resync ran
         self.checked = True
+        if self.checks_passed is not None:
+            self.checks_passed.set()
         messages = facts.emit_key is not None
         system, timeline, wal_end = await identify(stream, s)
         known = [p for p in (self.confirmed.position, await recorded(s)) if p is not None]

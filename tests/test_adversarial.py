@@ -222,11 +222,13 @@ async def test_a_hot_standby_waits_on_one_connection(outbox: Setup, relays: Any)
     active_backends = relay_backends(outbox)
     standby = relays(outbox, name="standby")
     await standby.wait_for_log_async("standing by")
+    # Its replication connection and the slot poller's side connection (the standby
+    # keeps the slot metrics current), each opened once: no connection churn.
     seen: set[int] = set()
     for _ in range(25):
         seen |= relay_backends(outbox) - active_backends
         await asyncio.sleep(0.2)
-    assert len(seen) == 1, f"the standby used {len(seen)} connections in 5 s"
+    assert len(seen) <= 2, f"the standby used {len(seen)} connections in 5 s"
     active.kill()
     await standby.wait_for_log_async("taking over", timeout=30)
     await standby.wait_for_log_async("streaming from slot", timeout=30)
