@@ -73,6 +73,31 @@ def say(message: str, level: int = logging.INFO, extra: dict[str, Any] | None = 
     logging.getLogger(logs.COMMAND).log(level, REDACT(message), extra=extra)
 
 
+def progress_meter(verb: str, unit: str, total: int | None = None) -> Any:
+    """A ``cli_progress.Meter`` on stderr: a rewritten line on a terminal, DEBUG lines elsewhere."""
+    import time
+
+    from cdc_relay.cli_progress import Meter, Progress
+
+    return Meter(
+        Progress(verb, unit, time.monotonic(), total),
+        on_terminal=sys.stderr.isatty(),
+        show=lambda text: click.echo("\r\x1b[K" + REDACT(text), err=True, nl=False),
+        note=lambda text: say(text, logging.DEBUG),
+    )
+
+
+def finish_meter(meter: Any, done: int) -> None:
+    """Clear the terminal line and say the summary once (a JSON log line's fields too)."""
+    import time
+
+    meter.done = done
+    if meter.on_terminal:
+        click.echo("\r\x1b[K", err=True, nl=False)
+    now = time.monotonic()
+    say(meter.progress.summary(meter.done, now), extra=meter.progress.fields(meter.done, now))
+
+
 class RelayCli(click.Group):
     """A click group whose every error is one line (click's usage block is several)."""
 
@@ -520,6 +545,8 @@ def dead_letters_replay(
     publishes nothing. --since/--until/--reason/--limit/--id narrow what it takes;
     --dry-run shows it without publishing.
     """
+    import time
+
     from cdc_relay.pg import catalog
     from cdc_relay.replay import dry_run as replay_dry_run
     from cdc_relay.replay import replay
@@ -535,7 +562,15 @@ def dead_letters_replay(
         if dry_run:
             results = replay_dry_run(conn, settings, selection, redirect)
         else:
-            results = asyncio.run(replay(conn, settings, selection=selection, redirect=redirect))
+            meter = progress_meter("replayed", "dead letter(s)")
+
+            def on_round(settled: int) -> None:
+                meter.update(settled, time.monotonic())
+
+            results = asyncio.run(
+                replay(conn, settings, selection=selection, redirect=redirect, on_round=on_round)
+            )
+            finish_meter(meter, len(results))
     if not results:
         say("nothing to replay: no pending dead letters match")
         return
@@ -645,9 +680,18 @@ def resync(
         click.echo(("would: " if dry_run else "") + line)
     if dry_run:
         return
-    summary = asyncio.run(
-        resync_.run_resync(settings, plan, lambda line: click.echo(REDACT(line), err=True))
-    )
+    import time
+
+    meter = progress_meter("resync: published", "row(s)", plan.rows or None)
+
+    def say_line(line: str) -> None:
+        click.echo(("\r\x1b[K" if meter.on_terminal else "") + REDACT(line), err=True)
+
+    def on_count(read: int, confirmed: int, dead: int) -> None:
+        meter.update(read, time.monotonic(), f" ({confirmed:,} confirmed, {dead:,} dead-lettered)")
+
+    summary = asyncio.run(resync_.run_resync(settings, plan, say_line, on_count))
+    finish_meter(meter, summary.rows)
     click.echo(summary.line(plan))
 
 

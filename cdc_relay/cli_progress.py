@@ -1,13 +1,16 @@
 """Progress of long commands (``prune``, ``resync``, ``dead-letters replay``) as text.
 
-Pure: counts and clock readings in, lines out. On a terminal the command
-rewrites one line with the count, the rate and the time left; elsewhere (a log,
-a pipe) it writes only the summary, once, so a log is not flooded.
+Pure: counts and clock readings in, lines out (``Meter`` hands its lines to the
+callables it is given). On a terminal the command rewrites one line with the
+count, the rate and the time left; elsewhere (a log, a pipe) the same line is a
+DEBUG log record (shown with ``--log-level debug``, one JSON object each with
+``--log-format json``) and the summary is written once, so a log is not flooded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 def _duration(seconds: float) -> str:
@@ -57,3 +60,19 @@ class Progress:
             "seconds": round(max(now - self.started, 0.0), 3),
             "rate": round(self.rate(done, now), 1),
         }
+
+
+@dataclass(slots=True)
+class Meter:
+    """A ``Progress`` shown while the work runs: ``show`` on a terminal, ``note`` elsewhere."""
+
+    progress: Progress
+    on_terminal: bool
+    show: Callable[[str], None]  # rewrite the terminal's progress line
+    note: Callable[[str], None]  # one DEBUG log line
+    done: int = field(default=0)
+
+    def update(self, done: int, now: float, detail: str = "") -> None:
+        self.done = done
+        text = self.progress.line(done, now) + detail
+        (self.show if self.on_terminal else self.note)(text)

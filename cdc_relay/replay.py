@@ -14,7 +14,7 @@ in ``cdc_relay.deadletters``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -332,6 +332,7 @@ async def replay(
     batch: int = REPLAY_BATCH,
     selection: Selection | None = None,
     redirect: Redirect | None = None,
+    on_round: Callable[[int], None] | None = None,
 ) -> list[ReplayOutcome]:
     """Re-publish the selected pending dead letters (all by default); one outcome each, by id.
 
@@ -375,6 +376,8 @@ async def replay(
                         done.append(record.id)
             if done:
                 mark_replayed(conn, table, done)
+            if on_round is not None:
+                on_round(len(results))  # dead letters settled so far
             if interrupted is not None:
                 break
     finally:

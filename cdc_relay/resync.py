@@ -284,8 +284,15 @@ class _Run:
             self.failure = str(outcome.lost)
 
 
+# (rows read and published, confirmed, dead-lettered), every PROGRESS_INTERVAL.
+Counts = Callable[[int, int, int], None]
+
+
 async def execute(
-    settings: Settings, plan: Plan, progress: Callable[[str], None] = lambda _: None
+    settings: Settings,
+    plan: Plan,
+    progress: Callable[[str], None] = lambda _: None,
+    on_count: Counts | None = None,
 ) -> Summary:
     """Drop and recreate the slot, publish the snapshot's rows since ``plan.since``."""
     started = time.monotonic()
@@ -294,7 +301,7 @@ async def execute(
     # resync (the mark without the lock) once this connection is gone.
     with catalog.connect(settings.dsn, application_name="cdc-relay resync") as lock:
         _lock_resync(lock, plan.slot)
-        return await _execute_locked(settings, plan, state_table, started, progress)
+        return await _execute_locked(settings, plan, state_table, started, progress, on_count)
 
 
 def _lock_resync(conn: psycopg.Connection[Any], slot: str) -> None:
@@ -316,6 +323,7 @@ async def _execute_locked(
     state_table: tuple[str, str],
     started: float,
     progress: Callable[[str], None],
+    on_count: Counts | None = None,
 ) -> Summary:
     with catalog.connect(settings.dsn) as conn:
         state.create(conn, state_table)
@@ -360,7 +368,7 @@ async def _execute_locked(
             f"publishing rows since {plan.since.astimezone(UTC).isoformat()} from its snapshot"
         )
         run = _Run(settings, consistent)
-        await _publish_snapshot(settings, plan, snapshot, run, progress)
+        await _publish_snapshot(settings, plan, snapshot, run, progress, on_count)
     finally:
         # Kept open until the read is done: the exported snapshot lives as long as it.
         await stream.close()
@@ -374,7 +382,12 @@ async def _execute_locked(
 
 
 async def _publish_snapshot(
-    settings: Settings, plan: Plan, snapshot: str, run: _Run, progress: Callable[[str], None]
+    settings: Settings,
+    plan: Plan,
+    snapshot: str,
+    run: _Run,
+    progress: Callable[[str], None],
+    on_count: Counts | None = None,
 ) -> None:
     reader = await psycopg.AsyncConnection.connect(
         settings.dsn, connect_timeout=10, application_name="cdc-relay resync"
@@ -429,6 +442,9 @@ async def _publish_snapshot(
                 now = time.monotonic()
                 if now - last_report >= PROGRESS_INTERVAL:
                     last_report = now
+                    if on_count is not None:
+                        on_count(run.read, run.confirmed, run.dead_lettered + len(run.letters))
+                        continue
                     progress(
                         f"resync: {run.read}/{max(plan.rows, run.read)} row(s) published, "
                         f"{run.confirmed} confirmed, {run.dead_lettered + len(run.letters)} "
@@ -469,10 +485,15 @@ def _set_failover(dsn: str, slot: str) -> None:
         )
 
 
-async def run_resync(settings: Settings, plan: Plan, progress: Callable[[str], None]) -> Summary:
+async def run_resync(
+    settings: Settings,
+    plan: Plan,
+    progress: Callable[[str], None],
+    on_count: Counts | None = None,
+) -> Summary:
     """``execute`` with a clean one-line failure for a broker that cannot be reached."""
     try:
-        return await execute(settings, plan, progress)
+        return await execute(settings, plan, progress, on_count)
     except (OSError, psycopg.OperationalError, TimeoutError, PublishFailed) as exc:
         raise ResyncFailed(
             f"resync stopped: {type(exc).__name__}: {one_line(str(exc))}; nothing is lost: "

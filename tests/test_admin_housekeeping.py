@@ -102,19 +102,19 @@ def test_drop_refuses_a_slot_holding_unpublished_rows(
     with conn.transaction():
         outbox.insert(conn, [{"aggregate_id": i} for i in range(3)])
     assert outbox.confirmed_lag() > 0
-    refused = cli("drop", "--yes", *outbox.cli_args())
+    refused = cli("drop", "--yes", *outbox.cli_args("drop"))
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert refused.stderr.count("\n") == 1, refused.stderr
     assert f"refusing to drop replication slot {slot}: it holds 3 outbox row(s)" in refused.stderr
     assert "--force" in refused.stderr and refused.stdout == ""
     assert catalog.slot_info(conn, slot) is not None
 
-    unconfirmed = cli("drop", "--force", *outbox.cli_args())  # not a terminal: --yes required
+    unconfirmed = cli("drop", "--force", *outbox.cli_args("drop"))  # not a terminal: --yes required
     assert unconfirmed.returncode == 2, unconfirmed.stderr
     assert "--yes" in unconfirmed.stderr and unconfirmed.stderr.count("\n") == 1
     assert catalog.slot_info(conn, slot) is not None
 
-    dropped = cli("drop", "--force", "--yes", *outbox.cli_args())
+    dropped = cli("drop", "--force", "--yes", *outbox.cli_args("drop"))
     assert dropped.returncode == 0, dropped.stderr
     assert f"replication slot {slot}: dropped" in dropped.stdout
     assert f"to republish what the slot held: cdc-relay resync --slot {slot} --since" in (
@@ -140,11 +140,11 @@ def test_drop_refuses_an_attached_relay_unless_forced(
                 break
             time.sleep(0.1)
         assert info is not None and info.active
-        refused = cli("drop", "--yes", *outbox.cli_args())
+        refused = cli("drop", "--yes", *outbox.cli_args("drop"))
         assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
         assert f"in use by a relay (walsender pid {info.active_pid})" in refused.stderr
         assert catalog.slot_info(conn, slot) is not None
-        dropped = cli("drop", "--force", "--yes", *outbox.cli_args())
+        dropped = cli("drop", "--force", "--yes", *outbox.cli_args("drop"))
         assert dropped.returncode == 0, dropped.stderr
         assert f"replication slot {slot}: dropped" in dropped.stdout
         assert catalog.slot_info(conn, slot) is None
@@ -165,7 +165,7 @@ def test_drop_of_a_slot_whose_wal_holds_no_outbox_row_needs_no_force(
     conn.execute(f"INSERT INTO {other} SELECT generate_series(1, 100)")
     conn.execute(f"DROP TABLE {other}")
     assert outbox.confirmed_lag() > 0
-    dropped = cli("drop", "--yes", *outbox.cli_args())
+    dropped = cli("drop", "--yes", *outbox.cli_args("drop"))
     assert dropped.returncode == 0, dropped.stderr
     assert catalog.slot_info(conn, outbox.names["slot"]) is None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cdc_relay.cli_progress import Progress
+from cdc_relay.cli_progress import Meter, Progress
 
 
 def test_a_known_total_shows_rate_and_time_left() -> None:
@@ -27,3 +27,16 @@ def test_the_summary_is_one_line_with_its_numbers_for_json() -> None:
         "seconds": 7_200.0,
         "rate": 1.0,
     }
+
+
+def test_a_meter_rewrites_the_terminal_line_and_only_notes_elsewhere() -> None:
+    shown: list[str] = []
+    noted: list[str] = []
+    progress = Progress("replayed", "dead letter(s)", 0.0, total=100)
+    on_terminal = Meter(progress, True, shown.append, noted.append)
+    on_terminal.update(50, 10.0)
+    assert shown == ["replayed 50/100 dead letter(s), 5/s, 10s left"] and noted == []
+    elsewhere = Meter(progress, False, shown.append, noted.append)
+    elsewhere.update(60, 10.0, " (detail)")
+    assert noted == ["replayed 60/100 dead letter(s), 6/s, 7s left (detail)"]
+    assert elsewhere.done == 60

@@ -165,6 +165,8 @@ async def test_a_missing_exchange_fails_only_its_rows_and_replay_converges(
     add_dead_letters(outbox, rows)
     first = await replay(outbox)
     assert "14 replayed, 1 failed" in first.stderr, (first.stdout, first.stderr)
+    # Not on a terminal: the progress is one summary line with the rate.
+    assert "replayed 15 dead letter(s) in " in first.stderr, first.stderr
     assert "404" in first.stdout and "missing_" in first.stdout
     good = ids[:7] + ids[8:]
     assert sorted(await settle(events, 14)) == sorted(good)
@@ -331,11 +333,15 @@ async def test_filters_and_dry_run_select_exactly_the_rows_they_say(
 @pytest.mark.asyncio
 async def test_dead_letters_list_has_a_header_and_nested_json(outbox: Setup) -> None:
     (outbox_id,) = add_dated_dead_letters(outbox, [("NO_ROUTE", "2026-12-01 10:00+00", "")])
-    text = await asyncio.to_thread(run_cli, "dead-letters", "list", *outbox.cli_args())
+    text = await asyncio.to_thread(
+        run_cli, "dead-letters", "list", *outbox.cli_args("dead-letters list")
+    )
     header, line = text.stdout.splitlines()
     assert header.split("\t") == ["id", "outbox_id", "created_at", "state", "reason"]
     assert line.split("\t")[1:] == [outbox_id, "2026-12-01T10:00:00.000000Z", "pending", "NO_ROUTE"]
-    listed = await asyncio.to_thread(run_cli, "dead-letters", "list", "--json", *outbox.cli_args())
+    listed = await asyncio.to_thread(
+        run_cli, "dead-letters", "list", "--json", *outbox.cli_args("dead-letters list")
+    )
     (shown,) = json_lines(listed.stdout)
     assert shown["created_at"] == "2026-12-01T10:00:00.000000Z"
     assert shown["row"]["payload"] == {"n": 1} and shown["row"]["id"] == outbox_id

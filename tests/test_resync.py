@@ -33,6 +33,12 @@ def resync_cmd(setup: Setup, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cdc_relay.cli", "resync", *setup.cli_args(), *extra]
 
 
+def debug(command: list[str]) -> list[str]:
+    """The same command with --log-level debug: its progress lines go to the log."""
+    at = command.index("cdc_relay.cli") + 1
+    return [*command[:at], "--log-level", "debug", *command[at:]]
+
+
 def run_resync(setup: Setup, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         resync_cmd(setup, *extra), capture_output=True, text=True, timeout=180, check=False
@@ -84,6 +90,10 @@ async def test_slot_dropped_while_stopped_resync_then_run_every_row_arrives(
     assert done.returncode == 0, done.stderr
     assert "resync done: 120 row(s)" in done.stdout, done.stdout
     assert "120 confirmed" in done.stdout
+    # Not on a terminal: one progress summary with the rate, no per-second lines.
+    summaries = [line for line in done.stderr.splitlines() if "resync: published" in line]
+    assert len(summaries) == 1 and "120 row(s) in " in summaries[0], done.stderr
+    assert "/s)" in summaries[0], done.stderr
     assert slot_row(outbox) is not None
 
     relay = RelayProcess(outbox, tmp_path / "relay2.log").start()
@@ -128,14 +138,14 @@ async def test_resync_killed_mid_publish_then_rerun_sends_everything(
     drop_slot(outbox)
     log = (tmp_path / "resync1.log").open("w")
     first = subprocess.Popen(
-        resync_cmd(outbox, "--since", since, "--max-in-flight", "50"),
+        debug(resync_cmd(outbox, "--since", since, "--max-in-flight", "50")),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
         deadline = time.monotonic() + 60
-        while "row(s) published" not in (tmp_path / "resync1.log").read_text():
+        while "resync: published" not in (tmp_path / "resync1.log").read_text():
             assert first.poll() is None, (tmp_path / "resync1.log").read_text()
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)

@@ -20,7 +20,7 @@ from cdc_relay import resync_guard, state
 from cdc_relay.errors import EX_CONFIG
 from cdc_relay.pg.replication import ReplicationStream
 from tests.harness import Consumer, RelayProcess, Setup, run_cli
-from tests.test_resync import drop_slot, insert, resync_cmd, since_now
+from tests.test_resync import debug, drop_slot, insert, resync_cmd, since_now
 
 pytestmark = pytest.mark.asyncio
 
@@ -43,10 +43,10 @@ async def start_resync(setup: Setup, log: Path, *extra: str) -> subprocess.Popen
     """A resync child, returned once it published some rows (bounded to 60 s)."""
     with log.open("w") as out:
         child = subprocess.Popen(
-            resync_cmd(setup, *extra), stdout=out, stderr=subprocess.STDOUT, text=True
+            debug(resync_cmd(setup, *extra)), stdout=out, stderr=subprocess.STDOUT, text=True
         )
     deadline = time.monotonic() + 60
-    while "row(s) published" not in log.read_text():
+    while "resync: published" not in log.read_text():
         assert child.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         await asyncio.sleep(0.05)
