@@ -93,7 +93,7 @@ def test_status_says_what_a_running_relay_reports(outbox: Setup) -> None:
     code, out, _err, _took = status(outbox)
     assert code == 1
     assert "no relay is attached" not in out
-    assert re.search(rf"but a relay reported \ds ago: {re.escape(failing)}", out), out
+    assert re.search(rf"but a relay reported \d+s ago: {re.escape(failing)}", out), out
     assert f"the relay reports (since {state.format_since(now)}): {failing}" in out
     # A relay that stopped saying anything a while ago is not believed.
     write_health(outbox, heartbeat_at=now - timedelta(minutes=5))
@@ -108,7 +108,7 @@ def test_status_reports_a_flush_that_does_not_move(outbox: Setup) -> None:
     code, out, _err, _took = status(outbox, "--no-require-active")
     assert code == 1
     # 300 s and the time the command took to start.
-    assert re.search(r"confirmed position has not moved for 30\ds with messages waiting", out), out
+    assert re.search(r"confirmed position has not moved for 3\d\ds with messages waiting", out), out
     code, out, _err, _took = status(outbox, "--no-require-active", "--max-stall", "10m")
     assert code == 0, out
 
@@ -129,6 +129,8 @@ async def test_the_outbox_leaving_its_publication_is_said_and_turns_readiness_re
         line = next(x for x in relay.log().splitlines() if "does not cover the outbox" in x)
         assert "ERROR" in line and f"ALTER PUBLICATION {pub} ADD TABLE {table}" in line
         assert "cdc-relay resync --slot" in line and "--since 20" in line
+        # The relay writes what it reports to its state row within about a second.
+        assert await wait_until(lambda: "the relay reports (since 20" in status(outbox)[1], 10)
         code, out, _err, _took = status(outbox)
         assert code == 1 and "the relay reports (since 20" in out, out
         conn.execute(f"ALTER PUBLICATION {pub} ADD TABLE {table}")
