@@ -620,27 +620,11 @@ def dead_letters_prune(
     click.echo(f"deleted {total} dead letter(s) older than {older_than}")
 
 
-class Since(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.5
-    """An ISO 8601 time; a bare one is UTC."""
-
-    name = "timestamp"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from cdc_relay.resync import parse_since
-
-        if isinstance(value, datetime):
-            return value
-        try:
-            return parse_since(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 @main.command(cls=SectionedCommand)
 @settings_options(RESYNC)
 @click.option(
     "--since",
-    type=Since(),
+    type=cli_deadletters.Timestamp(),
     default=None,
     help="Publish outbox rows created at or after this time (ISO 8601; bare = UTC). "
     "Default: the relay's recorded last confirmed commit minus --margin.",

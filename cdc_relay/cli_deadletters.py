@@ -27,7 +27,7 @@ REPLAY_HEADER = ("id", "outbox_id", "outcome", "exchange", "routing_key", "error
 
 
 class Timestamp(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.5
-    """An ISO 8601 time; a bare one is UTC (as ``resync --since``)."""
+    """An ISO 8601 time; a bare one is UTC (`resync --since`, replay's `--since`/`--until`)."""
 
     name = "timestamp"
 

@@ -29,7 +29,7 @@ from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.redact import one_line
 from cdc_relay.replay_select import Redirect, Selection
 from cdc_relay.router import Router
-from cdc_relay.rows import OutboxRow, UnmappableRow
+from cdc_relay.rows import TEXT_SELECT, OutboxRow, UnmappableRow, row_from_text
 from cdc_relay.schema import qualified
 
 
@@ -220,11 +220,9 @@ def _reread(
         raise UnmappableRow(f"{truncated} and no outbox id to read it again from {table}")
     try:
         values = conn.execute(
-            sql.SQL(
-                "SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text,"
-                " headers::text, exchange, routing_key, created_at::text FROM {}"
-                " WHERE id = %s"
-            ).format(qualified(*settings.table_parts)),
+            sql.SQL("SELECT " + TEXT_SELECT + " FROM {} WHERE id = %s").format(
+                qualified(*settings.table_parts)
+            ),
             (outbox_id,),
         ).fetchone()
     except psycopg.Error as exc:
@@ -237,18 +235,7 @@ def _reread(
         ) from None
     if values is None:
         raise UnmappableRow(f"{truncated}, and the row is no longer in {table} (pruned?)")
-    id_, agg_type, agg_id, event_type, payload, headers, exchange, routing_key, created = values
-    return OutboxRow(
-        id_,
-        agg_type,
-        agg_id,
-        event_type,
-        payload.encode(),
-        None if headers is None else headers.encode(),
-        exchange,
-        routing_key,
-        created,
-    )
+    return row_from_text(values)
 
 
 class _Round:

@@ -48,7 +48,7 @@ from cdc_relay.pg.replication import ReplicationStream
 from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.redact import one_line
 from cdc_relay.router import Router
-from cdc_relay.rows import OutboxRow
+from cdc_relay.rows import TEXT_SELECT, OutboxRow, row_from_text
 from cdc_relay.schema import qualified
 from cdc_relay.state import DEFAULT_MARGIN
 
@@ -229,22 +229,6 @@ def _server_version(conn: psycopg.Connection[Any]) -> int:
     return int(conn.info.server_version)
 
 
-def _row(values: tuple[Any, ...]) -> OutboxRow:
-    """A row as the text the stream would carry (payload and headers as jsonb text)."""
-    id_, agg_type, agg_id, event_type, payload, headers, exchange, routing_key, created = values
-    return OutboxRow(
-        id_,
-        agg_type,
-        agg_id,
-        event_type,
-        payload.encode(),
-        None if headers is None else headers.encode(),
-        exchange,
-        routing_key,
-        created,
-    )
-
-
 class _Run:
     """One resync's publishing state: rows in flight, outcomes, dead letters, progress."""
 
@@ -408,9 +392,7 @@ async def _publish_snapshot(
                 raise ConfigError(str(exc)) from None
         writer = await DeadLetterWriter.connect(settings.dsn, settings.dead_letter_table)
         query = sql.SQL(
-            "SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text,"
-            " headers::text, exchange, routing_key, created_at::text FROM {}"
-            " WHERE created_at >= %s ORDER BY created_at, id"
+            "SELECT " + TEXT_SELECT + " FROM {} WHERE created_at >= %s ORDER BY created_at, id"
         ).format(qualified(*settings.table_parts))
         last_report = time.monotonic()
         exchanges: dict[str, str | None] = {}
@@ -419,7 +401,7 @@ async def _publish_snapshot(
             await cursor.execute(query, (plan.since,))
             async for values in cursor:
                 run.read += 1
-                row = _row(values)
+                row = row_from_text(values)
                 envelope = run.envelope(row)
                 if envelope is not None and (
                     refused := await publisher.exchange_refusal(envelope.exchange, exchanges)

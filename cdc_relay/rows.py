@@ -130,3 +130,27 @@ def _text(value: Any) -> str:
 
 def _text_or_none(value: Any) -> str | None:
     return None if value is None else _raw(value).decode()
+
+
+# The outbox columns as SQL text, in OUTBOX_COLUMNS order: what ``row_from_text`` takes
+# (``resync`` reads the snapshot with it, ``replay`` re-reads a truncated row).
+TEXT_SELECT = (
+    "id::text, aggregate_type, aggregate_id, event_type, payload::text,"
+    " headers::text, exchange, routing_key, created_at::text"
+)
+
+
+def row_from_text(values: tuple[Any, ...]) -> OutboxRow:
+    """A row selected with TEXT_SELECT, as the text the stream would carry."""
+    id_, agg_type, agg_id, event_type, payload, headers, exchange, routing_key, created = values
+    return OutboxRow(
+        id_,
+        agg_type,
+        agg_id,
+        event_type,
+        payload.encode(),
+        None if headers is None else headers.encode(),
+        exchange,
+        routing_key,
+        created,
+    )
