@@ -106,8 +106,8 @@ def read_emit_key(
     return bytes(row[0])
 
 
-def unsigned_emit_function(conn: psycopg.Connection[Any], settings: Settings) -> str | None:
-    """The name of an init-written ``<table>_emit`` that does not sign its messages, if any."""
+def _emit_sources(conn: psycopg.Connection[Any], settings: Settings) -> tuple[str, list[str]]:
+    """``<table>_emit``'s qualified name and the source of each function of that name."""
     schema = settings.table_parts[0]
     emit = function_names(settings.table_parts)[1]
     rows = conn.execute(
@@ -115,8 +115,14 @@ def unsigned_emit_function(conn: psycopg.Connection[Any], settings: Settings) ->
         " WHERE n.nspname = %s AND p.proname = %s",
         (schema, emit),
     ).fetchall()
-    unsigned = [s for (s,) in rows if _EMIT_PREFIX.search(s) and "sha256(" not in s]
-    return f"{schema}.{emit}" if unsigned else None
+    return f"{schema}.{emit}", [source for (source,) in rows]
+
+
+def unsigned_emit_function(conn: psycopg.Connection[Any], settings: Settings) -> str | None:
+    """The name of an init-written ``<table>_emit`` that does not sign its messages, if any."""
+    name, sources = _emit_sources(conn, settings)
+    unsigned = [s for s in sources if _EMIT_PREFIX.search(s) and "sha256(" not in s]
+    return name if unsigned else None
 
 
 def unsigned_emit_hint(settings: Settings) -> str:
@@ -138,19 +144,13 @@ def _check_emit_prefix(conn: psycopg.Connection[Any], settings: Settings) -> Non
 
     A function init did not write (no recognisable emit call) is the user's own: not checked.
     """
-    schema = settings.table_parts[0]
-    emit = function_names(settings.table_parts)[1]
-    rows = conn.execute(
-        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE n.nspname = %s AND p.proname = %s",
-        (schema, emit),
-    ).fetchall()
-    calls = (m for (source,) in rows for m in _EMIT_PREFIX.finditer(source))
+    emit, sources = _emit_sources(conn, settings)
+    calls = (m for source in sources for m in _EMIT_PREFIX.finditer(source))
     prefixes = {m.group(1).replace("''", "'") for m in calls}
     if prefixes and settings.message_prefix not in prefixes:
         written = sorted(prefixes)[0]
         raise ConfigError(
-            f"{schema}.{emit} writes messages with prefix {written!r} but --message-prefix is "
+            f"{emit} writes messages with prefix {written!r} but --message-prefix is "
             f"{settings.message_prefix!r}, so its messages would never be published: run with "
             f"--message-prefix {written}, or run `cdc-relay init --message-prefix "
             f"{settings.message_prefix}` to rewrite the function"
