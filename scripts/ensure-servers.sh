@@ -23,6 +23,12 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # shellcheck disable=SC2086
 apt-get install -y -q --no-install-recommends $missing
-# The packages start system services we do not need; ours run privately.
-command -v service >/dev/null 2>&1 && service rabbitmq-server stop >/dev/null 2>&1 || true
-command -v service >/dev/null 2>&1 && service prometheus stop >/dev/null 2>&1 || true
+# The packages just installed start system services we do not need (ours run
+# privately); a service that was there before is the machine's, and is left alone.
+for package in $missing; do
+    case "$package" in
+        rabbitmq-server | prometheus)
+            command -v service >/dev/null 2>&1 && service "$package" stop >/dev/null 2>&1 || true
+            ;;
+    esac
+done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -109,8 +110,22 @@ async def test_relay_stands_by_while_a_resync_runs_and_a_second_resync_is_one_li
     rows = backlog(outbox, 20_000)
     drop_slot(outbox)
     first = await start_resync(
-        outbox, tmp_path / "resync1.log", "--since", since, "--max-in-flight", "20"
+        outbox,
+        tmp_path / "resync1.log",
+        "--since",
+        since,
+        "--max-in-flight",
+        "20",
+        "--heartbeat",
+        "0",  # the broker must not close a paused resync's connection
     )
+    # Paused (its connections and its advisory lock stay), so that it is still under way
+    # while the relay and the second resync look, however fast the machine drains it.
+    first.send_signal(signal.SIGSTOP)
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        assert resync_guard.resync_holder(conn, outbox.names["slot"]) is not None, (
+            "the first resync finished before it could be paused"
+        )
     relay = RelayProcess(outbox, tmp_path / "relay.log").start()
     try:
         await relay.wait_for_log_async("standing by: a resync of replication slot")
@@ -131,6 +146,7 @@ async def test_relay_stands_by_while_a_resync_runs_and_a_second_resync_is_one_li
         )
         assert "streaming from slot" not in relay.log()
 
+        first.send_signal(signal.SIGCONT)
         assert await asyncio.to_thread(first.wait, 180) == 0, (tmp_path / "resync1.log").read_text()
         await relay.wait_for_log_async("streaming from slot", timeout=30)
         later = insert(outbox, 10, "late")
@@ -138,6 +154,7 @@ async def test_relay_stands_by_while_a_resync_runs_and_a_second_resync_is_one_li
     finally:
         relay.stop_quietly()
         if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
             first.kill()
             first.wait()
 
