@@ -203,7 +203,7 @@ class Settings:
         None,
         Option(
             "The CloudEvents source of --format cloudevents and cloudevents-structured "
-            "(default: /cdc-relay/<database>/<schema>.<table>, the database --dsn names).",
+            "(default: /cdc-relay/<database>/<schema>.<table>, the database the DSN names).",
             commands=_PUBLISH,
             section=MAPPING,
             value_type=str,
