@@ -285,6 +285,8 @@ def test_the_size_limit_applies_to_the_structured_body() -> None:
         ("0044-03-15 12:00:00+00", "0044-03-15T12:00:00Z"),
         ("9999-12-31 23:59:59.999999+00", "9999-12-31T23:59:59.999999Z"),
         ("0044-03-15 12:00:00+00 BC", None),
+        ("2026-02-30 10:00:00+00", None),  # the shape of a timestamptz, not a date
+        ("2026-02-30 10:00:00+01", None),
         ("0001-01-01 00:00:00+05", None),  # in UTC, before year 1
         ("12026-01-01 00:00:00+00", None),
         ("infinity", None),
@@ -299,6 +301,31 @@ def test_rfc3339_from_postgres_text(text: str | None, expected: str | None) -> N
         env = binary(created_at=text)
         assert env.headers["ce-time"] == expected
         assert sdk_event(env).get_time() == datetime.fromisoformat(expected)
+
+
+def test_one_router_gives_each_row_its_own_time() -> None:
+    router = Router(message_format="cloudevents", ce_source=SOURCE)
+    times = [
+        router.route(row(created_at=text)).headers.get("ce-time")
+        for text in (
+            "2026-01-01 00:00:00+00",
+            "2026-01-01 00:00:00+00",
+            None,
+            "2026-01-02 00:00:00+00",
+        )
+    ]
+    assert times == ["2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z", None, "2026-01-02T00:00:00Z"]
+    # (the last one is not what Postgres prints, so it takes the slow path)
+
+
+def test_headers_too_large_once_copied_as_extensions_are_refused() -> None:
+    big = orjson.dumps({"blob": "x" * 70_000})
+    assert len(Router().route(row(headers=big)).headers["blob"]) == 70_000  # event format
+    with pytest.raises(UnmappableRow, match=r"more than .* that fit one AMQP frame"):
+        binary(headers=big)
+    assert orjson.loads(structured(headers=big).body)["blob"] == "x" * 70_000
+    with pytest.raises(UnmappableRow, match="fit one AMQP frame"):
+        binary(aggregate_id="4" * 70_000, headers=orjson.dumps({"pad": "y" * 60_000}))
 
 
 # -- source -----------------------------------------------------------------------------
@@ -340,3 +367,19 @@ def test_cloudevents_formats_keep_the_exchange_rules() -> None:
     Settings(message_format="cloudevents", exchange="ev", allowed_exchanges=["ev"]).check()
     with pytest.raises(ConfigError, match="--exchange 'ev' is not allowed"):
         Settings(message_format="cloudevents", exchange="ev", allowed_exchanges=["x"]).check()
+
+
+@pytest.mark.parametrize("command", ["run", "resync", "dead-letters replay"])
+def test_a_bad_ce_source_on_the_command_line_is_one_line_and_exit_78(command: str) -> None:
+    from click.testing import CliRunner
+
+    from cdc_relay import cli
+
+    args = [*command.split(), "--ce-source", "a b", "--dsn", "host=127.0.0.1 port=1"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 78, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "cdc-relay: error: --ce-source: invalid CloudEvents source 'a b': a non-empty "
+        "URI-reference without spaces or control characters (e.g. /cdc-relay/app/public.outbox)"
+    ]
