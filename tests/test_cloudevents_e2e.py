@@ -1,4 +1,4 @@
-"""CloudEvents end to end: rows, emitted messages and replayed dead letters relayed with
+"""CloudEvents end to end: rows, emitted messages, replayed dead letters and resynced rows, with
 ``--format cloudevents`` / ``cloudevents-structured`` to a real queue, read back with the
 CloudEvents Python SDK's RabbitMQ binding (which validates each event)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -188,3 +188,45 @@ async def test_a_row_cloudevents_cannot_carry_is_a_dead_letter_and_replay_uses_t
     event = read_event(next(d for d in consumer.deliveries if d.message_id == bad))
     assert (event.get_id(), event.get_source(), event.get_type()) == (bad, "/replayed", "Created")
     assert event.get_extension("tenant") == "t2"
+
+
+async def test_resync_publishes_the_lost_rows_as_cloudevents(
+    outbox: Setup, consumer: Consumer
+) -> None:
+    since = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    with psycopg.connect(outbox.dsn) as conn:
+        ids = outbox.insert(
+            conn,
+            [
+                {
+                    "aggregate_id": "a1",
+                    "event_type": "Lost",
+                    "headers": {"traceparent": TRACEPARENT},
+                },
+                {"aggregate_id": "a2", "event_type": "Lost", "payload": {"n": 2}},
+            ],
+        )
+        created = dict(conn.execute(f"SELECT id::text, created_at FROM {outbox.table}").fetchall())
+    with psycopg.connect(outbox.dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (outbox.names["slot"],))
+    done = await asyncio.to_thread(
+        run_cli,
+        "resync",
+        *outbox.cli_args("resync"),
+        "--since",
+        since,
+        "--format",
+        "cloudevents",
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    await consumer.wait_for(set(ids), timeout=30)
+    by_id = {d.message_id: read_event(d) for d in consumer.deliveries}
+    _, table = outbox.settings.table_parts
+    for i, subject in zip(ids, ("a1", "a2"), strict=True):
+        event = by_id[i]
+        assert (event.get_id(), event.get_type(), event.get_subject()) == (i, "Lost", subject)
+        assert event.get_source() == f"/cdc-relay/{dsn_database(outbox.dsn)}/public.{table}"
+        assert event.get_time() == created[i]
+    assert by_id[ids[0]].get_extension("traceparent") == TRACEPARENT
+    assert by_id[ids[1]].get_data() == {"n": 2}
