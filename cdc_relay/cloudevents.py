@@ -63,6 +63,8 @@ _UTC_TEXT = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{0,5}[1-9])?\+00")
 # bytes each) fits the room MAX_HEADER_TABLE_BYTES leaves in the frame for the properties,
 # which a publish uses little of; a full check would double the mapping's cost.
 _UNCHECKED_EXTRA_BYTES = 512
+# What the router itself adds in event format: never extension names (they hold "_").
+_ROUTER_HEADERS = frozenset({"aggregate_type", "aggregate_id", "event_type"})
 # A URI-reference has no spaces or control characters; anything else is left to the operator.
 _SOURCE = re.compile(r"[^\x00-\x20\x7f-\x9f]+")
 
@@ -186,58 +188,78 @@ class CloudEvents:
 
     def __call__(self, row: OutboxRow, event: Envelope) -> Envelope:
         """The CloudEvent for ``row`` from its ``event`` envelope (which it takes over)."""
-        attributes: dict[str, Any] = {
-            "specversion": SPECVERSION,
-            "id": _string("id", event.message_id),
-            "source": self.source,
-            "type": self._type(row.event_type),
-        }
-        if row.aggregate_id:
-            attributes["subject"] = _string("aggregate_id", row.aggregate_id)
+        event_id, event_type, subject = event.message_id, row.event_type, row.aggregate_id
+        if not event_type:
+            raise UnmappableRow("empty event_type: a CloudEvent needs a type")
+        if _NOT_STRING.search(event_id + event_type + subject):  # one search for the common case
+            _string("id", event_id)
+            _string("event_type", event_type)
+            _string("aggregate_id", subject)
         if row.created_at != self._last_created:  # a transaction's rows share now()
             self._last_created, self._last_time = row.created_at, rfc3339(row.created_at)
         time = self._last_time
-        if time is not None:
-            attributes["time"] = time
-        headers = event.headers
-        extra = self._source_bytes + _utf8_len(row.aggregate_id)
-        for name, value in headers.items():
-            if name[:3].lower() == HEADER_PREFIX:
-                raise UnmappableRow(
-                    f"header {name[:40]!r}: names starting with {HEADER_PREFIX!r} are the "
-                    "CloudEvents attributes the relay writes; drop the prefix to make it an "
-                    "extension attribute"
-                )
-            if EXTENSION_NAME.fullmatch(name) and name not in CONTEXT_ATTRIBUTES:
-                extension = _extension_value(value)
-                if extension is not None:
-                    attributes[name] = extension
-                    extra += _utf8_len(extension) if type(extension) is str else 8
+        extensions = _extensions(event.headers)
         if self.structured:
-            return self._structured(row, event, attributes)
-        for name, value in attributes.items():
-            headers[HEADER_PREFIX + name] = _canonical(value)
+            attributes: dict[str, Any] = {
+                "specversion": SPECVERSION,
+                "id": event_id,
+                "source": self.source,
+                "type": event_type,
+            }
+            if subject:
+                attributes["subject"] = subject
+            if time is not None:
+                attributes["time"] = time
+            attributes.update(extensions)
+            return _structured(row, event, attributes)
+        headers = event.headers
+        headers["ce-specversion"] = SPECVERSION
+        headers["ce-id"] = event_id
+        headers["ce-source"] = self.source
+        headers["ce-type"] = event_type
+        if subject:
+            headers["ce-subject"] = subject
+        if time is not None:
+            headers["ce-time"] = time
+        extra = self._source_bytes + _utf8_len(subject)
+        for name, value in extensions.items():
+            text = _canonical(value)
+            headers[HEADER_PREFIX + name] = text
+            extra += _utf8_len(text)
         if extra > _UNCHECKED_EXTRA_BYTES:
             check_headers(headers)
         return event
 
-    @staticmethod
-    def _type(event_type: str) -> str:
-        if not event_type:
-            raise UnmappableRow("empty event_type: a CloudEvent needs a type")
-        return _string("event_type", event_type)
 
-    @staticmethod
-    def _structured(row: OutboxRow, event: Envelope, attributes: dict[str, Any]) -> Envelope:
-        """The JSON event format, the payload spliced in as ``data`` without re-encoding."""
-        content_type = event.content_type
-        attributes["datacontenttype"] = content_type
-        if _JSON_MEDIA_TYPE.match(content_type):
-            _check_json(row.payload)
-            data = row.payload
-        else:  # the JSON event format carries other text as a JSON string
-            data = orjson.dumps(row.payload.decode("utf-8", "replace"))
-        head = orjson.dumps(attributes)
-        event.body = b"".join((head[:-1], b',"data":', data, b"}"))
-        event.content_type = STRUCTURED_CONTENT_TYPE
-        return event
+def _extensions(headers: dict[str, Any]) -> dict[str, str | bool | int]:
+    """The headers that are also extension attributes; refuses a ``ce-`` header."""
+    extensions: dict[str, str | bool | int] = {}
+    for name, value in headers.items():
+        if name in _ROUTER_HEADERS:
+            continue
+        if name[:3].lower() == HEADER_PREFIX:
+            raise UnmappableRow(
+                f"header {name[:40]!r}: names starting with {HEADER_PREFIX!r} are the "
+                "CloudEvents attributes the relay writes; drop the prefix to make it an "
+                "extension attribute"
+            )
+        if EXTENSION_NAME.fullmatch(name) and name not in CONTEXT_ATTRIBUTES:
+            extension = _extension_value(value)
+            if extension is not None:
+                extensions[name] = extension
+    return extensions
+
+
+def _structured(row: OutboxRow, event: Envelope, attributes: dict[str, Any]) -> Envelope:
+    """The JSON event format, the payload spliced in as ``data`` without re-encoding."""
+    content_type = event.content_type
+    attributes["datacontenttype"] = content_type
+    if _JSON_MEDIA_TYPE.match(content_type):
+        _check_json(row.payload)
+        data = row.payload
+    else:  # the JSON event format carries other text as a JSON string
+        data = orjson.dumps(row.payload.decode("utf-8", "replace"))
+    head = orjson.dumps(attributes)
+    event.body = b"".join((head[:-1], b',"data":', data, b"}"))
+    event.content_type = STRUCTURED_CONTENT_TYPE
+    return event
