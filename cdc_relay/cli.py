@@ -238,7 +238,7 @@ def init(
                 f"init needs an admin role (owner of the schema and table, allowed to create "
                 f"publications and slots, e.g. a superuser): {one_line(str(exc))}"
             ) from None
-    if not no_exchange and settings.message_format == "event":
+    if not no_exchange and settings.message_format != "celery":
         lines.append(asyncio.run(_declare_exchange(settings)))
     for line in lines:
         click.echo(line)

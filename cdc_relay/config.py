@@ -8,12 +8,18 @@ ranges to values that did not come through the CLI.
 
 from __future__ import annotations
 
+import getpass
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from cdc_relay.cloudevents import check_source, default_source
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
 from cdc_relay.router import DEFAULT_EXCHANGE_PATTERN, FORMATS, exchange_allowed
 from cdc_relay.schema import split_table_name
@@ -183,12 +189,25 @@ class Settings:
     message_format: str = setting(
         "event",
         Option(
-            "event: the payload as a JSON event; celery: a Celery task message.",
+            "event: the payload as a JSON event; celery: a Celery task message; "
+            "cloudevents: a CloudEvent in binary mode (ce- headers, the payload as the body); "
+            "cloudevents-structured: the whole CloudEvent as application/cloudevents+json.",
             commands=_AMQP,
             section=MAPPING,
             flag="--format",
             env="CDC_RELAY_FORMAT",
             choices=FORMATS,
+        ),
+    )
+    ce_source: str | None = setting(
+        None,
+        Option(
+            "The CloudEvents source of --format cloudevents and cloudevents-structured "
+            "(default: /cdc-relay/<database>/<schema>.<table>, the database the DSN names).",
+            commands=_PUBLISH,
+            section=MAPPING,
+            value_type=str,
+            metavar="URI",
         ),
     )
     # -- run -------------------------------------------------------------------------
@@ -400,6 +419,13 @@ class Settings:
         return split_table_name(self.table)
 
     @property
+    def cloudevents_source(self) -> str:
+        """``--ce-source``, or the default naming this outbox's database and table."""
+        if self.ce_source is not None:
+            return self.ce_source
+        return default_source(dsn_database(self.dsn), *self.table_parts)
+
+    @property
     def dead_letter_table(self) -> tuple[str, str]:
         schema, table = self.table_parts
         return schema, f"{table}_dead_letter"
@@ -418,7 +444,7 @@ class Settings:
             raise ConfigError("no RabbitMQ URL given: set --amqp-url or CDC_RELAY_AMQP_URL")
         if any(not p for p in self.allowed_exchanges):
             raise ConfigError("--allowed-exchanges has an empty pattern")
-        default = self.exchange if self.message_format == "event" else ""
+        default = self.exchange if self.message_format != "celery" else ""
         if not exchange_allowed(self.allowed_exchanges, default):
             what = f"--exchange {default!r}" if default else "the default exchange ''"
             add = default or DEFAULT_EXCHANGE_PATTERN
@@ -435,11 +461,36 @@ class Settings:
         if not self.message_prefix:
             raise ConfigError("--message-prefix must not be empty (outbox_emit uses cdc_relay)")
         split_table_name(self.table)
+        if self.ce_source is not None:
+            try:
+                check_source(self.ce_source)
+            except ValueError as exc:
+                raise ConfigError(f"--ce-source: {exc}") from None
         if not SLOT_NAME.fullmatch(self.slot):
             raise ConfigError(
                 f"invalid --slot {self.slot[:80]!r}: use 1-63 lowercase letters, digits "
                 "and underscores"
             )
+
+
+def dsn_database(dsn: str) -> str:
+    """The database ``dsn`` connects to, as libpq picks it: dbname, PGDATABASE, else the user."""
+    try:
+        parsed = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        parsed = {}
+    for value in (
+        parsed.get("dbname"),
+        os.environ.get("PGDATABASE"),
+        parsed.get("user"),
+        os.environ.get("PGUSER"),
+    ):
+        if value:
+            return str(value)
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no user name for this uid: libpq fails here too
+        return "postgres"
 
 
 def option_of(name: str) -> Option:

@@ -242,7 +242,7 @@ async def open_publisher(settings: Settings, on_outcome: Callable[[Outcome], Non
     publisher = Publisher.from_settings(settings, on_outcome)
     await publisher.connect()
     try:
-        if settings.declare_exchange and settings.message_format == "event":
+        if settings.declare_exchange and settings.message_format != "celery":
             await publisher.declare_exchange(settings.exchange)
     except ExchangeError as exc:
         await publisher.close()

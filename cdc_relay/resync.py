@@ -385,7 +385,7 @@ async def _publish_snapshot(
         await reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         await reader.execute("SET LOCAL TimeZone TO 'UTC'")
         await publisher.connect()
-        if settings.declare_exchange and settings.message_format == "event":
+        if settings.declare_exchange and settings.message_format != "celery":
             try:
                 await publisher.declare_exchange(settings.exchange)
             except ExchangeError as exc:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from cdc_relay.celery_message import TASK_AGGREGATE_TYPE, celery_envelope
+from cdc_relay.cloudevents import FALLBACK_SOURCE, CloudEvents
 from cdc_relay.envelope import (
     MAX_ROUTING_KEY_BYTES,
     Envelope,
@@ -45,7 +46,7 @@ SENDER_SELECTED_HEADERS = ("CC", "BCC")
 # How --allowed-exchanges names the default exchange "" (every queue by its name):
 # no glob matches it, so a list of named exchanges never lets a row reach any queue.
 DEFAULT_EXCHANGE_PATTERN = "(default)"
-FORMATS = ("event", "celery")
+FORMATS = ("event", "celery", "cloudevents", "cloudevents-structured")
 # What a routing-key template may name (the root of ``{payload[region]}`` is payload).
 TEMPLATE_FIELDS = frozenset({"id", "aggregate_type", "aggregate_id", "event_type", "payload"})
 # The row check_template renders: any template over these fields renders any row alike.
@@ -111,6 +112,7 @@ class Router:
         allowed_exchanges: Sequence[str] = (),
         allow_cc_headers: bool = False,
         max_message_size: int | None = None,
+        ce_source: str = FALLBACK_SOURCE,
     ) -> None:
         if message_format not in FORMATS:
             raise ValueError(f"unknown message format {message_format!r}; use one of {FORMATS}")
@@ -130,6 +132,11 @@ class Router:
         self.allowed_exchanges = tuple(allowed_exchanges)
         self.allow_cc_headers = allow_cc_headers
         self.max_message_size = max_message_size
+        self._cloudevents = (
+            CloudEvents(ce_source, structured=message_format == "cloudevents-structured")
+            if message_format.startswith("cloudevents")
+            else None
+        )
         # The default template is so common that it gets a fast path.
         self._fast_template = fields == ["aggregate_type", "event_type"] and (
             routing_key_template == "{aggregate_type}.{event_type}"
@@ -145,6 +152,7 @@ class Router:
             allowed_exchanges=settings.allowed_exchanges,
             allow_cc_headers=settings.allow_cc_headers,
             max_message_size=settings.max_message_size,
+            ce_source=settings.cloudevents_source,
         )
 
     def route(self, row: OutboxRow) -> Envelope:
@@ -178,7 +186,7 @@ class Router:
         headers["aggregate_type"] = row.aggregate_type
         headers["aggregate_id"] = row.aggregate_id
         headers["event_type"] = row.event_type
-        return Envelope(
+        envelope = Envelope(
             exchange=self.exchange if row.exchange is None else row.exchange,
             routing_key=routing_key,
             body=row.payload,
@@ -187,6 +195,9 @@ class Router:
             headers=headers,
             timestamp=parse_timestamptz(row.created_at),
         )
+        if self._cloudevents is not None:
+            return self._cloudevents(row, envelope)
+        return envelope
 
     def render_routing_key(self, row: OutboxRow) -> str:
         if self._fast_template:
