@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
+from cdc_relay.layout import LAYOUTS, build_layout
 from cdc_relay.router import DEFAULT_EXCHANGE_PATTERN, FORMATS, exchange_allowed
 from cdc_relay.schema import split_table_name
 
@@ -57,6 +58,8 @@ _STREAM = frozenset({RUN, RESYNC})  # read the slot's rows and publish them
 _RUN = frozenset({RUN})
 _AMQP = frozenset({INIT, RUN, RESYNC, DL_REPLAY})  # connect to RabbitMQ
 _SLOT = frozenset({INIT, RUN, STATUS, DROP, RESYNC})  # the slot and its publication
+# Read outbox rows (or validate the table they are read from): the column mapping.
+_ROWS = frozenset({INIT, RUN, STATUS, RESYNC, DL_REPLAY})
 
 # The help sections of `run --help`, in order.
 CONNECTIONS, MAPPING, FLOW, TIMEOUTS, OBSERVABILITY = (
@@ -190,6 +193,42 @@ class Settings:
             env="CDC_RELAY_FORMAT",
             choices=FORMATS,
         ),
+    )
+    layout: str = setting(
+        "cdc-relay",
+        Option(
+            "The outbox's columns: cdc-relay (init's table) or debezium (Debezium's Outbox "
+            "Event Router: id, aggregatetype, aggregateid, type, payload, timestamp, "
+            "tracingspancontext).",
+            commands=_ROWS,
+            section=MAPPING,
+            choices=LAYOUTS,
+        ),
+    )
+    column: list[str] = field(
+        default_factory=list,
+        metadata={
+            "cli": Option(
+                "FIELD=COLUMN: read a field (id, aggregate_type, aggregate_id, event_type, "
+                "payload, headers, exchange, routing_key, created_at, trace_context, or an "
+                "AMQP property such as correlation_id) from this column; repeatable.",
+                commands=_ROWS,
+                section=MAPPING,
+                metavar="FIELD=COLUMN",
+            )
+        },
+    )
+    header_column: list[str] = field(
+        default_factory=list,
+        metadata={
+            "cli": Option(
+                "COLUMN[:HEADER]: put this column's value into an AMQP header (named like "
+                "the column by default); repeatable.",
+                commands=_ROWS,
+                section=MAPPING,
+                metavar="COLUMN[:HEADER]",
+            )
+        },
     )
     # -- run -------------------------------------------------------------------------
     declare_exchange: bool = setting(
@@ -435,6 +474,10 @@ class Settings:
         if not self.message_prefix:
             raise ConfigError("--message-prefix must not be empty (outbox_emit uses cdc_relay)")
         split_table_name(self.table)
+        try:
+            build_layout(self.layout, self.column, self.header_column)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not SLOT_NAME.fullmatch(self.slot):
             raise ConfigError(
                 f"invalid --slot {self.slot[:80]!r}: use 1-63 lowercase letters, digits "
