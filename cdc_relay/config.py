@@ -59,7 +59,7 @@ _RUN = frozenset({RUN})
 _AMQP = frozenset({INIT, RUN, RESYNC, DL_REPLAY})  # connect to RabbitMQ
 _SLOT = frozenset({INIT, RUN, STATUS, DROP, RESYNC})  # the slot and its publication
 # Read outbox rows (or validate the table they are read from): the column mapping.
-_ROWS = frozenset({INIT, RUN, STATUS, RESYNC, DL_REPLAY})
+_ROWS = frozenset({INIT, RUN, STATUS, PRUNE, RESYNC, DL_REPLAY})
 
 # The help sections of `run --help`, in order.
 CONNECTIONS, MAPPING, FLOW, TIMEOUTS, OBSERVABILITY = (

@@ -117,12 +117,13 @@ class Layout:
                     f"outbox table {table} lacks column {column} for {what}{flag}; "
                     "rename the column or map it"
                 )
-        used = {c for c, _ in self.expected_columns()} | {c for f, c in self.columns if c in types}
-        for column in sorted(used & set(generated)):
+        used = [c for c, _ in self.expected_columns()] + [c for _, c in self.columns]
+        bad = sorted({c for c in used if c in generated})
+        if bad:
             raise ValueError(
-                f"outbox table {table} has generated column {column}: logical replication "
-                "does not send generated columns, so the relay would never see its values; "
-                "make it a plain column and set it in the INSERT"
+                f"outbox table {table} has generated column(s) {', '.join(bad)}: logical "
+                "replication does not send generated columns, so the relay would never see "
+                "their values; make them plain columns and set them in the INSERT"
             )
         if self.is_default:
             return
