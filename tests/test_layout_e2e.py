@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -323,3 +324,38 @@ def test_init_no_table_refuses_what_cannot_work(
         assert "Traceback" not in result.stderr
     finally:
         setup.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_resync_reads_through_the_mapping(
+    debezium: Setup, watcher: PropertiesConsumer, relays: Any
+) -> None:
+    """Rows resync selects from the table become the same messages the stream made."""
+    since = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    span = f"traceparent={TRACEPARENT}"
+    relay = relays(debezium, *MAPPING)
+    relay.wait_for_log("streaming from slot")
+    with psycopg.connect(debezium.dsn) as conn:
+        streamed = debezium_insert(
+            conn, debezium.table, tracingspancontext=span, tenant_id="acme", shard=1
+        )
+        conn.commit()
+    await watcher.wait_for({streamed})
+    assert relay.stop() == 0
+    with psycopg.connect(debezium.dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (debezium.names["slot"],))
+    with psycopg.connect(debezium.dsn) as conn:
+        missed = debezium_insert(
+            conn, debezium.table, tracingspancontext=span, tenant_id="acme", shard=1
+        )
+        conn.commit()
+    done = run_cli("resync", *debezium.cli_args("resync"), *MAPPING, "--since", since, timeout=180)
+    assert done.returncode == 0, done.stderr
+    await watcher.wait_for({missed})
+    by_id = {d.message_id: d for d in watcher.deliveries}
+    one, two = by_id[streamed], by_id[missed]
+    assert two.body == one.body and two.routing_key == one.routing_key == "order.OrderCreated"
+    assert two.headers == one.headers
+    assert two.headers["x-tenant"] == "acme" and two.headers["shard"] == 1
+    assert two.headers["traceparent"] == TRACEPARENT
+    assert two.properties["correlation_id"] == one.properties["correlation_id"] == "42"
