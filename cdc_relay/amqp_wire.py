@@ -39,9 +39,12 @@ _HEADERS = 1 << 13
 _DELIVERY_MODE = 1 << 12
 _PRIORITY = 1 << 11
 _CORRELATION_ID = 1 << 10
+_REPLY_TO = 1 << 9
+_EXPIRATION = 1 << 8
 _MESSAGE_ID = 1 << 7
 _TIMESTAMP = 1 << 6
 _TYPE = 1 << 5
+_USER_ID = 1 << 4
 _APP_ID = 1 << 3
 
 
@@ -98,6 +101,12 @@ def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     if envelope.correlation_id:
         flags |= _CORRELATION_ID
         parts.append(short_string(envelope.correlation_id))
+    if envelope.reply_to:
+        flags |= _REPLY_TO
+        parts.append(short_string(envelope.reply_to))
+    if envelope.expiration:
+        flags |= _EXPIRATION
+        parts.append(short_string(envelope.expiration))
     if envelope.message_id:
         flags |= _MESSAGE_ID
         parts.append(short_string(envelope.message_id))
@@ -107,6 +116,9 @@ def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     if envelope.type:
         flags |= _TYPE
         parts.append(_repeated_short_string(envelope.type))
+    if envelope.user_id:
+        flags |= _USER_ID
+        parts.append(_repeated_short_string(envelope.user_id))
     if envelope.app_id:
         flags |= _APP_ID
         parts.append(_repeated_short_string(envelope.app_id))

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from cdc_relay.cloudevents import check_source, default_source
 from cdc_relay.errors import EX_CONFIG, ConfigError, FatalError, RelayError
+from cdc_relay.layout import LAYOUTS, build_layout
 from cdc_relay.router import DEFAULT_EXCHANGE_PATTERN, FORMATS, exchange_allowed
 from cdc_relay.schema import split_table_name
 
@@ -63,6 +64,8 @@ _STREAM = frozenset({RUN, RESYNC})  # read the slot's rows and publish them
 _RUN = frozenset({RUN})
 _AMQP = frozenset({INIT, RUN, RESYNC, DL_REPLAY})  # connect to RabbitMQ
 _SLOT = frozenset({INIT, RUN, STATUS, DROP, RESYNC})  # the slot and its publication
+# Read outbox rows (or validate the table they are read from): the column mapping.
+_ROWS = frozenset({INIT, RUN, STATUS, PRUNE, RESYNC, DL_REPLAY})
 
 # The help sections of `run --help`, in order.
 CONNECTIONS, MAPPING, FLOW, TIMEOUTS, OBSERVABILITY = (
@@ -209,6 +212,42 @@ class Settings:
             value_type=str,
             metavar="URI",
         ),
+    )
+    layout: str = setting(
+        "cdc-relay",
+        Option(
+            "The outbox's columns: cdc-relay (init's table) or debezium (Debezium's Outbox "
+            "Event Router: id, aggregatetype, aggregateid, type, payload, timestamp, "
+            "tracingspancontext).",
+            commands=_ROWS,
+            section=MAPPING,
+            choices=LAYOUTS,
+        ),
+    )
+    column: list[str] = field(
+        default_factory=list,
+        metadata={
+            "cli": Option(
+                "FIELD=COLUMN: read a field (id, aggregate_type, aggregate_id, event_type, "
+                "payload, headers, exchange, routing_key, created_at, trace_context, or an "
+                "AMQP property such as correlation_id) from this column; repeatable.",
+                commands=_ROWS,
+                section=MAPPING,
+                metavar="FIELD=COLUMN",
+            )
+        },
+    )
+    header_column: list[str] = field(
+        default_factory=list,
+        metadata={
+            "cli": Option(
+                "COLUMN[:HEADER]: put this column's value into an AMQP header (named like "
+                "the column by default); repeatable.",
+                commands=_ROWS,
+                section=MAPPING,
+                metavar="COLUMN[:HEADER]",
+            )
+        },
     )
     # -- run -------------------------------------------------------------------------
     declare_exchange: bool = setting(
@@ -466,6 +505,10 @@ class Settings:
                 check_source(self.ce_source)
             except ValueError as exc:
                 raise ConfigError(f"--ce-source: {exc}") from None
+        try:
+            build_layout(self.layout, self.column, self.header_column)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not SLOT_NAME.fullmatch(self.slot):
             raise ConfigError(
                 f"invalid --slot {self.slot[:80]!r}: use 1-63 lowercase letters, digits "

@@ -230,7 +230,11 @@ class SessionCore:
             self._other_columns[event.relid] = tuple(c.name for c in event.columns)
             return
         try:
-            self._readers[event.relid] = RowReader([c.name for c in event.columns])
+            self._readers[event.relid] = RowReader(
+                [c.name for c in event.columns],
+                self.router.layout,
+                [c.type_oid for c in event.columns],
+            )
         except OutboxSchemaError as exc:
             self._readers[event.relid] = MissingColumns(
                 tuple(c.name for c in event.columns),
@@ -251,7 +255,7 @@ class SessionCore:
             return self._dead(
                 seq,
                 event.new,
-                _read_if_outbox(columns or (), event.new),
+                _read_if_outbox(columns or (), event.new, self.router),
                 f"insert into {name} (OID {event.relid}), which is not the outbox {self.table} "
                 f"(OID {self.outbox_relid}): the publication must cover only the outbox",
                 columns,
@@ -489,7 +493,9 @@ class SessionCore:
         return f"{tracker.unconfirmed} in flight, confirmed LSN {format_lsn(tracker.flush_lsn)}"
 
 
-def _read_if_outbox(columns: tuple[str, ...], values: tuple[Any, ...]) -> OutboxRow | None:
+def _read_if_outbox(
+    columns: tuple[str, ...], values: tuple[Any, ...], router: Router
+) -> OutboxRow | None:
     """The row as an outbox row when its relation has the outbox's columns (replayable as is).
 
     A dropped and recreated outbox has a new OID, so until the next session
@@ -497,7 +503,7 @@ def _read_if_outbox(columns: tuple[str, ...], values: tuple[Any, ...]) -> Outbox
     way, ``dead-letters replay`` publishes them.
     """
     try:
-        return RowReader(columns).read(values)
+        return RowReader(columns, router.layout).read(values)
     except (OutboxSchemaError, UnmappableRow):
         return None
 

@@ -54,6 +54,9 @@ class Envelope:
     app_id: str = APP_ID
     delivery_mode: int = 2
     priority: int | None = None
+    reply_to: str | None = None
+    expiration: str | None = None  # milliseconds, as RabbitMQ wants it: a decimal string
+    user_id: str | None = None
 
 
 def parse_timestamptz(text: str | None) -> datetime | None:

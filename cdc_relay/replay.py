@@ -26,10 +26,11 @@ from cdc_relay.config import Settings
 from cdc_relay.deadletters import RECORD_COLUMNS, DeadLetterRecord, mark_replayed
 from cdc_relay.envelope import Envelope
 from cdc_relay.errors import ConfigError, RelayError
+from cdc_relay.pg import checks
 from cdc_relay.redact import one_line
 from cdc_relay.replay_select import Redirect, Selection
 from cdc_relay.router import Router
-from cdc_relay.rows import TEXT_SELECT, OutboxRow, UnmappableRow, row_from_text
+from cdc_relay.rows import OutboxRow, UnmappableRow
 from cdc_relay.schema import qualified
 
 
@@ -57,6 +58,9 @@ def row_from_record(record: DeadLetterRecord) -> OutboxRow:
         exchange=data.get("exchange"),
         routing_key=data.get("routing_key"),
         created_at=data.get("created_at"),
+        trace_context=data.get("trace_context"),
+        column_headers=data.get("column_headers"),
+        properties=data.get("properties"),
     )
 
 
@@ -219,9 +223,13 @@ def _reread(
     if outbox_id is None:
         raise UnmappableRow(f"{truncated} and no outbox id to read it again from {table}")
     try:
+        try:
+            reading = checks.text_rows(conn, settings)
+        except ConfigError as exc:
+            raise UnmappableRow(f"{truncated}, and {exc}") from None
         values = conn.execute(
-            sql.SQL("SELECT " + TEXT_SELECT + " FROM {} WHERE id = %s").format(
-                qualified(*settings.table_parts)
+            sql.SQL("SELECT {} FROM {} WHERE {} = %s").format(
+                reading.select, qualified(*settings.table_parts), reading.id
             ),
             (outbox_id,),
         ).fetchone()
@@ -235,7 +243,7 @@ def _reread(
         ) from None
     if values is None:
         raise UnmappableRow(f"{truncated}, and the row is no longer in {table} (pruned?)")
-    return row_from_text(values)
+    return reading.read(values)
 
 
 class _Round:

@@ -84,6 +84,8 @@ class Plan:
     old_slot: str  # "missing", "lost (wal_status=lost)", "left by an interrupted resync"
     failover: bool
     rows: int  # rows with created_at >= since when planned (more may commit meanwhile)
+    # The layout's columns (pg.checks.text_rows); None: our own columns.
+    reading: checks.TextRows | None = None
 
     def describe(self) -> list[str]:
         drop = "" if self.old_slot == "missing" else "drop it, "
@@ -218,11 +220,19 @@ def plan(
         failover = failover or bool(old.get("failover"))
     if failover and _server_version(conn) < FAILOVER_MIN_VERSION:
         failover = False  # the old slot could not have had it either
+    reading = checks.text_rows(conn, settings)
+    if reading.created_at is None:
+        raise ConfigError(
+            f"outbox table {schema}.{table} has no creation-time column: resync selects rows "
+            "by it; map one with --column created_at=COLUMN (a timestamp column)"
+        )
     row = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE created_at >= %s").format(qualified(schema, table)),
+        sql.SQL("SELECT count(*) FROM {} WHERE {} >= %s").format(
+            qualified(schema, table), reading.created_at
+        ),
         (start,),
     ).fetchone()
-    return Plan(slot, start, source, old_slot, failover, int(row[0]) if row else 0)
+    return Plan(slot, start, source, old_slot, failover, int(row[0]) if row else 0, reading)
 
 
 def _server_version(conn: psycopg.Connection[Any]) -> int:
@@ -391,9 +401,13 @@ async def _publish_snapshot(
             except ExchangeError as exc:
                 raise ConfigError(str(exc)) from None
         writer = await DeadLetterWriter.connect(settings.dsn, settings.dead_letter_table)
-        query = sql.SQL(
-            "SELECT " + TEXT_SELECT + " FROM {} WHERE created_at >= %s ORDER BY created_at, id"
-        ).format(qualified(*settings.table_parts))
+        reading = plan.reading or checks.TextRows(
+            sql.SQL(TEXT_SELECT), row_from_text, sql.Identifier("created_at"), sql.Identifier("id")
+        )
+        created = reading.created_at or sql.Identifier("created_at")
+        query = sql.SQL("SELECT {} FROM {} WHERE {} >= %s ORDER BY {}, {}").format(
+            reading.select, qualified(*settings.table_parts), created, created, reading.id
+        )
         last_report = time.monotonic()
         exchanges: dict[str, str | None] = {}
         async with reader.cursor(name="cdc_relay_resync") as cursor:
@@ -401,7 +415,7 @@ async def _publish_snapshot(
             await cursor.execute(query, (plan.since,))
             async for values in cursor:
                 run.read += 1
-                row = row_from_text(values)
+                row = reading.read(values)
                 envelope = run.envelope(row)
                 if envelope is not None and (
                     refused := await publisher.exchange_refusal(envelope.exchange, exchanges)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import fnmatch
 import re
 import string
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -27,11 +28,14 @@ from cdc_relay.cloudevents import FALLBACK_SOURCE, CloudEvents
 from cdc_relay.envelope import (
     MAX_ROUTING_KEY_BYTES,
     Envelope,
+    check_headers,
     check_routing_key_size,
     check_short_string,
     parse_timestamptz,
     read_headers,
 )
+from cdc_relay.layout import DEFAULT_LAYOUT, Layout, build_layout
+from cdc_relay.properties import take_properties, trace_headers
 from cdc_relay.rows import OutboxRow, UnmappableRow
 
 if TYPE_CHECKING:
@@ -113,6 +117,8 @@ class Router:
         allow_cc_headers: bool = False,
         max_message_size: int | None = None,
         ce_source: str = FALLBACK_SOURCE,
+        layout: Layout = DEFAULT_LAYOUT,
+        amqp_users: Collection[str] | None = None,
     ) -> None:
         if message_format not in FORMATS:
             raise ValueError(f"unknown message format {message_format!r}; use one of {FORMATS}")
@@ -137,6 +143,10 @@ class Router:
             if message_format.startswith("cloudevents")
             else None
         )
+        # Which column holds which field (rows.RowReader reads with it), and the users
+        # a row's user_id property may name (None: not checked, the app side's router).
+        self.layout = layout
+        self.amqp_users = None if amqp_users is None else frozenset(amqp_users)
         # The default template is so common that it gets a fast path.
         self._fast_template = fields == ["aggregate_type", "event_type"] and (
             routing_key_template == "{aggregate_type}.{event_type}"
@@ -153,6 +163,8 @@ class Router:
             allow_cc_headers=settings.allow_cc_headers,
             max_message_size=settings.max_message_size,
             ce_source=settings.cloudevents_source,
+            layout=build_layout(settings.layout, settings.column, settings.header_column),
+            amqp_users=amqp_users(settings.amqp_urls),
         )
 
     def route(self, row: OutboxRow) -> Envelope:
@@ -171,6 +183,8 @@ class Router:
         if not row.id:
             raise UnmappableRow("empty message id: consumers and returns need one")
         headers = read_headers(row)
+        if row.column_headers or row.trace_context:
+            headers = _with_columns(headers, row)
         if headers and not self.allow_cc_headers:
             _refuse_sender_selected(headers)
         if row.exchange is not None and not EXCHANGE_NAME.match(row.exchange):
@@ -183,6 +197,11 @@ class Router:
         check_routing_key_size(routing_key)
         check_short_string("id", row.id)
         check_short_string("event_type", row.event_type)
+        properties = (
+            take_properties(headers, row.properties, self.amqp_users)
+            if headers or row.properties
+            else None
+        )
         headers["aggregate_type"] = row.aggregate_type
         headers["aggregate_id"] = row.aggregate_id
         headers["event_type"] = row.event_type
@@ -195,6 +214,9 @@ class Router:
             headers=headers,
             timestamp=parse_timestamptz(row.created_at),
         )
+        if properties:
+            for name, value in properties.items():
+                setattr(envelope, name, value)
         if self._cloudevents is not None:
             return self._cloudevents(row, envelope)
         return envelope
@@ -259,6 +281,33 @@ def exchange_allowed(patterns: Sequence[str], exchange: str) -> bool:
     if exchange == "":
         return DEFAULT_EXCHANGE_PATTERN in patterns
     return any(fnmatch.fnmatchcase(exchange, p) for p in patterns)
+
+
+def amqp_users(urls: Sequence[str]) -> frozenset[str]:
+    """The users the relay connects as: a row's user_id must be one of them.
+
+    Empty when that cannot be known (a certificate login, whose user is the
+    certificate's subject), so that every user_id is refused up front rather
+    than by the broker closing the channel. Several URLs may name several users
+    (cluster nodes): a user_id must then name every one, so the set is empty too.
+    """
+    users = set()
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if "auth_mechanism=external" in parts.query.lower():
+            return frozenset()
+        users.add(urllib.parse.unquote(parts.username or "guest"))
+    return frozenset(users) if len(users) == 1 else frozenset()
+
+
+def _with_columns(headers: dict[str, Any], row: OutboxRow) -> dict[str, Any]:
+    """The headers column plus --header-column values and the trace context (which win)."""
+    if row.column_headers:
+        headers.update(row.column_headers)
+    if row.trace_context:
+        headers.update(trace_headers(row.trace_context))
+    check_headers(headers)
+    return headers
 
 
 def _refuse_sender_selected(headers: dict[str, Any]) -> None:

@@ -8,7 +8,12 @@ one decode per text column and nothing more.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from cdc_relay.layout import Layout
 
 # Every column of the outbox, in table order: init creates them (cdc_relay.schema),
 # validation requires each by name, the reader takes them from pgoutput's tuples.
@@ -47,10 +52,15 @@ class OutboxRow:
     exchange: str | None = None
     routing_key: str | None = None
     created_at: str | None = None
+    # Read only from a mapped layout (cdc_relay.layout): the W3C trace context column,
+    # --header-column values by header name, AMQP properties from mapped columns.
+    trace_context: str | None = None
+    column_headers: dict[str, Any] | None = None
+    properties: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-friendly copy (for dead letters and logs)."""
-        return {
+        """A JSON-friendly copy (for dead letters and logs); mapped extras only when set."""
+        data: dict[str, Any] = {
             "id": self.id,
             "aggregate_type": self.aggregate_type,
             "aggregate_id": self.aggregate_id,
@@ -61,26 +71,59 @@ class OutboxRow:
             "routing_key": self.routing_key,
             "created_at": self.created_at,
         }
+        if self.trace_context is not None:
+            data["trace_context"] = self.trace_context
+        if self.column_headers is not None:
+            data["column_headers"] = self.column_headers
+        if self.properties is not None:
+            data["properties"] = self.properties
+        return data
+
+
+# Type OIDs whose text a header value keeps the JSON type of (else: a string), and bytea.
+BOOL_OID, BYTEA_OID, INT8_OID, INT2_OID, INT4_OID = 16, 17, 20, 21, 23
+JSON_OID, JSONB_OID = 114, 3802
+_INTEGER_OIDS = frozenset({INT2_OID, INT4_OID, INT8_OID})
 
 
 class RowReader:
-    """Maps an Insert's value tuple to an OutboxRow, for one Relation's column order."""
+    """Maps an Insert's value tuple to an OutboxRow, for one Relation's column order.
 
-    __slots__ = ("_indexes",)
+    ``layout`` (``cdc_relay.layout``; None: ours) says which column holds each
+    field; it is resolved here once into a tuple of indexes, so reading a row
+    costs the same whatever the columns are called. ``type_oids`` (the
+    Relation's, or the catalog's for text-selected rows) matter only for a
+    mapped layout: a bytea payload is unhexed, and header columns keep the
+    JSON type of integers, booleans and json values.
+    """
 
-    def __init__(self, column_names: list[str] | tuple[str, ...]) -> None:
+    __slots__ = ("_extras", "_indexes")
+
+    def __init__(
+        self,
+        column_names: list[str] | tuple[str, ...],
+        layout: Layout | None = None,
+        type_oids: list[int] | tuple[int, ...] | None = None,
+    ) -> None:
         positions = {name: i for i, name in enumerate(column_names)}
-        missing = [c for c in REQUIRED_COLUMNS if c not in positions]
+        columns = dict(layout.columns) if layout is not None else {c: c for c in OUTBOX_COLUMNS}
+        missing = [columns[c] for c in REQUIRED_COLUMNS if columns[c] not in positions]
         if missing:
             raise OutboxSchemaError(f"outbox table lacks column(s): {', '.join(missing)}")
-        self._indexes = tuple(positions.get(name) for name in OUTBOX_COLUMNS)
+        self._indexes = tuple(
+            None if (c := columns.get(name)) is None else positions.get(c)
+            for name in OUTBOX_COLUMNS
+        )
+        self._extras: _Extras | None = None
+        if layout is not None and not layout.is_default:
+            self._extras = _extras(layout, positions, type_oids)
 
     def read(self, values: tuple[Any, ...]) -> OutboxRow:
         # The required indexes are never None (checked in __init__); the ignores below
         # say so to mypy without a per-row assert on this hot path.
         i_id, i_at, i_aid, i_et, i_pl, i_hd, i_ex, i_rk, i_ca = self._indexes
         try:
-            return OutboxRow(
+            row = OutboxRow(
                 _text(values[i_id]),  # type: ignore[index]
                 _text(values[i_at]),  # type: ignore[index]
                 _text(values[i_aid]),  # type: ignore[index]
@@ -91,8 +134,82 @@ class RowReader:
                 None if i_rk is None else _text_or_none(values[i_rk]),
                 None if i_ca is None else _text_or_none(values[i_ca]),
             )
-        except (TypeError, UnicodeDecodeError, IndexError) as exc:
+            if self._extras is not None:
+                self._extras.fill(row, values)
+        except (TypeError, UnicodeDecodeError, IndexError, ValueError) as exc:
             raise UnmappableRow(f"cannot read outbox row: {exc}") from None
+        return row
+
+
+@dataclass(frozen=True, slots=True)
+class _Extras:
+    """What a mapped layout reads beyond our columns, as indexes into the value tuple."""
+
+    payload_bytea: bool
+    trace_context: int | None
+    headers: tuple[tuple[int, str, int], ...]  # (index, header name, type OID)
+    properties: tuple[tuple[int, str], ...]  # (index, property name)
+
+    def fill(self, row: OutboxRow, values: tuple[Any, ...]) -> None:
+        if self.payload_bytea:
+            row.payload = _unhex(row.payload)
+        if self.trace_context is not None:
+            row.trace_context = _text_or_none(values[self.trace_context])
+        if self.headers:
+            row.column_headers = {
+                name: _typed(values[i], oid)
+                for i, name, oid in self.headers
+                if values[i] is not None
+            }
+        if self.properties:
+            row.properties = {
+                name: _text(values[i]) for i, name in self.properties if values[i] is not None
+            }
+
+
+def _extras(
+    layout: Layout, positions: dict[str, int], type_oids: list[int] | tuple[int, ...] | None
+) -> _Extras:
+    from cdc_relay.layout import PROPERTY_FIELDS, TRACE_CONTEXT
+
+    def oid(index: int) -> int:
+        return 0 if type_oids is None else type_oids[index]
+
+    columns = dict(layout.columns)
+    payload = positions[columns["payload"]]
+    trace = columns.get(TRACE_CONTEXT)
+    return _Extras(
+        payload_bytea=oid(payload) == BYTEA_OID,
+        trace_context=None if trace is None else positions.get(trace),
+        headers=tuple(
+            (positions[c], h, oid(positions[c])) for c, h in layout.header_columns if c in positions
+        ),
+        properties=tuple(
+            (positions[c], f) for f, c in layout.columns if f in PROPERTY_FIELDS and c in positions
+        ),
+    )
+
+
+def _unhex(value: bytes) -> bytes:
+    """bytea's text output (hex format, ``\\x...``) -> its bytes."""
+    if not value.startswith(b"\\x"):
+        raise ValueError("a bytea payload must arrive in hex format (bytea_output = hex)")
+    return bytes.fromhex(value[2:].decode("ascii"))
+
+
+def _typed(value: Any, oid: int) -> Any:
+    """A header column's value: integers, booleans and json keep their JSON type."""
+    text = _text(value)
+    if oid in _INTEGER_OIDS:
+        return int(text)
+    if oid == BOOL_OID:
+        return text == "t"
+    if oid in (JSON_OID, JSONB_OID):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"json header column nested too deep: {exc}") from None
+    return text
 
 
 class MissingColumns:

@@ -29,6 +29,10 @@ def reference(envelope: Envelope, channel: int, frame_max: int) -> bytes:
         headers=envelope.headers or None,
         delivery_mode=envelope.delivery_mode,
         correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        expiration=envelope.expiration,
+        priority=envelope.priority,
+        user_id=envelope.user_id,
         message_id=envelope.message_id,
         timestamp=envelope.timestamp,
         message_type=envelope.type,
@@ -75,6 +79,10 @@ envelopes = st.builds(
     ),
     content_encoding=st.one_of(st.none(), st.just("utf-8")),
     correlation_id=st.one_of(st.none(), short),
+    reply_to=st.one_of(st.none(), short),
+    expiration=st.one_of(st.none(), st.integers(0, 2**32 - 1).map(str)),
+    priority=st.one_of(st.none(), st.integers(0, 255)),
+    user_id=st.one_of(st.none(), short),
 )
 
 

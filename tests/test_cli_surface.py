@@ -36,6 +36,9 @@ _RUN_AND_RESYNC = {
     "--allowed-exchanges",
     "--allow-cc-headers",
 }
+# The column mapping: every command that reads outbox rows or checks their table.
+_MAPPING = {"--layout", "--column", "--header-column"}
+_RUN_AND_RESYNC |= _MAPPING
 EXPECTED: dict[str, set[str]] = {
     "init": {
         "--dsn",
@@ -55,7 +58,8 @@ EXPECTED: dict[str, set[str]] = {
         "--grant-emit-to",
         "--failover",
         "--print-sql",
-    },
+    }
+    | _MAPPING,
     "run": _RUN_AND_RESYNC
     | {
         "--message-prefix",
@@ -86,7 +90,8 @@ EXPECTED: dict[str, set[str]] = {
         "--no-require-active",
         "--max-lag-bytes",
         "--max-stall",
-    },
+    }
+    | _MAPPING,
     "drop": {
         "--dsn",
         "--slot",
@@ -96,7 +101,7 @@ EXPECTED: dict[str, set[str]] = {
         "--force",
         "--yes",
     },
-    "prune": {"--dsn", "--table", "--older-than", "--batch"},
+    "prune": {"--dsn", "--table", "--older-than", "--batch"} | _MAPPING,
     "dead-letters list": {"--dsn", "--table", "--all", "--json"},
     "dead-letters prune": {"--dsn", "--table", "--older-than", "--include-pending", "--batch"},
     "dead-letters replay": {
@@ -123,7 +128,8 @@ EXPECTED: dict[str, set[str]] = {
         "--to-routing-key",
         "--dry-run",
         "--json",
-    },
+    }
+    | _MAPPING,
 }
 # The option column of a help line: "  --a / --no-a TYPE   help..." up to the help text.
 _OPTION_LINE = re.compile(r"^  (?:-\w, )?(--\S.*?)(?:\s{2,}|$)")

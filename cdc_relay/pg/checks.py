@@ -11,6 +11,7 @@ emit key is checked per message in the core (pure) because any role may call
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -20,6 +21,7 @@ from psycopg import sql
 from cdc_relay import deadletters, resync_guard, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError, SlotMissing
+from cdc_relay.layout import Layout, build_layout
 from cdc_relay.lsn import Lsn
 from cdc_relay.pg.catalog import (
     SlotInfo,
@@ -29,7 +31,7 @@ from cdc_relay.pg.catalog import (
     slot_info,
     table_exists,
 )
-from cdc_relay.rows import OUTBOX_COLUMNS
+from cdc_relay.rows import TEXT_SELECT, OutboxRow, RowReader, row_from_text
 from cdc_relay.schema import emit_key_table, function_names, qualified
 
 
@@ -162,8 +164,72 @@ def check_outbox_table(conn: psycopg.Connection[Any], settings: Settings) -> tup
     schema, table = settings.table_parts
     rel = relation(conn, schema, table)
     if rel is not None:
-        _check_columns(conn, rel[0], f"{schema}.{table}")
+        check_columns(conn, rel[0], f"{schema}.{table}", layout_of(settings))
     return rel
+
+
+def layout_of(settings: Settings) -> Layout:
+    """The settings' column mapping (Settings.check has refused a bad one already)."""
+    try:
+        return build_layout(settings.layout, settings.column, settings.header_column)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class TextRows:
+    """How ``resync`` and ``replay`` select outbox rows as text and read them, per the layout.
+
+    ``select`` lists the columns (each ``::text``, as the stream carries them);
+    ``read`` makes the row from one selected tuple; ``created_at`` and ``id``
+    are the columns those fields live in (None: the table has no such column).
+    """
+
+    select: sql.Composable
+    read: Callable[[tuple[Any, ...]], OutboxRow]
+    created_at: sql.Identifier | None
+    id: sql.Identifier
+
+
+def text_rows(conn: psycopg.Connection[Any], settings: Settings) -> TextRows:
+    """The columns to select for the settings' layout, read as the stream would read them."""
+    layout = layout_of(settings)
+    if layout.is_default:
+        return TextRows(
+            sql.SQL(TEXT_SELECT), row_from_text, sql.Identifier("created_at"), sql.Identifier("id")
+        )
+    rel = relation(conn, *settings.table_parts)
+    if rel is None:
+        raise ConfigError(f"outbox table {'.'.join(settings.table_parts)} does not exist")
+    wanted = {c for _, c in layout.columns} | {c for c, _ in layout.header_columns}
+    chosen = [(name, oid) for name, _, _, oid in table_columns(conn, rel[0]) if name in wanted]
+    names = [name for name, _ in chosen]
+    reader = RowReader(names, layout, [oid for _, oid in chosen])
+
+    def read(values: tuple[Any, ...]) -> OutboxRow:
+        return reader.read(tuple(None if v is None else v.encode() for v in values))
+
+    created = layout.column_of("created_at")
+    return TextRows(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(n)) for n in names),
+        read,
+        sql.Identifier(created) if created in names else None,
+        sql.Identifier(layout.column_of("id") or "id"),
+    )
+
+
+def table_columns(conn: psycopg.Connection[Any], relid: int) -> list[tuple[str, str, bool, int]]:
+    """(name, base type name, generated, type OID) of each column, in table order.
+
+    A domain counts as its base type, which is what its values look like on the wire.
+    """
+    return conn.execute(
+        "SELECT a.attname, b.typname, a.attgenerated <> '', a.atttypid::int"
+        " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+        " JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END"
+        " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (relid,),
+    ).fetchall()
 
 
 def _check_tableless_publication(conn: psycopg.Connection[Any], settings: Settings) -> None:
@@ -205,32 +271,29 @@ def _check_encoding(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def _check_columns(conn: psycopg.Connection[Any], relid: int, name: str) -> None:
-    """Every outbox column by its name: a renamed optional column would silently vanish.
+def check_columns(conn: psycopg.Connection[Any], relid: int, name: str, layout: Layout) -> None:
+    """Every column the layout reads, by name (types too for a mapped layout).
 
-    A generated column (``GENERATED ALWAYS AS (...)``) is refused too: pgoutput
-    leaves generated columns out of every row, so a generated ``routing_key``
-    passed this check and was silently ignored.
+    A renamed optional column would silently vanish. A generated column
+    (``GENERATED ALWAYS AS (...)``) is refused too: pgoutput leaves generated
+    columns out of every row, so a generated ``routing_key`` passed this check
+    and was silently ignored.
     """
-    rows = conn.execute(
-        "SELECT attname, attgenerated <> '' FROM pg_attribute WHERE attrelid = %s"
-        " AND attnum > 0 AND NOT attisdropped",
-        (relid,),
-    ).fetchall()
-    present = {r[0] for r in rows}
-    missing = [c for c in OUTBOX_COLUMNS if c not in present]
-    if missing:
-        raise ConfigError(
-            f"outbox table {name} lacks column(s) {', '.join(missing)} (renamed or dropped?); "
-            "the relay needs every column of `cdc-relay init --print-sql`"
-        )
-    generated = [c for c in OUTBOX_COLUMNS if (c, True) in rows]
-    if generated:
-        raise ConfigError(
-            f"outbox table {name} has generated column(s) {', '.join(generated)}: logical "
-            "replication does not send generated columns, so the relay would never see their "
-            "values; make them plain columns and set them in the INSERT"
-        )
+    rows = table_columns(conn, relid)
+    types = {r[0]: r[1] for r in rows}
+    generated = [r[0] for r in rows if r[2]]
+    if layout.is_default:
+        missing = [c for c, _ in layout.expected_columns() if c not in types]
+        if missing:
+            raise ConfigError(
+                f"outbox table {name} lacks column(s) {', '.join(missing)} (renamed or "
+                "dropped?); the relay needs every column of `cdc-relay init --print-sql`, "
+                "or --layout/--column naming your columns"
+            )
+    try:
+        layout.check_table(name, types, generated)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkind: str) -> None:
@@ -284,7 +347,11 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
             f"ALTER PUBLICATION {settings.publication} SET (publish = 'insert')"
         )
     has_filter, attnames = covered
-    missing = [c for c in OUTBOX_COLUMNS if attnames is not None and c not in attnames]
+    missing = [
+        c
+        for c, _ in layout_of(settings).expected_columns()
+        if attnames is not None and c not in attnames
+    ]
     if has_filter or missing:
         raise ConfigError(
             f"publication {settings.publication} has a row filter or column list on "

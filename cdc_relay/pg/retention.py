@@ -18,15 +18,24 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.config import Settings
+from cdc_relay.layout import build_layout
 from cdc_relay.pg.catalog import connect
 from cdc_relay.schema import qualified
 
 
-def _prune_query(table: tuple[str, str]) -> sql.Composed:
-    """One batch of old rows (parameters: the age, the batch size); short locks, no scan."""
+def _prune_query(settings: Settings) -> sql.Composed:
+    """One batch of old rows (parameters: the age, the batch size); short locks, no scan.
+
+    The id and creation-time columns are the layout's (``--layout``, ``--column``).
+    """
+    layout = build_layout(settings.layout, settings.column, settings.header_column)
     return sql.SQL(
-        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE created_at < now() - %s LIMIT %s)"
-    ).format(t=qualified(*table))
+        "DELETE FROM {t} WHERE {id} IN (SELECT {id} FROM {t} WHERE {at} < now() - %s LIMIT %s)"
+    ).format(
+        t=qualified(*settings.table_parts),
+        id=sql.Identifier(layout.column_of("id") or "id"),
+        at=sql.Identifier(layout.column_of("created_at") or "created_at"),
+    )
 
 
 def prune_outbox(
@@ -43,7 +52,7 @@ def prune_outbox(
     the publication publishes inserts only, so these deletes never reach it.
     Small autocommit batches keep locks short and never pin the xmin horizon.
     """
-    query = _prune_query(settings.table_parts)
+    query = _prune_query(settings)
     total = 0
     while True:
         deleted = conn.execute(query, (older_than, batch)).rowcount
@@ -62,7 +71,7 @@ def retention_pass(
     ``batch`` rows per transaction and ``pause`` seconds between batches, until
     fewer than ``batch`` were old enough or ``stop`` was set.
     """
-    query = _prune_query(settings.table_parts)
+    query = _prune_query(settings)
     total = 0
     with connect(settings.dsn, application_name="cdc-relay retention") as conn:
         conn.execute("SET statement_timeout = '30s'; SET lock_timeout = '2s'")

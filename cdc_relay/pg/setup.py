@@ -31,7 +31,7 @@ from cdc_relay.pg.catalog import (
     slot_info,
     table_exists,
 )
-from cdc_relay.pg.checks import unsigned_emit_function, unsigned_emit_hint
+from cdc_relay.pg.checks import check_columns, layout_of, unsigned_emit_function, unsigned_emit_hint
 from cdc_relay.pg.slotwait import SlotCreationWatch
 from cdc_relay.schema import (
     DEFAULT_INBOX_TABLE,
@@ -60,7 +60,11 @@ def _create_inbox(conn: psycopg.Connection[Any]) -> str:
 def render_sql(settings: Settings, *, inbox: bool = True) -> str:
     """Everything ``init`` creates in SQL, as one script (``init --print-sql``)."""
     return render_script(
-        settings.table_parts, settings.dead_letter_table, settings.message_prefix, inbox=inbox
+        settings.table_parts,
+        settings.dead_letter_table,
+        settings.message_prefix,
+        inbox=inbox,
+        layout=settings.layout,
     )
 
 
@@ -96,11 +100,27 @@ def init(
         check_failover_supported(conn)
     report: list[str] = []
     schema, table = settings.table_parts
+    layout = layout_of(settings)
     tableless = not create_table and not table_exists(conn, schema, table)
+    if tableless and not layout.is_default:
+        raise ConfigError(
+            f"--layout/--column/--header-column map the columns of an existing table, but "
+            f"{schema}.{table} does not exist: create it (or fix --table) and run init again"
+        )
     if create_table:
         existed = table_exists(conn, schema, table)
-        conn.execute(outbox_ddl((schema, table)))
+        if not existed and not layout.is_default and layout.name != "debezium":
+            raise ConfigError(
+                f"--column/--header-column map the columns of an existing table, but "
+                f"{schema}.{table} does not exist: create it, then run `cdc-relay init --no-table`"
+            )
+        conn.execute(outbox_ddl((schema, table), layout.name))
         report.append(f"table {schema}.{table}: {'already exists' if existed else 'created'}")
+    rel = relation(conn, schema, table)
+    if rel is not None and not layout.is_default:
+        # Refuse now, in one line naming the column, what the relay could not read.
+        check_columns(conn, rel[0], f"{schema}.{table}", layout)
+        report.append(f"table {schema}.{table}: its columns fit --layout {layout.name}")
     elif tableless:
         report.append(
             f"table {schema}.{table}: none (table-less outbox: publish with "
@@ -114,7 +134,12 @@ def init(
     keys = emit_key_table((schema, table))
     enqueue_name, emit_name = function_names((schema, table))
     use_emit = emit or bool(grant_emit_to) or tableless or table_exists(conn, *keys)
-    if not tableless:
+    if not tableless and not layout.is_default:
+        report.append(
+            f"function {enqueue_name}: not created (it writes init's columns; with --layout "
+            f"{layout.name} your writers insert the rows)"
+        )
+    elif not tableless:
         enqueue = enqueue_function_ddl((schema, table))
         report += _create_functions(conn, (schema, table), enqueue, enqueue_name)
     if use_emit:
