@@ -150,7 +150,6 @@ def test_extension_values_are_canonical_strings_in_binary_and_json_in_structured
         {"a" * 21: "longer than 20"},
         {"": "empty name"},
         {"subject": "a spec attribute"},
-        {"type": "a spec attribute"},
         {"time": "a spec attribute"},
         {"data": "reserved"},
         {"dataschema": "a spec attribute"},
@@ -383,3 +382,11 @@ def test_a_bad_ce_source_on_the_command_line_is_one_line_and_exit_78(command: st
         "cdc-relay: error: --ce-source: invalid CloudEvents source 'a b': a non-empty "
         "URI-reference without spaces or control characters (e.g. /cdc-relay/app/public.outbox)"
     ]
+
+
+def test_a_type_header_is_the_amqp_type_property_and_ce_type_stays_the_event_type() -> None:
+    """``type`` is a reserved header name (a per-row AMQP property), not a plain header."""
+    env = binary(headers=orjson.dumps({"type": "from the header"}))
+    assert "type" not in env.headers
+    assert env.type == "from the header"
+    assert env.headers["ce-type"] != "from the header"
