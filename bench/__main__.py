@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -147,19 +148,19 @@ class Bench:
                 await self.step(
                     f"latency_{rate}",
                     f"cdc-relay live latency at {rate:,} rows/s for {z['seconds']:.0f}s",
-                    lambda p, rate=rate: relayrun.relay_latency(
+                    functools.partial(
+                        relayrun.relay_latency,
                         pgside.new_settings(pg.dsn, mq.amqp_url, f"lat{rate}"),
                         rate,
                         z["seconds"],
                         self.workdir,
-                        p,
                     ),
                 )
                 await self.step(
                     f"raw_latency_{rate}",
                     f"raw publisher publish->confirm at {rate:,} msg/s for {z['seconds']:.0f}s",
-                    lambda p, rate=rate: raw_publisher_latency(
-                        mq.amqp_url, rate, z["seconds"], self.workdir, p
+                    functools.partial(
+                        raw_publisher_latency, mq.amqp_url, rate, z["seconds"], self.workdir
                     ),
                 )
             await self.step(
@@ -260,8 +261,13 @@ class Bench:
                     await self.step(
                         f"polling_b{batch}",
                         f"polling peer (batch {batch}) drains a copy of the backlog",
-                        lambda p, batch=batch: polling.polling_drain(
-                            pg.dsn, mq.amqp_url, settings.table, batch, p, 900
+                        functools.partial(
+                            polling.polling_drain,
+                            pg.dsn,
+                            mq.amqp_url,
+                            settings.table,
+                            batch,
+                            timeout=900,
                         ),
                     )
         finally:

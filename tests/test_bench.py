@@ -252,8 +252,9 @@ def test_plot_inputs_follow_the_results() -> None:
     ]
     assert plots.cpu_pairs(r)[0] == ("1-row txns\nclassic", 4.0, 5.0)
     curves = plots.latency_curves(r)
-    assert [label for label, _ in curves[5000]] == [
-        "cdc-relay commit->confirm (histogram buckets)",
-        "cdc-relay commit->delivery",
-        "raw publisher publish->confirm",
+    assert curves[5000] == [
+        ("cdc-relay commit->confirm (histogram buckets)", [[1.0, 0.6], [5.0, 0.995], [25.0, 1.0]]),
+        ("raw publisher publish->confirm", [[1.1, 0.99]]),
     ]
+    r["latency_5000"]["commit_to_confirm"]["cdf"].append([300_000.0, 1.0])
+    assert plots.latency_curves(r)[5000][0][1][-1] == [25.0, 1.0]  # the flat tail is cut
