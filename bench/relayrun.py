@@ -397,7 +397,7 @@ def writer_connections(rate: int) -> int:
 
 async def run_writer(
     dsn: str, table: str, rate: int, seconds: float, out: Path, phase: Phase
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The paced writer process; returns its summary (rows written, lateness)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -418,19 +418,37 @@ async def run_writer(
         str(out),
         stdout=asyncio.subprocess.PIPE,
     )
+    return await read_summary(proc, phase, f"writing at {rate}/s", seconds + 60)
+
+
+async def read_summary(
+    proc: asyncio.subprocess.Process, phase: Phase, note: str, limit: float
+) -> dict[str, Any]:
+    """The JSON summary a load process prints last, waiting at most ``limit`` seconds.
+
+    One communicate() for the whole wait: cancelling it on a timeout (as
+    ``wait_for`` does) throws away output it had already read, and on a busy
+    machine, where the process takes a while to exit after printing, the summary
+    was lost.
+    """
     started = time.monotonic()
+    communicate = asyncio.ensure_future(proc.communicate())
     while True:
-        try:
-            stdout, _ = await asyncio.wait_for(proc.communicate(), 1.0)
+        done, _ = await asyncio.wait({communicate}, timeout=1.0)
+        if done:
+            stdout, _ = communicate.result()
             break
-        except TimeoutError:
-            phase.note(f"writing at {rate}/s", 5)
-            if time.monotonic() - started > seconds + 60:
-                proc.kill()
-                raise RuntimeError("writer did not finish") from None
+        phase.note(note, 5)
+        if time.monotonic() - started > limit:
+            proc.kill()
+            communicate.cancel()
+            raise RuntimeError(f"load process did not finish in {limit:.0f}s")
     if proc.returncode != 0:
-        raise RuntimeError(f"writer failed with {proc.returncode}")
-    return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
+        raise RuntimeError(f"load process failed with {proc.returncode}")
+    lines = stdout.decode().strip().splitlines()
+    if not lines:
+        raise RuntimeError("load process exited without its summary line")
+    return dict(json.loads(lines[-1]))
 
 
 COMMIT_TO_CONFIRM = "cdc_relay_commit_to_confirm_seconds"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import itertools
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,10 @@ import pytest
 
 from bench import plots, report
 from bench.broker import ceiling_shape
-from bench.env import cdf_points
+from bench.env import Phase, cdf_points
 from bench.multiout import config_toml
 from bench.rawamqp import RawAmqp
-from bench.relayrun import histogram_cdf, message_shape, shape_differences
+from bench.relayrun import histogram_cdf, message_shape, read_summary, shape_differences
 
 
 def _drain(rows_per_s: float, cpu: float, wal: float | None = None) -> dict[str, Any]:
@@ -258,3 +260,29 @@ def test_plot_inputs_follow_the_results() -> None:
     ]
     r["latency_5000"]["commit_to_confirm"]["cdf"].append([300_000.0, 1.0])
     assert plots.latency_curves(r)[5000][0][1][-1] == [25.0, 1.0]  # the flat tail is cut
+
+
+async def _summary_of(code: str, limit: float = 30) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    with Phase("load process", measure=False) as phase:
+        return await read_summary(proc, phase, "running", limit)
+
+
+@pytest.mark.asyncio
+async def test_a_summary_printed_long_before_the_process_exits_is_kept() -> None:
+    # The writer prints, then takes more than one polling second to exit: the case
+    # that lost the summary when each second's wait cancelled communicate().
+    code = "import json, time; print(json.dumps({'n': 7}), flush=True); time.sleep(2.5)"
+    assert await _summary_of(code) == {"n": 7}
+
+
+@pytest.mark.asyncio
+async def test_a_load_process_without_a_summary_is_one_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="exited without its summary line"):
+        await _summary_of("pass")
+    with pytest.raises(RuntimeError, match="failed with 3"):
+        await _summary_of("raise SystemExit(3)")
+    with pytest.raises(RuntimeError, match="did not finish in 1s"):
+        await _summary_of("import time; time.sleep(10)", limit=1)
