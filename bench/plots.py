@@ -165,7 +165,7 @@ def _draw(r: dict[str, Any], out_dir: Path) -> list[str]:
             ax.set_xscale("log")
             ax.set_xlabel("milliseconds (log scale)")
             ax.set_title(f"{rate:,} rows/s")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
         axes[0][0].set_ylabel("share of transactions / messages")
         fig.suptitle(f"Latency CDFs per rate (dotted: 5 ms, 99%)\n{title}", fontsize=10)
         written.append(_save(fig, out_dir / FILES[2]))
