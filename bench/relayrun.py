@@ -441,7 +441,8 @@ async def read_summary(
         phase.note(note, 5)
         if time.monotonic() - started > limit:
             proc.kill()
-            communicate.cancel()
+            # Reaped before raising, so that no subprocess transport outlives the loop.
+            await asyncio.wait({communicate}, timeout=10)
             raise RuntimeError(f"load process did not finish in {limit:.0f}s")
     if proc.returncode != 0:
         raise RuntimeError(f"load process failed with {proc.returncode}")
