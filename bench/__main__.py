@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -22,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import env, pgside, polling, relayrun, report, tls
-from bench.broker import broker_ceiling
+from bench import env, multiout, pgside, plots, polling, relayrun, report, tls
+from bench.broker import broker_ceiling, ceiling_shape, raw_publisher_latency
 from bench.env import CpuMeter, Phase, log
 from cdc_relay.config import DEFAULT_MAX_IN_FLIGHT
 from devtools.servers import PostgresServer, RabbitServer
@@ -32,16 +33,26 @@ FULL = {
     "backlog": 100_000,
     "big": 1_000_000,
     "seconds": 15.0,
-    "rates": [500, 2000, 5000],
+    "rates": [500, 2000, 5000, 10000],
     "window": 2000,
+    "multi_outboxes": [2, 4],
+    "multi_rows": 25_000,  # per outbox table
 }
-QUICK = {**FULL, "backlog": 20_000, "big": 100_000, "seconds": 5.0}
+QUICK = {
+    **FULL,
+    "backlog": 20_000,
+    "big": 100_000,
+    "seconds": 5.0,
+    "rates": [5000, 10000],
+    "multi_rows": 5_000,
+}
 RELAY_MAX_IN_FLIGHT = DEFAULT_MAX_IN_FLIGHT  # cdc-relay's default --max-in-flight
 POLL_INTERVAL = 0.1
 QUIET_CORES = 0.3  # before each step, wait for other tenants to use less than this...
 QUIET_WAIT = 30  # ...for at most this many seconds (full run)
 QUIET_WAIT_QUICK = 3
 POLL_BATCH_FOR_LATENCY = 1000
+PLOT_DIR = Path(__file__).resolve().parent.parent / "docs" / "performance"
 
 
 class Bench:
@@ -137,12 +148,19 @@ class Bench:
                 await self.step(
                     f"latency_{rate}",
                     f"cdc-relay live latency at {rate:,} rows/s for {z['seconds']:.0f}s",
-                    lambda p, rate=rate: relayrun.relay_latency(
+                    functools.partial(
+                        relayrun.relay_latency,
                         pgside.new_settings(pg.dsn, mq.amqp_url, f"lat{rate}"),
                         rate,
                         z["seconds"],
                         self.workdir,
-                        p,
+                    ),
+                )
+                await self.step(
+                    f"raw_latency_{rate}",
+                    f"raw publisher publish->confirm at {rate:,} msg/s for {z['seconds']:.0f}s",
+                    functools.partial(
+                        raw_publisher_latency, mq.amqp_url, rate, z["seconds"], self.workdir
                     ),
                 )
             await self.step(
@@ -164,6 +182,7 @@ class Bench:
                 f"cdc-relay peak RSS relaying one {z['big']:,}-row transaction",
                 self._peak_rss,
             )
+            await self._multi_outbox()
             t = tls.QUICK if self.quick else tls.FULL
             await self.step(
                 "tls",
@@ -213,12 +232,18 @@ class Bench:
                 await self._broker(
                     "broker_classic_relay_window_before", "classic", RELAY_MAX_IN_FLIGHT
                 )
+            sample: dict[str, Any] = {}
             await self.step(
                 f"relay_drain_txn{txn}",
                 "cdc-relay drains the backlog",
-                lambda p: relayrun.relay_drain(backlog, self.workdir, p, _drain_timeout(n)),
+                lambda p: relayrun.relay_drain(
+                    backlog, self.workdir, p, _drain_timeout(n), sample=sample if txn == 1 else None
+                ),
             )
             if txn == 1:
+                # Like for like: the ceiling's message against one the relay just published.
+                self.results["relay_message"] = sample
+                self.results["ceiling_message"] = ceiling_shape()
                 await self._broker("broker_classic_after", "classic", z["window"])
                 await self._broker("broker_classic_relay_window", "classic", RELAY_MAX_IN_FLIGHT)
                 self.results["broker_classic"] = best_of(
@@ -227,7 +252,7 @@ class Bench:
                     self.results["broker_classic_after"],
                     self.results["broker_classic_relay_window"],
                 )
-                await self._broker("broker_quorum", "quorum", z["window"])
+                await self._dead_letter_drain()
                 # No slot may hold back WAL (or decode) while the peer runs.
                 await asyncio.to_thread(
                     pgside.drop_slots, pg.dsn, settings.slot, backlog.ceiling_slot
@@ -236,21 +261,31 @@ class Bench:
                     await self.step(
                         f"polling_b{batch}",
                         f"polling peer (batch {batch}) drains a copy of the backlog",
-                        lambda p, batch=batch: polling.polling_drain(
-                            pg.dsn, mq.amqp_url, settings.table, batch, p, 900
+                        functools.partial(
+                            polling.polling_drain,
+                            pg.dsn,
+                            mq.amqp_url,
+                            settings.table,
+                            batch,
+                            timeout=900,
                         ),
                     )
         finally:
             await asyncio.to_thread(backlog.drop)
 
     async def _quorum_drain(self) -> None:
-        """The same 1-row-transaction drain into a quorum queue (a faster broker path)."""
+        """The same 1-row-transaction drain into a quorum queue (a faster broker path).
+
+        Its ceiling is measured right before (reference window) and right after
+        (the relay's window) the drain, and the better of the two is used.
+        """
         n = self.sizes["backlog"]
         settings = pgside.new_settings(self.pg.dsn, self.mq.amqp_url, "quorum")
         log(f"backlog for the quorum-queue drain: {n:,} rows in 1-row transactions ...")
         backlog = await asyncio.to_thread(pgside.make_backlog, settings, n, 1)
         try:
             await asyncio.to_thread(pgside.drop_slots, self.pg.dsn, backlog.ceiling_slot)
+            await self._broker("broker_quorum_before", "quorum", self.sizes["window"])
             await self.step(
                 "relay_drain_quorum",
                 "cdc-relay drains a 1-row-transaction backlog into a quorum queue",
@@ -258,8 +293,51 @@ class Bench:
                     backlog, self.workdir, p, _drain_timeout(n), {"x-queue-type": "quorum"}
                 ),
             )
+            await self._broker("broker_quorum_after", "quorum", RELAY_MAX_IN_FLIGHT)
+            self.results["broker_quorum"] = best_of(
+                self.results["broker_quorum_before"], self.results["broker_quorum_after"]
+            )
         finally:
             await asyncio.to_thread(backlog.drop)
+
+    async def _dead_letter_drain(self) -> None:
+        """The 1-row drain again with no queue bound: every row returned and dead-lettered."""
+        n = self.sizes["backlog"]
+        settings = pgside.new_settings(self.pg.dsn, self.mq.amqp_url, "dead")
+        log(f"backlog for the dead-letter drain: {n:,} rows in 1-row transactions ...")
+        backlog = await asyncio.to_thread(pgside.make_backlog, settings, n, 1)
+        try:
+            await asyncio.to_thread(pgside.drop_slots, self.pg.dsn, backlog.ceiling_slot)
+            await self.step(
+                "relay_drain_dead_letter",
+                "cdc-relay drains a backlog with no queue bound (every row dead-lettered)",
+                lambda p: relayrun.relay_dead_letter_drain(
+                    backlog, self.workdir, p, _drain_timeout(n)
+                ),
+            )
+        finally:
+            await asyncio.to_thread(backlog.drop)
+
+    async def _multi_outbox(self) -> None:
+        """Several outboxes on one slot (``run --config``) vs one slot and relay per outbox."""
+        if not await asyncio.to_thread(multiout.config_supported):
+            log("several outboxes on one slot: skipped, this relay's `run` has no --config")
+            self.results["multi_outbox"] = {"skipped": "`cdc-relay run` has no --config"}
+            return
+        z = self.sizes
+        await self.step(
+            "multi_outbox",
+            f"{' and '.join(map(str, z['multi_outboxes']))} outboxes of {z['multi_rows']:,} rows:"
+            " one slot and relay (--config) vs a slot and relay each",
+            lambda p: multiout.compare(
+                self.pg.dsn,
+                self.mq.amqp_url,
+                z["multi_outboxes"],
+                z["multi_rows"],
+                self.workdir,
+                p,
+            ),
+        )
 
     async def _broker(self, key: str, kind: str, window: int) -> None:
         n = self.sizes["backlog"]
@@ -357,6 +435,12 @@ def main() -> None:
     parser.add_argument(
         "--out-dir", type=Path, default=Path("bench-results"), help="where the JSON goes"
     )
+    parser.add_argument(
+        "--plot-dir",
+        type=Path,
+        default=PLOT_DIR,
+        help="where the PNG plots go (default: docs/performance/, next to the doc)",
+    )
     args = parser.parse_args()
     # Stop cleanly (servers removed, partial results written) on SIGTERM, and on SIGINT
     # even when started in the background, where the shell makes SIGINT ignored.
@@ -387,6 +471,7 @@ def main() -> None:
     results["verdicts"] = report.verdicts(results)
     text = report.table(results)
     results["table"] = text
+    results["plots"] = plots.write_plots(results, args.plot_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")

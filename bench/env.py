@@ -216,3 +216,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
         "p99_ms": q[98] * 1e3,
         "max_ms": max(values) * 1e3,
     }
+
+
+CDF_SHARES = [i / 100 for i in range(1, 100)] + [0.995, 0.999, 1.0]
+
+
+def cdf_points(values: list[float]) -> list[list[float]]:
+    """[milliseconds, share of values at or under it] at fixed shares, for the latency plots."""
+    if not values:
+        return []
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return [[ordered[round(share * last)] * 1e3, share] for share in CDF_SHARES]

@@ -200,8 +200,23 @@ class SlotWatch:
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
+    def active_pid(self) -> int | None:
+        """The pid of the walsender that holds the slot (None while no one streams it)."""
+        row = self.conn.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def close(self) -> None:
         self.conn.close()
+
+
+def dead_letter_count(settings: Settings) -> int:
+    """Rows in the outbox's dead-letter table."""
+    schema, table = settings.dead_letter_table
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+        row = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()
+    return int(row[0]) if row else 0
 
 
 def server_version(dsn: str) -> str:

@@ -51,12 +51,14 @@ def publish_frames(
     body: bytes,
     properties: spec.Basic.Properties,
     channel: int = CHANNEL,
+    mandatory: bool = False,
 ) -> bytes:
     """basic.publish + content header + body, marshalled by pamqp (body < frame_max)."""
     return b"".join(
         (
             pamqp_frame.marshal(
-                spec.Basic.Publish(exchange=exchange, routing_key=routing_key), channel
+                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
+                channel,
             ),
             pamqp_frame.marshal(ContentHeader(0, len(body), properties), channel),
             pamqp_frame.marshal(ContentBody(body), channel),
@@ -119,6 +121,9 @@ class RawAmqp:
         self.confirmed_singles: set[int] = set()
         self.nacks = 0
         self.on_ack: Callable[[], None] | None = None
+        # per-publish confirm times (time.time(), by delivery tag) while publish_paced runs
+        self.ack_times: list[float] | None = None
+        self._timed_upto = 0
         # consuming
         self.on_message_id: Callable[[str, float], None] | None = None
 
@@ -238,7 +243,10 @@ class RawAmqp:
                 tag = int.from_bytes(view[pos + 11 : pos + 19], "big")
                 if method_id == 120:
                     self.nacks += 1
-                self._settle(tag, bool(view[pos + 19] & 1))
+                multiple = bool(view[pos + 19] & 1)
+                if self.ack_times is not None:
+                    self._time_ack(tag, multiple, time.time())
+                self._settle(tag, multiple)
                 return
         _, _, value = pamqp_frame.unmarshal(bytes(view[pos:stop]))
         self._method(value)
@@ -270,6 +278,19 @@ class RawAmqp:
             singles.discard(self.confirmed_upto)
         if self.on_ack is not None:
             self.on_ack()
+
+    def _time_ack(self, tag: int, multiple: bool, now: float) -> None:
+        times = self.ack_times
+        assert times is not None
+        if tag >= len(times):
+            return
+        if multiple:
+            for t in range(self._timed_upto + 1, tag + 1):
+                if not times[t]:
+                    times[t] = now
+            self._timed_upto = max(self._timed_upto, tag)
+        elif not times[tag]:
+            times[tag] = now
 
     @property
     def confirmed(self) -> int:
@@ -317,6 +338,54 @@ class RawAmqp:
         if self.nacks:
             raise AmqpError(f"{self.nacks} publish(es) nacked")
         return time.monotonic() - started
+
+    async def publish_paced(
+        self, frames: bytes, rate: float, seconds: float, tick: float = 0.0005
+    ) -> list[float]:
+        """Publish one copy of ``frames`` per 1/``rate`` s for ``seconds``; publish->confirm each.
+
+        Each wake-up (about every ``tick``) writes the messages that fell due
+        since the last one, in one write, and stamps them with the write time;
+        confirms are stamped on arrival (``multiple`` ones expanded). Returns
+        the seconds from write to confirm per message; waits at most 30 s for
+        the last confirms.
+        """
+        if not self.confirm_mode:
+            await self.rpc(spec.Confirm.Select(), spec.Confirm.SelectOk)
+            self.confirm_mode = True
+        assert self.transport is not None
+        total = int(rate * seconds)
+        base = self.confirmed
+        sent_at = [0.0] * (base + total + 1)
+        self.ack_times = [0.0] * (base + total + 1)
+        self._timed_upto = base
+        sent = 0
+        started = time.monotonic()
+        try:
+            while sent < total:
+                due = min(total, int((time.monotonic() - started) * rate) + 1)
+                if due > sent:
+                    now = time.time()
+                    self.transport.write(frames * (due - sent))
+                    for tag in range(base + sent + 1, base + due + 1):
+                        sent_at[tag] = now
+                    sent = due
+                if self.error is not None:
+                    raise self.error
+                await asyncio.sleep(tick)
+            deadline = time.monotonic() + 30
+            while self.confirmed - base < total and time.monotonic() < deadline:
+                if self.error is not None:
+                    raise self.error
+                await asyncio.sleep(0.01)
+            acks = self.ack_times
+        finally:
+            self.ack_times = None
+        if self.nacks:
+            raise AmqpError(f"{self.nacks} publish(es) nacked")
+        if self.confirmed - base < total:
+            raise AmqpError(f"only {self.confirmed - base} of {total} publishes confirmed in 30 s")
+        return [acks[t] - sent_at[t] for t in range(base + 1, base + total + 1)]
 
     # -- consuming ------------------------------------------------------------------
 

@@ -11,11 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import psycopg
 
-from bench.env import Phase, percentiles, proc_cpu_seconds, proc_status_kb
+from bench.env import Phase, cdf_points, percentiles, proc_cpu_seconds, proc_status_kb
 from bench.loadproc import read_times
-from bench.pgside import LSN_SLACK, Backlog, SlotWatch, drop_outbox, fill, init_outbox
+from bench.pgside import (
+    LSN_SLACK,
+    Backlog,
+    SlotWatch,
+    dead_letter_count,
+    drop_outbox,
+    fill,
+    init_outbox,
+)
 from cdc_relay.config import Settings
 from cdc_relay.lsn import format_lsn
 from devtools import amqp
@@ -23,6 +32,7 @@ from devtools.relayproc import RelayProcess
 from devtools.servers import free_port
 
 _running: RelayProcess | None = None
+DEAD_LETTERED = "dead-lettered outbox row"  # the relay's WARNING line per dead letter
 
 
 def start_relay(settings: Settings, workdir: Path) -> RelayProcess:
@@ -52,7 +62,7 @@ async def topology(amqp_url: str, exchange: str, queue: str, **arguments: Any) -
     await amqp.topology(amqp_url, exchange, queue, arguments=arguments or None)
 
 
-async def remove_topology(amqp_url: str, exchange: str, queue: str) -> None:
+async def remove_topology(amqp_url: str, exchange: str, queue: str | None) -> None:
     await amqp.delete_topology(amqp_url, queue, exchange)
 
 
@@ -62,12 +72,15 @@ async def relay_drain(
     phase: Phase,
     timeout: float,
     queue_arguments: dict[str, Any] | None = None,
-) -> dict[str, float]:
+    sample: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Start the relay on a backlog; time until the slot is confirmed past the last commit.
 
     The clock starts when /readyz answers 200 (the relay streams); startup is
     reported separately. CPU per message is the relay's utime+stime over the
-    same interval, divided by the rows.
+    same interval, divided by the rows; the walsender's likewise. With
+    ``sample``, one message the relay published is described into it (for the
+    like-for-like check of the broker ceiling).
     """
     settings = backlog.settings
     queue = f"q_{settings.exchange}"
@@ -75,13 +88,110 @@ async def relay_drain(
     result = await _run_until_flushed(
         settings, queue, backlog.rows, backlog.end_lsn, workdir, phase, timeout
     )
+    if sample is not None:
+        sample.update(await describe_one_message(settings.amqp_urls[0], queue))
     await remove_topology(settings.amqp_urls[0], settings.exchange, queue)
     return result
 
 
+async def relay_dead_letter_drain(
+    backlog: Backlog, workdir: Path, phase: Phase, timeout: float
+) -> dict[str, Any]:
+    """The drain with no queue bound: every message returned and dead-lettered by the relay.
+
+    The exchange exists (declared as the relay declares it) but nothing is bound
+    to it, so each mandatory publish comes back as basic.return and the relay
+    writes the row to its dead-letter table before the slot may pass it. The
+    table must then hold every row.
+    """
+    settings = backlog.settings
+    await amqp.declare_exchange(settings.amqp_urls[0], settings.exchange)
+    result = await _run_until_flushed(
+        settings,
+        None,
+        backlog.rows,
+        backlog.end_lsn,
+        workdir,
+        phase,
+        timeout,
+        expected_warning=DEAD_LETTERED,
+    )
+    await remove_topology(settings.amqp_urls[0], settings.exchange, None)
+    dead = await asyncio.to_thread(dead_letter_count, settings)
+    if dead < backlog.rows:
+        raise RuntimeError(f"slot confirmed but only {dead} of {backlog.rows} rows dead-lettered")
+    result["dead_letters"] = dead
+    return result
+
+
+async def describe_one_message(amqp_url: str, queue: str) -> dict[str, Any]:
+    """Exchange, routing key, body size and properties of one queued message (basic.get)."""
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        message = await declared.get(no_ack=False, fail=False)
+        if message is None:
+            return {}
+        await message.nack(requeue=True)
+        return message_shape(
+            message.exchange or "",
+            message.routing_key or "",
+            len(message.body),
+            {
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+                "headers": dict(message.headers or {}),
+                "delivery_mode": int(message.delivery_mode) if message.delivery_mode else None,
+                "priority": message.priority or None,
+                "correlation_id": message.correlation_id,
+                "reply_to": message.reply_to,
+                "expiration": message.expiration,
+                "message_id": message.message_id,
+                "timestamp": message.timestamp,
+                "type": message.type,
+                "user_id": message.user_id,
+                "app_id": message.app_id,
+            },
+        )
+
+
+def message_shape(
+    exchange: str, routing_key: str, body_bytes: int, properties: dict[str, Any]
+) -> dict[str, Any]:
+    """What makes two messages cost the broker the same: which properties are set (with the
+    constant ones' values), the header names and value types, the body size, the route."""
+    per_message = {"message_id", "timestamp"}  # set on every message, values differ
+    shape: dict[str, Any] = {
+        "exchange_is_relays": not exchange.startswith("bench_ceiling"),
+        "routing_key": routing_key,
+        "body_bytes": body_bytes,
+    }
+    for name, value in sorted(properties.items()):
+        if value is None or value == {}:
+            continue
+        if name == "headers":
+            shape["headers"] = {k: type(v).__name__ for k, v in sorted(value.items())}
+        elif name in per_message:
+            shape[name] = "set"
+        else:
+            shape[name] = value
+    return shape
+
+
+def shape_differences(relay: dict[str, Any], ceiling: dict[str, Any]) -> list[str]:
+    """How the ceiling's message differs from the relay's (the exchange's name aside)."""
+    keys = sorted((set(relay) | set(ceiling)) - {"exchange_is_relays"})
+    return [
+        f"{k}: relay {relay.get(k)!r}, ceiling {ceiling.get(k)!r}"
+        for k in keys
+        if relay.get(k) != ceiling.get(k)
+    ]
+
+
 async def _run_until_flushed(
     settings: Settings,
-    queue: str,
+    queue: str | None,
     rows: int,
     end_lsn: int,
     workdir: Path,
@@ -89,13 +199,22 @@ async def _run_until_flushed(
     timeout: float,
     sample_rss: bool = False,
     expect_in_queue: int | None = None,
-) -> dict[str, float]:
+    expected_warning: str | None = None,
+) -> dict[str, Any]:
+    """Run the relay until its slot passes ``end_lsn``; time, CPU (relay and walsender), RSS.
+
+    Without a ``queue`` nothing is counted on the broker (the dead-letter drain).
+    A log holding only ``expected_warning`` lines is removed like an empty one.
+    """
     relay = start_relay(settings, workdir)
     watch = SlotWatch(settings.dsn, settings.slot)
     peak_rss_sampled = 0
+    in_queue = 0
     try:
         startup = await relay.wait_ready()
+        walsender = await _walsender_pid(watch, relay)
         cpu_before = proc_cpu_seconds(relay.pid)
+        wal_cpu_before = proc_cpu_seconds(walsender)
         deadline = relay.ready_at + timeout
         last_count = time.monotonic()
         while True:
@@ -111,43 +230,70 @@ async def _run_until_flushed(
             relay.check_alive()
             if sample_rss:
                 peak_rss_sampled = max(peak_rss_sampled, proc_status_kb(relay.pid, "VmRSS"))
-            if now - last_count > 3:
+            if now - last_count > 3 and queue is not None:
                 last_count = now
                 in_queue = await amqp.queue_depth(settings.amqp_urls[0], queue)
                 phase.note(f"{in_queue:,} messages in the queue", 0)
             await asyncio.sleep(0.01)
         seconds = time.monotonic() - relay.ready_at
         cpu = proc_cpu_seconds(relay.pid) - cpu_before
+        wal_cpu = proc_cpu_seconds(walsender) - wal_cpu_before
         peak_kb = proc_status_kb(relay.pid, "VmHWM")
         phase.measure_cpu()
-        in_queue = await amqp.queue_depth(settings.amqp_urls[0], queue)
+        if queue is not None:
+            in_queue = await amqp.queue_depth(settings.amqp_urls[0], queue)
     finally:
         watch.close()
         code = relay.stop()
     if code != 0:
         raise RuntimeError(f"relay exited with {code}: {relay.log_tail()}")
+    if expected_warning is not None and all(
+        expected_warning in line for line in relay.log().splitlines()
+    ):
+        relay.log_path.unlink(missing_ok=True)
     relay.cleanup_log()
     expected = rows if expect_in_queue is None else expect_in_queue
-    if in_queue < expected:
+    if queue is not None and in_queue < expected:
         raise RuntimeError(f"slot confirmed but only {in_queue} of {expected} messages queued")
-    result = {
+    result: dict[str, Any] = {
         "rows": rows,
         "seconds": seconds,
         "startup_seconds": startup,
         "rows_per_s": rows / seconds,
         "cpu_us_per_msg": cpu / rows * 1e6,
         "relay_cores": cpu / seconds,
+        "walsender_cpu_us_per_row": wal_cpu / rows * 1e6,
+        "walsender_cores": wal_cpu / seconds,
+        "relay_vs_walsender": cpu / wal_cpu if wal_cpu > 0 else float("inf"),
         "peak_rss_mb": peak_kb / 1024,
-        "in_queue": in_queue,
     }
+    if queue is not None:
+        result["in_queue"] = in_queue
     if sample_rss:
         result["peak_rss_sampled_mb"] = peak_rss_sampled / 1024
     return result
 
 
+async def _walsender_pid(watch: SlotWatch, relay: RelayProcess, timeout: float = 10) -> int:
+    """The walsender streaming the relay's slot (``pg_replication_slots.active_pid``).
+
+    /readyz says the relay streams, so the slot is normally held already; a few
+    polls cover a relay that reports ready a moment before START_REPLICATION lands.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = watch.active_pid()
+        if pid is not None:
+            return pid
+        relay.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no walsender holds slot {watch.slot} {timeout:.0f}s after /readyz")
+        await asyncio.sleep(0.01)
+
+
 async def relay_peak_rss(
     settings: Settings, rows: int, workdir: Path, phase: Phase, timeout: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """VmHWM of a relay that relays one ``rows``-row transaction (queue capped, see below).
 
     The queue keeps only the newest 100,000 messages (``x-max-length``, drop-head:
@@ -251,7 +397,7 @@ def writer_connections(rate: int) -> int:
 
 async def run_writer(
     dsn: str, table: str, rate: int, seconds: float, out: Path, phase: Phase
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The paced writer process; returns its summary (rows written, lateness)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -272,19 +418,38 @@ async def run_writer(
         str(out),
         stdout=asyncio.subprocess.PIPE,
     )
+    return await read_summary(proc, phase, f"writing at {rate}/s", seconds + 60)
+
+
+async def read_summary(
+    proc: asyncio.subprocess.Process, phase: Phase, note: str, limit: float
+) -> dict[str, Any]:
+    """The JSON summary a load process prints last, waiting at most ``limit`` seconds.
+
+    One communicate() for the whole wait: cancelling it on a timeout (as
+    ``wait_for`` does) throws away output it had already read, and on a busy
+    machine, where the process takes a while to exit after printing, the summary
+    was lost.
+    """
     started = time.monotonic()
+    communicate = asyncio.ensure_future(proc.communicate())
     while True:
-        try:
-            stdout, _ = await asyncio.wait_for(proc.communicate(), 1.0)
+        done, _ = await asyncio.wait({communicate}, timeout=1.0)
+        if done:
+            stdout, _ = communicate.result()
             break
-        except TimeoutError:
-            phase.note(f"writing at {rate}/s", 5)
-            if time.monotonic() - started > seconds + 60:
-                proc.kill()
-                raise RuntimeError("writer did not finish") from None
+        phase.note(note, 5)
+        if time.monotonic() - started > limit:
+            proc.kill()
+            # Reaped before raising, so that no subprocess transport outlives the loop.
+            await asyncio.wait({communicate}, timeout=10)
+            raise RuntimeError(f"load process did not finish in {limit:.0f}s")
     if proc.returncode != 0:
-        raise RuntimeError(f"writer failed with {proc.returncode}")
-    return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
+        raise RuntimeError(f"load process failed with {proc.returncode}")
+    lines = stdout.decode().strip().splitlines()
+    if not lines:
+        raise RuntimeError("load process exited without its summary line")
+    return dict(json.loads(lines[-1]))
 
 
 COMMIT_TO_CONFIRM = "cdc_relay_commit_to_confirm_seconds"
@@ -321,12 +486,25 @@ def histogram_result(before: dict[float, float], after: dict[float, float]) -> d
     return result
 
 
+def histogram_cdf(before: dict[float, float], after: dict[float, float]) -> list[list[float]]:
+    """[bucket edge in ms, share at or under it] between two scrapes (finite edges only)."""
+    total = after.get(float("inf"), 0.0) - before.get(float("inf"), 0.0)
+    if not total:
+        return []
+    return [
+        [bound * 1e3, (after[bound] - before.get(bound, 0.0)) / total]
+        for bound in sorted(after)
+        if bound != float("inf")
+    ]
+
+
 def latency_result(
     committed: dict[str, float], received: dict[str, float], writer: dict[str, float], rate: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Percentiles of receive - commit over the writer's rows, plus what was missing."""
     latencies = [received[k] - t for k, t in committed.items() if k in received]
-    result = percentiles(latencies)
+    result: dict[str, Any] = dict(percentiles(latencies))
+    result["cdf"] = cdf_points(latencies)
     result["target_rate"] = rate
     result["achieved_rate"] = writer["n"] / writer["seconds"]
     result["missing"] = len(committed) - len(latencies)
@@ -337,7 +515,7 @@ def latency_result(
 
 async def relay_latency(
     settings: Settings, rate: int, seconds: float, workdir: Path, phase: Phase
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Commit -> consumer receipt while the relay streams single-row transactions at ``rate``."""
     queue = f"q_{settings.exchange}"
     init_outbox(settings)
@@ -365,12 +543,14 @@ async def relay_latency(
         writer = await run_writer(settings.dsn, settings.table, rate, seconds, out, phase)
         await consumer.wait_for(20 + int(writer["n"]), 60, phase)
         relay_cores = (proc_cpu_seconds(relay.pid) - cpu_before) / (time.monotonic() - started)
-        confirmed: dict[str, float] = {}
+        confirmed: dict[str, Any] = {}
         for _ in range(100):  # the last confirms may trail the deliveries a little
-            confirmed = histogram_result(histogram_before, await relay.histogram(COMMIT_TO_CONFIRM))
+            histogram_after = await relay.histogram(COMMIT_TO_CONFIRM)
+            confirmed = histogram_result(histogram_before, histogram_after)
             if confirmed["n"] >= writer["n"]:
                 break
             await asyncio.sleep(0.05)
+        confirmed["cdf"] = histogram_cdf(histogram_before, histogram_after)
         phase.measure_cpu()
         received = await consumer.stop()
         relay.check_alive()
