@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import orjson
 import psycopg
 import pytest
@@ -18,6 +19,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from cdc_relay.config import dsn_database
 from cdc_relay.schema import function_names
+from devtools.amqp import delete_topology
 from tests.harness import Consumer, Delivery, Setup, run_cli, unique_names
 
 pytestmark = pytest.mark.asyncio
@@ -230,3 +232,31 @@ async def test_resync_publishes_the_lost_rows_as_cloudevents(
         assert event.get_time() == created[i]
     assert by_id[ids[0]].get_extension("traceparent") == TRACEPARENT
     assert by_id[ids[1]].get_data() == {"n": 2}
+
+
+async def exchange_exists(amqp_url: str, name: str) -> bool:
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        try:
+            await channel.declare_exchange(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return True
+    finally:
+        await connection.close()
+
+
+async def test_init_and_run_declare_the_exchange_as_for_events(outbox: Setup, relays: Any) -> None:
+    exchange = outbox.names["exchange"]
+    assert not await exchange_exists(outbox.amqp_url, exchange)
+    init = await asyncio.to_thread(
+        run_cli, "init", *outbox.cli_args("init"), "--format", "cloudevents"
+    )
+    assert init.returncode == 0, init.stderr
+    assert await exchange_exists(outbox.amqp_url, exchange)
+    await delete_topology(outbox.amqp_url, None, exchange)
+    assert not await exchange_exists(outbox.amqp_url, exchange)
+    relay = relays(outbox, "--format", "cloudevents-structured")
+    relay.wait_for_log("streaming from slot")
+    assert await exchange_exists(outbox.amqp_url, exchange)
