@@ -359,3 +359,17 @@ async def test_resync_reads_through_the_mapping(
     assert two.headers["x-tenant"] == "acme" and two.headers["shard"] == 1
     assert two.headers["traceparent"] == TRACEPARENT
     assert two.properties["correlation_id"] == one.properties["correlation_id"] == "42"
+
+
+def test_init_refuses_a_column_mapping_without_the_table(pg_dsn: str) -> None:
+    setup = Setup(pg_dsn, "amqp://guest:guest@127.0.0.1:1/", unique_names("dbzm"))
+    try:
+        result = run_cli(
+            "init", *setup.cli_args("init"), "--no-exchange", "--column", "event_type=kind"
+        )
+        assert result.returncode == 78, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "does not exist" in lines[0], result.stderr
+        assert "init --no-table" in lines[0]
+    finally:
+        setup.cleanup()
