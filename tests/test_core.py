@@ -213,8 +213,20 @@ def test_an_all_dead_letter_transaction_flushes_once_stored() -> None:
     feed(core, relation())
     actions = transaction(core, 0x2000, insert(1, payload=None), insert(2, payload=None))
     assert all(isinstance(a, PendingDeadLetter) for a in actions)
-    assert [a.letter.outbox_id for a in actions] == [None, None]  # unreadable rows keep values
+    # Unreadable rows keep their values and column names, and their id when it is readable.
+    assert [a.letter.outbox_id for a in actions] == [
+        "00000000-0000-0000-0000-000000000001",
+        "00000000-0000-0000-0000-000000000002",
+    ]
     assert actions[0].letter.row["values"][0] == "00000000-0000-0000-0000-000000000001"
+    assert actions[0].letter.row["columns"][:5] == [
+        "id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "payload",
+    ]
+    assert "column payload is NULL" in actions[0].letter.reason
     core.stored([2, 1], COMMIT_UNIX + 1)
     assert core.tracker.flush_lsn == 0x2030
     assert latencies == [pytest.approx(1.0)]
