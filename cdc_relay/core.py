@@ -264,8 +264,7 @@ class SessionCore:
         try:
             row = reader.read(event.new)
         except Exception as exc:
-            columns = reader.columns if isinstance(reader, MissingColumns) else None
-            return self._dead(seq, event.new, None, _reason(exc), columns)
+            return self._dead(seq, event.new, None, _reason(exc), reader.columns)
         return self._route(seq, event.new, row)
 
     def _route(
@@ -455,8 +454,11 @@ class SessionCore:
             data, outbox_id = {"values": [_jsonable(v) for v in values or ()]}, None
             if columns is not None:
                 data["columns"] = list(columns)
-                if "id" in columns and values and values[columns.index("id")] is not None:
-                    outbox_id = str(_jsonable(values[columns.index("id")]))
+                id_column = self.router.layout.column_of("id") or "id"
+                if id_column in columns and values:
+                    value = values[columns.index(id_column)]
+                    if value is not None:
+                        outbox_id = str(_jsonable(value))
         letter = DeadLetter(
             outbox_id=outbox_id, reason=reason, row=data, lsn=self._lsn_of(seq), code=code
         )

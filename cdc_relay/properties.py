@@ -20,6 +20,8 @@ from cdc_relay.envelope import MAX_SHORT_STRING_BYTES
 from cdc_relay.layout import PROPERTY_FIELDS
 from cdc_relay.rows import UnmappableRow
 
+# The header names a row sets properties with (checked first, in one set test per row).
+RESERVED_HEADERS = frozenset(PROPERTY_FIELDS)
 MAX_PRIORITY = 255  # an AMQP octet
 # RabbitMQ refuses a per-message TTL above 2^32 - 1 ms (and any non-integer).
 MAX_EXPIRATION_MS = 2**32 - 1

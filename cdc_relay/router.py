@@ -35,7 +35,7 @@ from cdc_relay.envelope import (
     read_headers,
 )
 from cdc_relay.layout import DEFAULT_LAYOUT, Layout, build_layout
-from cdc_relay.properties import take_properties, trace_headers
+from cdc_relay.properties import RESERVED_HEADERS, take_properties, trace_headers
 from cdc_relay.rows import OutboxRow, UnmappableRow
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class Router:
         check_short_string("event_type", row.event_type)
         properties = (
             take_properties(headers, row.properties, self.amqp_users)
-            if headers or row.properties
+            if (headers and not RESERVED_HEADERS.isdisjoint(headers)) or row.properties
             else None
         )
         headers["aggregate_type"] = row.aggregate_type

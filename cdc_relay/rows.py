@@ -97,7 +97,7 @@ class RowReader:
     JSON type of integers, booleans and json values.
     """
 
-    __slots__ = ("_extras", "_indexes")
+    __slots__ = ("_extras", "_indexes", "columns")
 
     def __init__(
         self,
@@ -105,6 +105,7 @@ class RowReader:
         layout: Layout | None = None,
         type_oids: list[int] | tuple[int, ...] | None = None,
     ) -> None:
+        self.columns = tuple(column_names)  # the relation's, for the dead letter of a bad row
         positions = {name: i for i, name in enumerate(column_names)}
         columns = dict(layout.columns) if layout is not None else {c: c for c in OUTBOX_COLUMNS}
         missing = [columns[c] for c in REQUIRED_COLUMNS if columns[c] not in positions]
@@ -137,8 +138,15 @@ class RowReader:
             if self._extras is not None:
                 self._extras.fill(row, values)
         except (TypeError, UnicodeDecodeError, IndexError, ValueError) as exc:
-            raise UnmappableRow(f"cannot read outbox row: {exc}") from None
+            raise UnmappableRow(f"cannot read outbox row: {self._why(values, exc)}") from None
         return row
+
+    def _why(self, values: tuple[Any, ...], exc: Exception) -> str:
+        """The error, naming a required column that is NULL (a Debezium tombstone's payload)."""
+        for i in self._indexes[: len(REQUIRED_COLUMNS)]:
+            if i is not None and i < len(values) and values[i] is None:
+                return f"column {self.columns[i]} is NULL"
+        return str(exc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from cdc_relay.core import (
 from cdc_relay.deadletters import DeadLetterRecord
 from cdc_relay.emitauth import EMIT_AUTH_FAILED, authenticated
 from cdc_relay.envelope import Envelope
+from cdc_relay.layout import build_layout
 from cdc_relay.limits import RECHECK_INTERVAL, BrokerLimits, Recheck
 from cdc_relay.metrics import Metrics
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
@@ -213,8 +214,20 @@ def test_an_all_dead_letter_transaction_flushes_once_stored() -> None:
     feed(core, relation())
     actions = transaction(core, 0x2000, insert(1, payload=None), insert(2, payload=None))
     assert all(isinstance(a, PendingDeadLetter) for a in actions)
-    assert [a.letter.outbox_id for a in actions] == [None, None]  # unreadable rows keep values
+    # Unreadable rows keep their values and column names, and their id when it is readable.
+    assert [a.letter.outbox_id for a in actions] == [
+        "00000000-0000-0000-0000-000000000001",
+        "00000000-0000-0000-0000-000000000002",
+    ]
     assert actions[0].letter.row["values"][0] == "00000000-0000-0000-0000-000000000001"
+    assert actions[0].letter.row["columns"][:5] == [
+        "id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "payload",
+    ]
+    assert "column payload is NULL" in actions[0].letter.reason
     core.stored([2, 1], COMMIT_UNIX + 1)
     assert core.tracker.flush_lsn == 0x2030
     assert latencies == [pytest.approx(1.0)]
@@ -641,3 +654,21 @@ def test_a_nack_is_counted_as_nack_and_names_its_reason() -> None:
         core.settle(Outcome([], [(1, error)], None), COMMIT_UNIX)
     assert ended.value.code == "nack"
     assert metrics.publish_failures.values["nack"] == 1
+
+
+def test_the_core_reads_through_the_routers_layout() -> None:
+    """A Debezium relation: read by its columns; a NULL payload's dead letter keeps the id."""
+    names = ("event_id", "aggregatetype", "aggregateid", "type", "payload")
+    layout = build_layout("debezium", ["id=event_id"])
+    core, _ = make_core(router=Router(layout=layout))
+    columns = tuple(Column(0, c, 25, -1) for c in names)
+    feed(core, xlog(Relation(OUTBOX, "public", "outboxevent", "d", columns)))
+    good = xlog(Insert(OUTBOX, (b"e-1", b"order", b"7", b"Paid", b"{}")))
+    tombstone = xlog(Insert(OUTBOX, (b"e-2", b"order", b"7", b"Paid", None)))
+    envelope, letter = transaction(core, 0x2000, good, tombstone)
+    assert isinstance(envelope, Envelope)
+    assert (envelope.message_id, envelope.routing_key) == ("e-1", "order.Paid")
+    assert isinstance(letter, PendingDeadLetter)
+    assert letter.letter.outbox_id == "e-2"
+    assert "column payload is NULL" in letter.letter.reason
+    assert letter.letter.row["columns"] == list(names)

@@ -395,3 +395,9 @@ def test_every_property_on_the_wire_matches_pamqp() -> None:
     assert (props.correlation_id, props.reply_to, props.expiration) == ("c1", "r", "100")
     assert (props.priority, props.content_encoding, props.user_id) == (3, "gzip", "guest")
     assert (props.app_id, props.message_id, props.message_type) == ("a", "u-1", "Created")
+
+
+def test_rows_without_reserved_headers_keep_them_all() -> None:
+    env = Router().route(row(headers=b'{"tenant": "acme", "priority_class": "high"}'))
+    assert env.headers["priority_class"] == "high" and env.priority is None
+    assert env.correlation_id is None and env.app_id == "cdc-relay"

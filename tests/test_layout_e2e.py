@@ -3,6 +3,7 @@ every invalid value as a dead letter, against real Postgres and RabbitMQ (issue 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,8 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from cdc_relay.errors import ConfigError
+from cdc_relay.pg import checks
 from cdc_relay.router import amqp_users
 from tests.harness import Consumer, Delivery, Setup, run_cli, unique_names
 
@@ -130,6 +133,7 @@ async def test_debezium_rows_relayed(
         bad_trace = debezium_insert(
             conn, debezium.table, tracingspancontext="uber-trace-id=1:2:0:1"
         )
+        tombstone = debezium_insert(conn, debezium.table, payload=None)
         third = debezium_insert(conn, debezium.table, aggregatetype="invoice", type="Sent")
         conn.commit()
         stored = conn.execute(
@@ -161,8 +165,9 @@ async def test_debezium_rows_relayed(
     assert "x-tenant" not in two.headers and "traceparent" not in two.headers
     assert by_id[third].routing_key == "invoice.Sent"
     letters = dead_letters(debezium)
-    assert list(letters) == [bad_trace]
+    assert list(letters) == [bad_trace, tombstone]
     assert "no valid W3C traceparent" in letters[bad_trace]
+    assert "column payload is NULL" in letters[tombstone]
 
 
 @pytest.mark.asyncio
@@ -359,3 +364,75 @@ async def test_resync_reads_through_the_mapping(
     assert two.headers["x-tenant"] == "acme" and two.headers["shard"] == 1
     assert two.headers["traceparent"] == TRACEPARENT
     assert two.properties["correlation_id"] == one.properties["correlation_id"] == "42"
+
+
+def test_init_refuses_a_column_mapping_without_the_table(pg_dsn: str) -> None:
+    setup = Setup(pg_dsn, "amqp://guest:guest@127.0.0.1:1/", unique_names("dbzm"))
+    try:
+        result = run_cli(
+            "init", *setup.cli_args("init"), "--no-exchange", "--column", "event_type=kind"
+        )
+        assert result.returncode == 78, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "does not exist" in lines[0], result.stderr
+        assert "init --no-table" in lines[0]
+    finally:
+        setup.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_replay_publishes_a_mapped_row_as_the_stream_would(
+    debezium: Setup, relays: Any
+) -> None:
+    """An unroutable Debezium row is dead-lettered with its header columns, trace context and
+    mapped properties; once a queue is bound, replay publishes the same message."""
+    relay = relays(debezium, *MAPPING)
+    relay.wait_for_log("streaming from slot")
+    with psycopg.connect(debezium.dsn) as conn:
+        row_id = debezium_insert(
+            conn,
+            debezium.table,
+            tracingspancontext=f"traceparent={TRACEPARENT}",
+            tenant_id="acme",
+            shard=3,
+        )
+        conn.commit()
+    deadline = asyncio.get_running_loop().time() + 30
+    while row_id not in dead_letters(debezium):  # no queue is bound yet: returned
+        assert asyncio.get_running_loop().time() < deadline, relay.log_tail()
+        await asyncio.sleep(0.2)
+    assert (
+        "unroutable" in dead_letters(debezium)[row_id].lower()
+        or "NO_ROUTE" in (dead_letters(debezium)[row_id])
+    )
+    consumer = PropertiesConsumer(debezium.amqp_url, debezium.names["exchange"])
+    await consumer.start()
+    try:
+        result = await asyncio.to_thread(
+            run_cli, "dead-letters", "replay", *debezium.cli_args("dead-letters replay"), *MAPPING
+        )
+        assert result.returncode == 0, result.stderr
+        await consumer.wait_for({row_id})
+        got = consumer.deliveries[0]
+        assert got.routing_key == "order.OrderCreated"
+        assert got.headers["x-tenant"] == "acme" and got.headers["shard"] == 3
+        assert got.headers["traceparent"] == TRACEPARENT
+        assert got.properties["correlation_id"] == "42"
+    finally:
+        await consumer.close()
+
+
+def test_run_validation_refuses_our_table_under_the_debezium_layout(
+    pg_dsn: str, amqp_url: str
+) -> None:
+    """The relay's startup check reads the layout: init's table lacks Debezium's columns."""
+    setup = Setup(pg_dsn, amqp_url, unique_names("dbzv"))
+    setup.init()
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            with pytest.raises(ConfigError) as info:
+                checks.validate(conn, dataclasses.replace(setup.settings, layout="debezium"))
+            assert "lacks column aggregatetype for aggregate_type" in str(info.value)
+            checks.validate(conn, setup.settings)
+    finally:
+        setup.cleanup()
