@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from cdc_relay.acks import AckTrackerError
@@ -51,9 +52,16 @@ SLOT_MISSING_RETRY: Final = (0.5, 1.5)
 class Relay:
     """Runs sessions until asked to stop; raises ConfigError for what retrying cannot fix."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        outboxes: Sequence[Settings] = (),
+    ) -> None:
+        """``outboxes``: several outbox tables on the slot (``--config``), ``settings`` first."""
         self.settings = settings
-        self.metrics = metrics or Metrics(settings.slot)
+        self.outboxes = tuple(outboxes) or (settings,)
+        self.metrics = metrics or Metrics(settings.slot, [o.table for o in self.outboxes])
         self.router = Router.from_settings(settings)
         self.limits = BrokerLimits.empty(settings.exchange)
         self.problems = Problems()
@@ -93,13 +101,14 @@ class Relay:
                 name="cdc-relay-slot-poll",
             )
         ]
-        if self.settings.retention is not None:
-            background.append(
-                asyncio.create_task(
-                    retain_outbox(self.settings, self.settings.retention, self._stop),
-                    name="cdc-relay-retention",
+        for outbox in self.outboxes:
+            if outbox.retention is not None:
+                background.append(
+                    asyncio.create_task(
+                        retain_outbox(outbox, outbox.retention, self._stop),
+                        name=f"cdc-relay-retention {outbox.table}",
+                    )
                 )
-            )
         try:
             await self._run_sessions()
         finally:
@@ -125,6 +134,7 @@ class Relay:
                 self.confirmed,
                 problems=self.problems,
                 checks_passed=self._checks_passed,
+                outboxes=self.outboxes,
             )
             try:
                 await session.run()
