@@ -162,7 +162,10 @@ def _outbox(
     for required in ("table", "exchange"):
         if required not in outbox and required not in defaults:
             raise ConfigError(f"{label}: missing key {file_key(required)}")
-    split_table_name(outbox["table"])
+    try:
+        split_table_name(outbox["table"])
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: table: {exc}") from None
     return outbox
 
 
