@@ -242,15 +242,17 @@ class DeadLetterWriter:
         """
         if not items:
             return
-        groups: dict[sql.Composed, list[DeadLetter]] = {}
+        groups: dict[str, list[DeadLetter]] = {}  # by outbox table ("": the first's)
         if self._copies:  # several outboxes: one COPY per dead-letter table
             for letter in items:
-                groups.setdefault(self._copies.get(letter.table, self._copy), []).append(letter)
+                key = letter.table if letter.table in self._copies else ""
+                groups.setdefault(key, []).append(letter)
         else:
-            groups[self._copy] = list(items)
+            groups[""] = list(items)
         try:
             async with asyncio.timeout(STATEMENT_TIMEOUT + CLIENT_MARGIN):
-                for copy, letters in groups.items():
+                for key, letters in groups.items():
+                    copy = self._copies[key] if key else self._copy
                     try:
                         await self._copy_in(copy, letters)
                     except REFUSED_DATA:

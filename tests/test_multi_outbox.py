@@ -222,9 +222,10 @@ async def test_an_outbox_whose_exchange_is_missing_dead_letters_and_the_others_f
                 for index, setup in enumerate(multi.setups):
                     ids[index] += setup.insert(conn, [{"payload": {"n": n}}])
                 conn.commit()
-        for consumer, expected in zip(consumers, ids, strict=True):
+        for consumer, expected in zip(consumers, ids[:2], strict=True):
             await consumer.wait_for(set(expected), timeout=60)
-            assert consumer.ids()[: len(expected)] == expected  # in order, none missing
+            # In commit order, none missing (the first 404 ended a session: repeats are fine).
+            assert list(dict.fromkeys(consumer.ids())) == expected
 
         def dead_letters() -> list[tuple[str, str]]:
             with psycopg.connect(pg_dsn) as conn:
@@ -252,7 +253,8 @@ async def test_an_outbox_whose_exchange_is_missing_dead_letters_and_the_others_f
         )
         assert dead is not None and dead >= 1
         labels = {"slot": multi.slot, "table": first.table}
-        assert metric(text, "cdc_relay_messages_confirmed_total", **labels) == 10
+        confirmed = metric(text, "cdc_relay_messages_confirmed_total", **labels)
+        assert confirmed is not None and confirmed >= 10  # with the repeats after the 404
 
         status = multi.cli("status", "--json")
         fields = orjson.loads(status.stdout)
