@@ -145,9 +145,11 @@ class SessionCore:
         # Column names of every other relation: its rows' dead letters keep them, so a
         # recreated outbox's rows (a new OID until the next session) can be replayed.
         self._other_columns: dict[int, tuple[str, ...]] = {}
-        # The row (and its outbox) of every message published and not yet settled: a
-        # returned message is dead-lettered from it.
-        self._rows: dict[int, tuple[Any, Outbox]] = {}
+        # The row of every message published and not yet settled: a returned message is
+        # dead-lettered from it. With several outboxes, also its outbox (none kept for
+        # one: a tuple per row measurably cost the one-table hot path).
+        self._rows: dict[int, Any] = {}
+        self._row_outboxes: dict[int, Outbox] = {}
         # The reason code and outbox of every dead letter made and not yet stored
         # (counted once stored).
         self._letter_codes: dict[int, tuple[str, Outbox]] = {}
@@ -343,7 +345,9 @@ class SessionCore:
         return self._publishing(recheck.seq, recheck.row, envelope, outbox)
 
     def _publishing(self, seq: int, row: OutboxRow, envelope: Envelope, outbox: Outbox) -> Envelope:
-        self._rows[seq] = (row, outbox)
+        self._rows[seq] = row
+        if not self._single:
+            self._row_outboxes[seq] = outbox
         counters = outbox.counters
         if counters is not None:
             counters.published.inc()
@@ -423,18 +427,20 @@ class SessionCore:
                 if self.primary.counters is not None:
                     self.primary.counters.confirmed.inc(len(confirmed))
             else:
+                outboxes = self._row_outboxes
                 for seq in confirmed:
-                    counters = rows.pop(seq)[1].counters
+                    del rows[seq]
+                    counters = outboxes.pop(seq).counters
                     if counters is not None:
                         counters.confirmed.value += 1
             self._confirm(confirmed, now)
         letters: list[PendingDeadLetter] = []
         for seq, error in outcome.failed:
-            sent = rows.pop(seq, None)
+            row = rows.pop(seq, None)
+            outbox = self._row_outboxes.pop(seq, self.primary)
             if self._counters is not None:
                 self._counters.publish_failures.inc(error.code)
-            if error.returned and self.dead_letter_unroutable and sent is not None:
-                row, outbox = sent
+            if error.returned and self.dead_letter_unroutable and row is not None:
                 letters.append(
                     self._dead(seq, None, row, error.reason, code=reasons.UNROUTABLE, outbox=outbox)
                 )
@@ -448,7 +454,7 @@ class SessionCore:
                 self._counters.publish_failures.inc(lost.code, len(rows))
             if self.limits.learn(lost):
                 culprit = rows.get(lost.culprit_seq) if lost.culprit_seq is not None else None
-                which = f" (outbox row {culprit[0].id})" if culprit is not None else ""
+                which = f" (outbox row {culprit.id})" if culprit is not None else ""
                 raise self._fail(
                     SessionFailed(
                         f"{lost}{which}; rows it refuses will be dead-lettered", code=lost.code
@@ -459,7 +465,8 @@ class SessionCore:
 
     def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:
         """The publisher could not encode the envelope ``receive`` answered for ``seq``."""
-        row, outbox = self._rows.pop(seq)
+        row = self._rows.pop(seq)
+        outbox = self._row_outboxes.pop(seq, self.primary)
         if outbox.counters is not None:
             outbox.counters.published.inc(-1)
         return self._dead(seq, None, row, reason, outbox=outbox)
