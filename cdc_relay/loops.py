@@ -298,8 +298,9 @@ class SlotPoller:
     libpq must not be closed under a thread that is using the connection.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, outboxes: Sequence[Settings] = ()) -> None:
         self.settings = settings
+        self.outboxes = tuple(outboxes)  # several on the slot: dead letters summed over them
         self.busy = False
         self._conn: psycopg.Connection[Any] | None = None
 
@@ -314,7 +315,7 @@ class SlotPoller:
                     lock_timeout=SLOT_POLL_TIMEOUT,
                     **SLOT_POLL_CONNECTION,
                 )
-            return report.poll(self._conn, s)
+            return report.poll(self._conn, s, self.outboxes)
         except BaseException:
             self.close()
             raise
@@ -333,6 +334,7 @@ async def poll_slot(
     metrics: Metrics,
     stop: asyncio.Event,
     checks_passed: asyncio.Event | None = None,
+    outboxes: Sequence[Settings] = (),
 ) -> None:
     """Every ``--slot-poll-interval``: the slot's lag, retained WAL and dead letters, as metrics.
 
@@ -349,7 +351,7 @@ async def poll_slot(
         finally:
             for waiter in waiters:
                 waiter.cancel()
-    poller = SlotPoller(settings)
+    poller = SlotPoller(settings, outboxes)
     interval = settings.slot_poll_interval
     failures = 0
     try:

@@ -97,7 +97,13 @@ class Relay:
         # alike) and retention.
         background = [
             asyncio.create_task(
-                poll_slot(self.settings, self.metrics, self._stop, self._checks_passed),
+                poll_slot(
+                    self.settings,
+                    self.metrics,
+                    self._stop,
+                    self._checks_passed,
+                    self.outboxes,
+                ),
                 name="cdc-relay-slot-poll",
             )
         ]

@@ -229,6 +229,18 @@ def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> N
     assert [o.table for o in by_env] == [o.table for o in from_file]
 
 
+def test_a_secret_file_variable_wins_over_the_file(tmp_path: Path) -> None:
+    secret = tmp_path / "dsn"
+    secret.write_text("postgresql://from-secret-file/db")
+    path = _file(tmp_path, 'dsn = "postgresql://from-toml/db"\n' + THREE)
+    [first, *_] = parse_outboxes(cli.status, ["--config", path])
+    assert first.dsn == "postgresql://from-toml/db"
+    [first, *_] = parse_outboxes(
+        cli.status, ["--config", path], {"CDC_RELAY_DSN_FILE": str(secret)}
+    )
+    assert first.dsn == "postgresql://from-secret-file/db"
+
+
 def test_without_a_file_one_outbox_exactly_as_today() -> None:
     assert parse_outboxes(cli.run, []) == [Settings()]
     assert parse_outboxes(cli.run, ["--table", "x.y"]) == [Settings(table="x.y")]

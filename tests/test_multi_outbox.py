@@ -174,6 +174,11 @@ async def test_init_and_status_with_a_file_of_three_outboxes(multi: Multi, tmp_p
     unhealthy = run_cli("status", "--config", str(two), "--no-require-active")
     assert unhealthy.returncode == 1 and "also covers" in unhealthy.stdout
 
+    dropped = multi.cli("drop", "--drop-publication", "--yes")
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"replication slot {multi.slot}: dropped" in dropped.stdout
+    assert published_tables(multi.setups[0].dsn, publication) == set()
+
 
 async def test_three_outboxes_on_one_slot_each_in_order_to_its_exchange(
     multi: Multi, consumers: list[Consumer], file_relays: Any
@@ -214,7 +219,7 @@ async def test_an_outbox_whose_exchange_is_missing_dead_letters_and_the_others_f
         init = multi.cli("init", "--no-inbox", "--no-exchange")
         assert init.returncode == 0, init.stderr
         port = free_port()
-        relay = file_relays(multi.path, metrics_port=port)
+        relay = file_relays(multi.path, "--slot-poll-interval", "1", metrics_port=port)
         await relay.wait_ready()
         ids: list[list[str]] = [[], [], []]
         with psycopg.connect(pg_dsn) as conn:
@@ -255,6 +260,16 @@ async def test_an_outbox_whose_exchange_is_missing_dead_letters_and_the_others_f
         labels = {"slot": multi.slot, "table": first.table}
         confirmed = metric(text, "cdc_relay_messages_confirmed_total", **labels)
         assert confirmed is not None and confirmed >= 10  # with the repeats after the 404
+
+        async def pending_gauge() -> float | None:  # summed over the slot's outboxes
+            return metric(
+                await metrics_text(port), "cdc_relay_dead_letters_pending", slot=multi.slot
+            )
+
+        deadline = asyncio.get_running_loop().time() + 15
+        while await pending_gauge() != len(letters):
+            assert asyncio.get_running_loop().time() < deadline, await pending_gauge()
+            await asyncio.sleep(0.5)
 
         status = multi.cli("status", "--json")
         fields = orjson.loads(status.stdout)

@@ -213,7 +213,9 @@ def status(
     return result
 
 
-def poll(conn: psycopg.Connection[Any], settings: Settings) -> SlotStatus:
+def poll(
+    conn: psycopg.Connection[Any], settings: Settings, outboxes: Sequence[Settings] = ()
+) -> SlotStatus:
     """The slot's numbers for /metrics (lag, retained WAL, wal_status, dead letters pending).
 
     The same queries as ``status`` reads them, without its checks: run every
@@ -227,6 +229,8 @@ def poll(conn: psycopg.Connection[Any], settings: Settings) -> SlotStatus:
     if info is not None:
         result.primary = _primary_slot(conn, settings.slot, info)
     _count_dead_letters(conn, settings, result)
+    if len(outboxes) > 1:  # pending dead letters of every outbox of the slot
+        _per_table(conn, outboxes, result)
     return result
 
 
