@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from cdc_relay.errors import EX_CONFIG
+from devtools.metrics import readyz
 from devtools.servers import free_port
 from tests.faults import Workload, verify
 from tests.harness import (
@@ -312,3 +313,30 @@ async def test_kill_9_three_times_with_three_outboxes_loses_nothing(
         print(verdict.row(f"{setup.table}: relay kill -9 x3, three outboxes on one slot"))
         assert verdict.lost == 0
         assert verdict.committed >= 2500
+
+
+async def test_a_second_outbox_leaving_the_publication_is_said_and_turns_readiness_red(
+    multi: Multi, file_relays: Any
+) -> None:
+    init = multi.cli("init", "--no-inbox")
+    assert init.returncode == 0, init.stderr
+    port = free_port()
+    relay = file_relays(multi.path, metrics_port=port)
+    await relay.wait_ready()
+    second = multi.setups[1]
+    pub, table = second.settings.publication, second.table
+    with psycopg.connect(second.dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER PUBLICATION {pub} DROP TABLE {table}")
+        await relay.wait_for_log_async(f"does not cover the outbox {table}", 20)
+        assert await wait_until(lambda: readyz(port) == 503, 5)
+
+        def reported() -> str:
+            return str(multi.cli("status").stdout)
+
+        assert await wait_until(lambda: f"the outbox {table}" in reported(), 10)
+        status = multi.cli("status")
+        assert status.returncode == 1 and f"  {table}: NOT in the publication" in status.stdout
+        conn.execute(f"ALTER PUBLICATION {pub} ADD TABLE {table}")
+        await relay.wait_for_log_async("covers the outbox again", 20)
+        assert await wait_until(lambda: readyz(port) == 200, 5)
+        assert await wait_until(lambda: multi.cli("status").returncode == 0, 15)
