@@ -63,7 +63,11 @@ class Relay:
         self.outboxes = tuple(outboxes) or (settings,)
         self.metrics = metrics or Metrics(settings.slot, [o.table for o in self.outboxes])
         self.router = Router.from_settings(settings)
-        self.limits = BrokerLimits.empty(settings.exchange)
+        # One outbox: a refusal of its own exchange is an outage (limits.py says why).
+        # Several: no table's refused exchange may block the others, so each one's rows
+        # are dead-lettered instead (and published again once a re-check succeeds).
+        own_exchange = settings.exchange if len(self.outboxes) == 1 else None
+        self.limits = BrokerLimits.empty(own_exchange)
         self.problems = Problems()
         # Where this process's sessions confirmed up to: the next one starts there.
         self.confirmed = PositionBox()
