@@ -286,6 +286,13 @@ async def test_an_outbox_whose_exchange_is_missing_dead_letters_and_the_others_f
         ambiguous = multi.cli("dead-letters", "list")
         assert ambiguous.returncode == EX_CONFIG and "name one with --table" in ambiguous.stderr
         assert relay.terminate() == 0
+        # Once the exchange exists, the table's dead letters are replayed to it.
+        late = await Consumer(third.amqp_url, third.names["exchange"]).start()
+        consumers.append(late)
+        replayed = multi.cli("dead-letters", "replay", "--table", third.table)
+        assert replayed.returncode == 0, replayed.stderr
+        await late.wait_for(set(ids[2]), timeout=30)
+        assert orjson.loads(multi.cli("status", "--json").stdout)["dead_letters_pending"] == 0
     finally:
         for consumer in consumers:
             await consumer.close()
