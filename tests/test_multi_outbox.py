@@ -140,6 +140,10 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 
 
 async def test_init_and_status_with_a_file_of_three_outboxes(multi: Multi, tmp_path: Path) -> None:
+    before = multi.cli("run")
+    assert before.returncode == EX_CONFIG, before.stderr
+    assert before.stderr.count("\n") == 1 and "does not exist" in before.stderr
+    assert "init --config" in before.stderr
     first = multi.cli("init", "--no-inbox")
     assert first.returncode == 0, first.stderr
     for setup in multi.setups:
