@@ -290,8 +290,7 @@ class SessionCore:
                 seq,
                 event.new,
                 _read_if_outbox(columns or (), event.new),
-                f"insert into {name} (OID {event.relid}), which is not {self._outbox_names()}: "
-                "the publication must cover only the outbox tables",
+                f"insert into {name} (OID {event.relid}), which is not {self._outbox_names()}",
                 columns,
                 code=reasons.NOT_OUTBOX,
             )
@@ -306,9 +305,12 @@ class SessionCore:
     def _outbox_names(self) -> str:
         outboxes = list(self.outboxes.values())
         if len(outboxes) == 1:
-            return f"the outbox {self.table} (OID {self.outbox_relid})"
+            return (
+                f"the outbox {self.table} (OID {self.outbox_relid}): the publication must "
+                "cover only the outbox"
+            )
         names = ", ".join(f"{o.table} (OID {o.relid})" for o in outboxes)
-        return f"one of the outboxes {names}"
+        return f"one of the outboxes {names}: the publication must cover only them"
 
     def _route(
         self, seq: int, values: tuple[Any, ...], row: OutboxRow, outbox: Outbox
