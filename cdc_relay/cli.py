@@ -30,6 +30,9 @@ from cdc_relay.cli_options import (
     Duration,
     SectionedCommand,
     check_routing_key,
+    one_outbox,
+    outboxes_of,
+    relay_file,
     secret_envs,
     settings_from,
     settings_options,
@@ -216,30 +219,37 @@ def init(
     """
     from cdc_relay.pg import catalog, setup
 
-    settings = settings_from(**kwargs)
+    outboxes = outboxes_of(settings_from(**kwargs))
     if print_sql:
-        click.echo(setup.render_sql(settings, inbox=not no_inbox), nl=False)
+        for index, each in enumerate(outboxes):
+            click.echo(setup.render_sql(each, inbox=not no_inbox and index == 0), nl=False)
         return
-    with catalog.connect(settings.dsn) as conn:
-        try:
-            lines = setup.init(
-                conn,
-                settings,
-                create_table=not no_table,
-                grant_to=grant_to,
-                failover=failover,
-                emit=emit,
-                grant_emit_to=grant_emit_to,
-                inbox=not no_inbox,
-                progress=say,
-            )
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise ConfigError(
-                f"init needs an admin role (owner of the schema and table, allowed to create "
-                f"publications and slots, e.g. a superuser): {one_line(str(exc))}"
-            ) from None
-    if not no_exchange and settings.message_format != "celery":
-        lines.append(asyncio.run(_declare_exchange(settings)))
+    lines: list[str] = []
+    with catalog.connect(outboxes[0].dsn) as conn:
+        for index, settings in enumerate(outboxes):  # the first creates the publication
+            try:
+                lines += setup.init(
+                    conn,
+                    settings,
+                    create_table=not no_table,
+                    grant_to=grant_to,
+                    failover=failover,
+                    emit=emit,
+                    grant_emit_to=grant_emit_to,
+                    inbox=not no_inbox and index == 0,
+                    progress=say,
+                )
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise ConfigError(
+                    f"init needs an admin role (owner of the schema and table, allowed to create "
+                    f"publications and slots, e.g. a superuser): {one_line(str(exc))}"
+                ) from None
+    declared: set[str] = set()
+    for settings in outboxes:
+        if not no_exchange and settings.message_format != "celery":
+            if settings.exchange not in declared:
+                lines.append(asyncio.run(_declare_exchange(settings)))
+            declared.add(settings.exchange)
     for line in lines:
         click.echo(line)
     if all("already exist" in line for line in lines):
@@ -268,8 +278,10 @@ async def _declare_exchange(settings: Settings) -> str:
 def run(**kwargs: Any) -> None:
     """Stream outbox inserts to RabbitMQ until stopped (SIGTERM/SIGINT drain and exit 0)."""
 
-    settings = settings_from(**kwargs)
-    check_routing_key(settings)
+    outboxes = outboxes_of(settings_from(**kwargs))
+    for each in outboxes:
+        check_routing_key(each)
+    settings = outboxes[0]
     if settings.event_loop == "uvloop":
         try:
             import uvloop
@@ -277,9 +289,9 @@ def run(**kwargs: Any) -> None:
             raise ConfigError(
                 "--event-loop uvloop: uvloop is not installed (pip install 'cdc-relay[uvloop]')"
             ) from None
-        uvloop.run(_run(settings))
+        uvloop.run(_run(settings, outboxes))
     else:
-        asyncio.run(_run(settings))
+        asyncio.run(_run(settings, outboxes))
 
 
 def _dump_tasks() -> None:
@@ -288,12 +300,14 @@ def _dump_tasks() -> None:
         task.print_stack(file=sys.stderr)
 
 
-async def _run(settings: Settings) -> None:
+async def _run(settings: Settings, outboxes: Sequence[Settings]) -> None:
     from cdc_relay.metrics import Metrics, MetricsServer
     from cdc_relay.relay import Relay
 
-    metrics = Metrics(settings.slot)
-    relay = Relay(settings, metrics)
+    # A `table` label on the per-row counters only where the slot has several outboxes:
+    # the series of a one-table relay stay as they were.
+    metrics = Metrics(settings.slot, [o.table for o in outboxes] if len(outboxes) > 1 else ())
+    relay = Relay(settings, metrics, outboxes)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.request_stop)
@@ -356,7 +370,8 @@ def status(
     """
     from cdc_relay.pg import catalog, report
 
-    settings = settings_from(**kwargs)
+    outboxes = outboxes_of(settings_from(**kwargs))
+    settings = outboxes[0]
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.READ_STATEMENT_TIMEOUT,
@@ -368,6 +383,7 @@ def status(
             require_active=require_active,
             max_lag_bytes=max_lag_bytes,
             max_stall=max_stall,
+            outboxes=outboxes,
         )
     from cdc_relay.status_view import render_text
 
@@ -403,7 +419,8 @@ def drop(drop_publication: bool, force: bool, yes: bool, **kwargs: Any) -> None:
     """
     from cdc_relay.pg import catalog, dropping, setup
 
-    settings = settings_from(**kwargs)
+    # The slot and publication are the file's; its state row is the first outbox's.
+    settings = outboxes_of(settings_from(**kwargs))[0]
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
@@ -452,7 +469,7 @@ def prune(older_than: timedelta, batch: int, **kwargs: Any) -> None:
     from cdc_relay.cli_progress import Progress
     from cdc_relay.pg import catalog, retention
 
-    settings = settings_from(**kwargs)
+    settings = one_outbox(settings_from(**kwargs), PRUNE)
     meter = Progress("deleted", "outbox row(s)", time.monotonic())
     on_terminal = sys.stderr.isatty()
 
@@ -498,7 +515,7 @@ def dead_letters_list(include_replayed: bool, as_json: bool, **kwargs: Any) -> N
     from cdc_relay import deadletters
     from cdc_relay.pg import catalog
 
-    settings = settings_from(**kwargs)
+    settings = one_outbox(settings_from(**kwargs), DL_LIST)
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.READ_STATEMENT_TIMEOUT,
@@ -551,7 +568,7 @@ def dead_letters_replay(
     from cdc_relay.replay import dry_run as replay_dry_run
     from cdc_relay.replay import replay
 
-    settings = settings_from(**kwargs)
+    settings = one_outbox(settings_from(**kwargs), DL_REPLAY)
     selection = cli_deadletters.selection_of(ids, since, until, reason, limit)
     redirect = cli_deadletters.redirect_of(to_exchange, to_routing_key)
     with catalog.connect(
@@ -604,7 +621,7 @@ def dead_letters_prune(
     from cdc_relay import deadletters
     from cdc_relay.pg import catalog
 
-    settings = settings_from(**kwargs)
+    settings = one_outbox(settings_from(**kwargs), DL_PRUNE)
     with catalog.connect(
         settings.dsn,
         statement_timeout=catalog.WRITE_STATEMENT_TIMEOUT,
@@ -656,7 +673,15 @@ def resync(
     from cdc_relay import resync as resync_
     from cdc_relay.pg import catalog
 
-    settings = settings_from(**kwargs)
+    outboxes = outboxes_of(settings_from(**kwargs))
+    if len(outboxes) > 1:
+        loaded = relay_file()
+        raise ConfigError(
+            f"resync: {loaded.path if loaded else 'the file'} has {len(outboxes)} [[outbox]] "
+            "tables on one slot, and resync does not support several outboxes yet: see "
+            "docs/config-file.md#commands"
+        )
+    settings = outboxes[0]
     check_routing_key(settings)
     with catalog.connect(settings.dsn) as conn:
         plan = resync_.plan(conn, settings, since, margin=margin, failover=failover)

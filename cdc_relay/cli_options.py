@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import click
@@ -27,7 +27,8 @@ import psycopg
 from click.core import ParameterSource
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc_relay.config import GROUP, SECTIONS, Option, Settings
+from cdc_relay import config_file
+from cdc_relay.config import GROUP, SECTIONS, Option, Settings, option_of
 from cdc_relay.errors import ConfigError
 from cdc_relay.redact import Redactor, one_line
 from cdc_relay.router import Router
@@ -67,7 +68,8 @@ def _read_secret_file(opt: Option) -> str | None:
 def _resolve(ctx: click.Context, param: click.Parameter, opt: Option, name: str) -> str | None:
     """For a secret option not given on the command line: the _FILE value, or None."""
     source = ctx.get_parameter_source(param.name or name)
-    if source in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT) and opt.file_env:
+    weaker = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
+    if source in weaker and opt.file_env:
         from_file = _read_secret_file(opt)
         if from_file is not None:
             return from_file
@@ -212,15 +214,106 @@ class SectionOption(click.Option):
 
 
 def settings_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate ``command`` with the options of every Settings field it uses, and no other."""
+    """Decorate ``command`` with the options of every Settings field it uses, and no other.
+
+    Every subcommand also takes ``--config`` (the relay file, ``config_file``).
+    """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         chosen = [f for f in dataclasses.fields(Settings) if command in f.metadata["cli"].commands]
         for f in reversed(chosen):
             func = _option(f)(func)
+        if command != GROUP:
+            func = _config_option(func)
         return func
 
     return decorate
+
+
+# -- the relay file (--config) -------------------------------------------------------
+
+RELAY_FILE: Final = "cdc_relay.relay_file"  # ctx.meta key of the loaded RelayFile
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager: the file's top-level keys become click's default_map (flag > env > file)."""
+    if value is None:
+        return None
+    relay_file = config_file.load(value)
+    ctx.default_map = {**(ctx.default_map or {}), **relay_file.defaults}
+    ctx.meta[RELAY_FILE] = relay_file
+    return value
+
+
+_config_option = click.option(
+    "--config",
+    metavar="FILE",
+    envvar="CDC_RELAY_CONFIG",
+    show_envvar=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="A TOML file of settings and [[outbox]] tables (several outboxes on one slot; "
+    "docs/config-file.md). Flags and environment variables win over its top-level keys.",
+)
+
+
+def relay_file() -> config_file.RelayFile | None:
+    """The file ``--config`` named, if any (read while the options were parsed)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.meta.get(RELAY_FILE)
+
+
+def outboxes_of(settings: Settings) -> list[Settings]:
+    """Every outbox the command works on: the file's ``[[outbox]]`` tables, or just ``settings``.
+
+    A per-outbox option given as a flag or environment variable beside a file
+    is refused (one line): it would be unclear which outbox it means.
+    """
+    loaded = relay_file()
+    if loaded is None:
+        return [settings]
+    _refuse_per_outbox_options(loaded, allow_table=False)
+    return config_file.outbox_settings(settings, loaded)
+
+
+def one_outbox(settings: Settings, command: str) -> Settings:
+    """The one outbox of a command that works on one table: ``--table`` picks it from a file."""
+    loaded = relay_file()
+    if loaded is None:
+        return settings
+    _refuse_per_outbox_options(loaded, allow_table=True)
+    outboxes = config_file.outbox_settings(settings, loaded)
+    ctx = click.get_current_context()
+    if "table" in ctx.params and ctx.get_parameter_source("table") in _GIVEN:
+        return config_file.select(outboxes, settings.table)
+    if len(outboxes) > 1:
+        names = ", ".join(o.table for o in outboxes)
+        raise ConfigError(
+            f"{command}: {loaded.path} has {len(outboxes)} [[outbox]] tables; "
+            f"name one with --table ({names})"
+        )
+    return outboxes[0]
+
+
+_GIVEN: Final = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _refuse_per_outbox_options(loaded: config_file.RelayFile, *, allow_table: bool) -> None:
+    ctx = click.get_current_context()
+    for name in config_file.PER_OUTBOX:
+        if name not in ctx.params or (allow_table and name == "table"):
+            continue
+        source = ctx.get_parameter_source(name)
+        if source in _GIVEN:
+            opt = option_of(name)
+            given = (
+                opt.flag_for(name) if source is ParameterSource.COMMANDLINE else opt.env_for(name)
+            )
+            raise ConfigError(
+                f"{given.split('/')[0]}: with --config {loaded.path}, set "
+                f"{config_file.file_key(name)} in its [[outbox]] tables instead"
+            )
 
 
 # What `run --help` ends with: supervisors tell these apart (cdc_relay.errors).
@@ -279,7 +372,8 @@ def settings_from(**kwargs: Any) -> Settings:
             if GROUP in f.metadata["cli"].commands and f.name in group:
                 known.setdefault(f.name, group[f.name])
     settings = Settings(**known)
-    settings.check()
+    if relay_file() is None:  # with a file, each outbox's Settings is checked (outboxes_of)
+        settings.check()
     REDACT.add(settings.dsn, *settings.amqp_urls)
     return settings
 

@@ -28,7 +28,8 @@ message, and the row it carries).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from cdc_relay import reasons
@@ -81,16 +82,33 @@ STOP: Final = _Stop()
 Action = Envelope | PendingDeadLetter | Recheck | _Stop | None
 
 
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """One outbox table of the slot: its OID, name, router and per-table counters.
+
+    Several outboxes share one slot (``--config``): the core finds a row's
+    outbox with one dict lookup by relation OID, as it did for one outbox.
+    ``counters`` has ``published``, ``confirmed`` and ``dead_lettered``
+    (``metrics.TableCounters``), or is None; its router's layout reads its columns.
+    """
+
+    relid: int
+    table: str
+    router: Router
+    counters: Any = None
+
+
 class SessionCore:
     """One session's protocol state: transactions, in-flight rows, the flush position."""
 
     def __init__(
         self,
         *,
-        outbox_relid: int,
-        table: str,
-        router: Router,
+        outbox_relid: int = 0,
+        table: str = "",
+        router: Router | None = None,
         start_flush: int,
+        outboxes: Sequence[Outbox] = (),
         max_message_size: int,
         dead_letter_unroutable: bool = True,
         message_prefix: str = "cdc_relay",
@@ -99,9 +117,18 @@ class SessionCore:
         counters: Any = None,
         observe_commit_to_confirm: Callable[[float], None] | None = None,
     ) -> None:
-        self.outbox_relid = outbox_relid
-        self.table = table
-        self.router = router
+        if not outboxes:
+            assert router is not None, "one outbox (outbox_relid, table, router) or outboxes"
+            table_counters = counters.table(table) if counters is not None else None
+            outboxes = (Outbox(outbox_relid, table, router, table_counters),)
+        # The first outbox also takes what belongs to no table: emitted messages and
+        # inserts into relations that are not an outbox (their dead letters).
+        self.primary = primary = outboxes[0]
+        self.outboxes = {o.relid: o for o in outboxes}
+        self._single = len(outboxes) == 1
+        self.outbox_relid = primary.relid
+        self.table = primary.table
+        self.router = primary.router
         self.tracker = AckTracker(start_flush)
         self.limits = limits or BrokerLimits.empty()
         self.max_message_size = max_message_size
@@ -110,18 +137,23 @@ class SessionCore:
         self.emit_key = emit_key
         self._counters = counters
         self._observe = observe_commit_to_confirm
-        # relid -> reader for the outbox (MissingColumns while it lacked required columns);
-        # None for any other relation the stream describes.
-        self._readers: dict[int, RowReader | MissingColumns | None] = {}
+        # relid -> (reader, its outbox) for an outbox (MissingColumns while it lacked
+        # required columns); None for any other relation the stream describes.
+        self._readers: dict[int, tuple[RowReader | MissingColumns, Outbox] | None] = {}
         self._relation_names: dict[int, str] = {}
         # Column names of every other relation: its rows' dead letters keep them, so a
         # recreated outbox's rows (a new OID until the next session) can be replayed.
         self._other_columns: dict[int, tuple[str, ...]] = {}
-        # The row of every message published and not yet settled: a returned
-        # message is dead-lettered from it.
+        # The row of every message published and not yet settled: a returned message is
+        # dead-lettered from it. With several outboxes, also its outbox (none kept for
+        # one: a tuple per row measurably cost the one-table hot path).
         self._rows: dict[int, Any] = {}
-        # The reason code of every dead letter made and not yet stored (counted once stored).
-        self._letter_codes: dict[int, str] = {}
+        self._row_outboxes: dict[int, Outbox] = {}
+        # The reason code and outbox of every dead letter made and not yet stored
+        # (counted once stored).
+        self._letter_codes: dict[int, tuple[str, Outbox]] = {}
+        # The outbox of each row waiting for a broker re-check (rare: a remembered refusal).
+        self._rechecks: dict[int, Outbox] = {}
         # The open transaction: its first sequence number and commit LSN (Begin.final_lsn).
         self._txn_first_seq = 1
         self._txn_lsn = 0
@@ -225,27 +257,32 @@ class SessionCore:
     def _relation(self, event: Relation) -> None:
         """The outbox is known by OID: a renamed or moved outbox is still the outbox."""
         self._relation_names[event.relid] = f"{event.namespace or 'pg_catalog'}.{event.name}"
-        if event.relid != self.outbox_relid:
+        outbox = self.outboxes.get(event.relid)
+        if outbox is None:
             self._readers[event.relid] = None
             self._other_columns[event.relid] = tuple(c.name for c in event.columns)
             return
         try:
-            self._readers[event.relid] = RowReader(
-                [c.name for c in event.columns],
-                self.router.layout,
-                [c.type_oid for c in event.columns],
+            self._readers[event.relid] = (
+                RowReader(
+                    [c.name for c in event.columns],
+                    outbox.router.layout,
+                    [c.type_oid for c in event.columns],
+                ),
+                outbox,
             )
         except OutboxSchemaError as exc:
-            self._readers[event.relid] = MissingColumns(
+            missing = MissingColumns(
                 tuple(c.name for c in event.columns),
                 f"{exc} when this row was written (DDL while streaming); row_data holds "
                 "the columns it had and their values",
             )
+            self._readers[event.relid] = (missing, outbox)
 
     def _insert(self, event: Insert) -> Envelope | PendingDeadLetter | Recheck:
         seq = self.tracker.add_message()
-        reader = self._readers.get(event.relid)
-        if reader is None:
+        entry = self._readers.get(event.relid)
+        if entry is None:
             if event.relid not in self._readers:
                 raise self._fail(
                     SessionFailed(f"Insert for relation {event.relid} before its Relation message")
@@ -255,37 +292,49 @@ class SessionCore:
             return self._dead(
                 seq,
                 event.new,
-                _read_if_outbox(columns or (), event.new, self.router),
-                f"insert into {name} (OID {event.relid}), which is not the outbox {self.table} "
-                f"(OID {self.outbox_relid}): the publication must cover only the outbox",
+                _read_if_outbox(columns or (), event.new, self.primary.router),
+                f"insert into {name} (OID {event.relid}), which is not {self._outbox_names()}",
                 columns,
                 code=reasons.NOT_OUTBOX,
             )
+        reader, outbox = entry
         try:
             row = reader.read(event.new)
         except Exception as exc:
-            return self._dead(seq, event.new, None, _reason(exc), reader.columns)
-        return self._route(seq, event.new, row)
+            return self._dead(seq, event.new, None, _reason(exc), reader.columns, outbox=outbox)
+        return self._route(seq, event.new, row, outbox)
+
+    def _outbox_names(self) -> str:
+        outboxes = list(self.outboxes.values())
+        if len(outboxes) == 1:
+            return (
+                f"the outbox {self.table} (OID {self.outbox_relid}): the publication must "
+                "cover only the outbox"
+            )
+        names = ", ".join(f"{o.table} (OID {o.relid})" for o in outboxes)
+        return f"one of the outboxes {names}: the publication must cover only them"
 
     def _route(
-        self, seq: int, values: tuple[Any, ...], row: OutboxRow
+        self, seq: int, values: tuple[Any, ...], row: OutboxRow, outbox: Outbox
     ) -> Envelope | PendingDeadLetter | Recheck:
         code = reasons.TOO_LARGE
         try:
-            envelope = self.router.route(row)
+            envelope = outbox.router.route(row)
             reason = self._refusal(envelope)
         except Exception as exc:
             reason, code = _reason(exc), reasons.BAD_ROW
         if reason is not None:
-            return self._dead(seq, values, row, reason, code=code)
+            return self._dead(seq, values, row, reason, code=code, outbox=outbox)
         limits = self.limits
         if limits.refuses() and limits.refusal(envelope.exchange, len(envelope.body)):
+            self._rechecks[seq] = outbox
             return Recheck(seq, envelope, values, row)
-        return self._publishing(seq, row, envelope)
+        return self._publishing(seq, row, envelope, outbox)
 
     def rechecked(self, recheck: Recheck) -> Envelope | PendingDeadLetter:
         """After the broker was asked again: publish, or dead-letter if it still refuses."""
         envelope = recheck.envelope
+        outbox = self._rechecks.pop(recheck.seq, self.primary)
         why = self.limits.refusal(envelope.exchange, len(envelope.body))
         if why is not None:
             # limits.refusal names the refused exchange first, then the size.
@@ -294,13 +343,18 @@ class SessionCore:
                 if envelope.exchange in self.limits.refused_exchanges
                 else reasons.TOO_LARGE
             )
-            return self._dead(recheck.seq, recheck.values, recheck.row, why, code=code)
-        return self._publishing(recheck.seq, recheck.row, envelope)
+            return self._dead(
+                recheck.seq, recheck.values, recheck.row, why, code=code, outbox=outbox
+            )
+        return self._publishing(recheck.seq, recheck.row, envelope, outbox)
 
-    def _publishing(self, seq: int, row: OutboxRow, envelope: Envelope) -> Envelope:
+    def _publishing(self, seq: int, row: OutboxRow, envelope: Envelope, outbox: Outbox) -> Envelope:
         self._rows[seq] = row
-        if self._counters is not None:
-            self._counters.published.inc()
+        if not self._single:
+            self._row_outboxes[seq] = outbox
+        counters = outbox.counters
+        if counters is not None:
+            counters.published.inc()
         return envelope
 
     def _message(self, event: LogicalMessage) -> Envelope | PendingDeadLetter | Recheck:
@@ -337,7 +391,7 @@ class SessionCore:
             row = row_from_message(body)
         except Exception as exc:
             return self._dead(seq, (event.content,), None, _reason(exc))
-        return self._route(seq, (event.content,), row)
+        return self._route(seq, (event.content,), row, self.primary)
 
     def _refusal(self, envelope: Envelope) -> str | None:
         """Why this envelope can never be published: over --max-message-size."""
@@ -371,18 +425,29 @@ class SessionCore:
         rows = self._rows
         confirmed = outcome.confirmed
         if confirmed:
-            for seq in confirmed:
-                del rows[seq]
-            if self._counters is not None:
-                self._counters.confirmed.inc(len(confirmed))
+            if self._single:  # one outbox: one count, as before there were several
+                for seq in confirmed:
+                    del rows[seq]
+                if self.primary.counters is not None:
+                    self.primary.counters.confirmed.inc(len(confirmed))
+            else:
+                outboxes = self._row_outboxes
+                for seq in confirmed:
+                    del rows[seq]
+                    counters = outboxes.pop(seq).counters
+                    if counters is not None:
+                        counters.confirmed.value += 1
             self._confirm(confirmed, now)
         letters: list[PendingDeadLetter] = []
         for seq, error in outcome.failed:
             row = rows.pop(seq, None)
+            outbox = self._row_outboxes.pop(seq, self.primary)
             if self._counters is not None:
                 self._counters.publish_failures.inc(error.code)
             if error.returned and self.dead_letter_unroutable and row is not None:
-                letters.append(self._dead(seq, None, row, error.reason, code=reasons.UNROUTABLE))
+                letters.append(
+                    self._dead(seq, None, row, error.reason, code=reasons.UNROUTABLE, outbox=outbox)
+                )
                 continue
             raise self._fail(
                 PublishRefused(f"publish of message {seq} failed: {error}", code=error.code)
@@ -405,18 +470,19 @@ class SessionCore:
     def unpublishable(self, seq: int, reason: str) -> PendingDeadLetter:
         """The publisher could not encode the envelope ``receive`` answered for ``seq``."""
         row = self._rows.pop(seq)
-        if self._counters is not None:
-            self._counters.published.inc(-1)
-        return self._dead(seq, None, row, reason)
+        outbox = self._row_outboxes.pop(seq, self.primary)
+        if outbox.counters is not None:
+            outbox.counters.published.inc(-1)
+        return self._dead(seq, None, row, reason, outbox=outbox)
 
     def stored(self, seqs: list[int], now: float) -> None:
         """These dead letters are durable: the flush may pass them."""
         codes = self._letter_codes
-        counters = self._counters
+        primary = self.primary
         for seq in seqs:
-            code = codes.pop(seq, reasons.BAD_ROW)
-            if counters is not None:
-                counters.dead_lettered.inc(code)
+            code, outbox = codes.pop(seq, (reasons.BAD_ROW, primary))
+            if outbox.counters is not None:
+                outbox.counters.dead_lettered.inc(code)
         self._confirm(sorted(seqs), now)
 
     def _confirm(self, seqs: list[int], now: float) -> None:
@@ -446,21 +512,29 @@ class SessionCore:
         columns: tuple[str, ...] | None = None,
         *,
         code: str = reasons.BAD_ROW,
+        outbox: Outbox | None = None,
     ) -> PendingDeadLetter:
-        self._letter_codes[seq] = code
+        """A dead letter for ``outbox``'s dead-letter table (None: the first outbox's)."""
+        outbox = outbox or self.primary
+        self._letter_codes[seq] = (code, outbox)
         if row is not None:
             data, outbox_id = row.as_dict(), row.id
         else:
             data, outbox_id = {"values": [_jsonable(v) for v in values or ()]}, None
             if columns is not None:
                 data["columns"] = list(columns)
-                id_column = self.router.layout.column_of("id") or "id"
+                id_column = outbox.router.layout.column_of("id") or "id"
                 if id_column in columns and values:
                     value = values[columns.index(id_column)]
                     if value is not None:
                         outbox_id = str(_jsonable(value))
         letter = DeadLetter(
-            outbox_id=outbox_id, reason=reason, row=data, lsn=self._lsn_of(seq), code=code
+            outbox_id=outbox_id,
+            reason=reason,
+            row=data,
+            lsn=self._lsn_of(seq),
+            code=code,
+            table=outbox.table,
         )
         return PendingDeadLetter(seq, letter)
 
@@ -531,6 +605,7 @@ def _jsonable(value: Any) -> Any:
 __all__ = [
     "STOP",
     "Action",
+    "Outbox",
     "PendingDeadLetter",
     "PublishRefused",
     "SessionCore",

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any, Final
@@ -179,17 +179,37 @@ def copy_tuple(letter: DeadLetter) -> bytes:
     return b"".join(parts)
 
 
-class DeadLetterWriter:
-    """The relay's one connection for dead letters: bounded statements, one round trip."""
+def _copy_statement(table: tuple[str, str]) -> sql.Composed:
+    return sql.SQL("COPY {} (outbox_id, reason, row_data, lsn) FROM STDIN (FORMAT BINARY)").format(
+        qualified(*table)
+    )
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any], table: tuple[str, str]) -> None:
+
+class DeadLetterWriter:
+    """The relay's one connection for dead letters: bounded statements, one round trip.
+
+    With several outboxes on one slot, each outbox's rows go to its own
+    dead-letter table (``by_outbox``: outbox table name -> dead-letter table,
+    by ``DeadLetter.table``); anything else goes to ``table``, the first's.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        table: tuple[str, str],
+        by_outbox: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
         self._conn = conn
-        self._copy = sql.SQL(
-            "COPY {} (outbox_id, reason, row_data, lsn) FROM STDIN (FORMAT BINARY)"
-        ).format(qualified(*table))
+        self._copy = _copy_statement(table)
+        self._copies = {name: _copy_statement(t) for name, t in (by_outbox or {}).items()}
 
     @classmethod
-    async def connect(cls, dsn: str, table: tuple[str, str]) -> DeadLetterWriter:
+    async def connect(
+        cls,
+        dsn: str,
+        table: tuple[str, str],
+        by_outbox: Mapping[str, tuple[str, str]] | None = None,
+    ) -> DeadLetterWriter:
         """Connect with timeouts and keepalives so no write can wait forever."""
         conn = await psycopg.AsyncConnection.connect(
             dsn,
@@ -210,7 +230,7 @@ class DeadLetterWriter:
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, table)
+        return cls(conn, table, by_outbox)
 
     async def write(self, items: Sequence[DeadLetter]) -> None:
         """Store all items in one statement (one binary COPY, all or nothing).
@@ -222,24 +242,33 @@ class DeadLetterWriter:
         """
         if not items:
             return
+        groups: dict[str, list[DeadLetter]] = {}  # by outbox table ("": the first's)
+        if self._copies:  # several outboxes: one COPY per dead-letter table
+            for letter in items:
+                key = letter.table if letter.table in self._copies else ""
+                groups.setdefault(key, []).append(letter)
+        else:
+            groups[""] = list(items)
         try:
             async with asyncio.timeout(STATEMENT_TIMEOUT + CLIENT_MARGIN):
-                try:
-                    await self._copy_in(items)
-                except REFUSED_DATA:
-                    for letter in items:
-                        try:
-                            await self._copy_in((letter,))
-                        except REFUSED_DATA as exc:
-                            await self._copy_in((letter.unstorable(exc),))
+                for key, letters in groups.items():
+                    copy = self._copies[key] if key else self._copy
+                    try:
+                        await self._copy_in(copy, letters)
+                    except REFUSED_DATA:
+                        for letter in letters:
+                            try:
+                                await self._copy_in(copy, (letter,))
+                            except REFUSED_DATA as exc:
+                                await self._copy_in(copy, (letter.unstorable(exc),))
         except TimeoutError:
             await self.close()
             raise TimeoutError(
                 f"dead-letter write got no answer in {STATEMENT_TIMEOUT + CLIENT_MARGIN:g}s"
             ) from None
 
-    async def _copy_in(self, items: Sequence[DeadLetter]) -> None:
-        async with self._conn.cursor() as cur, cur.copy(self._copy) as copy:
+    async def _copy_in(self, statement: sql.Composed, items: Sequence[DeadLetter]) -> None:
+        async with self._conn.cursor() as cur, cur.copy(statement) as copy:
             await copy.write(_COPY_HEADER)
             for letter in items:
                 await copy.write(copy_tuple(letter))

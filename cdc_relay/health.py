@@ -19,6 +19,11 @@ DRIFT_CHECK_INTERVAL: Final = 5.0  # seconds between looks at the publication an
 DRIFT_KEY: Final = "publication"
 
 
+def drift_key(table: str) -> str:
+    """The problem key of a further outbox's drift (the first outbox's is ``DRIFT_KEY``)."""
+    return f"{DRIFT_KEY} {table}"
+
+
 class Problems:
     """Trouble by key (``publication``, ``dead-letters``, ...): text and when it began.
 

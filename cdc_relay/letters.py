@@ -30,6 +30,9 @@ class DeadLetter:
     row: dict[str, Any]
     lsn: int
     code: str = reasons.BAD_ROW  # the reason's label in metrics and logs (``reasons``)
+    # The outbox table the row came from: its dead-letter table stores it ("" for the
+    # first outbox's, e.g. a row of no outbox; see ``deadletters.DeadLetterWriter``).
+    table: str = ""
 
     def __post_init__(self) -> None:
         if self.outbox_id is not None:
@@ -56,6 +59,7 @@ class DeadLetter:
             {"unstorable": f"{type(exc).__name__}: {text}"},
             self.lsn,
             self.code,
+            self.table,
         )
 
 

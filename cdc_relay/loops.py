@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -32,6 +32,7 @@ from cdc_relay.health import (
     DriftWatch,
     FlushWatch,
     Problems,
+    drift_key,
     since_when,
 )
 from cdc_relay.lsn import format_lsn
@@ -164,20 +165,30 @@ async def drift_loop(
     settings: Settings,
     problems: Problems,
     metrics: Metrics,
+    others: Sequence[tuple[Settings, int]] = (),
 ) -> None:
-    """Catch the outbox leaving the publication while streaming: its rows would be skipped.
+    """Catch an outbox leaving the publication while streaming: its rows would be skipped.
 
     Every few seconds on a side connection with a statement timeout; a failed
     look is retried at the next one (it must never end the session). A drift
     is said at ERROR, turns readiness and `status` red, and names the fix.
+    ``others``: the further outboxes of the slot and their OIDs, each watched alike
+    (its problem under ``drift_key(table)``).
     """
     s = settings
-    watch = DriftWatch(
-        publication=s.publication,
-        table=".".join(s.table_parts),
-        slot=s.slot,
-        outbox_relid=outbox_relid,
-    )
+    watches = [
+        (
+            each,
+            DriftWatch(
+                publication=each.publication,
+                table=".".join(each.table_parts),
+                slot=each.slot,
+                outbox_relid=relid,
+            ),
+            DRIFT_KEY if index == 0 else drift_key(each.table),
+        )
+        for index, (each, relid) in enumerate([(settings, outbox_relid), *others])
+    ]
     conn: psycopg.AsyncConnection[Any] | None = None
     failures = 0
     try:
@@ -186,9 +197,10 @@ async def drift_loop(
             try:
                 if conn is None or conn.closed:
                     conn = await _side_connection(s.dsn, "cdc-relay drift check")
-                relid, covered = await within(
-                    checks.look_at_outbox(conn, s), DRIFT_CHECK_TIMEOUT + 1
-                )
+                looks = [
+                    await within(checks.look_at_outbox(conn, each), DRIFT_CHECK_TIMEOUT + 1)
+                    for each, _, _ in watches
+                ]
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 failures += 1
                 log.log(
@@ -203,17 +215,19 @@ async def drift_loop(
                 conn = None
                 continue
             failures = 0
-            step = watch.observe(relid, covered, core.confirmed_commit_time, time.time())
-            if step.error is not None:
-                log.error("%s", step.error)
-            if step.problem is not None:
-                problems.report(DRIFT_KEY, step.problem)
-                metrics.ready.set(0)
-            elif step.ended:
-                problems.clear(DRIFT_KEY)
-                metrics.ready.set(1)
-            if step.end_session is not None:
-                raise SessionFailed(step.end_session)
+            for (_, watch, key), (relid, covered) in zip(watches, looks, strict=True):
+                step = watch.observe(relid, covered, core.confirmed_commit_time, time.time())
+                if step.error is not None:
+                    log.error("%s", step.error)
+                if step.problem is not None:
+                    problems.report(key, step.problem)
+                    metrics.ready.set(0)
+                elif step.ended:
+                    problems.clear(key)
+                    if all(w.since is None for _, w, _ in watches):
+                        metrics.ready.set(1)
+                if step.end_session is not None:
+                    raise SessionFailed(step.end_session)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -284,8 +298,9 @@ class SlotPoller:
     libpq must not be closed under a thread that is using the connection.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, outboxes: Sequence[Settings] = ()) -> None:
         self.settings = settings
+        self.outboxes = tuple(outboxes)  # several on the slot: dead letters summed over them
         self.busy = False
         self._conn: psycopg.Connection[Any] | None = None
 
@@ -300,7 +315,7 @@ class SlotPoller:
                     lock_timeout=SLOT_POLL_TIMEOUT,
                     **SLOT_POLL_CONNECTION,
                 )
-            return report.poll(self._conn, s)
+            return report.poll(self._conn, s, self.outboxes)
         except BaseException:
             self.close()
             raise
@@ -319,6 +334,7 @@ async def poll_slot(
     metrics: Metrics,
     stop: asyncio.Event,
     checks_passed: asyncio.Event | None = None,
+    outboxes: Sequence[Settings] = (),
 ) -> None:
     """Every ``--slot-poll-interval``: the slot's lag, retained WAL and dead letters, as metrics.
 
@@ -335,7 +351,7 @@ async def poll_slot(
         finally:
             for waiter in waiters:
                 waiter.cancel()
-    poller = SlotPoller(settings)
+    poller = SlotPoller(settings, outboxes)
     interval = settings.slot_poll_interval
     failures = 0
     try:

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 from bisect import bisect_left
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -123,31 +123,93 @@ class LoopHistogram:
 
 
 class _LoopCollector:
+    """Renders the loop counters; counters sharing a name (one per table) are one family."""
+
     def __init__(
         self,
-        counters: list[LoopCounter | ReasonCounter],
+        counters: (
+            list[LoopCounter | ReasonCounter] | Callable[[], list[LoopCounter | ReasonCounter]]
+        ),
         histograms: list[LoopHistogram],
     ) -> None:
         self.counters = counters
         self.histograms = histograms
 
     def collect(self) -> Iterator[Metric]:
-        for counter in self.counters:
+        families: dict[str, CounterMetricFamily] = {}
+        counters = self.counters() if callable(self.counters) else self.counters
+        for counter in counters:
             names, values = list(counter.labels), list(counter.labels.values())
+            family = families.get(counter.name)
             if isinstance(counter, ReasonCounter):
-                family = CounterMetricFamily(
-                    counter.name, counter.documentation, labels=[*names, "reason"]
-                )
+                if family is None:
+                    family = families[counter.name] = CounterMetricFamily(
+                        counter.name, counter.documentation, labels=[*names, "reason"]
+                    )
                 for reason, count in counter.values.items():
                     family.add_metric([*values, reason], count)
             else:
-                family = CounterMetricFamily(counter.name, counter.documentation, labels=names)
+                if family is None:
+                    family = families[counter.name] = CounterMetricFamily(
+                        counter.name, counter.documentation, labels=names
+                    )
                 family.add_metric(values, counter.value)
-            yield family
+        yield from families.values()
         for h in self.histograms:
             histogram = HistogramMetricFamily(h.name, h.documentation, labels=list(h.labels))
             histogram.add_metric(list(h.labels.values()), h.cumulative(), h.sum)
             yield histogram
+
+
+class TableCounters:
+    """The per-row counters of one outbox table: ``slot`` and ``table`` labels.
+
+    The session core bumps the counters of the row's own table (``core.Outbox``),
+    so several outboxes on one slot are told apart by their ``table`` label.
+    """
+
+    __slots__ = ("confirmed", "dead_lettered", "published", "table")
+
+    def __init__(self, slot: str, table: str | None) -> None:
+        on = {"slot": slot} if table is None else {"slot": slot, "table": table}
+        self.table = table or ""
+        self.published = LoopCounter(
+            "cdc_relay_messages_published", "Messages handed to the broker", on
+        )
+        self.confirmed = LoopCounter(
+            "cdc_relay_messages_confirmed", "Messages confirmed by the broker", on
+        )
+        self.dead_lettered = ReasonCounter(
+            "cdc_relay_messages_dead_lettered",
+            "Rows moved to the dead-letter table, by reason",
+            reasons.DEAD_LETTER_REASONS,
+            on,
+        )
+
+
+class CounterTotal:
+    """One counter summed over the tables (``Metrics.published`` and the like): read only."""
+
+    def __init__(self, parts: Callable[[], Iterable[LoopCounter | ReasonCounter]]) -> None:
+        self._parts = parts
+
+    @property
+    def value(self) -> int:
+        return sum(part.value for part in self._parts())
+
+    def inc(self, *args: Any) -> None:
+        """Count on the first table's counter (a relay of one table, tests)."""
+        next(iter(self._parts())).inc(*args)
+
+    @property
+    def values(self) -> dict[str, int]:
+        """By reason, for a ReasonCounter."""
+        total: dict[str, int] = {}
+        for part in self._parts():
+            assert isinstance(part, ReasonCounter)
+            for reason, count in part.values.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
 
 
 ROLES: Final = ("active", "standby", "starting")
@@ -158,23 +220,29 @@ class Metrics:
     """The relay's metrics; one registry per relay so tests can run several.
 
     Every ``cdc_relay_*`` series carries ``slot``, so one Prometheus and one
-    dashboard tell many relays apart. Counters are loop counters (no lock, no
-    ``_created``); gauges are set from the background loops, never per row.
+    dashboard tell many relays apart; the per-row counters (published, confirmed,
+    dead-lettered) also carry ``table``, one series per outbox of the slot
+    (``tables``). Counters are loop counters (no lock, no ``_created``); gauges
+    are set from the background loops, never per row.
     """
 
-    def __init__(self, slot: str = "") -> None:
+    def __init__(self, slot: str = "", tables: Sequence[str] = ()) -> None:
         self.slot = slot
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         on = {"slot": slot}
-        self.published = LoopCounter(
-            "cdc_relay_messages_published", "Messages handed to the broker", on
-        )
-        self.confirmed = LoopCounter(
-            "cdc_relay_messages_confirmed", "Messages confirmed by the broker", on
-        )
+        self._tables: dict[str, TableCounters] = {}
+        # Without tables (tests, tools): one group of per-row counters without a table label.
+        self._default = None if tables else TableCounters(slot, None)
+        if self._default is not None:
+            self._tables[""] = self._default
+        for table in tables:
+            self.table(table)
+        self.published = CounterTotal(lambda: [t.published for t in self._tables.values()])
+        self.confirmed = CounterTotal(lambda: [t.confirmed for t in self._tables.values()])
+        self.dead_lettered = CounterTotal(lambda: [t.dead_lettered for t in self._tables.values()])
         self.transactions = LoopCounter(
             "cdc_relay_transactions", "Committed transactions received", on
         )
@@ -182,12 +250,6 @@ class Metrics:
             "cdc_relay_publish_failures",
             "Publishes nacked, returned or lost, by reason",
             reasons.PUBLISH_FAILURE_REASONS,
-            on,
-        )
-        self.dead_lettered = ReasonCounter(
-            "cdc_relay_messages_dead_lettered",
-            "Rows moved to the dead-letter table, by reason",
-            reasons.DEAD_LETTER_REASONS,
             on,
         )
         self.reconnects = LoopCounter("cdc_relay_reconnects", "Sessions ended and restarted", on)
@@ -201,20 +263,20 @@ class Metrics:
             COMMIT_TO_CONFIRM_BUCKETS,
             on,
         )
-        r.register(
-            _LoopCollector(
-                [
-                    self.published,
-                    self.confirmed,
-                    self.transactions,
-                    self.publish_failures,
-                    self.dead_lettered,
-                    self.reconnects,
-                    self.slot_poll_failures,
-                ],
-                [self.commit_to_confirm],
-            )
-        )
+        session_counters: list[LoopCounter | ReasonCounter] = [
+            self.transactions,
+            self.publish_failures,
+            self.reconnects,
+            self.slot_poll_failures,
+        ]
+
+        def counters() -> list[LoopCounter | ReasonCounter]:
+            per_table: list[LoopCounter | ReasonCounter] = []
+            for kind in ("published", "confirmed", "dead_lettered"):
+                per_table += [getattr(t, kind) for t in self._tables.values()]
+            return per_table + session_counters
+
+        r.register(_LoopCollector(counters, [self.commit_to_confirm]))
 
         def gauge(name: str, doc: str, *labels: str) -> Gauge:
             return Gauge(name, doc, ["slot", *labels], registry=r)
@@ -268,6 +330,13 @@ class Metrics:
         self._dead_letters_pending = gauge(
             "cdc_relay_dead_letters_pending", "Dead letters not replayed yet"
         )
+
+    def table(self, name: str) -> TableCounters:
+        """The per-row counters of one outbox table (made on first use)."""
+        counters = self._tables.get(name) or self._default
+        if counters is None:
+            counters = self._tables[name] = TableCounters(self.slot, name)
+        return counters
 
     def set_role(self, role: str) -> None:
         """``active`` (streaming), ``standby`` (another relay holds the slot) or ``starting``."""

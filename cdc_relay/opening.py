@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -177,7 +177,7 @@ def _resync_holder(settings: Settings) -> int | None:
 
 
 async def validate_when_no_resync(
-    settings: Settings, stop: asyncio.Event
+    settings: Settings, stop: asyncio.Event, outboxes: Sequence[Settings] = ()
 ) -> checks.StartupFacts | None:
     """``validate``, standing by while a resync of the slot is under way (None: asked to stop).
 
@@ -188,7 +188,7 @@ async def validate_when_no_resync(
     waiting = False
     while True:
         try:
-            facts = await validate(settings)
+            facts = await validate(settings, outboxes)
         except ResyncUnderWay as exc:
             if not waiting:
                 log.warning("standing by: %s", exc)
@@ -223,13 +223,13 @@ async def recorded(settings: Settings) -> Position | None:
         return None
 
 
-async def validate(settings: Settings) -> checks.StartupFacts:
+async def validate(settings: Settings, outboxes: Sequence[Settings] = ()) -> checks.StartupFacts:
     """Startup checks on a normal connection; a partitioned network cannot hang them."""
 
     def check() -> checks.StartupFacts:
         with catalog.connect(settings.dsn, **VALIDATION_CONNECTION) as conn:
             conn.execute("SET statement_timeout = '20s'")
-            return checks.validate(conn, settings)
+            return checks.validate(conn, settings, outboxes)
 
     try:
         return await within(asyncio.to_thread(check), VALIDATE_TIMEOUT)
@@ -237,13 +237,24 @@ async def validate(settings: Settings) -> checks.StartupFacts:
         raise SessionFailed(f"startup checks got no answer in {VALIDATE_TIMEOUT:.0f}s") from None
 
 
-async def open_publisher(settings: Settings, on_outcome: Callable[[Outcome], None]) -> Publisher:
-    """Connect (any listed node) and declare the default exchange over that same connection."""
+async def open_publisher(
+    settings: Settings,
+    on_outcome: Callable[[Outcome], None],
+    outboxes: Sequence[Settings] = (),
+) -> Publisher:
+    """Connect (any listed node) and declare the default exchange(s) over that same connection.
+
+    With several outboxes, each one's default exchange (``settings`` is the first).
+    """
     publisher = Publisher.from_settings(settings, on_outcome)
     await publisher.connect()
     try:
-        if settings.declare_exchange and settings.message_format != "celery":
-            await publisher.declare_exchange(settings.exchange)
+        if settings.declare_exchange:
+            declared: set[str] = set()
+            for each in outboxes or (settings,):
+                if each.message_format != "celery" and each.exchange not in declared:
+                    await publisher.declare_exchange(each.exchange)
+                    declared.add(each.exchange)
     except ExchangeError as exc:
         await publisher.close()
         raise ConfigError(

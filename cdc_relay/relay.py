@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from cdc_relay.acks import AckTrackerError
@@ -51,11 +52,22 @@ SLOT_MISSING_RETRY: Final = (0.5, 1.5)
 class Relay:
     """Runs sessions until asked to stop; raises ConfigError for what retrying cannot fix."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        outboxes: Sequence[Settings] = (),
+    ) -> None:
+        """``outboxes``: several outbox tables on the slot (``--config``), ``settings`` first."""
         self.settings = settings
-        self.metrics = metrics or Metrics(settings.slot)
+        self.outboxes = tuple(outboxes) or (settings,)
+        self.metrics = metrics or Metrics(settings.slot, [o.table for o in self.outboxes])
         self.router = Router.from_settings(settings)
-        self.limits = BrokerLimits.empty(settings.exchange)
+        # One outbox: a refusal of its own exchange is an outage (limits.py says why).
+        # Several: no table's refused exchange may block the others, so each one's rows
+        # are dead-lettered instead (and published again once a re-check succeeds).
+        own_exchange = settings.exchange if len(self.outboxes) == 1 else None
+        self.limits = BrokerLimits.empty(own_exchange)
         self.problems = Problems()
         # Where this process's sessions confirmed up to: the next one starts there.
         self.confirmed = PositionBox()
@@ -89,17 +101,24 @@ class Relay:
         # alike) and retention.
         background = [
             asyncio.create_task(
-                poll_slot(self.settings, self.metrics, self._stop, self._checks_passed),
+                poll_slot(
+                    self.settings,
+                    self.metrics,
+                    self._stop,
+                    self._checks_passed,
+                    self.outboxes,
+                ),
                 name="cdc-relay-slot-poll",
             )
         ]
-        if self.settings.retention is not None:
-            background.append(
-                asyncio.create_task(
-                    retain_outbox(self.settings, self.settings.retention, self._stop),
-                    name="cdc-relay-retention",
+        for outbox in self.outboxes:
+            if outbox.retention is not None:
+                background.append(
+                    asyncio.create_task(
+                        retain_outbox(outbox, outbox.retention, self._stop),
+                        name=f"cdc-relay-retention {outbox.table}",
+                    )
                 )
-            )
         try:
             await self._run_sessions()
         finally:
@@ -125,6 +144,7 @@ class Relay:
                 self.confirmed,
                 problems=self.problems,
                 checks_passed=self._checks_passed,
+                outboxes=self.outboxes,
             )
             try:
                 await session.run()

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,7 +37,7 @@ import psycopg
 from cdc_relay import loops, state
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
-from cdc_relay.core import STOP, PublishRefused, SessionCore, SessionFailed
+from cdc_relay.core import STOP, Outbox, PublishRefused, SessionCore, SessionFailed
 from cdc_relay.deadletters import DeadLetterSink, DeadLetterWriter
 from cdc_relay.deadline import within
 from cdc_relay.envelope import Envelope
@@ -45,6 +45,7 @@ from cdc_relay.errors import SessionError
 from cdc_relay.health import (
     DRIFT_KEY,
     Problems,
+    drift_key,
 )
 from cdc_relay.letters import PendingDeadLetter
 from cdc_relay.limits import RECHECK_INTERVAL, BrokerLimits, Recheck
@@ -60,6 +61,7 @@ from cdc_relay.opening import (
     validate,
     validate_when_no_resync,
 )
+from cdc_relay.pg.checks import StartupFacts
 from cdc_relay.pg.failures import certificate_rejected as pg_certificate_rejected
 from cdc_relay.pg.replication import ReplicationStream
 from cdc_relay.resync_guard import ResyncUnderWay
@@ -135,6 +137,7 @@ class Streaming:
     sink: DeadLetterSink
     state: StateWriter
     outbox_relid: int
+    outbox_relids: tuple[int, ...] = ()  # every outbox's, with several (``--config``)
 
 
 class Session:
@@ -151,8 +154,11 @@ class Session:
         confirmed: PositionBox | None = None,
         problems: Problems | None = None,
         checks_passed: asyncio.Event | None = None,
+        outboxes: Sequence[Settings] = (),
     ) -> None:
         self.settings = settings
+        # Every outbox table of the slot (``--config``), ``settings`` (the first) included.
+        self.outboxes = tuple(outboxes) or (settings,)
         self.checks_passed = checks_passed  # set once the startup checks pass (shared)
         self.metrics = metrics
         self.router = router
@@ -210,7 +216,7 @@ class Session:
         s, conns = self.settings, self.conns
         conns.stream = stream = await open_stream(s)
         # One clear line for any misconfiguration, before the slot; waits out a resync.
-        facts = await validate_when_no_resync(s, self.stop)
+        facts = await validate_when_no_resync(s, self.stop, self.outboxes)
         if facts is None:
             return None  # asked to stop while a resync ran
         self.checked = True
@@ -233,7 +239,7 @@ class Session:
         # Again now that the slot is ours: its position moved while another relay held
         # it, and a resync may have started (and left its new slot idle) meanwhile.
         try:
-            facts = await validate(s)
+            facts = await validate(s, self.outboxes)
         except ResyncUnderWay as exc:
             raise SessionFailed(f"{exc}; releasing the slot") from None
         if (facts.emit_key is not None) != messages:
@@ -242,9 +248,7 @@ class Session:
         # The server starts at max(start, the slot's saved position); so does the tracker.
         start_flush = max(start, facts.confirmed_flush_lsn)
         self.core = core = SessionCore(
-            outbox_relid=facts.outbox_relid,
-            table=s.table,
-            router=self.router,
+            outboxes=self._outboxes(facts),
             start_flush=start_flush,
             max_message_size=s.max_message_size,
             dead_letter_unroutable=s.on_unroutable == "deadletter",
@@ -254,9 +258,10 @@ class Session:
             counters=self.metrics,
             observe_commit_to_confirm=self.metrics.commit_to_confirm.observe,
         )
-        conns.publisher = publisher = await open_publisher(s, self._on_outcome)
+        conns.publisher = publisher = await open_publisher(s, self._on_outcome, self.outboxes)
         self.limits.connected()  # what an earlier connection was refused is asked again
-        conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table)
+        by_outbox = {o.table: o.dead_letter_table for o in self.outboxes[1:]}
+        conns.dead_letters = await DeadLetterWriter.connect(s.dsn, s.dead_letter_table, by_outbox)
         self.sink = sink = DeadLetterSink(conns.dead_letters, self._stored)
         conns.state = writer = StateWriter(
             s.dsn, state.table_name(s), s.slot, system_identifier=system
@@ -276,10 +281,27 @@ class Session:
                 format_lsn(start),
             )
         self.problems.clear(DRIFT_KEY)  # validation just found the publication covering it
+        for other in self.outboxes[1:]:
+            self.problems.clear(drift_key(other.table))
         self.metrics.ready.set(1)
         self.metrics.set_role("active")
         self.streamed = True
-        return Streaming(stream, publisher, core, sink, writer, facts.outbox_relid)
+        return Streaming(
+            stream, publisher, core, sink, writer, facts.outbox_relid, facts.outbox_relids
+        )
+
+    def _outboxes(self, facts: StartupFacts) -> list[Outbox]:
+        """The core's outboxes: each table's OID (from validation), router and counters."""
+        relids = facts.outbox_relids or (facts.outbox_relid,)
+        return [
+            Outbox(
+                relid,
+                each.table,
+                self.router if index == 0 else Router.from_settings(each),
+                self.metrics.table(each.table),
+            )
+            for index, (each, relid) in enumerate(zip(self.outboxes, relids, strict=True))
+        ]
 
     async def _stream(self, parts: Streaming) -> None:
         """Run the session's tasks until a stop or the first failure, then end in phases."""
@@ -303,7 +325,14 @@ class Session:
         if parts.outbox_relid:  # a table-less outbox has no table to leave the publication
             tasks.start(
                 "cdc-relay-drift",
-                loops.drift_loop(core, parts.outbox_relid, s, problems, metrics),
+                loops.drift_loop(
+                    core,
+                    parts.outbox_relid,
+                    s,
+                    problems,
+                    metrics,
+                    list(zip(self.outboxes[1:], parts.outbox_relids[1:], strict=True)),
+                ),
             )
         try:
             await tasks.wait_any(self.stop.wait())

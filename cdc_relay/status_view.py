@@ -106,6 +106,21 @@ def lag(fields: Mapping[str, Any]) -> str:
     return text
 
 
+def _table_lines(tables: list[Mapping[str, Any]]) -> list[str]:
+    """With several outboxes on the slot: one line per table (published? dead letters)."""
+    if len(tables) < 2:
+        return []
+    lines = [f"{'outbox tables:':21} {len(tables)}"]
+    for table in tables:
+        if not table.get("dead_letter_table_exists"):
+            letters = "no dead-letter table"
+        else:
+            letters = f"{word(table.get('dead_letters_pending'))} dead letter(s) pending"
+        published = "published" if table.get("in_publication") else "NOT in the publication"
+        lines.append(f"  {table.get('table')}: {published}, {letters}")
+    return lines
+
+
 def render_text(fields: Mapping[str, Any]) -> list[str]:
     """The lines ``status`` prints: one ``label: value`` per line, then the one problem list.
 
@@ -125,6 +140,8 @@ def render_text(fields: Mapping[str, Any]) -> list[str]:
         else:
             value = word(fields.get(key))
         lines.append(f"{label + ':':21} {value}")
+        if key == "dead_letters_pending":
+            lines += _table_lines(fields.get("tables") or [])
     problems = list(fields.get("problems") or [])
     if problems:
         lines.append(f"problems ({len(problems)}):")

@@ -131,6 +131,8 @@ EXPECTED: dict[str, set[str]] = {
     }
     | _MAPPING,
 }
+for _shown in EXPECTED.values():
+    _shown.add("--config")  # every command reads the relay file (docs/config-file.md)
 # The option column of a help line: "  --a / --no-a TYPE   help..." up to the help text.
 _OPTION_LINE = re.compile(r"^  (?:-\w, )?(--\S.*?)(?:\s{2,}|$)")
 

@@ -44,6 +44,7 @@ KEYS = [
     "publication_tables",
     "dead_letter_table_exists",
     "dead_letters_pending",
+    "tables",
     "healthy",
     "problems",
     "warnings",

@@ -11,7 +11,7 @@ emit key is checked per message in the core (pure) because any role may call
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -44,19 +44,38 @@ class StartupFacts:
     # The key <table>_emit signs messages with; None: the outbox does not use emitted
     # messages, and the relay does not ask pgoutput for logical messages at all.
     emit_key: bytes | None = None
+    # With several outboxes on the slot (``--config``): the OID of each, in file order.
+    outbox_relids: tuple[int, ...] = ()
 
 
-def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
-    """Raise ConfigError for the first thing that would make the stream wrong or empty."""
+def validate(
+    conn: psycopg.Connection[Any], settings: Settings, outboxes: Sequence[Settings] = ()
+) -> StartupFacts:
+    """Raise ConfigError for the first thing that would make the stream wrong or empty.
+
+    ``outboxes`` (several outbox tables on one slot, ``settings`` the first) are
+    each checked like the one outbox, and the publication must cover exactly them.
+    """
     _check_encoding(conn)
     check_wal_level(conn)
+    tables = [o.table_parts for o in outboxes] or [settings.table_parts]
     rel = check_outbox_table(conn, settings)
     if rel is None:
+        if len(tables) > 1:
+            raise ConfigError(_missing_table(settings))
         _check_tableless_publication(conn, settings)
         relid = 0  # table-less: only outbox_emit's messages, no relation is the outbox
     else:
         relid, relkind = rel
-        _check_publication(conn, settings, relkind)
+        _check_publication(conn, settings, relkind, tables)
+    relids = [relid]
+    for other in outboxes[1:]:
+        other_rel = check_outbox_table(conn, other)
+        if other_rel is None:
+            raise ConfigError(_missing_table(other))
+        _check_publication(conn, other, other_rel[1], tables)
+        deadletters.check_writable(conn, other.dead_letter_table)
+        relids.append(other_rel[0])
     _check_emit_prefix(conn, settings)
     emit_key = read_emit_key(conn, settings, tableless=rel is None)
     # Before the slot: a resync under way has no slot (or an idle new one) for a while.
@@ -71,6 +90,15 @@ def validate(conn: psycopg.Connection[Any], settings: Settings) -> StartupFacts:
         outbox_relid=relid,
         confirmed_flush_lsn=int(Lsn.parse(info.confirmed_flush_lsn or "0/0")),
         emit_key=emit_key,
+        outbox_relids=tuple(relids),
+    )
+
+
+def _missing_table(settings: Settings) -> str:
+    schema, table = settings.table_parts
+    return (
+        f"outbox table {schema}.{table} does not exist; run `cdc-relay init --config ...` "
+        "(each [[outbox]] of a file needs its table)"
     )
 
 
@@ -296,8 +324,16 @@ def check_columns(conn: psycopg.Connection[Any], relid: int, name: str, layout: 
         raise ConfigError(str(exc)) from None
 
 
-def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkind: str) -> None:
+def _check_publication(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    relkind: str,
+    tables: Sequence[tuple[str, str]] = (),
+) -> None:
+    """The publication covers this outbox, inserts only, and no table but ``tables``."""
     schema, table = settings.table_parts
+    tables = list(tables) or [(schema, table)]
+    all_names = ", ".join(".".join(t) for t in tables)
     pub = conn.execute(
         "SELECT pubinsert, pubupdate, pubdelete, pubtruncate, puballtables, pubviaroot"
         " FROM pg_publication WHERE pubname = %s",
@@ -328,18 +364,18 @@ def _check_publication(conn: psycopg.Connection[Any], settings: Settings, relkin
     if puballtables:
         raise ConfigError(
             f"publication {settings.publication} is FOR ALL TABLES; the relay needs one "
-            f"limited to {schema}.{table}: drop it and run `cdc-relay init`"
+            f"limited to {all_names}: drop it and run `cdc-relay init`"
         )
-    others = conn.execute(
-        "SELECT schemaname || '.' || tablename FROM pg_publication_tables"
-        " WHERE pubname = %s AND NOT (schemaname = %s AND tablename = %s)",
-        (settings.publication, schema, table),
+    covered_tables = conn.execute(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+        (settings.publication,),
     ).fetchall()
+    others = [f"{r[0]}.{r[1]}" for r in covered_tables if (r[0], r[1]) not in tables]
     if others:
-        names = ", ".join(r[0] for r in others)
+        names = ", ".join(sorted(others))
         raise ConfigError(
             f"publication {settings.publication} also covers {names}; it must cover only "
-            f"{schema}.{table}: ALTER PUBLICATION {settings.publication} DROP TABLE {names}"
+            f"{all_names}: ALTER PUBLICATION {settings.publication} DROP TABLE {names}"
         )
     if not pubinsert or pubupdate or pubdelete or pubtruncate:
         raise ConfigError(

@@ -8,6 +8,7 @@ reports on the slot reads the same dataclass rather than its own queries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
@@ -86,6 +87,9 @@ class SlotStatus:
     publication_tables: list[str] = field(default_factory=list)
     dead_letter_table_exists: bool = False
     dead_letters_pending: int | None = None  # None: unreadable (privilege or lock)
+    # One per outbox table (several with ``--config``): table, in_publication,
+    # dead_letter_table, dead_letter_table_exists, dead_letters_pending.
+    tables: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -136,6 +140,7 @@ class SlotStatus:
             "publication_tables": list(self.publication_tables) if on_primary else None,
             "dead_letter_table_exists": self.dead_letter_table_exists if on_primary else None,
             "dead_letters_pending": self.dead_letters_pending,
+            "tables": [dict(t) for t in self.tables] if on_primary else None,
             "healthy": self.healthy,
             "problems": list(self.problems),
             "warnings": list(self.warnings),
@@ -153,6 +158,7 @@ def status(
     require_active: bool = True,
     max_lag_bytes: int | None = None,
     max_stall: timedelta | None = None,
+    outboxes: Sequence[Settings] = (),
 ) -> SlotStatus:
     """What an operator asks first: is it streaming, how far behind, how much WAL is held.
 
@@ -195,9 +201,10 @@ def status(
     result.publication_exists = publication_exists(conn, settings.publication)
     result.publication_tables = [r[0] for r in pub_tables]
     _count_dead_letters(conn, settings, result)
+    _per_table(conn, outboxes or [settings], result)
     problems += _relay_reports(health, max_stall)
     try:
-        validate(conn, settings)
+        validate(conn, settings, outboxes)
     except ConfigError as exc:
         problems.insert(0, str(exc))
     except psycopg.errors.InsufficientPrivilege as exc:
@@ -206,7 +213,9 @@ def status(
     return result
 
 
-def poll(conn: psycopg.Connection[Any], settings: Settings) -> SlotStatus:
+def poll(
+    conn: psycopg.Connection[Any], settings: Settings, outboxes: Sequence[Settings] = ()
+) -> SlotStatus:
     """The slot's numbers for /metrics (lag, retained WAL, wal_status, dead letters pending).
 
     The same queries as ``status`` reads them, without its checks: run every
@@ -220,6 +229,8 @@ def poll(conn: psycopg.Connection[Any], settings: Settings) -> SlotStatus:
     if info is not None:
         result.primary = _primary_slot(conn, settings.slot, info)
     _count_dead_letters(conn, settings, result)
+    if len(outboxes) > 1:  # pending dead letters of every outbox of the slot
+        _per_table(conn, outboxes, result)
     return result
 
 
@@ -248,6 +259,36 @@ def _primary_slot(conn: psycopg.Connection[Any], slot: str, info: SlotInfo) -> P
         retained_wal_bytes=lag[2],
         safe_wal_size=lag[3],
     )
+
+
+def _per_table(
+    conn: psycopg.Connection[Any], outboxes: Sequence[Settings], result: SlotStatus
+) -> None:
+    """One entry per outbox table; with several, ``dead_letters_pending`` is their sum."""
+    for index, each in enumerate(outboxes):
+        part = result
+        if index > 0:
+            part = SlotStatus(role="primary", slot=result.slot, slot_exists=result.slot_exists)
+            _count_dead_letters(conn, each, part)
+            result.problems += part.problems
+        name = ".".join(each.table_parts)
+        result.tables.append(
+            {
+                "table": name,
+                "in_publication": name in result.publication_tables,
+                "dead_letter_table": ".".join(each.dead_letter_table),
+                "dead_letter_table_exists": part.dead_letter_table_exists,
+                "dead_letters_pending": part.dead_letters_pending,
+            }
+        )
+    if len(result.tables) > 1:
+        counts = [t["dead_letters_pending"] for t in result.tables]
+        unreadable = any(
+            t["dead_letter_table_exists"] and t["dead_letters_pending"] is None
+            for t in result.tables
+        )
+        result.dead_letter_table_exists = all(t["dead_letter_table_exists"] for t in result.tables)
+        result.dead_letters_pending = None if unreadable else sum(c or 0 for c in counts)
 
 
 def _count_dead_letters(
