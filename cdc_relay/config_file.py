@@ -40,6 +40,9 @@ PER_OUTBOX: Final = (
     "ce_source",
 )
 OUTBOX_KEY: Final = "outbox"  # the array of tables: [[outbox]]
+# Arrays read naturally in the plural (the issue's own example wrote ``header_columns``):
+# each plural is the same key as its flag's name; a file giving both is refused.
+KEY_ALIASES: Final = {"header_columns": "header_column", "columns": "column"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +95,11 @@ def parse(data: Mapping[str, Any], path: str) -> RelayFile:
     by_key = _fields_by_key()
     per_outbox_keys = {file_key(name): name for name in PER_OUTBOX}
     defaults: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == OUTBOX_KEY:
+    for given, value in data.items():
+        if given == OUTBOX_KEY:
             continue
-        where = f"{path}: {key}"
+        where = f"{path}: {given}"
+        key = _canonical(where, given, data)
         name = by_key.get(key)
         if name is None:
             raise ConfigError(_unknown(where, key, per_outbox_keys))
@@ -132,6 +136,14 @@ def parse(data: Mapping[str, Any], path: str) -> RelayFile:
     return RelayFile(path, defaults, tuple(outboxes))
 
 
+def _canonical(where: str, key: str, table: Mapping[str, Any]) -> str:
+    """``key``, or the key its plural spelling stands for (``KEY_ALIASES``)."""
+    canonical = KEY_ALIASES.get(key, key)
+    if canonical != key and canonical in table:
+        raise ConfigError(f"{where}: the same key as {canonical}; give one of them")
+    return canonical
+
+
 def _unknown(where: str, key: str, per_outbox_keys: Mapping[str, str]) -> str:
     if key in per_outbox_keys:  # listed for [[outbox]], not an option of this cdc-relay yet
         return f"{where}: unknown key (this cdc-relay has no --{key.replace('_', '-')} option)"
@@ -149,8 +161,9 @@ def _outbox(
     if "table" in table and isinstance(table["table"], str):
         label += f" ({table['table']})"
     outbox: dict[str, Any] = {}
-    for key, value in table.items():
-        where = f"{label}: {key}"
+    for given, value in table.items():
+        where = f"{label}: {given}"
+        key = _canonical(where, given, table)
         name = per_outbox_keys.get(key)
         if name is None:
             if key in _fields_by_key():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -300,3 +301,62 @@ def test_print_sql_of_a_file_covers_every_table(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     for table in ('"public"."orders_outbox"', '"billing"."outbox"', '"public"."audit_outbox"'):
         assert f"CREATE TABLE IF NOT EXISTS {table}" in result.output, table
+
+
+# The issue's own example: a Debezium table in CloudEvents with a header column,
+# spelled header_columns (the plural of --header-column).
+MIXED = """
+slot = "cdc_relay"
+publication = "cdc_relay_outbox"
+
+[[outbox]]
+table = "public.orders_outbox"
+exchange = "orders"
+routing_key = "{aggregate_type}.{event_type}"
+layout = "debezium"
+format = "cloudevents"
+header_columns = ["tenant_id:x-tenant"]
+
+[[outbox]]
+table = "billing.outbox"
+exchange = "billing"
+format = "cloudevents-structured"
+ce_source = "urn:billing"
+"""
+
+
+def test_a_mixed_file_of_layouts_and_formats() -> None:
+    relay_file = loads(MIXED)
+    outboxes = config_file.outbox_settings(Settings(**relay_file.defaults), relay_file)
+    orders, billing = outboxes
+    assert (orders.layout, orders.message_format) == ("debezium", "cloudevents")
+    assert orders.header_column == ["tenant_id:x-tenant"]
+    assert (billing.layout, billing.message_format) == ("cdc-relay", "cloudevents-structured")
+    assert (billing.header_column, billing.ce_source) == ([], "urn:billing")
+
+
+@pytest.mark.parametrize(("plural", "key"), sorted(config_file.KEY_ALIASES.items()))
+def test_a_plural_array_key_is_the_same_key(plural: str, key: str) -> None:
+    spec = '"payload=body"' if key == "column" else '"tenant_id:x-tenant"'
+    one = loads(f'[[outbox]]\ntable = "t"\nexchange = "e"\n{plural} = [{spec}]')
+    other = loads(f'[[outbox]]\ntable = "t"\nexchange = "e"\n{key} = [{spec}]')
+    assert one == other and one.outboxes[0][key] == [spec.strip('"')]
+    top = loads(f'{plural} = [{spec}]\n[[outbox]]\ntable = "t"\nexchange = "e"')
+    assert top.defaults == {key: [spec.strip('"')]}
+    both = refused(f'[[outbox]]\ntable = "t"\nexchange = "e"\n{plural} = []\n{key} = []')
+    assert f"[[outbox]] 1 (t): {plural}: the same key as {key}" in both
+
+
+def toml_blocks(path: Path) -> list[str]:
+    """The ```toml code blocks of a document."""
+    return re.findall(r"^```toml\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/config-file.md"])
+def test_the_documented_relay_files_parse(document: str) -> None:
+    path = Path(__file__).parent.parent / document
+    blocks = [b for b in toml_blocks(path) if "[[outbox]]" in b]
+    assert blocks, f"{document} shows no relay file"
+    for block in blocks:
+        relay_file = config_file.loads(block, document)
+        config_file.outbox_settings(Settings(**relay_file.defaults), relay_file)
