@@ -252,8 +252,13 @@ def init(
             declared.add(settings.exchange)
     for line in lines:
         click.echo(line)
-    if all("already exist" in line for line in lines):
+    if all(_changed_nothing(line) for line in lines):
         click.echo("nothing to do: everything already existed")
+
+
+def _changed_nothing(line: str) -> bool:
+    """An init report line of something already there, or checked (a mapped table's columns)."""
+    return "already exist" in line or "its columns fit" in line or ": not created (" in line
 
 
 async def _declare_exchange(settings: Settings) -> str:

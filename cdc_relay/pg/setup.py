@@ -22,6 +22,7 @@ from psycopg import sql
 from cdc_relay import deadletters, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
+from cdc_relay.layout import DEFAULT_LAYOUT, build_layout
 from cdc_relay.pg.catalog import (
     FAILOVER_MIN_VERSION,
     check_wal_level,
@@ -109,10 +110,11 @@ def init(
         )
     if create_table:
         existed = table_exists(conn, schema, table)
-        if not existed and not layout.is_default and layout.name != "debezium":
+        # init creates only a layout's own columns: a mapped one names columns of yours.
+        if not existed and layout not in (DEFAULT_LAYOUT, build_layout(layout.name)):
             raise ConfigError(
                 f"--column/--header-column map the columns of an existing table, but "
-                f"{schema}.{table} does not exist: create it, then run `cdc-relay init --no-table`"
+                f"{schema}.{table} does not exist: create it, then run `cdc-relay init` again"
             )
         conn.execute(outbox_ddl((schema, table), layout.name))
         report.append(f"table {schema}.{table}: {'already exists' if existed else 'created'}")
