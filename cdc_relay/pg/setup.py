@@ -114,7 +114,8 @@ def init(
         if not existed and layout not in (DEFAULT_LAYOUT, build_layout(layout.name)):
             raise ConfigError(
                 f"--column/--header-column map the columns of an existing table, but "
-                f"{schema}.{table} does not exist: create it, then run `cdc-relay init` again"
+                f"{schema}.{table} does not exist: create it, then run init again "
+                "(`cdc-relay init --no-table` for this table alone)"
             )
         conn.execute(outbox_ddl((schema, table), layout.name))
         report.append(f"table {schema}.{table}: {'already exists' if existed else 'created'}")
