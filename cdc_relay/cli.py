@@ -234,8 +234,9 @@ def init(
                     create_table=not no_table,
                     grant_to=grant_to,
                     failover=failover,
-                    emit=emit,
-                    grant_emit_to=grant_emit_to,
+                    # Emitted messages are the first outbox's (its key signs them).
+                    emit=emit and index == 0,
+                    grant_emit_to=grant_emit_to if index == 0 else (),
                     inbox=not no_inbox and index == 0,
                     progress=say,
                 )

@@ -354,3 +354,18 @@ async def test_a_second_outbox_leaving_the_publication_is_said_and_turns_readine
         await relay.wait_for_log_async("covers the outbox again", 20)
         assert await wait_until(lambda: readyz(port) == 200, 5)
         assert await wait_until(lambda: multi.cli("status").returncode == 0, 15)
+
+
+async def test_init_emit_with_a_file_creates_the_emit_function_for_the_first_outbox_only(
+    multi: Multi,
+) -> None:
+    """Emitted messages are the first outbox's: a later table's emit function would sign
+    with a key the relay never checks, so each of its messages would be a dead letter."""
+    done = multi.cli("init", "--no-inbox", "--emit")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(multi.setups[0].dsn) as conn:
+        rows = conn.execute(
+            "SELECT proname FROM pg_proc WHERE proname = ANY(%s)",
+            ([s.names["table"].split(".")[1] + "_emit" for s in multi.setups],),
+        ).fetchall()
+    assert {r[0] for r in rows} == {multi.setups[0].names["table"].split(".")[1] + "_emit"}
