@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pamqp import encode as pamqp_encode
 
@@ -744,6 +744,8 @@ def fits(value: str) -> bool:
 def test_any_text_and_payload_round_trip(
     agg: str, event: str, agg_id: str, row_id: str, body: Any
 ) -> None:
+    # The one aggregate type with a meaning of its own: a Celery task (tested on its own).
+    assume(agg != TASK_AGGREGATE_TYPE)
     payload = to_json(body)
     r = row(aggregate_type=agg, event_type=event, aggregate_id=agg_id, id=row_id, payload=payload)
     routing_key = f"{agg}.{event}"
