@@ -27,6 +27,7 @@ message, and the row it carries).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -462,7 +463,12 @@ class SessionCore:
         """The commit LSN of the transaction that holds ``seq`` (its own, not the current one)."""
         if seq >= self._txn_first_seq:
             return self._txn_lsn
-        for last, first, lsn, _ in self._txns:
+        # Bisected: with every row returned, thousands of transactions can await their
+        # dead letters' storing, and a scan per returned row was quadratic.
+        txns = self._txns
+        i = bisect_left(txns, seq, key=_last_seq)
+        if i < len(txns):
+            last, first, lsn, _ = txns[i]
             if first <= seq <= last:
                 return lsn
         return 0
@@ -487,6 +493,10 @@ class SessionCore:
     def describe(self) -> str:
         tracker = self.tracker
         return f"{tracker.unconfirmed} in flight, confirmed LSN {format_lsn(tracker.flush_lsn)}"
+
+
+def _last_seq(txn: tuple[int, int, int, float]) -> int:
+    return txn[0]
 
 
 def _read_if_outbox(columns: tuple[str, ...], values: tuple[Any, ...]) -> OutboxRow | None:

@@ -27,12 +27,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pamqp import commands as spec
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 
 from cdc_relay import reasons
 from cdc_relay.amqp.address import AmqpAddress, redact
 from cdc_relay.amqp.connection import ConnectError, Connection
+from cdc_relay.amqp.incoming import Ack, Body, Nack, Return, ReturnedHeader
 from cdc_relay.amqp.replies import NOT_FOUND, PRECONDITION_FAILED, close_error
 from cdc_relay.amqp.window import ConfirmWindow, Outcome, PublishFailed
 from cdc_relay.amqp_wire import (
@@ -96,7 +95,7 @@ class Publisher:
         self._settled = asyncio.Event()  # set whenever something settles or is lost
         self._error: PublishFailed | None = None
         self._watch: asyncio.TimerHandle | None = None
-        self._returning: spec.Basic.Return | None = None
+        self._returning: Return | None = None
         self._return_id = ""
         self._return_left = 0
         self._topology_open = False
@@ -222,35 +221,35 @@ class Publisher:
         else:
             log.debug("ignoring AMQP frame %r on channel %d", value, channel)
 
-    def _on_ack(self, _channel: int, value: spec.Basic.Ack) -> None:
+    def _on_ack(self, _channel: int, value: Ack) -> None:
         outcome = self._window.ack(value.delivery_tag, value.multiple)
         if outcome:
             self._settled.set()
             self._on_outcome(outcome)
 
-    def _on_nack(self, _channel: int, value: spec.Basic.Nack) -> None:
+    def _on_nack(self, _channel: int, value: Nack) -> None:
         outcome = self._window.nack(value.delivery_tag, value.multiple)
         if outcome:
             self._settled.set()
             self._on_outcome(outcome)
 
-    def _on_return(self, channel: int, value: spec.Basic.Return) -> None:
+    def _on_return(self, channel: int, value: Return) -> None:
         if channel == CHANNEL:  # a trial publish is not mandatory; never mix channels anyway
             self._returning = value
 
-    def _on_content_header(self, _channel: int, value: ContentHeader) -> None:
+    def _on_content_header(self, _channel: int, value: ReturnedHeader) -> None:
         if self._returning is None:
             log.debug("ignoring a content header outside a basic.return")
             return
-        self._return_id = value.properties.message_id or ""
+        self._return_id = value.message_id or ""
         self._return_left = value.body_size
         if not self._return_left:
             self._returned()
 
-    def _on_content_body(self, _channel: int, value: ContentBody) -> None:
+    def _on_content_body(self, _channel: int, value: Body) -> None:
         if self._returning is None:
             return
-        self._return_left -= len(value.value)
+        self._return_left -= value.size
         if self._return_left <= 0:
             self._returned()  # the body itself is not needed
 
@@ -446,11 +445,11 @@ class Publisher:
 
 
 _FRAME_HANDLERS: dict[type, Callable[[Publisher, int, Any], None]] = {
-    spec.Basic.Ack: Publisher._on_ack,
-    spec.Basic.Nack: Publisher._on_nack,
-    spec.Basic.Return: Publisher._on_return,
-    ContentHeader: Publisher._on_content_header,
-    ContentBody: Publisher._on_content_body,
+    Ack: Publisher._on_ack,
+    Nack: Publisher._on_nack,
+    Return: Publisher._on_return,
+    ReturnedHeader: Publisher._on_content_header,
+    Body: Publisher._on_content_body,
     spec.Channel.Close: Publisher._on_channel_close,
 }
 
