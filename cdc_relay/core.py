@@ -41,8 +41,22 @@ from cdc_relay.errors import SessionError
 from cdc_relay.letters import DeadLetter, PendingDeadLetter
 from cdc_relay.limits import BrokerLimits, Recheck
 from cdc_relay.lsn import format_lsn
-from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
-from cdc_relay.pg.walproto import PG_EPOCH_UNIX, PrimaryKeepalive, decode_copy_data
+from cdc_relay.pg.pgoutput import (
+    Begin,
+    Commit,
+    Insert,
+    LogicalMessage,
+    ProtocolError,
+    Relation,
+    decode_message_at,
+)
+from cdc_relay.pg.walproto import (
+    PG_EPOCH_UNIX,
+    XLOG_PAYLOAD_AT,
+    PrimaryKeepalive,
+    decode_copy_data,
+    xlog_wal_end,
+)
 from cdc_relay.router import Router
 from cdc_relay.rows import MissingColumns, OutboxRow, OutboxSchemaError, RowReader, UnmappableRow
 
@@ -191,19 +205,17 @@ class SessionCore:
 
     def receive(self, frame: bytes) -> Action:
         """One CopyData frame of the replication stream."""
-        message = decode_copy_data(frame)
-        if type(message) is PrimaryKeepalive:
-            if message.wal_end > self.received_lsn:
-                self.received_lsn = message.wal_end
-            self.tracker.keepalive(message.wal_end)
-            if message.reply_requested:
-                self._reply_requested = True
+        if type(frame) is not bytes:
+            frame = bytes(frame)
+        wal_end = xlog_wal_end(frame)
+        if wal_end < 0:  # a keepalive (or a frame decode_copy_data refuses)
+            self._other_frame(frame)
             return None
-        if message.wal_end > self.received_lsn:
-            self.received_lsn = message.wal_end
+        if wal_end > self.received_lsn:
+            self.received_lsn = wal_end
         # The ignores below: dispatch by `type(x) is` (one identity test per frame, measured
         # cheaper than an isinstance chain on this hot path) narrows nothing for mypy.
-        event = decode_message(message.payload)  # type: ignore[union-attr]
+        event = decode_message_at(frame, XLOG_PAYLOAD_AT)
         kind = type(event)
         if kind is Insert:
             return self._insert(event)  # type: ignore[arg-type]
@@ -222,6 +234,17 @@ class SessionCore:
         # Origin, Type, other prefixes' messages and (misconfigured) Update/Delete/Truncate carry
         # nothing to publish; startup validation keeps the publication to inserts.
         return None
+
+    def _other_frame(self, frame: bytes) -> None:
+        """A primary keepalive; any other frame here is malformed, and decoding it raises."""
+        message = decode_copy_data(frame)
+        if type(message) is not PrimaryKeepalive:  # XLogData, its payload empty
+            raise ProtocolError("empty pgoutput message")
+        if message.wal_end > self.received_lsn:
+            self.received_lsn = message.wal_end
+        self.tracker.keepalive(message.wal_end)
+        if message.reply_requested:
+            self._reply_requested = True
 
     def _relation(self, event: Relation) -> None:
         """The outbox is known by OID: a renamed or moved outbox is still the outbox."""

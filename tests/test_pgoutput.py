@@ -38,6 +38,7 @@ from cdc_relay.pg.pgoutput import (
     UnchangedToast,
     Update,
     decode_message,
+    decode_message_at,
 )
 from cdc_relay.pg.walproto import pg_time_to_datetime
 from tests import captured_pgoutput as cap
@@ -300,6 +301,24 @@ def test_round_trip(message: PgOutputMessage) -> None:
     decoded = decode_message(encode(message))
     assert decoded == message
     assert type(decoded) is type(message)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(messages.map(encode), st.binary(max_size=64)), st.binary(max_size=30))
+def test_decoding_in_place_after_a_prefix_is_decoding_the_payload(
+    payload: bytes, prefix: bytes
+) -> None:
+    """decode_message_at (the frame with its payload's offset) == decode_message (the payload)."""
+    try:
+        expected: PgOutputMessage | str = decode_message(payload)
+    except ProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: PgOutputMessage | str = decode_message_at(prefix + payload, len(prefix))
+    except ProtocolError as exc:
+        got = str(exc)
+    assert got == expected
+    assert type(got) is type(expected)
 
 
 @pytest.mark.parametrize("message", EDGE_CASES, ids=repr)

@@ -51,6 +51,7 @@ __all__ = [
     "UnchangedToast",
     "Update",
     "decode_message",
+    "decode_message_at",
 ]
 
 
@@ -318,22 +319,22 @@ def _end(buf: bytes, pos: int, what: str) -> None:
         raise ProtocolError(f"{size - pos} trailing byte(s) after {what} message")
 
 
-def _decode_insert(buf: bytes) -> Insert:
+def _decode_insert(buf: bytes, start: int = 0) -> Insert:
     # _tuple inlined (one call less): this runs once per outbox row. Literal
     # kind bytes, text first: LOAD_CONST beats a global lookup in the loop.
-    relid, marker, ncols = _REL_ID_TAG_NCOLS.unpack_from(buf, 1)
+    relid, marker, ncols = _REL_ID_TAG_NCOLS.unpack_from(buf, start + 1)
     if marker != _NEW:
         raise ProtocolError(f"Insert without new tuple marker 'N', got {bytes([marker])!r}")
-    pos = 8
+    pos = start + 8
     u32 = _U32.unpack_from
     values: list[TupleValue] = []
     append = values.append
     for _ in range(ncols):
         kind = buf[pos]
         if kind == 0x74:  # 't' text
-            start = pos + 5
-            pos = start + u32(buf, pos + 1)[0]
-            append(buf[start:pos])
+            begin = pos + 5
+            pos = begin + u32(buf, pos + 1)[0]
+            append(buf[begin:pos])
         elif kind == 0x6E:  # 'n' NULL
             pos += 1
             append(None)
@@ -341,9 +342,9 @@ def _decode_insert(buf: bytes) -> Insert:
             pos += 1
             append(UNCHANGED_TOAST)
         elif kind == 0x62:  # 'b' binary
-            start = pos + 5
-            pos = start + u32(buf, pos + 1)[0]
-            append(Binary(buf[start:pos]))
+            begin = pos + 5
+            pos = begin + u32(buf, pos + 1)[0]
+            append(Binary(buf[begin:pos]))
         else:
             raise ProtocolError(f"unknown tuple value kind {bytes([kind])!r}")
     if pos != len(buf):
@@ -354,9 +355,9 @@ def _decode_insert(buf: bytes) -> Insert:
     return insert
 
 
-def _decode_begin(buf: bytes) -> Begin:
-    _end(buf, _BEGIN_SIZE, "Begin")
-    final_lsn, commit_ts, xid = _BEGIN.unpack_from(buf, 1)
+def _decode_begin(buf: bytes, start: int = 0) -> Begin:
+    _end(buf, start + _BEGIN_SIZE, "Begin")
+    final_lsn, commit_ts, xid = _BEGIN.unpack_from(buf, start + 1)
     begin = _new(Begin)  # == Begin(final_lsn, commit_ts, xid), see _slot_setters
     _begin_final_lsn(begin, final_lsn)
     _begin_commit_ts(begin, commit_ts)
@@ -364,9 +365,9 @@ def _decode_begin(buf: bytes) -> Begin:
     return begin
 
 
-def _decode_commit(buf: bytes) -> Commit:
-    _end(buf, _COMMIT_SIZE, "Commit")
-    flags, commit_lsn, end_lsn, commit_ts = _COMMIT.unpack_from(buf, 1)
+def _decode_commit(buf: bytes, start: int = 0) -> Commit:
+    _end(buf, start + _COMMIT_SIZE, "Commit")
+    flags, commit_lsn, end_lsn, commit_ts = _COMMIT.unpack_from(buf, start + 1)
     commit = _new(Commit)  # == Commit(flags, commit_lsn, end_lsn, commit_ts)
     _commit_flags(commit, flags)
     _commit_commit_lsn(commit, commit_lsn)
@@ -467,18 +468,32 @@ _DECODERS: Final[dict[int, Callable[[bytes], PgOutputMessage]]] = {
 
 def decode_message(payload: bytes | bytearray | memoryview) -> PgOutputMessage:
     """Decode exactly one pgoutput v1 message (the whole payload of one XLogData frame)."""
-    buf = payload if type(payload) is bytes else bytes(payload)
-    if not buf:
+    return decode_message_at(payload if type(payload) is bytes else bytes(payload), 0)
+
+
+def decode_message_at(buf: bytes, start: int) -> PgOutputMessage:
+    """Decode the one pgoutput v1 message that is ``buf[start:]``.
+
+    The replication frame itself can be passed with the offset of its payload:
+    the hot messages (Insert, Begin, Commit) are read in place, without a copy
+    of the payload.
+    """
+    if start >= len(buf):
         raise ProtocolError("empty pgoutput message")
-    tag = buf[0]
+    tag = buf[start]
     try:
         if tag == 0x49:  # 'I': skip the dict lookup on the hot path
-            return _decode_insert(buf)
+            return _decode_insert(buf, start)
+        if tag == 0x42:  # 'B'
+            return _decode_begin(buf, start)
+        if tag == 0x43:  # 'C'
+            return _decode_commit(buf, start)
         decoder = _DECODERS.get(tag)
         if decoder is not None:
-            return decoder(buf)
+            return decoder(buf[start:] if start else buf)
     except (struct.error, IndexError):
-        raise ProtocolError(f"truncated pgoutput {chr(tag)!r} message ({len(buf)} bytes)") from None
+        size = len(buf) - start
+        raise ProtocolError(f"truncated pgoutput {chr(tag)!r} message ({size} bytes)") from None
     name = _UNSUPPORTED.get(tag)
     if name is not None:
         raise ProtocolError(
