@@ -42,12 +42,14 @@ from cdc_relay.letters import DeadLetter, PendingDeadLetter
 from cdc_relay.limits import BrokerLimits, Recheck
 from cdc_relay.lsn import format_lsn
 from cdc_relay.pg.pgoutput import (
-    Begin,
-    Commit,
+    BEGIN_TAG,
+    COMMIT_TAG,
     Insert,
     LogicalMessage,
     ProtocolError,
     Relation,
+    begin_fields_at,
+    commit_fields_at,
     decode_message_at,
 )
 from cdc_relay.pg.walproto import (
@@ -213,20 +215,24 @@ class SessionCore:
             return None
         if wal_end > self.received_lsn:
             self.received_lsn = wal_end
-        # The ignores below: dispatch by `type(x) is` (one identity test per frame, measured
-        # cheaper than an isinstance chain on this hot path) narrows nothing for mypy.
+        # Begin and Commit are read as fields, not objects (one of each per transaction);
+        # the rest by `type(x) is` (one identity test per message, measured cheaper than
+        # an isinstance chain on this hot path), which narrows nothing for mypy: hence
+        # the ignores.
+        tag = frame[XLOG_PAYLOAD_AT]
+        if tag == BEGIN_TAG:
+            tracker = self.tracker
+            tracker.begin()
+            self._txn_first_seq = tracker.last_seq + 1
+            self._txn_lsn = begin_fields_at(frame, XLOG_PAYLOAD_AT)[0]
+            return None
+        if tag == COMMIT_TAG:
+            _, _, end_lsn, commit_ts = commit_fields_at(frame, XLOG_PAYLOAD_AT)
+            return self._commit(end_lsn, commit_ts)
         event = decode_message_at(frame, XLOG_PAYLOAD_AT)
         kind = type(event)
         if kind is Insert:
             return self._insert(event)  # type: ignore[arg-type]
-        if kind is Begin:
-            tracker = self.tracker
-            tracker.begin()
-            self._txn_first_seq = tracker.last_seq + 1
-            self._txn_lsn = event.final_lsn  # type: ignore[union-attr]
-            return None
-        if kind is Commit:
-            return self._commit(event)  # type: ignore[arg-type]
         if kind is Relation:
             self._relation(event)  # type: ignore[arg-type]
         elif kind is LogicalMessage and event.prefix == self.message_prefix:  # type: ignore[union-attr]
@@ -370,14 +376,14 @@ class SessionCore:
             )
         return None
 
-    def _commit(self, event: Commit) -> _Stop | None:
+    def _commit(self, end_lsn: int, commit_ts: int) -> _Stop | None:
         tracker = self.tracker
-        tracker.commit(event.end_lsn)
+        tracker.commit(end_lsn)
         if self._counters is not None:
             self._counters.transactions.inc()
         last = tracker.last_seq
         if last >= self._txn_first_seq:
-            commit_unix = event.commit_ts / 1_000_000 + PG_EPOCH_UNIX
+            commit_unix = commit_ts / 1_000_000 + PG_EPOCH_UNIX
             self._txns.append((last, self._txn_first_seq, self._txn_lsn, commit_unix))
         return STOP if self.stop_requested else None
 

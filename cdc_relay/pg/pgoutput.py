@@ -33,6 +33,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Final
 
 __all__ = [
+    "BEGIN_TAG",
+    "COMMIT_TAG",
     "UNCHANGED_TOAST",
     "Begin",
     "Binary",
@@ -50,6 +52,8 @@ __all__ = [
     "TypeMessage",
     "UnchangedToast",
     "Update",
+    "begin_fields_at",
+    "commit_fields_at",
     "decode_message",
     "decode_message_at",
 ]
@@ -255,6 +259,8 @@ _TRUNCATE_HEAD: Final = struct.Struct("!IB")  # nrels, options
 _MESSAGE_HEAD: Final = struct.Struct("!BQ")  # flags, lsn
 
 _NEW: Final = 0x4E  # tuple marker 'N'
+BEGIN_TAG: Final = 0x42  # 'B': the first byte of a Begin message
+COMMIT_TAG: Final = 0x43  # 'C'
 _OLD_KINDS: Final = {0x4B: "K", 0x4F: "O"}  # old tuple markers: key columns / whole row
 _REPLICA_IDENTITIES: Final = {ord(c): c for c in "dnfi"}
 
@@ -356,8 +362,7 @@ def _decode_insert(buf: bytes, start: int = 0) -> Insert:
 
 
 def _decode_begin(buf: bytes, start: int = 0) -> Begin:
-    _end(buf, start + _BEGIN_SIZE, "Begin")
-    final_lsn, commit_ts, xid = _BEGIN.unpack_from(buf, start + 1)
+    final_lsn, commit_ts, xid = begin_fields_at(buf, start)
     begin = _new(Begin)  # == Begin(final_lsn, commit_ts, xid), see _slot_setters
     _begin_final_lsn(begin, final_lsn)
     _begin_commit_ts(begin, commit_ts)
@@ -366,14 +371,31 @@ def _decode_begin(buf: bytes, start: int = 0) -> Begin:
 
 
 def _decode_commit(buf: bytes, start: int = 0) -> Commit:
-    _end(buf, start + _COMMIT_SIZE, "Commit")
-    flags, commit_lsn, end_lsn, commit_ts = _COMMIT.unpack_from(buf, start + 1)
+    flags, commit_lsn, end_lsn, commit_ts = commit_fields_at(buf, start)
     commit = _new(Commit)  # == Commit(flags, commit_lsn, end_lsn, commit_ts)
     _commit_flags(commit, flags)
     _commit_commit_lsn(commit, commit_lsn)
     _commit_end_lsn(commit, end_lsn)
     _commit_commit_ts(commit, commit_ts)
     return commit
+
+
+def begin_fields_at(buf: bytes, start: int) -> tuple[int, int, int]:
+    """The Begin message ``buf[start:]`` as (final_lsn, commit_ts, xid), without a Begin object.
+
+    The session core's hot path (one Begin and one Commit per transaction) reads
+    these fields only; the objects cost more than the reading (measured).
+    """
+    if len(buf) - start != _BEGIN_SIZE:
+        _end(buf, start + _BEGIN_SIZE, "Begin")
+    return _BEGIN.unpack_from(buf, start + 1)
+
+
+def commit_fields_at(buf: bytes, start: int) -> tuple[int, int, int, int]:
+    """The Commit message ``buf[start:]`` as (flags, commit_lsn, end_lsn, commit_ts)."""
+    if len(buf) - start != _COMMIT_SIZE:
+        _end(buf, start + _COMMIT_SIZE, "Commit")
+    return _COMMIT.unpack_from(buf, start + 1)
 
 
 def _decode_origin(buf: bytes) -> Origin:
