@@ -68,10 +68,6 @@ def encode_method_publish(channel: int, exchange: str, routing_key: str, mandato
     return frame(FRAME_METHOD, channel, payload)
 
 
-def _timestamp(value: datetime) -> int:
-    return int(value.timestamp())
-
-
 def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     """Property flags and the property list of an envelope's content header.
 
@@ -110,9 +106,10 @@ def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     if envelope.message_id:
         flags |= _MESSAGE_ID
         append(short_string(envelope.message_id))
-    if envelope.timestamp is not None:
+    value = envelope.timestamp
+    if value is not None:
         flags |= _TIMESTAMP
-        append(_U64.pack(_timestamp(envelope.timestamp)))
+        append(_U64.pack(int(value.timestamp())))  # whole seconds
     value = envelope.type
     if value:
         flags |= _TYPE

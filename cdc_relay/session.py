@@ -389,7 +389,7 @@ class Session:
     async def _pump(
         self, stream: ReplicationStream, publisher: Publisher, core: SessionCore
     ) -> None:
-        publish = publisher.publish
+        publish, publish_nowait = publisher.publish, publisher.publish_nowait
         sink = self.sink
         assert sink is not None
         while True:
@@ -403,7 +403,8 @@ class Session:
                     action = await self._recheck(publisher, core, action)
                 if type(action) is Envelope:
                     try:
-                        await publish(core.last_seq, action)
+                        if not publish_nowait(core.last_seq, action):  # no coroutine if room
+                            await publish(core.last_seq, action)
                     except UnpublishableMessage as exc:
                         action = core.unpublishable(core.last_seq, str(exc))
                     else:

@@ -236,6 +236,37 @@ async def test_unencodable_envelopes_raise_before_anything_is_queued() -> None:
     assert publisher.in_flight == 1
 
 
+async def test_publish_nowait_queues_only_what_needs_no_waiting() -> None:
+    """The pump's fast path: False (nothing queued) wherever ``publish`` would wait."""
+    publisher, connection, transport, outcomes = connected(window=2)
+    assert publisher.publish_nowait(1, envelope(1))
+    assert not publisher.publish_nowait(2, envelope(1))  # the same id is in flight
+    assert publisher.publish_nowait(2, envelope(2))
+    assert not publisher.publish_nowait(3, envelope(3))  # the window is full
+    assert publisher.in_flight == 2
+    feed(connection, spec.Basic.Ack(delivery_tag=2, multiple=True))
+    connection.pause_writing()
+    assert not publisher.publish_nowait(3, envelope(3))  # the transport is paused
+    connection.resume_writing()
+    with pytest.raises(UnpublishableMessage):
+        publisher.publish_nowait(3, envelope(3, exchange="e" * 300))
+    assert publisher.in_flight == 0
+    assert publisher.publish_nowait(3, envelope(3))
+    await asyncio.sleep(0)  # one write for what was queued
+    slow, _, slow_transport, _ = connected(window=2)
+    for n in (1, 2, 3):
+        await slow.publish(n, envelope(n))
+        if n == 2:
+            feed(slow._conn, spec.Basic.Ack(delivery_tag=2, multiple=True))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert transport.written == slow_transport.written  # the same frames as publish writes
+    assert outcomes.confirmed == [[1, 2]]
+    feed(connection, spec.Channel.Close(404, "NOT_FOUND - no exchange 'ex' in vhost '/'", 60, 40))
+    assert not publisher.publish_nowait(4, envelope(4))  # lost: publish raises
+    with pytest.raises(PublishFailed):
+        await publisher.publish(4, envelope(4))
+
+
 async def test_channel_close_reports_everything_lost_once() -> None:
     publisher, connection, outcomes = await publisher_with(2)
     feed(connection, spec.Channel.Close(404, "NOT_FOUND - no exchange 'nope' in vhost '/'", 60, 40))

@@ -7,7 +7,8 @@ go out in call order on that one channel, so the broker sees them in commit
 order. The publisher never retries: a lost confirm means "unknown" and only
 the slot can replay safely.
 
-Hot path: ``publish`` encodes with ``amqp_wire`` (no pamqp objects), appends
+Hot path: ``publish_nowait`` (else ``publish``, which may wait) encodes with
+``amqp_wire`` (no pamqp objects), appends
 the bytes to a list that one ``call_soon`` writes in a single
 ``transport.write``, and awaits nothing unless the window is full, the
 transport paused writing, or the message id is already in flight (measured:
@@ -275,6 +276,30 @@ class Publisher:
             self._topology_open = False
 
     # -- publishing ------------------------------------------------------------------
+
+    def publish_nowait(self, seq: int, envelope: Envelope) -> bool:
+        """Queue one message if nothing has to be waited for; else False, and nothing queued.
+
+        The pump's fast path: no coroutine per message. False (the window is
+        full, the message id is in flight, the transport paused writing, or the
+        publisher failed) means "await ``publish``", which waits or raises.
+        Raises UnpublishableMessage (nothing queued) as ``publish`` does.
+        """
+        conn = self._conn
+        window = self._window
+        message_id = envelope.message_id
+        if self._error is not None or conn is None or conn.paused or not window.can_add(message_id):
+            return False
+        try:
+            data = self._encoder.encode(envelope)
+        except Exception as exc:  # any encoding failure is this message's, not the session's
+            raise UnpublishableMessage(f"cannot encode message: {exc!r}"[:500]) from exc
+        window.add(seq, message_id, envelope.exchange, len(data), time.monotonic())
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return True
 
     async def publish(self, seq: int, envelope: Envelope) -> None:
         """Queue one message; returns once it is on its way (the window had room).
