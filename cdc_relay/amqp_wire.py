@@ -11,7 +11,6 @@ encoding byte for byte against pamqp.
 from __future__ import annotations
 
 import struct
-from datetime import datetime
 from typing import Any
 
 from pamqp import encode as pamqp_encode
