@@ -135,6 +135,24 @@ async def test_a_return_with_a_body_in_several_frames_is_matched_after_the_last(
     assert outcomes.lost == []
 
 
+async def test_each_return_is_reported_with_its_own_reply() -> None:
+    _, connection, outcomes = await publisher_with(3)
+    returned(connection, 1)
+    returned(connection, 2)
+    feed(
+        connection,
+        spec.Basic.Return(312, "NO_ROUTE", "ex", "other.key"),
+        ContentHeader(body_size=0, properties=spec.Basic.Properties(message_id="id-3")),
+    )
+    feed(connection, spec.Basic.Ack(delivery_tag=3, multiple=True))
+    assert [(seq, "'rk'" in reason) for seq, reason, _ in outcomes.failed] == [
+        (101, True),
+        (102, True),
+        (103, False),
+    ]
+    assert "routing key 'other.key'" in outcomes.failed[2][1]
+
+
 async def test_an_unmatched_return_ends_the_session() -> None:
     publisher, connection, outcomes = await publisher_with(2)
     returned(connection, 7)

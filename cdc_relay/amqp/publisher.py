@@ -97,6 +97,7 @@ class Publisher:
         self._error: PublishFailed | None = None
         self._watch: asyncio.TimerHandle | None = None
         self._returning: Return | None = None
+        self._last_return: tuple[Return, PublishFailed] | None = None
         self._return_id = ""
         self._return_left = 0
         self._topology_open = False
@@ -258,12 +259,18 @@ class Publisher:
         frame = self._returning
         assert frame is not None
         self._returning = None
-        error = PublishFailed(
-            f"returned by broker: {frame.reply_code} {frame.reply_text} "
-            f"(exchange {frame.exchange!r}, routing key {frame.routing_key!r})",
-            returned=True,
-            reply_code=frame.reply_code,
-        )
+        # Returns come in runs alike (no queue bound for a routing key): one error for a run.
+        last = self._last_return
+        if last is not None and last[0] == frame:
+            error = last[1]
+        else:
+            error = PublishFailed(
+                f"returned by broker: {frame.reply_code} {frame.reply_text} "
+                f"(exchange {frame.exchange!r}, routing key {frame.routing_key!r})",
+                returned=True,
+                reply_code=frame.reply_code,
+            )
+            self._last_return = (frame, error)
         try:
             self._window.returned(self._return_id, error)
         except PublishFailed as unmatched:
