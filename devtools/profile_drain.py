@@ -247,10 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile top N")
     parser.add_argument("--sort", default="tottime", help="cProfile sort key")
+    parser.add_argument("--log-level", default="WARNING", help="the relay's (default WARNING)")
     args = parser.parse_args(argv)
     rows = max(1, min(args.rows, MAX_ROWS))
-    # The relay's own logging (WARNING, text), written nowhere: each dead letter logs a line.
-    logs.setup("WARNING", "text", lambda s: s)
+    # The relay's own logging (text), written nowhere: each dead letter logs a warning.
+    logs.setup(args.log_level, "text", lambda s: s)
     sys.stderr = io.StringIO() if args.path == "deadletter" else sys.stderr
     work = workload(rows, max(1, args.txn), args.payload, args.path == "deadletter")
     profiler = cProfile.Profile() if args.profile else None
