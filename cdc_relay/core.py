@@ -8,7 +8,9 @@ performs what it answers:
 
 - ``receive(frame)`` answers ``None`` (nothing to do), an ``Envelope`` to
   publish under sequence number ``last_seq``, a ``PendingDeadLetter`` to store,
-  or ``STOP`` (a clean stop reached a transaction boundary);
+  or ``STOP`` (a clean stop reached a transaction boundary); ``receive_many(frames,
+  start)`` runs it over a batch up to the next action, which it answers with the
+  index of the frame after it;
 - ``settle(outcome, now)`` takes one ack/nack/return report from the publisher
   and answers the dead letters it makes necessary (or raises ``SessionFailed``);
 - ``stored(seqs, now)`` marks dead letters durable, so the flush may pass them;
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from cdc_relay import reasons
@@ -190,15 +192,15 @@ class SessionCore:
     def _fail(self, exc: SessionFailed) -> SessionFailed:
         """Enter the error state (like h11's ERROR): nothing new is read, routed or published.
 
-        ``receive``, ``rechecked`` and ``unpublishable`` raise from now on (shadowed
-        on the instance, so the hot path pays nothing for the check). ``settle`` and
+        ``receive``, ``receive_many``, ``rechecked`` and ``unpublishable`` raise from now
+        on (shadowed on the instance, so the hot path pays nothing for the check). ``settle`` and
         ``stored`` still take reports of what already happened: after a nack the
         acks of the messages published before it, and dead letters stored while
         the session winds down, move the flush that the final status update reports.
         """
         if self._failure is None:
             self._failure = exc
-            for name in ("receive", "rechecked", "unpublishable"):
+            for name in ("receive", "receive_many", "rechecked", "unpublishable"):
                 setattr(self, name, self._refuse)
         return exc
 
@@ -207,39 +209,56 @@ class SessionCore:
 
     def receive(self, frame: bytes) -> Action:
         """One CopyData frame of the replication stream."""
-        if type(frame) is not bytes:
-            frame = bytes(frame)
-        wal_end = xlog_wal_end(frame)
-        if wal_end < 0:  # a keepalive (or a frame decode_copy_data refuses)
-            self._other_frame(frame)
-            return None
-        if wal_end > self.received_lsn:
-            self.received_lsn = wal_end
-        # Begin and Commit are read as fields, not objects (one of each per transaction);
-        # the rest by `type(x) is` (one identity test per message, measured cheaper than
-        # an isinstance chain on this hot path), which narrows nothing for mypy: hence
-        # the ignores.
-        tag = frame[XLOG_PAYLOAD_AT]
-        if tag == BEGIN_TAG:
-            tracker = self.tracker
-            tracker.begin()
-            self._txn_first_seq = tracker.last_seq + 1
-            self._txn_lsn = begin_fields_at(frame, XLOG_PAYLOAD_AT)[0]
-            return None
-        if tag == COMMIT_TAG:
-            _, _, end_lsn, commit_ts = commit_fields_at(frame, XLOG_PAYLOAD_AT)
-            return self._commit(end_lsn, commit_ts)
-        event = decode_message_at(frame, XLOG_PAYLOAD_AT)
-        kind = type(event)
-        if kind is Insert:
-            return self._insert(event)  # type: ignore[arg-type]
-        if kind is Relation:
-            self._relation(event)  # type: ignore[arg-type]
-        elif kind is LogicalMessage and event.prefix == self.message_prefix:  # type: ignore[union-attr]
-            return self._message(event)  # type: ignore[arg-type]
-        # Origin, Type, other prefixes' messages and (misconfigured) Update/Delete/Truncate carry
-        # nothing to publish; startup validation keeps the publication to inserts.
-        return None
+        return self.receive_many((frame,))[1]
+
+    def receive_many(self, frames: Sequence[bytes], start: int = 0) -> tuple[int, Action]:
+        """``receive`` for each of ``frames[start:]`` in turn, until one answers an action.
+
+        Returns the index after that frame and its action, or ``(len(frames), None)``:
+        the session's loop over one read of the stream, without a call (and a trip
+        through its loop) per Begin, Commit or keepalive. Each frame is decoded
+        exactly when ``receive`` would decode it.
+        """
+        tracker = self.tracker
+        end = len(frames)
+        i = start
+        while i < end:
+            frame = frames[i]
+            i += 1
+            if type(frame) is not bytes:
+                frame = bytes(frame)
+            wal_end = xlog_wal_end(frame)
+            if wal_end < 0:  # a keepalive (or a frame decode_copy_data refuses)
+                self._other_frame(frame)
+                continue
+            if wal_end > self.received_lsn:
+                self.received_lsn = wal_end
+            # Begin and Commit are read as fields, not objects (one of each per transaction);
+            # the rest by `type(x) is` (one identity test per message, measured cheaper than
+            # an isinstance chain on this hot path), which narrows nothing for mypy: hence
+            # the ignores.
+            tag = frame[XLOG_PAYLOAD_AT]
+            if tag == BEGIN_TAG:
+                tracker.begin()
+                self._txn_first_seq = tracker.last_seq + 1
+                self._txn_lsn = begin_fields_at(frame, XLOG_PAYLOAD_AT)[0]
+                continue
+            if tag == COMMIT_TAG:
+                _, _, end_lsn, commit_ts = commit_fields_at(frame, XLOG_PAYLOAD_AT)
+                if self._commit(end_lsn, commit_ts) is STOP:
+                    return i, STOP
+                continue
+            event = decode_message_at(frame, XLOG_PAYLOAD_AT)
+            kind = type(event)
+            if kind is Insert:
+                return i, self._insert(event)  # type: ignore[arg-type]
+            if kind is Relation:
+                self._relation(event)  # type: ignore[arg-type]
+            elif kind is LogicalMessage and event.prefix == self.message_prefix:  # type: ignore[union-attr]
+                return i, self._message(event)  # type: ignore[arg-type]
+            # Origin, Type, other prefixes' messages and (misconfigured) Update/Delete/Truncate
+            # carry nothing to publish; startup validation keeps the publication to inserts.
+        return end, None
 
     def _other_frame(self, frame: bytes) -> None:
         """A primary keepalive; any other frame here is malformed, and decoding it raises."""

@@ -394,11 +394,12 @@ class Session:
         assert sink is not None
         while True:
             frames = await stream.read_frames()
-            receive = core.receive  # per batch: a failed core refuses (its error state)
-            for frame in frames:
-                action = receive(frame)
+            receive_many = core.receive_many  # per batch: a failed core refuses (its error state)
+            i, end = 0, len(frames)
+            while i < end:
+                i, action = receive_many(frames, i)  # up to the next frame with an action
                 if action is None:
-                    continue
+                    break  # the batch is used up
                 if type(action) is Recheck:
                     action = await self._recheck(publisher, core, action)
                 if type(action) is Envelope:
