@@ -36,12 +36,16 @@ _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
 _HEADER_HEAD: Final = struct.Struct("!HHQH")  # class, weight, body size, property flags
 
-# Basic property flags before message_id, in wire order, and how each is skipped.
-_SHORT_STRINGS_BEFORE_ID: Final = (1 << 15, 1 << 14)  # content type, content encoding
-_HEADERS: Final = 1 << 13
-_OCTETS: Final = (1 << 12, 1 << 11)  # delivery mode, priority
-_MORE_SHORT_STRINGS: Final = (1 << 10, 1 << 9, 1 << 8)  # correlation id, reply to, expiration
-_MESSAGE_ID: Final = 1 << 7
+# Basic property flags up to message_id, in wire order.
+_CONTENT_TYPE: Final = 1 << 15  # short string
+_CONTENT_ENCODING: Final = 1 << 14  # short string
+_HEADERS: Final = 1 << 13  # table: a long size, then its bytes
+_DELIVERY_MODE: Final = 1 << 12  # octet
+_PRIORITY: Final = 1 << 11  # octet
+_CORRELATION_ID: Final = 1 << 10  # short string
+_REPLY_TO: Final = 1 << 9  # short string
+_EXPIRATION: Final = 1 << 8  # short string
+_MESSAGE_ID: Final = 1 << 7  # short string
 _CONTINUED: Final = 1  # another property-flags word follows (never for the basic class)
 
 
@@ -139,18 +143,24 @@ def _header(buf: bytes | bytearray, start: int, end: int) -> ReturnedHeader | No
         return None
     if not flags & _MESSAGE_ID:
         return ReturnedHeader(body_size, None)
+    # Skip the properties before message_id (unrolled: one of these per returned message).
     pos = start + _HEADER_HEAD.size
-    for flag in _SHORT_STRINGS_BEFORE_ID:
-        if flags & flag:
-            pos += 1 + buf[pos]
+    if flags & _CONTENT_TYPE:
+        pos += 1 + buf[pos]
+    if flags & _CONTENT_ENCODING:
+        pos += 1 + buf[pos]
     if flags & _HEADERS:
         pos += 4 + _U32.unpack_from(buf, pos)[0]
-    for flag in _OCTETS:
-        if flags & flag:
-            pos += 1
-    for flag in _MORE_SHORT_STRINGS:
-        if flags & flag:
-            pos += 1 + buf[pos]
+    if flags & _DELIVERY_MODE:
+        pos += 1
+    if flags & _PRIORITY:
+        pos += 1
+    if flags & _CORRELATION_ID:
+        pos += 1 + buf[pos]
+    if flags & _REPLY_TO:
+        pos += 1 + buf[pos]
+    if flags & _EXPIRATION:
+        pos += 1 + buf[pos]
     if pos >= end:
         raise FrameError("content header properties run past the end of the frame")
     message_id, _ = _short_string(buf, pos, end)
