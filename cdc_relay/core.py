@@ -192,11 +192,12 @@ class SessionCore:
     def _fail(self, exc: SessionFailed) -> SessionFailed:
         """Enter the error state (like h11's ERROR): nothing new is read, routed or published.
 
-        ``receive``, ``receive_many``, ``rechecked`` and ``unpublishable`` raise from now
-        on (shadowed on the instance, so the hot path pays nothing for the check). ``settle`` and
-        ``stored`` still take reports of what already happened: after a nack the
-        acks of the messages published before it, and dead letters stored while
-        the session winds down, move the flush that the final status update reports.
+        ``receive``, ``receive_many``, ``rechecked`` and ``unpublishable`` raise from
+        now on (shadowed on the instance, so the hot path pays nothing for the check).
+        ``settle`` and ``stored`` still take reports of what already happened: after a
+        nack the acks of the messages published before it, and dead letters stored
+        while the session winds down, move the flush that the final status update
+        reports.
         """
         if self._failure is None:
             self._failure = exc

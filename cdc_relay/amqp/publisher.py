@@ -8,10 +8,10 @@ order. The publisher never retries: a lost confirm means "unknown" and only
 the slot can replay safely.
 
 Hot path: ``publish_nowait`` (else ``publish``, which may wait) encodes with
-``amqp_wire`` (no pamqp objects), appends
-the bytes to a list that one ``call_soon`` writes in a single
-``transport.write``, and awaits nothing unless the window is full, the
-transport paused writing, or the message id is already in flight (measured:
+``amqp_wire`` (no pamqp objects), appends the bytes to a list that one
+``call_soon`` writes in a single ``transport.write``, and awaits nothing
+unless the window is full, the transport paused writing, or the message id is
+already in flight (measured:
 aio-pika's per-message futures cost more CPU than the whole relay, see
 docs/performance.md).
 """
