@@ -11,7 +11,6 @@ encoding byte for byte against pamqp.
 from __future__ import annotations
 
 import struct
-from datetime import datetime
 from typing import Any
 
 from pamqp import encode as pamqp_encode
@@ -26,6 +25,7 @@ BASIC_CLASS = 60
 
 _FRAME_HEAD = struct.Struct("!BHI")
 _HEADER_PREFIX = struct.Struct("!HHQH")  # class, weight, body size, property flags
+_HEADER_FRAME_HEAD = struct.Struct("!BHIHHQH")  # _FRAME_HEAD, then _HEADER_PREFIX
 _U32 = struct.Struct("!I")
 _HEADER_OVERHEAD = 8 + _HEADER_PREFIX.size  # frame head and end, class to property flags
 _U64 = struct.Struct("!Q")
@@ -70,64 +70,72 @@ def encode_method_publish(channel: int, exchange: str, routing_key: str, mandato
     return frame(FRAME_METHOD, channel, payload)
 
 
-def _timestamp(value: datetime) -> int:
-    return int(value.timestamp())
-
-
 def encode_properties(envelope: Envelope) -> tuple[int, bytes]:
     """Property flags and the property list of an envelope's content header.
 
     Empty strings are left out, as pamqp (and so aio-pika) does. Strings that
     repeat from message to message (content type, event type, app id) come
-    from a small cache; the message id never repeats and is encoded each time.
+    from a small cache (looked up inline: a call per property cost more than
+    the lookup); the message id never repeats and is encoded each time.
     """
     flags = 0
     parts: list[bytes] = []
-    if envelope.content_type:
+    append = parts.append
+    cached = _short_strings.get
+    value: Any = envelope.content_type
+    if value:
         flags |= _CONTENT_TYPE
-        parts.append(_repeated_short_string(envelope.content_type))
-    if envelope.content_encoding:
+        append(cached(value) or _repeated_short_string(value))
+    value = envelope.content_encoding
+    if value:
         flags |= _CONTENT_ENCODING
-        parts.append(_repeated_short_string(envelope.content_encoding))
-    if envelope.headers:
+        append(cached(value) or _repeated_short_string(value))
+    value = envelope.headers
+    if value:
         flags |= _HEADERS
-        parts.append(encode_table(envelope.headers))
-    if envelope.delivery_mode is not None:
+        append(encode_table(value))
+    value = envelope.delivery_mode
+    if value is not None:
         flags |= _DELIVERY_MODE
-        parts.append(bytes((envelope.delivery_mode,)))
-    if envelope.priority is not None:
+        append(bytes((value,)))
+    value = envelope.priority
+    if value is not None:
         flags |= _PRIORITY
-        parts.append(bytes((envelope.priority,)))
+        append(bytes((value,)))
     if envelope.correlation_id:
         flags |= _CORRELATION_ID
-        parts.append(short_string(envelope.correlation_id))
+        append(short_string(envelope.correlation_id))
     if envelope.reply_to:
         flags |= _REPLY_TO
-        parts.append(short_string(envelope.reply_to))
+        append(short_string(envelope.reply_to))
     if envelope.expiration:
         flags |= _EXPIRATION
-        parts.append(short_string(envelope.expiration))
+        append(short_string(envelope.expiration))
     if envelope.message_id:
         flags |= _MESSAGE_ID
-        parts.append(short_string(envelope.message_id))
-    if envelope.timestamp is not None:
+        append(short_string(envelope.message_id))
+    value = envelope.timestamp
+    if value is not None:
         flags |= _TIMESTAMP
-        parts.append(_U64.pack(_timestamp(envelope.timestamp)))
-    if envelope.type:
+        append(_U64.pack(int(value.timestamp())))  # whole seconds
+    value = envelope.type
+    if value:
         flags |= _TYPE
-        parts.append(_repeated_short_string(envelope.type))
+        append(cached(value) or _repeated_short_string(value))
     if envelope.user_id:
         flags |= _USER_ID
-        parts.append(_repeated_short_string(envelope.user_id))
-    if envelope.app_id:
+        append(_repeated_short_string(envelope.user_id))
+    value = envelope.app_id
+    if value:
         flags |= _APP_ID
-        parts.append(_repeated_short_string(envelope.app_id))
+        append(cached(value) or _repeated_short_string(value))
     return flags, b"".join(parts)
 
 
 _CACHE_LIMIT = 4096  # entries; a cache that fills up is simply emptied
 _short_strings: dict[str, bytes] = {}
 _table_keys: dict[str, bytes] = {}
+_string_entry_heads: dict[str, bytes] = {}
 
 
 def _repeated_short_string(value: str) -> bytes:
@@ -137,6 +145,17 @@ def _repeated_short_string(value: str) -> bytes:
         if len(_short_strings) >= _CACHE_LIMIT:
             _short_strings.clear()
         _short_strings[value] = encoded
+    return encoded
+
+
+def _string_entry_head(key: str) -> bytes:
+    """A field-table key followed by the type of a string value ('S')."""
+    encoded = _string_entry_heads.get(key)
+    if encoded is None:
+        encoded = _table_key(key) + b"S"
+        if len(_string_entry_heads) >= _CACHE_LIMIT:
+            _string_entry_heads.clear()
+        _string_entry_heads[key] = encoded
     return encoded
 
 
@@ -155,17 +174,26 @@ def _table_key(key: str) -> bytes:
 
 
 def encode_table(table: dict[str, Any]) -> bytes:
-    """A field table; plain string values (the common case) skip pamqp's dispatch."""
+    """A field table; plain string values (the common case) skip pamqp's dispatch.
+
+    The cache lookups are inlined: a function call per entry cost more than
+    the lookup itself (measured).
+    """
     parts: list[bytes] = []
     append = parts.append
+    pack = _U32.pack
+    heads = _string_entry_heads
     for key, value in table.items():
         if type(value) is str:
             raw = value.encode()
-            append(_table_key(key) + b"S" + _U32.pack(len(raw)) + raw)
+            head = heads.get(key)
+            if head is None:
+                head = _string_entry_head(key)
+            append(head + pack(len(raw)) + raw)
         else:
             append(_table_key(key) + encode_value(value))
     body = b"".join(parts)
-    return _U32.pack(len(body)) + body
+    return pack(len(body)) + body
 
 
 def encode_value(value: Any) -> bytes:
@@ -257,6 +285,29 @@ class PublishEncoder:
                 self._methods.clear()
             self._methods[key] = method
         flags, properties = encode_properties(envelope)
-        return method + encode_content(
-            self.channel, flags, properties, envelope.body, self.frame_max
+        body = envelope.body
+        size = len(body)
+        frame_max = self.frame_max
+        if not 0 < size <= frame_max - 8 or len(properties) + _HEADER_OVERHEAD > frame_max:
+            return method + encode_content(self.channel, flags, properties, body, frame_max)
+        # The common case (a body in one frame), as encode_content writes it, in one join.
+        channel = self.channel
+        return b"".join(
+            (
+                method,
+                _HEADER_FRAME_HEAD.pack(
+                    FRAME_HEADER,
+                    channel,
+                    len(properties) + _HEADER_PREFIX.size,
+                    BASIC_CLASS,
+                    0,
+                    size,
+                    flags,
+                ),
+                properties,
+                FRAME_END,
+                _FRAME_HEAD.pack(FRAME_BODY, channel, size),
+                body,
+                FRAME_END,
+            )
         )

@@ -8,7 +8,9 @@ performs what it answers:
 
 - ``receive(frame)`` answers ``None`` (nothing to do), an ``Envelope`` to
   publish under sequence number ``last_seq``, a ``PendingDeadLetter`` to store,
-  or ``STOP`` (a clean stop reached a transaction boundary);
+  or ``STOP`` (a clean stop reached a transaction boundary); ``receive_many(frames,
+  start)`` runs it over a batch up to the next action, which it answers with the
+  index of the frame after it;
 - ``settle(outcome, now)`` takes one ack/nack/return report from the publisher
   and answers the dead letters it makes necessary (or raises ``SessionFailed``);
 - ``stored(seqs, now)`` marks dead letters durable, so the flush may pass them;
@@ -27,6 +29,7 @@ message, and the row it carries).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,8 +44,24 @@ from cdc_relay.errors import SessionError
 from cdc_relay.letters import DeadLetter, PendingDeadLetter
 from cdc_relay.limits import BrokerLimits, Recheck
 from cdc_relay.lsn import format_lsn
-from cdc_relay.pg.pgoutput import Begin, Commit, Insert, LogicalMessage, Relation, decode_message
-from cdc_relay.pg.walproto import PG_EPOCH_UNIX, PrimaryKeepalive, decode_copy_data
+from cdc_relay.pg.pgoutput import (
+    BEGIN_TAG,
+    COMMIT_TAG,
+    Insert,
+    LogicalMessage,
+    ProtocolError,
+    Relation,
+    begin_fields_at,
+    commit_fields_at,
+    decode_message_at,
+)
+from cdc_relay.pg.walproto import (
+    PG_EPOCH_UNIX,
+    XLOG_PAYLOAD_AT,
+    PrimaryKeepalive,
+    decode_copy_data,
+    xlog_wal_end,
+)
 from cdc_relay.router import Router
 from cdc_relay.rows import MissingColumns, OutboxRow, OutboxSchemaError, RowReader, UnmappableRow
 
@@ -205,15 +224,16 @@ class SessionCore:
     def _fail(self, exc: SessionFailed) -> SessionFailed:
         """Enter the error state (like h11's ERROR): nothing new is read, routed or published.
 
-        ``receive``, ``rechecked`` and ``unpublishable`` raise from now on (shadowed
-        on the instance, so the hot path pays nothing for the check). ``settle`` and
-        ``stored`` still take reports of what already happened: after a nack the
-        acks of the messages published before it, and dead letters stored while
-        the session winds down, move the flush that the final status update reports.
+        ``receive``, ``receive_many``, ``rechecked`` and ``unpublishable`` raise from
+        now on (shadowed on the instance, so the hot path pays nothing for the check).
+        ``settle`` and ``stored`` still take reports of what already happened: after a
+        nack the acks of the messages published before it, and dead letters stored
+        while the session winds down, move the flush that the final status update
+        reports.
         """
         if self._failure is None:
             self._failure = exc
-            for name in ("receive", "rechecked", "unpublishable"):
+            for name in ("receive", "receive_many", "rechecked", "unpublishable"):
                 setattr(self, name, self._refuse)
         return exc
 
@@ -222,37 +242,67 @@ class SessionCore:
 
     def receive(self, frame: bytes) -> Action:
         """One CopyData frame of the replication stream."""
+        return self.receive_many((frame,))[1]
+
+    def receive_many(self, frames: Sequence[bytes], start: int = 0) -> tuple[int, Action]:
+        """``receive`` for each of ``frames[start:]`` in turn, until one answers an action.
+
+        Returns the index after that frame and its action, or ``(len(frames), None)``:
+        the session's loop over one read of the stream, without a call (and a trip
+        through its loop) per Begin, Commit or keepalive. Each frame is decoded
+        exactly when ``receive`` would decode it.
+        """
+        tracker = self.tracker
+        end = len(frames)
+        i = start
+        while i < end:
+            frame = frames[i]
+            i += 1
+            if type(frame) is not bytes:
+                frame = bytes(frame)
+            wal_end = xlog_wal_end(frame)
+            if wal_end < 0:  # a keepalive (or a frame decode_copy_data refuses)
+                self._other_frame(frame)
+                continue
+            if wal_end > self.received_lsn:
+                self.received_lsn = wal_end
+            # Begin and Commit are read as fields, not objects (one of each per transaction);
+            # the rest by `type(x) is` (one identity test per message, measured cheaper than
+            # an isinstance chain on this hot path), which narrows nothing for mypy: hence
+            # the ignores.
+            tag = frame[XLOG_PAYLOAD_AT]
+            if tag == BEGIN_TAG:
+                tracker.begin()
+                self._txn_first_seq = tracker.last_seq + 1
+                self._txn_lsn = begin_fields_at(frame, XLOG_PAYLOAD_AT)[0]
+                continue
+            if tag == COMMIT_TAG:
+                _, _, end_lsn, commit_ts = commit_fields_at(frame, XLOG_PAYLOAD_AT)
+                if self._commit(end_lsn, commit_ts) is STOP:
+                    return i, STOP
+                continue
+            event = decode_message_at(frame, XLOG_PAYLOAD_AT)
+            kind = type(event)
+            if kind is Insert:
+                return i, self._insert(event)  # type: ignore[arg-type]
+            if kind is Relation:
+                self._relation(event)  # type: ignore[arg-type]
+            elif kind is LogicalMessage and event.prefix == self.message_prefix:  # type: ignore[union-attr]
+                return i, self._message(event)  # type: ignore[arg-type]
+            # Origin, Type, other prefixes' messages and (misconfigured) Update/Delete/Truncate
+            # carry nothing to publish; startup validation keeps the publication to inserts.
+        return end, None
+
+    def _other_frame(self, frame: bytes) -> None:
+        """A primary keepalive; any other frame here is malformed, and decoding it raises."""
         message = decode_copy_data(frame)
-        if type(message) is PrimaryKeepalive:
-            if message.wal_end > self.received_lsn:
-                self.received_lsn = message.wal_end
-            self.tracker.keepalive(message.wal_end)
-            if message.reply_requested:
-                self._reply_requested = True
-            return None
+        if type(message) is not PrimaryKeepalive:  # XLogData, its payload empty
+            raise ProtocolError("empty pgoutput message")
         if message.wal_end > self.received_lsn:
             self.received_lsn = message.wal_end
-        # The ignores below: dispatch by `type(x) is` (one identity test per frame, measured
-        # cheaper than an isinstance chain on this hot path) narrows nothing for mypy.
-        event = decode_message(message.payload)  # type: ignore[union-attr]
-        kind = type(event)
-        if kind is Insert:
-            return self._insert(event)  # type: ignore[arg-type]
-        if kind is Begin:
-            tracker = self.tracker
-            tracker.begin()
-            self._txn_first_seq = tracker.last_seq + 1
-            self._txn_lsn = event.final_lsn  # type: ignore[union-attr]
-            return None
-        if kind is Commit:
-            return self._commit(event)  # type: ignore[arg-type]
-        if kind is Relation:
-            self._relation(event)  # type: ignore[arg-type]
-        elif kind is LogicalMessage and event.prefix == self.message_prefix:  # type: ignore[union-attr]
-            return self._message(event)  # type: ignore[arg-type]
-        # Origin, Type, other prefixes' messages and (misconfigured) Update/Delete/Truncate carry
-        # nothing to publish; startup validation keeps the publication to inserts.
-        return None
+        self.tracker.keepalive(message.wal_end)
+        if message.reply_requested:
+            self._reply_requested = True
 
     def _relation(self, event: Relation) -> None:
         """The outbox is known by OID: a renamed or moved outbox is still the outbox."""
@@ -403,14 +453,14 @@ class SessionCore:
             )
         return None
 
-    def _commit(self, event: Commit) -> _Stop | None:
+    def _commit(self, end_lsn: int, commit_ts: int) -> _Stop | None:
         tracker = self.tracker
-        tracker.commit(event.end_lsn)
+        tracker.commit(end_lsn)
         if self._counters is not None:
             self._counters.transactions.inc()
         last = tracker.last_seq
         if last >= self._txn_first_seq:
-            commit_unix = event.commit_ts / 1_000_000 + PG_EPOCH_UNIX
+            commit_unix = commit_ts / 1_000_000 + PG_EPOCH_UNIX
             self._txns.append((last, self._txn_first_seq, self._txn_lsn, commit_unix))
         return STOP if self.stop_requested else None
 
@@ -542,7 +592,12 @@ class SessionCore:
         """The commit LSN of the transaction that holds ``seq`` (its own, not the current one)."""
         if seq >= self._txn_first_seq:
             return self._txn_lsn
-        for last, first, lsn, _ in self._txns:
+        # Bisected: with every row returned, thousands of transactions can await their
+        # dead letters' storing, and a scan per returned row was quadratic.
+        txns = self._txns
+        i = bisect_left(txns, seq, key=_last_seq)
+        if i < len(txns):
+            last, first, lsn, _ = txns[i]
             if first <= seq <= last:
                 return lsn
         return 0
@@ -567,6 +622,10 @@ class SessionCore:
     def describe(self) -> str:
         tracker = self.tracker
         return f"{tracker.unconfirmed} in flight, confirmed LSN {format_lsn(tracker.flush_lsn)}"
+
+
+def _last_seq(txn: tuple[int, int, int, float]) -> int:
+    return txn[0]
 
 
 def _read_if_outbox(

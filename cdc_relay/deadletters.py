@@ -151,12 +151,17 @@ def check_writable(conn: psycopg.Connection[Any], table: tuple[str, str]) -> Non
         )
 
 
+COPY_CHUNK = 256 * 1024  # bytes of COPY data per write
+
 # PGCOPY binary format: signature, flags, header extension length; a tuple is its
 # field count, then each field's length (-1 for NULL) and bytes; -1 ends the data.
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _COPY_TRAILER = struct.pack("!h", -1)
 _NULL = struct.pack("!i", -1)
 _JSONB_VERSION = b"\x01"
+_FIELD_COUNT = struct.pack("!h", 4)
+_I32 = struct.Struct("!i")
+_LSN_FIELD = struct.Struct("!iQ")  # its length (8), the LSN
 
 
 def copy_tuple(letter: DeadLetter) -> bytes:
@@ -167,16 +172,24 @@ def copy_tuple(letter: DeadLetter) -> bytes:
     except (TypeError, ValueError) as exc:  # never a crash loop over one odd value
         text = one_line(str(exc))[:200]
         row = orjson.dumps({"unserializable": f"{type(exc).__name__}: {text}"})
-    fields = [
-        None if letter.outbox_id is None else letter.outbox_id.encode(),
-        letter.reason.encode(),
-        _JSONB_VERSION + row,
-        struct.pack("!Q", letter.lsn),
-    ]
-    parts = [struct.pack("!h", len(fields))]
-    for field in fields:
-        parts.append(_NULL if field is None else struct.pack("!i", len(field)) + field)
-    return b"".join(parts)
+    outbox_id = letter.outbox_id
+    reason = letter.reason.encode()
+    return b"".join(
+        (
+            _FIELD_COUNT,
+            _NULL if outbox_id is None else _text_field(outbox_id.encode()),
+            _I32.pack(len(reason)),
+            reason,
+            _I32.pack(len(row) + 1),
+            _JSONB_VERSION,
+            row,
+            _LSN_FIELD.pack(8, letter.lsn),
+        )
+    )
+
+
+def _text_field(data: bytes) -> bytes:
+    return _I32.pack(len(data)) + data
 
 
 def _copy_statement(table: tuple[str, str]) -> sql.Composed:
@@ -268,11 +281,24 @@ class DeadLetterWriter:
             ) from None
 
     async def _copy_in(self, statement: sql.Composed, items: Sequence[DeadLetter]) -> None:
+        """One binary COPY, its data written in chunks of about COPY_CHUNK bytes.
+
+        A write per letter cost more CPU than building the letter (measured); a
+        chunk bounds the memory a batch of large letters takes.
+        """
         async with self._conn.cursor() as cur, cur.copy(statement) as copy:
-            await copy.write(_COPY_HEADER)
+            chunk = [_COPY_HEADER]
+            size = 0
             for letter in items:
-                await copy.write(copy_tuple(letter))
-            await copy.write(_COPY_TRAILER)
+                data = copy_tuple(letter)
+                chunk.append(data)
+                size += len(data)
+                if size >= COPY_CHUNK:
+                    await copy.write(b"".join(chunk))
+                    chunk.clear()
+                    size = 0
+            chunk.append(_COPY_TRAILER)
+            await copy.write(b"".join(chunk))
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -356,18 +382,16 @@ class DeadLetterSink:
                     await self._writer.write([p.letter for p in batch])
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     raise DeadLetterWriteFailed(write_failure(exc)) from None
+                warning = log.warning
                 for pending in batch:
                     letter = pending.letter
-                    log.warning(
+                    lsn = format_lsn(letter.lsn)
+                    warning(
                         "dead-lettered outbox row %s (LSN %s): %s",
                         letter.outbox_id,
-                        format_lsn(letter.lsn),
+                        lsn,
                         letter.reason,
-                        extra={
-                            "outbox_id": letter.outbox_id,
-                            "lsn": format_lsn(letter.lsn),
-                            "reason": letter.code,
-                        },
+                        extra={"outbox_id": letter.outbox_id, "lsn": lsn, "reason": letter.code},
                     )
                 self._on_stored([p.seq for p in batch])
                 if len(queue) < self._limit:

@@ -418,21 +418,23 @@ class Session:
     async def _pump(
         self, stream: ReplicationStream, publisher: Publisher, core: SessionCore
     ) -> None:
-        publish = publisher.publish
+        publish, publish_nowait = publisher.publish, publisher.publish_nowait
         sink = self.sink
         assert sink is not None
         while True:
             frames = await stream.read_frames()
-            receive = core.receive  # per batch: a failed core refuses (its error state)
-            for frame in frames:
-                action = receive(frame)
+            receive_many = core.receive_many  # per batch: a failed core refuses (its error state)
+            i, end = 0, len(frames)
+            while i < end:
+                i, action = receive_many(frames, i)  # up to the next frame with an action
                 if action is None:
-                    continue
+                    break  # the batch is used up
                 if type(action) is Recheck:
                     action = await self._recheck(publisher, core, action)
                 if type(action) is Envelope:
                     try:
-                        await publish(core.last_seq, action)
+                        if not publish_nowait(core.last_seq, action):  # no coroutine if room
+                            await publish(core.last_seq, action)
                     except UnpublishableMessage as exc:
                         action = core.unpublishable(core.last_seq, str(exc))
                     else:

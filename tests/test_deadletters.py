@@ -55,6 +55,28 @@ async def test_write_stores_any_id_in_one_statement(outbox: Setup) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_batch_larger_than_one_copy_chunk_is_stored_whole_and_in_order(
+    outbox: Setup,
+) -> None:
+    """The COPY data goes out in chunks; a letter is never split or lost between two."""
+    size = deadletters.COPY_CHUNK // 7  # chunks end mid-batch, at several places
+    letters = [
+        DeadLetter(str(n), f"reason {n}", {"payload": f"{n}:" + "x" * size}, 100 + n)
+        for n in range(20)
+    ]
+    writer = await DeadLetterWriter.connect(outbox.dsn, outbox.settings.dead_letter_table)
+    try:
+        await writer.write(letters)
+    finally:
+        await writer.close()
+    rows = stored(outbox)
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        (str(n), f"reason {n}", f"0/{100 + n:X}") for n in range(20)
+    ]
+    assert [r[2]["payload"] for r in rows] == [f"{n}:" + "x" * size for n in range(20)]
+
+
+@pytest.mark.asyncio
 async def test_write_fails_in_bounded_time_when_the_table_is_locked(outbox: Setup) -> None:
     writer = await DeadLetterWriter.connect(outbox.dsn, outbox.settings.dead_letter_table)
     with psycopg.connect(outbox.dsn) as locker:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -37,7 +38,10 @@ from cdc_relay.pg.pgoutput import (
     TypeMessage,
     UnchangedToast,
     Update,
+    begin_fields_at,
+    commit_fields_at,
     decode_message,
+    decode_message_at,
 )
 from cdc_relay.pg.walproto import pg_time_to_datetime
 from tests import captured_pgoutput as cap
@@ -300,6 +304,46 @@ def test_round_trip(message: PgOutputMessage) -> None:
     decoded = decode_message(encode(message))
     assert decoded == message
     assert type(decoded) is type(message)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(messages.map(encode), st.binary(max_size=64)), st.binary(max_size=30))
+def test_decoding_in_place_after_a_prefix_is_decoding_the_payload(
+    payload: bytes, prefix: bytes
+) -> None:
+    """decode_message_at (the frame with its payload's offset) == decode_message (the payload)."""
+    try:
+        expected: PgOutputMessage | str = decode_message(payload)
+    except ProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: PgOutputMessage | str = decode_message_at(prefix + payload, len(prefix))
+    except ProtocolError as exc:
+        got = str(exc)
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.builds(Begin, u64, i64, u32), st.builds(Commit, u8, u64, u64, i64)),
+    st.binary(max_size=30),
+    st.integers(-2, 2),
+)
+def test_begin_and_commit_fields_read_in_place_are_the_decoded_messages_fields(
+    message: Begin | Commit, prefix: bytes, size_change: int
+) -> None:
+    """The core's object-free reading of Begin and Commit; a wrong size is refused alike."""
+    payload = encode(message)
+    payload = payload[: len(payload) + size_change] + b"\x00" * max(0, size_change)
+    fields_at = begin_fields_at if type(message) is Begin else commit_fields_at
+    if size_change:
+        with pytest.raises(ProtocolError) as decoding:
+            decode_message(payload)
+        with pytest.raises(ProtocolError, match=re.escape(str(decoding.value))):
+            fields_at(prefix + payload, len(prefix))
+    else:
+        assert fields_at(prefix + payload, len(prefix)) == dataclasses.astuple(message)
 
 
 @pytest.mark.parametrize("message", EDGE_CASES, ids=repr)

@@ -135,6 +135,24 @@ async def test_a_return_with_a_body_in_several_frames_is_matched_after_the_last(
     assert outcomes.lost == []
 
 
+async def test_each_return_is_reported_with_its_own_reply() -> None:
+    _, connection, outcomes = await publisher_with(3)
+    returned(connection, 1)
+    returned(connection, 2)
+    feed(
+        connection,
+        spec.Basic.Return(312, "NO_ROUTE", "ex", "other.key"),
+        ContentHeader(body_size=0, properties=spec.Basic.Properties(message_id="id-3")),
+    )
+    feed(connection, spec.Basic.Ack(delivery_tag=3, multiple=True))
+    assert [(seq, "'rk'" in reason) for seq, reason, _ in outcomes.failed] == [
+        (101, True),
+        (102, True),
+        (103, False),
+    ]
+    assert "routing key 'other.key'" in outcomes.failed[2][1]
+
+
 async def test_an_unmatched_return_ends_the_session() -> None:
     publisher, connection, outcomes = await publisher_with(2)
     returned(connection, 7)
@@ -234,6 +252,37 @@ async def test_unencodable_envelopes_raise_before_anything_is_queued() -> None:
     assert not transport.written
     await publisher.publish(5, envelope(5))  # the publisher is still usable
     assert publisher.in_flight == 1
+
+
+async def test_publish_nowait_queues_only_what_needs_no_waiting() -> None:
+    """The pump's fast path: False (nothing queued) wherever ``publish`` would wait."""
+    publisher, connection, transport, outcomes = connected(window=2)
+    assert publisher.publish_nowait(1, envelope(1))
+    assert not publisher.publish_nowait(2, envelope(1))  # the same id is in flight
+    assert publisher.publish_nowait(2, envelope(2))
+    assert not publisher.publish_nowait(3, envelope(3))  # the window is full
+    assert publisher.in_flight == 2
+    feed(connection, spec.Basic.Ack(delivery_tag=2, multiple=True))
+    connection.pause_writing()
+    assert not publisher.publish_nowait(3, envelope(3))  # the transport is paused
+    connection.resume_writing()
+    with pytest.raises(UnpublishableMessage):
+        publisher.publish_nowait(3, envelope(3, exchange="e" * 300))
+    assert publisher.in_flight == 0
+    assert publisher.publish_nowait(3, envelope(3))
+    await asyncio.sleep(0)  # one write for what was queued
+    slow, _, slow_transport, _ = connected(window=2)
+    for n in (1, 2, 3):
+        await slow.publish(n, envelope(n))
+        if n == 2:
+            feed(slow._conn, spec.Basic.Ack(delivery_tag=2, multiple=True))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert transport.written == slow_transport.written  # the same frames as publish writes
+    assert outcomes.confirmed == [[1, 2]]
+    feed(connection, spec.Channel.Close(404, "NOT_FOUND - no exchange 'ex' in vhost '/'", 60, 40))
+    assert not publisher.publish_nowait(4, envelope(4))  # lost: publish raises
+    with pytest.raises(PublishFailed):
+        await publisher.publish(4, envelope(4))
 
 
 async def test_channel_close_reports_everything_lost_once() -> None:

@@ -98,6 +98,9 @@ class FakePublisher:
     def in_flight_bytes(self) -> int:
         return 100 * len(self.unsettled)
 
+    def publish_nowait(self, seq: int, envelope: Envelope) -> bool:
+        return False  # the session then awaits publish
+
     async def publish(self, seq: int, envelope: Envelope) -> None:
         self.published.append(seq)
         self.unsettled.add(seq)

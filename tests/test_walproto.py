@@ -20,12 +20,14 @@ from cdc_relay.lsn import Lsn
 from cdc_relay.pg.pgoutput import ProtocolError, decode_message
 from cdc_relay.pg.walproto import (
     PG_EPOCH_US,
+    XLOG_PAYLOAD_AT,
     PrimaryKeepalive,
     XLogData,
     decode_copy_data,
     encode_standby_status,
     pg_now_us,
     pg_time_to_datetime,
+    xlog_wal_end,
 )
 from tests import captured_pgoutput as cap
 
@@ -62,6 +64,23 @@ i64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([-(2**63), -1,
 def test_xlogdata_frame(data_start: int, wal_end: int, send_time: int, payload: bytes) -> None:
     decoded = decode_copy_data(xlogdata_frame(data_start, wal_end, send_time, payload))
     assert decoded == XLogData(data_start, wal_end, send_time, payload)
+
+
+@given(u64, u64, i64, st.binary(max_size=64))
+@example(2**64 - 1, 2**64 - 1, -(2**63), b"")
+def test_xlog_wal_end_splits_an_xlogdata_frame_with_a_payload(
+    data_start: int, wal_end: int, send_time: int, payload: bytes
+) -> None:
+    frame = xlogdata_frame(data_start, wal_end, send_time, payload)
+    assert xlog_wal_end(frame) == (wal_end if payload else -1)
+    assert frame[XLOG_PAYLOAD_AT:] == payload
+
+
+@pytest.mark.parametrize(
+    "frame", [b"", keepalive_frame(5, 6, 1), b"x" + b"\x00" * 30, xlogdata_frame(1, 2, 3, b"")[:20]]
+)
+def test_xlog_wal_end_leaves_every_other_frame_to_decode_copy_data(frame: bytes) -> None:
+    assert xlog_wal_end(frame) == -1
 
 
 @given(u64, i64, st.sampled_from([0, 1]))

@@ -6,7 +6,8 @@ into its own, abandoned object: it cannot fail a newer connection. Failures
 before ``open`` returns are raised from ``open``; after that they go to
 ``on_lost`` exactly once, and never for our own ``close``.
 
-Incoming frames are decoded by pamqp and dispatched by frame type through a
+Incoming frames are decoded by ``amqp.incoming`` (a confirm channel's acks,
+returns and content) or pamqp (the rest) and dispatched by type through a
 table; what the connection does not handle itself (connection-level control,
 replies to a pending RPC) goes to the single ``on_frame`` callback. Publishing
 writes pre-encoded bytes with ``write``; ``paused`` follows the transport's
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +31,7 @@ from pamqp.exceptions import UnmarshalingException
 from pamqp.heartbeat import Heartbeat
 
 from cdc_relay import __version__, reasons
+from cdc_relay.amqp import incoming
 from cdc_relay.amqp.address import AmqpAddress
 from cdc_relay.amqp.replies import close_error
 from cdc_relay.amqp.window import PublishFailed
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 FRAME_MAX = 131072
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+_FRAME_HEAD = struct.Struct("!BHI")  # type, channel, payload size
 
 OnFrame = Callable[[int, Any], None]
 OnLost = Callable[[PublishFailed], None]
@@ -282,25 +286,35 @@ class Connection(asyncio.Protocol):
         self._last_received = time.monotonic()
         buffer = self._buffer
         buffer += data
+        size = len(buffer)
+        pos = 0
         handlers = _HANDLERS
-        while len(buffer) >= 8 and self.error is None:
-            end = int.from_bytes(buffer[3:7], "big") + 8
-            if len(buffer) < end:
+        head = _FRAME_HEAD.unpack_from
+        while size - pos >= 8 and self.error is None:
+            kind, channel, length = head(buffer, pos)
+            end = pos + 8 + length
+            if end > size:
                 break
-            raw = bytes(buffer[:end])
-            del buffer[:end]
+            # The confirm channel's own frames (acks, returns, content) are decoded by
+            # hand (amqp.incoming); anything else by pamqp.
             try:
-                _, channel, value = pamqp_frame.unmarshal(raw)
-            except UnmarshalingException as exc:
+                if buffer[end - 1] != 0xCE:
+                    raise incoming.FrameError("frame does not end with 0xCE")
+                value: Any = incoming.decode(kind, buffer, pos + 7, end - 1)
+                if value is None:
+                    _, channel, value = pamqp_frame.unmarshal(bytes(buffer[pos:end]))
+            except (UnmarshalingException, ValueError, struct.error, IndexError) as exc:
                 self._fail(
                     PublishFailed(f"bad frame from broker: {exc}", code=reasons.PROTOCOL_ERROR)
                 )
                 return
+            pos = end
             handler = handlers.get(type(value))
             if handler is not None:
                 handler(self, channel, value)
             else:
                 self._deliver(channel, value)
+        del buffer[:pos]
 
     # -- frame handlers ----------------------------------------------------------
 
@@ -315,7 +329,7 @@ class Connection(asyncio.Protocol):
         else:
             log.debug("ignoring AMQP frame %r on channel %d", value, channel)
 
-    def _on_heartbeat(self, _channel: int, _value: Heartbeat) -> None:
+    def _on_heartbeat(self, _channel: int, _value: Heartbeat | incoming.Heartbeat) -> None:
         pass
 
     def _on_connection_close(self, _channel: int, value: spec.Connection.Close) -> None:
@@ -349,6 +363,7 @@ def _text(value: str | bytes) -> str:
 
 
 _HANDLERS: dict[type, Callable[[Connection, int, Any], None]] = {
+    incoming.Heartbeat: Connection._on_heartbeat,
     Heartbeat: Connection._on_heartbeat,
     spec.Connection.Close: Connection._on_connection_close,
     spec.Connection.Blocked: Connection._on_blocked,

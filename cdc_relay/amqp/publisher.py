@@ -7,10 +7,11 @@ go out in call order on that one channel, so the broker sees them in commit
 order. The publisher never retries: a lost confirm means "unknown" and only
 the slot can replay safely.
 
-Hot path: ``publish`` encodes with ``amqp_wire`` (no pamqp objects), appends
-the bytes to a list that one ``call_soon`` writes in a single
-``transport.write``, and awaits nothing unless the window is full, the
-transport paused writing, or the message id is already in flight (measured:
+Hot path: ``publish_nowait`` (else ``publish``, which may wait) encodes with
+``amqp_wire`` (no pamqp objects), appends the bytes to a list that one
+``call_soon`` writes in a single ``transport.write``, and awaits nothing
+unless the window is full, the transport paused writing, or the message id is
+already in flight (measured:
 aio-pika's per-message futures cost more CPU than the whole relay, see
 docs/performance.md).
 """
@@ -27,12 +28,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pamqp import commands as spec
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 
 from cdc_relay import reasons
 from cdc_relay.amqp.address import AmqpAddress, redact
 from cdc_relay.amqp.connection import ConnectError, Connection
+from cdc_relay.amqp.incoming import Ack, Body, Nack, Return, ReturnedHeader
 from cdc_relay.amqp.replies import NOT_FOUND, PRECONDITION_FAILED, close_error
 from cdc_relay.amqp.window import ConfirmWindow, Outcome, PublishFailed
 from cdc_relay.amqp_wire import (
@@ -96,7 +96,8 @@ class Publisher:
         self._settled = asyncio.Event()  # set whenever something settles or is lost
         self._error: PublishFailed | None = None
         self._watch: asyncio.TimerHandle | None = None
-        self._returning: spec.Basic.Return | None = None
+        self._returning: Return | None = None
+        self._last_return: tuple[Return, PublishFailed] | None = None
         self._return_id = ""
         self._return_left = 0
         self._topology_open = False
@@ -222,35 +223,35 @@ class Publisher:
         else:
             log.debug("ignoring AMQP frame %r on channel %d", value, channel)
 
-    def _on_ack(self, _channel: int, value: spec.Basic.Ack) -> None:
+    def _on_ack(self, _channel: int, value: Ack) -> None:
         outcome = self._window.ack(value.delivery_tag, value.multiple)
         if outcome:
             self._settled.set()
             self._on_outcome(outcome)
 
-    def _on_nack(self, _channel: int, value: spec.Basic.Nack) -> None:
+    def _on_nack(self, _channel: int, value: Nack) -> None:
         outcome = self._window.nack(value.delivery_tag, value.multiple)
         if outcome:
             self._settled.set()
             self._on_outcome(outcome)
 
-    def _on_return(self, channel: int, value: spec.Basic.Return) -> None:
+    def _on_return(self, channel: int, value: Return) -> None:
         if channel == CHANNEL:  # a trial publish is not mandatory; never mix channels anyway
             self._returning = value
 
-    def _on_content_header(self, _channel: int, value: ContentHeader) -> None:
+    def _on_content_header(self, _channel: int, value: ReturnedHeader) -> None:
         if self._returning is None:
             log.debug("ignoring a content header outside a basic.return")
             return
-        self._return_id = value.properties.message_id or ""
+        self._return_id = value.message_id or ""
         self._return_left = value.body_size
         if not self._return_left:
             self._returned()
 
-    def _on_content_body(self, _channel: int, value: ContentBody) -> None:
+    def _on_content_body(self, _channel: int, value: Body) -> None:
         if self._returning is None:
             return
-        self._return_left -= len(value.value)
+        self._return_left -= value.size
         if self._return_left <= 0:
             self._returned()  # the body itself is not needed
 
@@ -258,12 +259,18 @@ class Publisher:
         frame = self._returning
         assert frame is not None
         self._returning = None
-        error = PublishFailed(
-            f"returned by broker: {frame.reply_code} {frame.reply_text} "
-            f"(exchange {frame.exchange!r}, routing key {frame.routing_key!r})",
-            returned=True,
-            reply_code=frame.reply_code,
-        )
+        # Returns come in runs alike (no queue bound for a routing key): one error for a run.
+        last = self._last_return
+        if last is not None and last[0] == frame:
+            error = last[1]
+        else:
+            error = PublishFailed(
+                f"returned by broker: {frame.reply_code} {frame.reply_text} "
+                f"(exchange {frame.exchange!r}, routing key {frame.routing_key!r})",
+                returned=True,
+                reply_code=frame.reply_code,
+            )
+            self._last_return = (frame, error)
         try:
             self._window.returned(self._return_id, error)
         except PublishFailed as unmatched:
@@ -276,6 +283,30 @@ class Publisher:
             self._topology_open = False
 
     # -- publishing ------------------------------------------------------------------
+
+    def publish_nowait(self, seq: int, envelope: Envelope) -> bool:
+        """Queue one message if nothing has to be waited for; else False, and nothing queued.
+
+        The pump's fast path: no coroutine per message. False (the window is
+        full, the message id is in flight, the transport paused writing, or the
+        publisher failed) means "await ``publish``", which waits or raises.
+        Raises UnpublishableMessage (nothing queued) as ``publish`` does.
+        """
+        conn = self._conn
+        window = self._window
+        message_id = envelope.message_id
+        if self._error is not None or conn is None or conn.paused or not window.can_add(message_id):
+            return False
+        try:
+            data = self._encoder.encode(envelope)
+        except Exception as exc:  # any encoding failure is this message's, not the session's
+            raise UnpublishableMessage(f"cannot encode message: {exc!r}"[:500]) from exc
+        window.add(seq, message_id, envelope.exchange, len(data), time.monotonic())
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return True
 
     async def publish(self, seq: int, envelope: Envelope) -> None:
         """Queue one message; returns once it is on its way (the window had room).
@@ -446,11 +477,11 @@ class Publisher:
 
 
 _FRAME_HANDLERS: dict[type, Callable[[Publisher, int, Any], None]] = {
-    spec.Basic.Ack: Publisher._on_ack,
-    spec.Basic.Nack: Publisher._on_nack,
-    spec.Basic.Return: Publisher._on_return,
-    ContentHeader: Publisher._on_content_header,
-    ContentBody: Publisher._on_content_body,
+    Ack: Publisher._on_ack,
+    Nack: Publisher._on_nack,
+    Return: Publisher._on_return,
+    ReturnedHeader: Publisher._on_content_header,
+    Body: Publisher._on_content_body,
     spec.Channel.Close: Publisher._on_channel_close,
 }
 

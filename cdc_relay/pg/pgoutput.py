@@ -33,6 +33,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Final
 
 __all__ = [
+    "BEGIN_TAG",
+    "COMMIT_TAG",
     "UNCHANGED_TOAST",
     "Begin",
     "Binary",
@@ -50,7 +52,10 @@ __all__ = [
     "TypeMessage",
     "UnchangedToast",
     "Update",
+    "begin_fields_at",
+    "commit_fields_at",
     "decode_message",
+    "decode_message_at",
 ]
 
 
@@ -254,6 +259,8 @@ _TRUNCATE_HEAD: Final = struct.Struct("!IB")  # nrels, options
 _MESSAGE_HEAD: Final = struct.Struct("!BQ")  # flags, lsn
 
 _NEW: Final = 0x4E  # tuple marker 'N'
+BEGIN_TAG: Final = 0x42  # 'B': the first byte of a Begin message
+COMMIT_TAG: Final = 0x43  # 'C'
 _OLD_KINDS: Final = {0x4B: "K", 0x4F: "O"}  # old tuple markers: key columns / whole row
 _REPLICA_IDENTITIES: Final = {ord(c): c for c in "dnfi"}
 
@@ -318,22 +325,22 @@ def _end(buf: bytes, pos: int, what: str) -> None:
         raise ProtocolError(f"{size - pos} trailing byte(s) after {what} message")
 
 
-def _decode_insert(buf: bytes) -> Insert:
+def _decode_insert(buf: bytes, start: int = 0) -> Insert:
     # _tuple inlined (one call less): this runs once per outbox row. Literal
     # kind bytes, text first: LOAD_CONST beats a global lookup in the loop.
-    relid, marker, ncols = _REL_ID_TAG_NCOLS.unpack_from(buf, 1)
+    relid, marker, ncols = _REL_ID_TAG_NCOLS.unpack_from(buf, start + 1)
     if marker != _NEW:
         raise ProtocolError(f"Insert without new tuple marker 'N', got {bytes([marker])!r}")
-    pos = 8
+    pos = start + 8
     u32 = _U32.unpack_from
     values: list[TupleValue] = []
     append = values.append
     for _ in range(ncols):
         kind = buf[pos]
         if kind == 0x74:  # 't' text
-            start = pos + 5
-            pos = start + u32(buf, pos + 1)[0]
-            append(buf[start:pos])
+            begin = pos + 5
+            pos = begin + u32(buf, pos + 1)[0]
+            append(buf[begin:pos])
         elif kind == 0x6E:  # 'n' NULL
             pos += 1
             append(None)
@@ -341,9 +348,9 @@ def _decode_insert(buf: bytes) -> Insert:
             pos += 1
             append(UNCHANGED_TOAST)
         elif kind == 0x62:  # 'b' binary
-            start = pos + 5
-            pos = start + u32(buf, pos + 1)[0]
-            append(Binary(buf[start:pos]))
+            begin = pos + 5
+            pos = begin + u32(buf, pos + 1)[0]
+            append(Binary(buf[begin:pos]))
         else:
             raise ProtocolError(f"unknown tuple value kind {bytes([kind])!r}")
     if pos != len(buf):
@@ -354,9 +361,8 @@ def _decode_insert(buf: bytes) -> Insert:
     return insert
 
 
-def _decode_begin(buf: bytes) -> Begin:
-    _end(buf, _BEGIN_SIZE, "Begin")
-    final_lsn, commit_ts, xid = _BEGIN.unpack_from(buf, 1)
+def _decode_begin(buf: bytes, start: int = 0) -> Begin:
+    final_lsn, commit_ts, xid = begin_fields_at(buf, start)
     begin = _new(Begin)  # == Begin(final_lsn, commit_ts, xid), see _slot_setters
     _begin_final_lsn(begin, final_lsn)
     _begin_commit_ts(begin, commit_ts)
@@ -364,15 +370,32 @@ def _decode_begin(buf: bytes) -> Begin:
     return begin
 
 
-def _decode_commit(buf: bytes) -> Commit:
-    _end(buf, _COMMIT_SIZE, "Commit")
-    flags, commit_lsn, end_lsn, commit_ts = _COMMIT.unpack_from(buf, 1)
+def _decode_commit(buf: bytes, start: int = 0) -> Commit:
+    flags, commit_lsn, end_lsn, commit_ts = commit_fields_at(buf, start)
     commit = _new(Commit)  # == Commit(flags, commit_lsn, end_lsn, commit_ts)
     _commit_flags(commit, flags)
     _commit_commit_lsn(commit, commit_lsn)
     _commit_end_lsn(commit, end_lsn)
     _commit_commit_ts(commit, commit_ts)
     return commit
+
+
+def begin_fields_at(buf: bytes, start: int) -> tuple[int, int, int]:
+    """The Begin message ``buf[start:]`` as (final_lsn, commit_ts, xid), without a Begin object.
+
+    The session core's hot path (one Begin and one Commit per transaction) reads
+    these fields only; the objects cost more than the reading (measured).
+    """
+    if len(buf) - start != _BEGIN_SIZE:
+        _end(buf, start + _BEGIN_SIZE, "Begin")
+    return _BEGIN.unpack_from(buf, start + 1)
+
+
+def commit_fields_at(buf: bytes, start: int) -> tuple[int, int, int, int]:
+    """The Commit message ``buf[start:]`` as (flags, commit_lsn, end_lsn, commit_ts)."""
+    if len(buf) - start != _COMMIT_SIZE:
+        _end(buf, start + _COMMIT_SIZE, "Commit")
+    return _COMMIT.unpack_from(buf, start + 1)
 
 
 def _decode_origin(buf: bytes) -> Origin:
@@ -467,18 +490,32 @@ _DECODERS: Final[dict[int, Callable[[bytes], PgOutputMessage]]] = {
 
 def decode_message(payload: bytes | bytearray | memoryview) -> PgOutputMessage:
     """Decode exactly one pgoutput v1 message (the whole payload of one XLogData frame)."""
-    buf = payload if type(payload) is bytes else bytes(payload)
-    if not buf:
+    return decode_message_at(payload if type(payload) is bytes else bytes(payload), 0)
+
+
+def decode_message_at(buf: bytes, start: int) -> PgOutputMessage:
+    """Decode the one pgoutput v1 message that is ``buf[start:]``.
+
+    The replication frame itself can be passed with the offset of its payload:
+    the hot messages (Insert, Begin, Commit) are read in place, without a copy
+    of the payload.
+    """
+    if start >= len(buf):
         raise ProtocolError("empty pgoutput message")
-    tag = buf[0]
+    tag = buf[start]
     try:
         if tag == 0x49:  # 'I': skip the dict lookup on the hot path
-            return _decode_insert(buf)
+            return _decode_insert(buf, start)
+        if tag == 0x42:  # 'B'
+            return _decode_begin(buf, start)
+        if tag == 0x43:  # 'C'
+            return _decode_commit(buf, start)
         decoder = _DECODERS.get(tag)
         if decoder is not None:
-            return decoder(buf)
+            return decoder(buf[start:] if start else buf)
     except (struct.error, IndexError):
-        raise ProtocolError(f"truncated pgoutput {chr(tag)!r} message ({len(buf)} bytes)") from None
+        size = len(buf) - start
+        raise ProtocolError(f"truncated pgoutput {chr(tag)!r} message ({size} bytes)") from None
     name = _UNSUPPORTED.get(tag)
     if name is not None:
         raise ProtocolError(

@@ -25,12 +25,14 @@ from cdc_relay.pg.pgoutput import ProtocolError
 __all__ = [
     "PG_EPOCH_UNIX",
     "PG_EPOCH_US",
+    "XLOG_PAYLOAD_AT",
     "PrimaryKeepalive",
     "XLogData",
     "decode_copy_data",
     "encode_standby_status",
     "pg_now_us",
     "pg_time_to_datetime",
+    "xlog_wal_end",
 ]
 
 PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 00:00 UTC in Unix microseconds
@@ -74,6 +76,10 @@ _KEEPALIVE: Final = struct.Struct("!QqB")  # wal_end, send_time, reply_requested
 _STANDBY_STATUS: Final = struct.Struct("!cQQQqB")
 _XLOG_HEADER_SIZE: Final = 1 + _XLOG_HEADER.size  # 25
 _KEEPALIVE_SIZE: Final = 1 + _KEEPALIVE.size  # 18
+_WAL_END_AT: Final = 9  # an XLogData frame's wal_end: after 'w' and data_start
+_U64: Final = struct.Struct("!Q")
+XLOG_PAYLOAD_AT: Final = _XLOG_HEADER_SIZE
+"""Where an XLogData frame's payload (one pgoutput message) starts."""
 
 
 def decode_copy_data(data: bytes | bytearray | memoryview) -> XLogData | PrimaryKeepalive:
@@ -99,6 +105,19 @@ def decode_copy_data(data: bytes | bytearray | memoryview) -> XLogData | Primary
         wal_end, sent, reply = _KEEPALIVE.unpack_from(data, 1)
         return PrimaryKeepalive(wal_end, sent, reply != 0)
     raise ProtocolError(f"unknown CopyData message type {bytes([tag])!r}")
+
+
+def xlog_wal_end(data: bytes) -> int:
+    """The ``wal_end`` of an XLogData frame with a payload, else -1.
+
+    The hot path's split of a frame: its payload is then decoded in place
+    (``pgoutput.decode_message_at(data, XLOG_PAYLOAD_AT)``), without the
+    ``XLogData`` object and the payload copy of ``decode_copy_data``, which
+    answers (or refuses) every other frame.
+    """
+    if len(data) > _XLOG_HEADER_SIZE and data[0] == 0x77:  # 'w'
+        return _U64.unpack_from(data, _WAL_END_AT)[0]  # type: ignore[no-any-return]
+    return -1
 
 
 def encode_standby_status(
