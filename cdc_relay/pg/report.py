@@ -15,7 +15,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cdc_relay import state
+from cdc_relay import accel, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.pg.catalog import (
@@ -88,6 +88,8 @@ class SlotStatus:
     dead_letters_pending: int | None = None  # None: unreadable (privilege or lock)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The hot path this installation runs: "compiled" or "pure-python" (cdc_relay.accel).
+    implementation: str = field(default_factory=accel.implementation)
 
     @property
     def healthy(self) -> bool:
@@ -139,6 +141,7 @@ class SlotStatus:
             "healthy": self.healthy,
             "problems": list(self.problems),
             "warnings": list(self.warnings),
+            "implementation": self.implementation,
         }
 
 
