@@ -27,6 +27,8 @@ from cdc_relay.accel import (
     MANIFEST,
     PURE_ENV,
     PURE_NAME,
+    HotPathFinder,
+    choice,
     decide,
     implementation,
     source_digest,
@@ -79,20 +81,20 @@ def test_no_build_runs_pure_python(tmp_path: Path) -> None:
 
 
 def test_a_partial_build_runs_pure_python_not_a_mix(tmp_path: Path) -> None:
-    fake_build(tmp_path, skip="cdc_relay.router")
+    fake_build(tmp_path, skip=COMPILED[-1])
     choice = decide({}, tmp_path)
     assert (choice.implementation, choice.extensions) == (PURE_NAME, {})
-    assert "cdc_relay.router" in choice.reason
+    assert COMPILED[-1] in choice.reason
 
 
 def test_a_source_edited_since_the_build_runs_pure_python(tmp_path: Path) -> None:
     """Never stale compiled code: an edited hot module is run from its source."""
     fake_build(tmp_path)
-    edited = source_path("cdc_relay.core", tmp_path)
+    edited = source_path(COMPILED[0], tmp_path)
     edited.write_text(edited.read_text() + "x = 1\n")
     choice = decide({}, tmp_path)
     assert choice.implementation == PURE_NAME
-    assert "core.py changed since it was compiled" in choice.reason
+    assert f"{edited.name} changed since it was compiled" in choice.reason
 
 
 def loaded_files(env: dict[str, str]) -> dict[str, str]:
@@ -126,6 +128,23 @@ def test_compiled_modules_are_imported_when_built() -> None:
     files = loaded_files(NO_PURE_ENV)
     assert files.pop("implementation") == COMPILED_NAME
     assert files == {m: str(choice.extensions[m]) for m in COMPILED}
+
+
+def test_modules_left_pure_load_from_source_even_beside_an_old_extension() -> None:
+    """The finder places every module of the package: an extension file left by an older
+    build (of a module since dropped from COMPILED) is never what Python picks."""
+    finder = HotPathFinder()
+    for module in ("cdc_relay.core", "cdc_relay.router", "cdc_relay.amqp_wire"):
+        assert module not in COMPILED
+        spec = finder.find_spec(module, None)
+        assert spec is not None and spec.origin == str(source_path(module)), spec
+    extensions = choice().extensions
+    for module in COMPILED:
+        spec = finder.find_spec(module, None)
+        expected = extensions.get(module, source_path(module))
+        assert spec is not None and spec.origin == str(expected), spec
+    assert finder.find_spec("cdc_relay.pg", None) is None  # a package: the usual finders
+    assert finder.find_spec("json", None) is None
 
 
 def test_status_and_the_metric_say_which_implementation_runs() -> None:
