@@ -208,7 +208,7 @@ def main() -> None:
         return
     from cdc_relay.accel import COMPILED
 
-    configs: list[tuple[str, list[str]]] = [("pure-python", []), ("compiled (all)", list(COMPILED))]
+    configs: list[tuple[str, list[str]]] = [("pure-python", []), ("compiled", list(COMPILED))]
     if options.subsets:
         configs += [(f"only {m}", [m]) for m in COMPILED]
     sizes = [int(s) for s in options.txn_rows.split(",")]
