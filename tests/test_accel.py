@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,31 @@ def test_run_logs_and_exports_its_implementation(tmp_path: Path, pure: bool) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_build_without_a_c_compiler_installs_pure_python_with_one_line(tmp_path: Path) -> None:
+    """What ``pip install`` runs (setup.py's build_ext), on a copy of the package."""
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    shutil.copytree(
+        ROOT / "cdc_relay",
+        tmp_path / "cdc_relay",
+        ignore=shutil.ignore_patterns("*.so", MANIFEST, "__pycache__"),
+    )
+    if (ROOT / "build" / "cython").is_dir():  # Cython's C output, to skip regenerating it
+        shutil.copytree(ROOT / "build" / "cython", tmp_path / "build" / "cython")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("cdc-relay:")]
+    assert len(said) == 1 and "installing pure Python only" in said[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "cdc_relay" / MANIFEST).exists()
+    assert decide({}, tmp_path / "cdc_relay").implementation == PURE_NAME
