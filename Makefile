@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv servers demo test test-unit lint format bench clean
+.PHONY: venv servers demo accel test test-unit lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -36,16 +36,26 @@ format: venv
 	$(BIN)/ruff check --fix cdc_relay devtools tests scripts bench
 	$(BIN)/ruff format cdc_relay devtools tests scripts bench
 
-test: venv servers lint
+# The hot path compiled by Cython, in place (docs/accelerator.md): only the modules whose
+# source changed since the last build. Without a C compiler it says so in one line.
+accel: venv
+	$(BIN)/python setup.py -q build_ext --inplace
+
+# Everything on the compiled hot path, then the server-less suite again on pure Python
+# (the reference; tests/test_accel_differential.py compares the two, so it runs once).
+test: venv servers lint accel
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	CDC_RELAY_PURE_PYTHON=1 DEVTOOLS_FORBID_SERVERS=1 $(BIN)/python -m pytest -m "not integration" \
+		--ignore=tests/test_accel_differential.py $(PYTEST_ARGS)
 
 # Every test that needs no server (no Postgres, no RabbitMQ): well under a minute.
 # Starting a server is an error here, so an integration test without its mark fails.
-test-unit: venv
+test-unit: venv accel
 	DEVTOOLS_FORBID_SERVERS=1 $(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 bench: venv servers
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info cdc_relay/_accel_manifest.json
+	find cdc_relay -name '*.so' -delete

@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from cdc_relay import __version__, reasons
+from cdc_relay import __version__, accel, reasons
 from cdc_relay.deadline import within
 
 if TYPE_CHECKING:
@@ -308,9 +308,12 @@ class Metrics:
         )
         self.role = "starting"
         self.set_role("starting")
-        gauge("cdc_relay_build_info", "The relay's version (always 1)", "version").labels(
-            slot, __version__
-        ).set(1)
+        gauge(
+            "cdc_relay_build_info",
+            "The relay's version and hot path: compiled or pure-python (always 1)",
+            "version",
+            "implementation",
+        ).labels(slot, __version__, accel.implementation()).set(1)
         self._slot_lag = gauge(
             "cdc_relay_slot_lag_bytes", "Current WAL minus the slot's confirmed_flush_lsn"
         )

@@ -33,6 +33,7 @@ _PRIMARY_ROWS: Final = (
     ("publication_exists", "publication exists"),
     ("publication_tables", "published tables"),
     ("dead_letters_pending", "dead letters"),
+    ("implementation", "hot path"),
     ("healthy", "healthy"),
 )
 _STANDBY_ROWS: Final = (
@@ -45,6 +46,7 @@ _STANDBY_ROWS: Final = (
     ("failover_ready", "ready for failover"),
     ("confirmed_flush_lsn", "confirmed LSN"),
     ("replay_lsn", "replayed LSN"),
+    ("implementation", "hot path"),
     ("healthy", "healthy"),
 )
 _SIZES: Final = ("retained_wal_bytes", "safe_wal_size")

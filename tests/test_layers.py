@@ -43,6 +43,7 @@ def test_app_side_helpers_load_neither_config_nor_admin_code(module: str) -> Non
 def test_schema_module_depends_on_errors_and_the_column_list_only() -> None:
     assert loaded_by("cdc_relay.schema") == [
         "cdc_relay",
+        "cdc_relay.accel",  # the package's import hook (standard library only)
         "cdc_relay.errors",
         "cdc_relay.rows",
         "cdc_relay.schema",

@@ -48,6 +48,7 @@ KEYS = [
     "healthy",
     "problems",
     "warnings",
+    "implementation",
 ]
 PYTHON_REPR = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|\[|\]|'")
 

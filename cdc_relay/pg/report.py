@@ -16,7 +16,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from cdc_relay import state
+from cdc_relay import accel, state
 from cdc_relay.config import Settings
 from cdc_relay.errors import ConfigError
 from cdc_relay.pg.catalog import (
@@ -92,6 +92,8 @@ class SlotStatus:
     tables: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The hot path this installation runs: "compiled" or "pure-python" (cdc_relay.accel).
+    implementation: str = field(default_factory=accel.implementation)
 
     @property
     def healthy(self) -> bool:
@@ -144,6 +146,7 @@ class SlotStatus:
             "healthy": self.healthy,
             "problems": list(self.problems),
             "warnings": list(self.warnings),
+            "implementation": self.implementation,
         }
 
 
