@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from cdc_relay.letters import (  # noqa: F401 (re-exported: the writer's callers
     PendingDeadLetter,
     bounded_row,
 )
+from cdc_relay.logbudget import LogBudget
 from cdc_relay.logs import escape_controls
 from cdc_relay.lsn import format_lsn
 from cdc_relay.redact import one_line
@@ -340,8 +342,10 @@ class DeadLetterSink:
         *,
         limit: int = 1000,
         batch: int = 500,
+        budget: LogBudget | None = None,
     ) -> None:
         self._writer = writer
+        self._budget = budget or LogBudget()
         self._on_stored = on_stored
         self._limit = limit
         self._batch = batch
@@ -372,31 +376,63 @@ class DeadLetterSink:
 
     async def run(self) -> None:
         """The worker task: store, log, report; a failed write raises (the session ends)."""
-        queue = self._queue
-        while True:
-            await self._waiting.wait()
-            self._waiting.clear()
-            while queue:
-                batch = [queue.popleft() for _ in range(min(len(queue), self._batch))]
-                try:
-                    await self._writer.write([p.letter for p in batch])
-                except (psycopg.Error, OSError, TimeoutError) as exc:
-                    raise DeadLetterWriteFailed(write_failure(exc)) from None
-                warning = log.warning
-                for pending in batch:
-                    letter = pending.letter
-                    lsn = format_lsn(letter.lsn)
-                    warning(
-                        "dead-lettered outbox row %s (LSN %s): %s",
-                        letter.outbox_id,
-                        lsn,
-                        letter.reason,
-                        extra={"outbox_id": letter.outbox_id, "lsn": lsn, "reason": letter.code},
-                    )
-                self._on_stored([p.seq for p in batch])
-                if len(queue) < self._limit:
-                    self._room.set()
-            self._idle.set()
+        queue, budget = self._queue, self._budget
+        try:
+            while True:
+                due = budget.due(time.monotonic())
+                if due is None:
+                    await self._waiting.wait()
+                else:  # letters not logged one by one: their summary line is due then
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._waiting.wait(), due)
+                self._waiting.clear()
+                self._log_summary(budget.summary(time.monotonic()))
+                while queue:
+                    batch = [queue.popleft() for _ in range(min(len(queue), self._batch))]
+                    try:
+                        await self._writer.write([p.letter for p in batch])
+                    except (psycopg.Error, OSError, TimeoutError) as exc:
+                        raise DeadLetterWriteFailed(write_failure(exc)) from None
+                    self._log_stored(batch)
+                    self._on_stored([p.seq for p in batch])
+                    if len(queue) < self._limit:
+                        self._room.set()
+                self._idle.set()
+        finally:  # the session ends: what was stored and not logged is still said
+            self._log_summary(budget.flush(time.monotonic()))
+
+    def _log_stored(self, batch: list[PendingDeadLetter]) -> None:
+        """A line per stored letter, within the log budget; the rest are counted for a summary."""
+        budget, warning = self._budget, log.warning
+        now = time.monotonic()
+        for pending in batch:
+            letter = pending.letter
+            if not budget.take(now):
+                budget.skip(letter.code)
+                continue
+            lsn = format_lsn(letter.lsn)
+            warning(
+                "dead-lettered outbox row %s (LSN %s): %s",
+                letter.outbox_id,
+                lsn,
+                letter.reason,
+                extra={"outbox_id": letter.outbox_id, "lsn": lsn, "reason": letter.code},
+            )
+
+    @staticmethod
+    def _log_summary(summary: tuple[int, dict[str, int], float] | None) -> None:
+        if summary is None:
+            return
+        count, by_reason, seconds = summary
+        reasons = ", ".join(f"{code} {n}" for code, n in sorted(by_reason.items()))
+        log.warning(
+            "dead-lettered %d more outbox row(s) in the last %.0f s without a line each (%s): "
+            "each is in the dead-letter table with its reason (`cdc-relay dead-letters list`)",
+            count,
+            seconds,
+            reasons,
+            extra={"dead_letters_not_logged": count},
+        )
 
 
 # -- operator commands ------------------------------------------------------------
