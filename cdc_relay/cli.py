@@ -23,7 +23,7 @@ import click
 import orjson
 import psycopg
 
-from cdc_relay import __version__, accel, cli_deadletters
+from cdc_relay import cli_deadletters
 from cdc_relay.cli_options import (
     EXIT_CODES,
     REDACT,
@@ -314,14 +314,6 @@ async def _run(settings: Settings, outboxes: Sequence[Settings]) -> None:
     # the series of a one-table relay stay as they were.
     metrics = Metrics(settings.slot, [o.table for o in outboxes] if len(outboxes) > 1 else ())
     relay = Relay(settings, metrics, outboxes)
-    hot_path = accel.choice()
-    logging.getLogger("cdc_relay").info(
-        "cdc-relay %s starting; hot path: %s (%s)",
-        __version__,
-        hot_path.implementation,
-        hot_path.reason,
-        extra={"implementation": hot_path.implementation},
-    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.request_stop)

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import psycopg
 
-from cdc_relay import loops, state
+from cdc_relay import accel, loops, state
 from cdc_relay.amqp import ConnectError, Outcome, Publisher, PublishFailed, UnpublishableMessage
 from cdc_relay.config import Settings
 from cdc_relay.core import STOP, Outbox, PublishRefused, SessionCore, SessionFailed
@@ -266,13 +266,19 @@ class Session:
         conns.state = writer = StateWriter(
             s.dsn, state.table_name(s), s.slot, system_identifier=system
         )
+        hot_path = accel.choice()
         log.info(
-            "streaming from slot %s (publication %s, confirmed position %s) to %s",
+            "streaming from slot %s (publication %s, confirmed position %s) to %s; hot path: %s",
             s.slot,
             s.publication,
             format_lsn(start_flush),
             publisher.connected_url,
-            extra={"slot": s.slot, "lsn": format_lsn(start_flush)},
+            hot_path.implementation,
+            extra={
+                "slot": s.slot,
+                "lsn": format_lsn(start_flush),
+                "implementation": hot_path.implementation,
+            },
         )
         if start > facts.confirmed_flush_lsn:
             log.info(

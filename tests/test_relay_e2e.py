@@ -12,6 +12,7 @@ import orjson
 import psycopg
 import pytest
 
+from cdc_relay import accel
 from devtools.servers import free_port
 from tests.harness import (
     Consumer,
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.asyncio
 async def test_message_mapping(outbox: Setup, consumer: Consumer, relays: Any) -> None:
     relay = relays(outbox)
     relay.wait_for_log("streaming from slot")
+    # The startup line says which hot path runs (the same rule decides in this process).
+    assert f"; hot path: {accel.implementation()}" in relay.log()
     other_exchange = outbox.names["exchange"] + "_other"
     other = await Consumer(outbox.amqp_url, other_exchange).start()
     try:
