@@ -44,6 +44,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay import schema
+from cdc_relay.deadline import event_within
 from cdc_relay.envelope import parse_timestamptz
 from cdc_relay.errors import ConfigError, SessionError
 from cdc_relay.letters import (  # noqa: F401 (re-exported: the writer's callers use them)
@@ -383,8 +384,7 @@ class DeadLetterSink:
                 if due is None:
                     await self._waiting.wait()
                 else:  # letters not logged one by one: their summary line is due then
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._waiting.wait(), due)
+                    await event_within(self._waiting, due)
                 self._waiting.clear()
                 self._log_summary(budget.summary(time.monotonic()))
                 while queue:
