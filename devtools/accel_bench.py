@@ -32,17 +32,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTBOX_RELID = 16391
-COLUMNS = (
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "headers",
-    "exchange",
-    "routing_key",
-    "created_at",
-)
 VALGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 MAX_ROWS = 1_000_000  # bounds the run, whatever is asked
 
@@ -50,13 +39,14 @@ MAX_ROWS = 1_000_000  # bounds the run, whatever is asked
 def frames(rows: int, txn_rows: int) -> list[bytes]:
     """The walsender's frames for ``rows`` inserts in transactions of ``txn_rows``."""
     from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, Relation
+    from cdc_relay.rows import OUTBOX_COLUMNS
     from tests.pgoutput_encoder import encode
 
     def xlog(message: Any, lsn: int) -> bytes:
         lsn_bytes = lsn.to_bytes(8, "big")
         return b"w" + lsn_bytes + lsn_bytes + bytes(8) + encode(message)
 
-    columns = tuple(Column(int(c == "id"), c, 25, -1) for c in COLUMNS)
+    columns = tuple(Column(int(c == "id"), c, 25, -1) for c in OUTBOX_COLUMNS)
     out = [xlog(Relation(OUTBOX_RELID, "public", "outbox", "d", columns), 0x1000)]
     lsn = 0x2000
     payload = b'{"order": %d, "pad": "' + b"x" * 270 + b'"}'

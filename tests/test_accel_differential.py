@@ -28,22 +28,13 @@ from hypothesis import strategies as st
 
 from cdc_relay.accel import COMPILED_NAME, PURE_ENV, PURE_NAME, decide
 from cdc_relay.pg.pgoutput import Begin, Column, Commit, Insert, LogicalMessage, Relation
+from cdc_relay.rows import OUTBOX_COLUMNS
 from devtools.hotpath import EMIT_KEY, OUTBOX_RELID
 from tests.pgoutput_encoder import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_RELID = 16401
-COLUMNS = (
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "headers",
-    "exchange",
-    "routing_key",
-    "created_at",
-)
+COLUMNS = OUTBOX_COLUMNS
 REPLY_TIMEOUT = 60.0
 ROUTERS: list[dict[str, Any]] = [
     {},
